@@ -1,0 +1,118 @@
+"""Building blocks of the public contract (see shared CONTRACT.md).
+
+Every event type is a pydantic model deriving from :class:`Event`. Its class variables say
+which topic it travels on, its CloudEvents ``ce_type`` and which field is the Kafka key.
+The model is the event's ``data`` (the Kafka message value); the envelope travels in headers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema
+
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("timestamps must carry a timezone (RFC 3339, UTC)")
+    return value.astimezone(UTC)
+
+
+UtcDatetime = Annotated[
+    datetime,
+    AfterValidator(_utc),
+    PlainSerializer(lambda v: v.isoformat().replace("+00:00", "Z"), return_type=str),
+    # Keep the format in the published schema (the serializer alone would say just "string").
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
+"""An RFC 3339 timestamp, normalised to UTC."""
+
+NonEmptyStr = Annotated[str, Field(min_length=1, max_length=200)]
+"""An opaque identifier (sku, location_id, customer_id, ...)."""
+
+Quantity = Annotated[int, Field(ge=0)]
+"""A non-negative whole number of units."""
+
+PositiveQuantity = Annotated[int, Field(gt=0)]
+"""A whole number of units, at least one."""
+
+DecimalAmount = Annotated[
+    Decimal,
+    Field(max_digits=14, decimal_places=2, ge=0),
+    # Always two places ("19.90", never "19.9" or "1.99E+1"), as CONTRACT.md shows money.
+    PlainSerializer(lambda v: format(v.quantize(Decimal("0.01")), "f"), return_type=str),
+    # Publish the wire form: a decimal string, never a JSON number.
+    WithJsonSchema({"type": "string", "pattern": r"^\d{1,12}(\.\d{1,2})?$", "examples": ["19.90"]}),
+]
+"""A money amount as a decimal string, never a float."""
+
+
+def utcnow() -> datetime:
+    """The current time in UTC."""
+    return datetime.now(UTC)
+
+
+class Channel(StrEnum):
+    """Where the shopper met the retailer."""
+
+    WEB = "web"
+    APP = "app"
+    STORE = "store"
+    CALL_CENTER = "call_center"
+
+
+class ContractModel(BaseModel):
+    """Base of every contract model: unknown fields are kept (adding fields is allowed)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, str_strip_whitespace=True)
+
+
+class Money(ContractModel):
+    """An amount of money: a decimal string with its ISO 4217 currency."""
+
+    amount: DecimalAmount
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
+
+
+class Event(ContractModel):
+    """Base of every event: the CloudEvents ``data`` of one ``ce_type``."""
+
+    topic: ClassVar[str]
+    ce_type: ClassVar[str]
+    key_field: ClassVar[str]
+
+    def partition_key(self) -> str:
+        """The Kafka key of this event (the topic's key field)."""
+        return str(getattr(self, self.key_field))
+
+    def subject(self) -> str | None:
+        """The CloudEvents ``ce_subject``: the entity the event is about."""
+        return self.partition_key()
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A public topic: its name, key, partition count and event types."""
+
+    name: str
+    key: str
+    partitions: int
+    description: str
+    direction: str  # "inbound" (channels produce) or "outbound" (the platform produces)
+    compacted: bool = False
+    retention_ms: int = 7 * 24 * 3600 * 1000
+    events: dict[str, type[Event]] = field(default_factory=dict)
+
+    @property
+    def dlq(self) -> str:
+        """The dead-letter topic of this topic."""
+        return f"{self.name}.dlq"
+
+
+def event_schema(model: type[Event]) -> dict[str, Any]:
+    """The JSON schema of an event's data, for the AsyncAPI document."""
+    return model.model_json_schema(mode="serialization")

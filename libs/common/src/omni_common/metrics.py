@@ -1,0 +1,78 @@
+"""Prometheus metrics every service exports (names are used by dashboards and alerts).
+
+One registry per service instance, so several services (or two instances of one) can run
+in one process, as the tests do.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class PlatformMetrics:
+    """The platform-wide metrics of one service instance (``service`` label on each)."""
+
+    def __init__(self, service: str, registry: CollectorRegistry | None = None) -> None:
+        self.service = service
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.http_requests = Counter(
+            "omni_http_requests",
+            "HTTP requests served",
+            ["service", "method", "route", "status"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "omni_http_request_duration_seconds",
+            "HTTP request duration",
+            ["service", "method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.events_handled = Counter(
+            "omni_events_handled",
+            "Kafka events handled, by outcome",
+            ["service", "topic", "ce_type", "outcome"],
+            registry=r,
+        )
+        self.handler_retries = Counter(
+            "omni_handler_retries",
+            "Retries of transiently failing handlers",
+            ["service", "topic"],
+            registry=r,
+        )
+        self.dlq_messages = Counter(
+            "omni_dlq_messages",
+            "Messages sent to a dead-letter topic",
+            ["service", "topic", "reason"],
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "omni_consumer_lag",
+            "Messages not yet consumed (high watermark - position)",
+            ["service", "group", "topic", "partition"],
+            registry=r,
+        )
+        self.outbox_backlog = Gauge(
+            "omni_outbox_backlog",
+            "Outbox rows not yet published",
+            ["service"],
+            registry=r,
+        )
+        self.outbox_oldest_age = Gauge(
+            "omni_outbox_oldest_age_seconds",
+            "Age of the oldest unpublished outbox row",
+            ["service"],
+            registry=r,
+        )
+        self.outbox_published = Counter(
+            "omni_outbox_published",
+            "Outbox rows published to Kafka",
+            ["service", "topic"],
+            registry=r,
+        )
+        self.ready = Gauge("omni_ready", "1 when the service is ready", ["service"], registry=r)
+        for gauge in (self.outbox_backlog, self.outbox_oldest_age, self.ready):
+            gauge.labels(service).set(0)

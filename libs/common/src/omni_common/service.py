@@ -1,0 +1,198 @@
+"""The runtime every service is composed from: settings, database, Kafka, outbox, metrics.
+
+A service's ``create_app()`` builds one :class:`ServiceRuntime`, registers its
+subscriptions and outputs on it, and hands it to :func:`omni_common.http.create_http_app`.
+Nothing connects until the app starts, so building an app is cheap and side-effect free
+(``describe_service`` relies on that to derive ACLs from the code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+import asyncpg
+
+from omni_common.contracts.base import Event
+from omni_common.db import create_pool, migrate
+from omni_common.envelope import Envelope, new_envelope
+from omni_common.inbox import first_delivery
+from omni_common.kafka import KafkaRuntime, Subscription
+from omni_common.logging import configure_logging
+from omni_common.metrics import PlatformMetrics
+from omni_common.outbox import OutboxRelay, add_to_outbox
+from omni_common.settings import ServiceSettings
+from omni_common.telemetry import configure_tracing
+
+log = logging.getLogger(__name__)
+
+
+class Tx:
+    """One database transaction of a service, able to emit events through the outbox."""
+
+    def __init__(self, conn: asyncpg.Connection, runtime: ServiceRuntime) -> None:
+        self.conn = conn
+        self._runtime = runtime
+
+    async def emit(
+        self,
+        event: Event,
+        *,
+        caused_by: Envelope | None = None,
+        correlation_id: str | None = None,
+    ) -> Envelope:
+        """Publish ``event`` once this transaction commits (never if it rolls back)."""
+        rt = self._runtime
+        envelope = new_envelope(
+            event, source=rt.source, caused_by=caused_by, correlation_id=correlation_id
+        )
+        await add_to_outbox(
+            self.conn, topic=event.topic, event=event, envelope=envelope, schema=rt.settings.schema
+        )
+        return envelope
+
+
+class ServiceRuntime:
+    """Everything a service needs at run time, started and stopped as one."""
+
+    def __init__(self, settings: ServiceSettings, migrations_package: str | None = None) -> None:
+        self.settings = settings
+        self.source = f"/services/{settings.service_name}"
+        self.migrations_package = migrations_package
+        self.metrics = PlatformMetrics(settings.service_name)
+        self.kafka = KafkaRuntime(settings, self.metrics)
+        self._pool: asyncpg.Pool | None = None
+        self.relay = OutboxRelay(
+            dsn=settings.database_url.get_secret_value(),
+            schema=settings.schema,
+            publish=self.kafka.publish_outbox_message,
+            metrics=self.metrics,
+        )
+        self.ready = False
+        self._on_start: list[contextlib.AbstractAsyncContextManager[object]] = []
+        self._exit_stack: contextlib.AsyncExitStack | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The service's connection pool (available once started)."""
+        if self._pool is None:
+            raise RuntimeError("the service has not started")
+        return self._pool
+
+    # -- composition ----------------------------------------------------------------------
+
+    def subscribe(self, subscription: Subscription) -> None:
+        """Consume a topic (see :class:`omni_common.kafka.Subscription`)."""
+        self.kafka.subscribe(subscription)
+
+    def publishes(self, *topics: str) -> None:
+        """Declare the topics this service writes through its outbox."""
+        for topic in topics:
+            self.kafka.declare_output(topic)
+
+    def run_alongside(self, context: contextlib.AbstractAsyncContextManager[object]) -> None:
+        """Run a background component (timers, sinks) while the service runs.
+
+        It is entered after the database and broker are up and left before they go down.
+        """
+        self._on_start.append(context)
+
+    # -- units of work --------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        """A transaction for a state change that does not come from an event (HTTP, timers)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            yield Tx(conn, self)
+
+    @contextlib.asynccontextmanager
+    async def handling(self, consumer: str, envelope: Envelope) -> AsyncIterator[Tx | None]:
+        """A transaction for handling one event; yields None when it was handled before.
+
+        The inbox record, the effect and the events it causes commit together.
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await first_delivery(conn, consumer, envelope):
+                log.info("duplicate %s %s ignored", envelope.type, envelope.id)
+                yield None
+                return
+            yield Tx(conn, self)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Migrate, connect, start consuming and relaying; then report ready."""
+        s = self.settings
+        configure_tracing(s.service_name, s.otel_exporter_otlp_endpoint)
+        await migrate(s, self.migrations_package)
+        self._pool = await create_pool(s)
+        await self.kafka.start()
+        await self.relay.start()
+        self._exit_stack = contextlib.AsyncExitStack()
+        for component in self._on_start:
+            await self._exit_stack.enter_async_context(component)
+        self.ready = True
+        self.metrics.ready.labels(s.service_name).set(1)
+        log.info("%s ready", s.service_name)
+
+    async def stop(self) -> None:
+        """Stop taking work, finish what is in flight, then disconnect."""
+        self.ready = False
+        self.metrics.ready.labels(self.settings.service_name).set(0)
+        if self._exit_stack:
+            await self._exit_stack.aclose()
+        await self.kafka.stop()
+        await self.relay.stop()
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def check_ready(self) -> str | None:
+        """None when ready, else why not (for ``/readyz``)."""
+        if not self.ready:
+            return "starting"
+        try:
+            async with asyncio.timeout(2):
+                await self.pool.fetchval("SELECT 1")
+        except Exception as exc:
+            return f"database: {exc}"
+        return None
+
+
+def configure_process(settings: ServiceSettings) -> None:
+    """Process-wide setup for a service process: logging and tracing."""
+    configure_logging(settings.service_name, settings.log_level, settings.log_json)
+    configure_tracing(settings.service_name, settings.otel_exporter_otlp_endpoint)
+
+
+@dataclass(frozen=True)
+class ServiceDescription:
+    """What a service reads and writes on Kafka, derived from its code."""
+
+    name: str
+    consumes: frozenset[str]
+    produces: frozenset[str]
+    group_id: str
+
+
+def service_names() -> list[str]:
+    """The services installed in this environment (entry point group ``omni.services``)."""
+    return sorted(ep.name for ep in entry_points(group="omni.services"))
+
+
+def describe_service(name: str) -> ServiceDescription:
+    """Build a service's app (without starting it) and report its topics."""
+    (ep,) = [ep for ep in entry_points(group="omni.services") if ep.name == name]
+    settings = ServiceSettings(service_name=name)
+    app = ep.load()(settings)
+    runtime: ServiceRuntime = app.state.runtime
+    return ServiceDescription(
+        name=name,
+        consumes=frozenset(runtime.kafka.consumes),
+        produces=frozenset(runtime.kafka.produces),
+        group_id=settings.group_id(),
+    )

@@ -1,0 +1,16 @@
+"""Composition root of the notification service."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from omni_common.http import create_http_app
+from omni_common.service import ServiceRuntime
+from omni_common.settings import ServiceSettings
+
+
+def create_app(settings: ServiceSettings | None = None) -> FastAPI:
+    """Build the notification service (nothing connects until the app starts)."""
+    settings = settings or ServiceSettings(service_name="notification")
+    runtime = ServiceRuntime(settings, migrations_package="notification_service.migrations")
+    return create_http_app(runtime, title="Notification service")
