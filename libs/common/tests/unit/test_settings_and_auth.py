@@ -1,0 +1,74 @@
+"""Settings from the environment and API-key authentication of service endpoints."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from fastapi import APIRouter
+from omni_common.http import Channel, create_http_app
+from omni_common.service import ServiceRuntime
+from omni_common.settings import ServiceSettings
+
+
+def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "kafka:9092")
+    monkeypatch.setenv("TOPIC_PREFIX", "t1.")
+    monkeypatch.setenv("API_KEYS", "web=k1, pos = k2")
+    settings = ServiceSettings(service_name="customer-profile")
+    assert settings.kafka_bootstrap_servers == "kafka:9092"
+    assert settings.topic("store.sales.v1") == "t1.store.sales.v1"
+    assert settings.group_id() == "t1.customer-profile.main"
+    assert settings.schema == "customer_profile"
+    assert settings.api_key_map == {"k1": "web", "k2": "pos"}
+    assert "k1" not in repr(settings)  # secrets never printed
+
+
+def test_malformed_api_keys_are_refused() -> None:
+    with pytest.raises(ValueError, match="CHANNEL=KEY"):
+        _ = ServiceSettings(api_keys="justakey").api_key_map
+
+
+def _app(api_keys: str):
+    runtime = ServiceRuntime(ServiceSettings(service_name="probe", api_keys=api_keys))
+    router = APIRouter()
+
+    @router.get("/whoami")
+    async def whoami(channel: Channel) -> dict[str, str]:
+        return {"channel": channel}
+
+    return create_http_app(runtime, title="probe", routers=[router])
+
+
+async def _get(app, path: str, key: str | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://probe") as client:
+        return await client.get(path, headers=headers)
+
+
+async def test_endpoints_need_a_valid_key() -> None:
+    app = _app("web=secret-web,pos=secret-pos")
+    assert (await _get(app, "/whoami")).status_code == 401
+    assert (await _get(app, "/whoami", "wrong")).status_code == 401
+    response = await _get(app, "/whoami", "secret-pos")
+    assert response.status_code == 200
+    assert response.json() == {"channel": "pos"}
+
+
+async def test_no_configured_keys_means_nothing_is_open() -> None:
+    assert (await _get(_app(""), "/whoami", "")).status_code == 401
+    assert (await _get(_app(""), "/whoami", "anything")).status_code == 401
+
+
+async def test_probes_and_metrics_need_no_key() -> None:
+    app = _app("")
+    assert (await _get(app, "/healthz")).json() == {"status": "ok"}
+    ready = await _get(app, "/readyz")
+    assert ready.status_code == 503  # not started
+    await _get(app, "/whoami")
+    metrics = (await _get(app, "/metrics")).text
+    assert (
+        'omni_http_requests_total{method="GET",route="/whoami",service="probe",status="401"}'
+        in metrics
+    )
+    assert "omni_outbox_backlog" in metrics
