@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
+from faststream.security import BaseSecurity, SASLScram256, SASLScram512
 
 from omni_common.contracts.base import Event
 from omni_common.contracts.catalogue import EVENT_TYPES
@@ -88,6 +90,34 @@ async def _raw_body(message: KafkaMessage) -> bytes:
     return message.body
 
 
+def broker_security(settings: ServiceSettings) -> BaseSecurity | None:
+    """The FastStream security options for the configured Kafka listener."""
+    protocol = settings.kafka_security_protocol.upper()
+    if protocol == "PLAINTEXT":
+        return None
+    context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
+    if protocol == "SSL":
+        return BaseSecurity(ssl_context=context, use_ssl=True)
+    if protocol != "SASL_SSL":
+        raise ValueError(f"KAFKA_SECURITY_PROTOCOL {protocol!r} is not PLAINTEXT, SSL or SASL_SSL")
+    if not settings.kafka_sasl_username or settings.kafka_sasl_password is None:
+        raise ValueError("SASL_SSL needs KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD")
+    mechanisms = {"SCRAM-SHA-512": SASLScram512, "SCRAM-SHA-256": SASLScram256}
+    try:
+        mechanism = mechanisms[settings.kafka_sasl_mechanism.upper()]
+    except KeyError:
+        raise ValueError(
+            f"KAFKA_SASL_MECHANISM {settings.kafka_sasl_mechanism!r}"
+            f" is not one of {sorted(mechanisms)}"
+        ) from None
+    return mechanism(
+        settings.kafka_sasl_username,
+        settings.kafka_sasl_password.get_secret_value(),
+        ssl_context=context,
+        use_ssl=True,
+    )
+
+
 class KafkaRuntime:
     """A service's FastStream broker with its subscriptions, DLQ publishing and metrics."""
 
@@ -97,6 +127,7 @@ class KafkaRuntime:
         self.broker = KafkaBroker(
             settings.kafka_bootstrap_servers,
             client_id=settings.service_name,
+            security=broker_security(settings),
             middlewares=[
                 KafkaTelemetryMiddleware(),
                 KafkaPrometheusMiddleware(

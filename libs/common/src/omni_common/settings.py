@@ -19,6 +19,12 @@ class ServiceSettings(BaseSettings):
 
     service_name: str = "omni"
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    # PLAINTEXT (dev, compose), SSL, or SASL_SSL with SCRAM (Strimzi KafkaUser in Kubernetes).
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = "SCRAM-SHA-512"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = None
     database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/omni")
     # Prepended to every topic and consumer-group name; tests use it to isolate runs that
     # share one broker. Empty in production.

@@ -72,3 +72,24 @@ async def test_probes_and_metrics_need_no_key() -> None:
         in metrics
     )
     assert "omni_outbox_backlog" in metrics
+
+
+def test_kafka_security_follows_the_listener() -> None:
+    from faststream.security import SASLScram512
+
+    from omni_common.kafka import broker_security
+
+    assert broker_security(ServiceSettings()) is None
+    scram = broker_security(
+        ServiceSettings(
+            kafka_security_protocol="SASL_SSL",
+            kafka_sasl_username="inventory",
+            kafka_sasl_password="s3cret",
+        )
+    )
+    assert isinstance(scram, SASLScram512)
+    assert scram.use_ssl and scram.username == "inventory"
+    with pytest.raises(ValueError, match="KAFKA_SASL_USERNAME"):
+        broker_security(ServiceSettings(kafka_security_protocol="SASL_SSL"))
+    with pytest.raises(ValueError, match="PLAINTEXT, SSL or SASL_SSL"):
+        broker_security(ServiceSettings(kafka_security_protocol="SASL_PLAINTEXT"))
