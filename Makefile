@@ -1,29 +1,45 @@
 # The two commands: `make run` and `make test`. Everything else is set up on the way.
+# Works in CI (CI=true, no stdin): nothing here prompts.
 SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+# uv from PATH when there is one, else a private copy bootstrapped into .tools/.
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
+# After `setup` the environment is in sync: don't let `uv run` re-resolve or touch uv.lock.
+RUN := $(UV) run --no-sync
+PYTEST_ARGS ?=
 
 .PHONY: setup run test lint bench down clean
 
-$(UV):
-	python3 -m venv .tools && .tools/bin/pip install -q uv
-
-setup: $(UV)
-	$(UV) sync --all-packages --frozen
+setup:
+	@if [ ! -x "$(UV)" ]; then \
+		echo "bootstrapping uv into .tools/"; \
+		python3 -m venv .tools && .tools/bin/pip install -q uv; \
+	fi
+	@if [ -f uv.lock ]; then \
+		$(UV) sync --all-packages --frozen; \
+	else \
+		$(UV) sync --all-packages; \
+	fi
 
 run: setup
-	$(UV) run omni dev up
-
-down: setup
-	$(UV) run omni dev down
+	$(RUN) omni dev up
 
 test: setup
-	$(UV) run pytest
+	$(RUN) pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(UV) run ruff check . && $(UV) run ruff format --check .
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
 
 bench: setup
-	$(UV) run omni bench all
+	$(RUN) omni bench all
 
-clean:
-	rm -rf .venv .tools .omni .pytest_cache .ruff_cache
+# A stack started with `omni dev up --detach` (or left by a killed terminal).
+down:
+	@if [ -x .venv/bin/omni ]; then .venv/bin/omni dev down; else echo "nothing to stop"; fi
+
+# Stops the dev stack first: its PostgreSQL must not outlive its data directory.
+clean: down
+	rm -rf .omni .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -not -path './.venv/*' -not -path './.tools/*' -prune -exec rm -rf {} +

@@ -107,10 +107,14 @@ def dev_up(
             stack.up()
         except KeyboardInterrupt:
             fail("interrupted; everything that had started was stopped", 130)
-        for line in stack.summary():
-            echo(line)
-        echo("press Ctrl-C to stop (or run `omni dev down` in another shell)")
-        stack.supervise()
+        try:
+            for line in stack.summary():
+                echo(line)
+            echo("press Ctrl-C to stop (or run `omni dev down` in another shell)")
+            stack.supervise()
+        except KeyboardInterrupt:  # arrived before supervise() took over
+            echo("stopping ...")
+            stack.stop()
     echo("dev stack stopped")
 
 

@@ -139,38 +139,62 @@ class KafkaRuntime:
         # Contract topic names (unprefixed), for the ACLs and the AsyncAPI document.
         self.consumes: set[str] = set()
         self.produces: set[str] = set()
+        # purpose -> contract topic -> (inbox consumer name, ce_type -> (model, handler))
+        self._routes: dict[
+            str, dict[str, tuple[str, Mapping[str, tuple[type[Event], EventHandler]]]]
+        ] = {}
         self._lag_task: asyncio.Task[None] | None = None
 
     # -- wiring ---------------------------------------------------------------------------
 
     def subscribe(self, subscription: Subscription) -> None:
         """Consume ``subscription.topic`` in this service's consumer group."""
-        s = self.settings
         topic = subscription.topic
+        routes = self._routes.setdefault(subscription.purpose, {})
+        if topic in routes:
+            raise ValueError(f"{topic} is already subscribed for {subscription.purpose!r}")
         self.consumes.add(topic)
         self.produces.add(f"{topic}.dlq")
         handlers = {model.ce_type: (model, h) for model, h in subscription.handlers.items()}
-        consumer_name = f"{s.service_name}.{subscription.purpose}:{topic}"
+        consumer_name = f"{self.settings.service_name}.{subscription.purpose}:{topic}"
+        routes[topic] = (consumer_name, handlers)
 
+    def _register_consumers(self) -> None:
+        # One consumer per purpose reads all of its topics: every extra member of a group
+        # costs a rebalance of the whole group (seconds on Tansu, and on Kafka under load).
+        s = self.settings
+        for purpose, routes in self._routes.items():
+            by_physical = {s.topic(t): (t, *route) for t, route in routes.items()}
+
+            consume = self._dispatcher(by_physical)
+            consume.__name__ = f"consume_{purpose}"
+            consume.__doc__ = "; ".join(
+                f"{t}: " + ", ".join(sorted(h)) for t, (_, h) in sorted(routes.items())
+            )
+            self.broker.subscriber(
+                *by_physical,
+                group_id=s.group_id(purpose),
+                ack_policy=AckPolicy.NACK_ON_ERROR,
+                decoder=_raw_body,
+                auto_offset_reset="earliest",
+                fetch_max_wait_ms=s.consumer_fetch_max_wait_ms,
+                session_timeout_ms=s.consumer_session_timeout_ms,
+                heartbeat_interval_ms=s.consumer_heartbeat_interval_ms,
+                title=f"{s.service_name}:{purpose}",
+                description=consume.__doc__,
+            )(consume)
+
+    def _dispatcher(
+        self, by_physical: Mapping[str, tuple[str, str, Mapping[str, Any]]]
+    ) -> Callable[[KafkaMessage], Awaitable[None]]:
+        # A closure, not a default argument: FastStream would take one for a body field.
         async def consume(message: KafkaMessage) -> None:
             record = message.raw_message
             assert isinstance(record, ConsumerRecord)
+            topic, consumer_name, handlers = by_physical[record.topic]
             await self._consume(record, topic, consumer_name, handlers)
 
-        consume.__name__ = f"consume_{topic.replace('.', '_')}"
-        consume.__doc__ = "Handles " + ", ".join(sorted(handlers)) + f" from {topic}."
-        self.broker.subscriber(
-            s.topic(topic),
-            group_id=s.group_id(subscription.purpose),
-            ack_policy=AckPolicy.NACK_ON_ERROR,
-            decoder=_raw_body,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=s.consumer_fetch_max_wait_ms,
-            session_timeout_ms=s.consumer_session_timeout_ms,
-            heartbeat_interval_ms=s.consumer_heartbeat_interval_ms,
-            title=f"{s.service_name}:{topic}",
-            description=consume.__doc__,
-        )(consume)
+        return consume
 
     def declare_output(self, topic: str) -> None:
         """Declare that this service publishes to ``topic`` (through its outbox)."""
@@ -295,6 +319,7 @@ class KafkaRuntime:
 
     async def start(self) -> None:
         """Connect the broker, start the subscribers and the lag sampler."""
+        self._register_consumers()
         await self.broker.start()
         self._lag_task = asyncio.create_task(self._sample_lag(), name="consumer-lag")
 

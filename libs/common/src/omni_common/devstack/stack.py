@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import random
 import secrets
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from omni_common.devstack.process import (
     DevStackError,
     PortInUseError,
     cmdline,
+    free_port,
     pid_alive,
     port_is_free,
     run_blocking,
@@ -143,6 +145,15 @@ def default_state_dir() -> Path:
     return cwd / ".omni"
 
 
+def _free_port_range(host: str, n: int) -> int:
+    rng = random.Random()
+    for _ in range(500):
+        base = rng.randint(20000, 60000 - n)
+        if all(port_is_free(host, base + i) for i in range(n)):
+            return base
+    raise DevStackError(f"found no {n} consecutive free ports on {host}")
+
+
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if not raw:
@@ -150,7 +161,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise DevStackError(f"{name}={raw!r} is not a port number") from None
+        raise DevStackError(f"{name}={raw!r} is not a whole number") from None
 
 
 @dataclass(frozen=True)
@@ -170,16 +181,32 @@ class DevStackConfig:
     @classmethod
     def from_env(cls, **overrides: Any) -> DevStackConfig:
         """Defaults, then ``OMNI_KAFKA_PORT``/``OMNI_PG_PORT``/``OMNI_HTTP_BASE_PORT``/
-        ``OMNI_STATE_DIR``, then ``overrides`` (``None`` values are ignored)."""
+        ``OMNI_STATE_DIR``/``OMNI_READY_TIMEOUT`` (seconds per start-up), then ``overrides``
+        (``None`` values are ignored)."""
         config = cls(
             kafka_port=_env_int("OMNI_KAFKA_PORT", cls.kafka_port),
             pg_port=_env_int("OMNI_PG_PORT", cls.pg_port),
             http_base_port=_env_int("OMNI_HTTP_BASE_PORT", cls.http_base_port),
+            ready_timeout=float(_env_int("OMNI_READY_TIMEOUT", int(cls.ready_timeout))),
         )
         given = {k: v for k, v in overrides.items() if v is not None}
         if "state_dir" in given:
             given["state_dir"] = Path(given["state_dir"]).expanduser().absolute()
         return replace(config, **given)
+
+    @classmethod
+    def with_free_ports(
+        cls, state_dir: Path, services: int = 8, **overrides: Any
+    ) -> DevStackConfig:
+        """A config on ports free right now (tests): ``services`` consecutive HTTP ports."""
+        host = overrides.get("host", cls.host)
+        return cls(
+            state_dir=Path(state_dir),
+            kafka_port=free_port(host),
+            pg_port=free_port(host),
+            http_base_port=_free_port_range(host, max(services, len(DEFAULT_SERVICE_ORDER))),
+            **overrides,
+        )
 
     @property
     def logs_dir(self) -> Path:
@@ -332,6 +359,13 @@ class DevStack:
         self.api_keys: dict[str, str] = {}
         self._pids: dict[str, int] = {}
 
+    def __enter__(self) -> DevStack:
+        self.up()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(quiet=True)
+
     # -- start ---------------------------------------------------------------------------------
 
     def check_can_start(self) -> dict[str, int]:
@@ -463,19 +497,23 @@ class DevStack:
     def _wait_services_ready(self, timer: _Timer) -> None:
         deadline = time.monotonic() + self.config.ready_timeout
         pending = dict(self.services)
+        last_state: dict[str, str] = {}
         with httpx.Client(timeout=2.0) as client:
             while pending:
                 for name, svc in list(pending.items()):
                     code = svc.proc.poll()
                     if code is not None:
                         self._fail_service(svc, f"exited with code {code} during start-up")
-                    if _answers_ready(client, svc.url):
+                    last_state[name] = _readiness(client, svc.url)
+                    if last_state[name] == "ready":
                         self.echo(f"  {name} ready on {svc.url} ({timer})")
                         del pending[name]
                 if pending and time.monotonic() > deadline:
                     name, svc = next(iter(pending.items()))
                     self._fail_service(
-                        svc, f"did not become ready within {self.config.ready_timeout:.0f}s"
+                        svc,
+                        f"did not become ready within {self.config.ready_timeout:.0f}s "
+                        f"(/readyz: {last_state.get(name, 'not asked')})",
                     )
                 time.sleep(0.1)
 
@@ -643,10 +681,6 @@ def _display_path(path: Path) -> str:
     with contextlib.suppress(ValueError):
         return str(path.relative_to(Path.cwd()))
     return str(path)
-
-
-def _answers_ready(client: httpx.Client, url: str) -> bool:
-    return _readiness(client, url) == "ready"
 
 
 def _readiness(client: httpx.Client, url: str) -> str:
