@@ -363,6 +363,11 @@ class DevStack:
         self.up()
         return self
 
+    @property
+    def service_urls(self) -> dict[str, str]:
+        """Base URL of every running service."""
+        return {name: svc.url for name, svc in self.services.items()}
+
     def __exit__(self, *exc: object) -> None:
         self.stop(quiet=True)
 

@@ -367,3 +367,18 @@ async def omni_env(kafka_bootstrap: str, postgres_url: str) -> AsyncIterator[Omn
         await env.aclose()
         with contextlib.suppress(Exception):
             await drop_database(postgres_url, name)
+
+
+@pytest.fixture(scope="session")
+def dev_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The whole platform as ``omni dev up`` runs it (own broker, database, free ports).
+
+    Yields the :class:`~omni_common.devstack.stack.DevStack` (``service_urls``, ``api_keys``).
+    """
+    from omni_common.devstack.stack import DevStack, DevStackConfig
+
+    config = DevStackConfig.with_free_ports(
+        tmp_path_factory.mktemp("devstack"), fast_postgres=True, ready_timeout=170.0
+    )
+    with DevStack(config, echo=lambda line: None) as stack:
+        yield stack
