@@ -141,8 +141,12 @@ def parse_envelope(headers: HeaderItems | Mapping[str, bytes | str | None]) -> E
 
 
 def encode(event: Event) -> bytes:
-    """The Kafka message value of an event: its data as UTF-8 JSON."""
-    return event.model_dump_json(exclude_none=True).encode()
+    """The Kafka message value of an event: its data as UTF-8 JSON.
+
+    Every field is written, nulls included: a required field may be nullable (an anonymous
+    store sale's ``customer_id``), and leaving it out would fail the consumer's validation.
+    """
+    return event.model_dump_json().encode()
 
 
 def decode(model: type[E], value: bytes | None) -> E:

@@ -101,3 +101,19 @@ def test_payload_errors_distinguish_malformed_json_from_schema_violations() -> N
         )
     with pytest.raises(PayloadError, match="empty"):
         decode(StockAdjusted, b"")
+
+
+def test_required_but_nullable_fields_survive_the_wire() -> None:
+    from omni_common.contracts import OrderPlaced
+
+    anonymous_sale = OrderPlaced(
+        order_id="o-1",
+        customer_id=None,
+        channel="store",
+        status="completed",
+        lines=[{"sku": "A", "qty": 1, "unit_price": {"amount": "1.00", "currency": "EUR"}}],
+        fulfillment={"type": "pickup", "location_id": "store-1"},
+    )
+    decoded = decode(OrderPlaced, encode(anonymous_sale))
+    assert decoded.customer_id is None
+    assert decoded == anonymous_sale

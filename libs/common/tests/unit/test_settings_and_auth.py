@@ -76,7 +76,6 @@ async def test_probes_and_metrics_need_no_key() -> None:
 
 def test_kafka_security_follows_the_listener() -> None:
     from faststream.security import SASLScram512
-
     from omni_common.kafka import broker_security
 
     assert broker_security(ServiceSettings()) is None

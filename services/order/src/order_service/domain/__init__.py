@@ -1,0 +1,1 @@
+"""The order domain: the aggregate, its state machine and the rules it enforces (no I/O)."""

@@ -1,0 +1,83 @@
+"""What the order service consumes: one subscription per topic, handlers bound to the service.
+
+Domain refusals become :class:`~omni_common.kafka.RejectedEvent` (dead-lettered at once with
+the refusal's reason: ``unknown_order``, ``illegal_transition``, ``idempotency_conflict``,
+``invalid_order``, ``return_conflict``, ``nothing_to_return``); anything else is retried with
+backoff by the foundation, then dead-lettered.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from omni_common.contracts import (
+    CHECKOUT_SUBMITTED,
+    FULFILLMENT_EVENTS,
+    INVENTORY_RESERVATIONS,
+    ORDER_REQUESTS,
+    RETURNS_RECEIVED,
+    STORE_SALES,
+    CheckoutSubmitted,
+    Delivered,
+    EtaChanged,
+    OrderCancellationRequested,
+    PickedUp,
+    ReadyForPickup,
+    ReservationConfirmed,
+    ReservationRejected,
+    ReservationReleased,
+    ReturnReceived,
+    SaleRecorded,
+    Shipped,
+)
+from omni_common.envelope import Envelope
+from omni_common.kafka import EventHandler, RejectedEvent, Subscription
+
+from order_service.domain.errors import OrderError
+from order_service.service.orders import OrderService
+
+
+def refusing(handler: EventHandler) -> EventHandler:
+    """Turn the domain's refusals into dead letters with the refusal's reason."""
+
+    @functools.wraps(handler)
+    async def handle(event: Any, envelope: Envelope) -> None:
+        try:
+            await handler(event, envelope)
+        except OrderError as exc:
+            raise RejectedEvent(exc.reason, exc.message) from exc
+
+    return handle
+
+
+def subscriptions(service: OrderService) -> list[Subscription]:
+    """Every topic the order service consumes, with its handlers."""
+    s = service
+    return [
+        Subscription(CHECKOUT_SUBMITTED, {CheckoutSubmitted: refusing(s.on_checkout)}),
+        Subscription(STORE_SALES, {SaleRecorded: refusing(s.on_sale)}),
+        Subscription(
+            INVENTORY_RESERVATIONS,
+            {
+                ReservationConfirmed: refusing(s.on_reservation_confirmed),
+                ReservationRejected: refusing(s.on_reservation_rejected),
+                ReservationReleased: refusing(s.on_reservation_released),
+            },
+        ),
+        Subscription(
+            ORDER_REQUESTS,
+            {OrderCancellationRequested: refusing(s.on_cancellation_requested)},
+        ),
+        Subscription(
+            FULFILLMENT_EVENTS,
+            {
+                ReadyForPickup: refusing(s.on_ready_for_pickup),
+                PickedUp: refusing(s.on_picked_up),
+                Shipped: refusing(s.on_shipped),
+                EtaChanged: refusing(s.on_eta_changed),
+                Delivered: refusing(s.on_delivered),
+            },
+        ),
+        Subscription(RETURNS_RECEIVED, {ReturnReceived: refusing(s.on_return_received)}),
+    ]

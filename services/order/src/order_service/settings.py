@@ -1,0 +1,49 @@
+"""Settings of the order service: the platform's plus the order's own (env vars, 12-factor)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from omni_common.settings import ServiceSettings
+from pydantic import Field
+
+
+class OrderSettings(ServiceSettings):
+    """Order-specific knobs; each is also an env var of the same name in upper case."""
+
+    service_name: str = "order"
+
+    # A pickup not collected within this many days is cancelled and its stock released.
+    pickup_collect_days: float = Field(default=7.0, gt=0)
+    # When a delivery promise passes with no carrier ETA, the delay notice estimates this
+    # many hours after the promise.
+    overdue_eta_extension_hours: float = Field(default=24.0, gt=0)
+    # How often due timers (pickup expiry, delivery promises) are looked for.
+    timer_poll_interval_s: float = Field(default=0.5, gt=0)
+    # How often the omni_orders_by_status gauge is refreshed from the database.
+    status_gauge_interval_s: float = Field(default=15.0, gt=0)
+    # Make loyalty a saga participant for checkouts redeeming points (once loyalty answers).
+    loyalty_in_saga: bool = False
+    # The largest page of GET /customers/{id}/orders.
+    max_page_size: int = Field(default=100, ge=1)
+
+    @property
+    def pickup_window(self) -> timedelta:
+        """How long a packed pickup order waits for its shopper."""
+        return timedelta(days=self.pickup_collect_days)
+
+    @property
+    def overdue_eta_extension(self) -> timedelta:
+        """The estimated lateness announced when a promise passes without a carrier ETA."""
+        return timedelta(hours=self.overdue_eta_extension_hours)
+
+    @classmethod
+    def from_settings(cls, settings: ServiceSettings | None, **overrides: Any) -> OrderSettings:
+        """Order settings from platform settings (e.g. a test's), keeping every value."""
+        if settings is None:
+            return cls(**overrides)
+        if isinstance(settings, cls) and not overrides:
+            return settings
+        values = {name: getattr(settings, name) for name in type(settings).model_fields}
+        return cls(**(values | overrides))
