@@ -152,7 +152,7 @@ class ServiceRuntime:
             self._pool = None
 
     async def check_ready(self) -> str | None:
-        """None when ready, else why not (for ``/readyz``)."""
+        """None when ready, else why not (for ``/readyz``): database and broker answer."""
         if not self.ready:
             return "starting"
         try:
@@ -160,6 +160,8 @@ class ServiceRuntime:
                 await self.pool.fetchval("SELECT 1")
         except Exception as exc:
             return f"database: {exc}"
+        if not await self.kafka.broker.ping(timeout=2):
+            return "kafka: broker unreachable"
         return None
 
 
