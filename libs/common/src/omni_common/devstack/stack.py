@@ -473,6 +473,8 @@ class DevStack:
             LOG_JSON="true" if cfg.log_json else "false",
             PYTHONUNBUFFERED="1",
         )
+        # A few demo stores, a warehouse and stock, so the platform is usable at once.
+        env.setdefault("INVENTORY_SEED_FILE", "demo")
         return env
 
     def _api_keys_value(self) -> str:

@@ -1,0 +1,404 @@
+"""PostgreSQL access for inventory: every query the service runs, on one connection.
+
+Stock changes follow one discipline, which keeps them correct with any number of instances:
+
+1. lock the SKUs concerned (transaction-scoped advisory locks, taken in one fixed order, so
+   two orders naming the same SKUs in opposite orders cannot deadlock) and read their stock
+   rows, in one round trip: the rows cannot change while the locks are held;
+2. write changes as conditional deltas (``reserved = reserved + n WHERE on_hand - reserved
+   >= n``), with the table's CHECK constraints as the last line of defence.
+
+The SKU lock also serialises the availability events of one SKU, so ``online_available``
+on ``inventory.availability.v1`` never goes back in time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+from omni_common.contracts import AvailabilityStatus
+
+from inventory_service.domain import (
+    Hold,
+    Key,
+    Location,
+    LocationKind,
+    Shortfall,
+    StockLevel,
+)
+
+# No guard: the delta applies whatever is available (the CHECKs still hold).
+NO_GUARD = -(2**31)
+
+
+class StockConflict(RuntimeError):
+    """A conditional stock update did not apply: the rows were not as read.
+
+    Cannot happen while the SKU locks are held; if it does, the transaction rolls back and
+    the event is retried.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class StockWrite:
+    """A change to one stock row: deltas, the status now told, and the guard."""
+
+    sku: str
+    location_id: str
+    on_hand_delta: int
+    reserved_delta: int
+    status: AvailabilityStatus
+    # Apply only while on_hand - reserved >= min_available (e.g. units held + safety stock).
+    min_available: int = NO_GUARD
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A reservation as stored: its state and where its units are held."""
+
+    order_id: str
+    state: str
+    fulfillment: str
+    expires_at: datetime | None
+    holds: tuple[Hold, ...]
+    correlation_id: str | None = None
+
+
+def _location(row: Mapping[str, Any]) -> Location:
+    return Location(
+        location_id=row["location_id"],
+        name=row["name"],
+        kind=LocationKind(row["kind"]),
+        ships_online=row["ships_online"],
+        offers_pickup=row["offers_pickup"],
+        safety_stock=row["safety_stock"],
+        low_stock_threshold=row["low_stock_threshold"],
+    )
+
+
+class InventoryRepository:
+    """Inventory's tables, seen through one connection (inside the caller's transaction)."""
+
+    def __init__(self, conn: asyncpg.Connection, lock_namespace: str = "inventory") -> None:
+        self.conn = conn
+        self._lock_namespace = f"{lock_namespace}.sku:"
+
+    # -- locks and stock -----------------------------------------------------------------------
+
+    async def lock_and_read(
+        self, skus: Iterable[str], also_locations: Iterable[str] = ()
+    ) -> tuple[dict[Key, StockLevel], dict[Key, AvailabilityStatus], dict[str, Location]]:
+        """Lock ``skus`` for this transaction, then read every stock row of them (all
+        locations), the status last told per row, and the locations of those rows plus
+        ``also_locations``.
+
+        One round trip (``lock_and_read_stock`` in migration 0002): the read happens after
+        the locks are held, so it sees whatever the previous holder committed.
+        """
+        rows = await self.conn.fetch(
+            "SELECT * FROM lock_and_read_stock($1, $2::text[], $3::text[])",
+            self._lock_namespace,
+            sorted(set(skus)),
+            sorted(set(also_locations)),
+        )
+        levels: dict[Key, StockLevel] = {}
+        told: dict[Key, AvailabilityStatus] = {}
+        locations: dict[str, Location] = {}
+        for row in rows:
+            if row["what"] == "stock":
+                key = (row["sku"], row["location_id"])
+                levels[key] = StockLevel(key[0], key[1], row["on_hand"], row["reserved"])
+                told[key] = AvailabilityStatus(row["status"])
+            else:
+                locations[row["location_id"]] = _location(row)
+        return levels, told, locations
+
+    async def skus_at(self, location_id: str) -> list[str]:
+        """The SKUs stocked (or once stocked) at a location."""
+        rows = await self.conn.fetch(
+            "SELECT sku FROM stock WHERE location_id = $1 ORDER BY sku", location_id
+        )
+        return [row["sku"] for row in rows]
+
+    async def write_stock(self, writes: Sequence[StockWrite], new_rows: Iterable[Key]) -> None:
+        """Create ``new_rows`` (empty), then apply ``writes`` as guarded deltas.
+
+        Raises :class:`StockConflict` when a guard stops any of them.
+        """
+        fresh = sorted(set(new_rows))
+        if fresh:  # rare: the first units of a SKU at a location
+            await self.conn.execute(
+                "INSERT INTO stock (sku, location_id)"
+                " SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING",
+                [sku for sku, _ in fresh],
+                [loc for _, loc in fresh],
+            )
+        if not writes:
+            return
+        ordered = sorted(writes, key=lambda w: (w.sku, w.location_id))
+        applied = await self.conn.fetch(
+            "UPDATE stock AS s"
+            "   SET on_hand = s.on_hand + c.on_hand_delta,"
+            "       reserved = s.reserved + c.reserved_delta,"
+            "       status = c.status, updated_at = now()"
+            "  FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::text[], $6::int[])"
+            "       AS c(sku, location_id, on_hand_delta, reserved_delta, status, min_available)"
+            " WHERE s.sku = c.sku AND s.location_id = c.location_id"
+            "   AND s.on_hand - s.reserved >= c.min_available"
+            " RETURNING s.sku",
+            [w.sku for w in ordered],
+            [w.location_id for w in ordered],
+            [w.on_hand_delta for w in ordered],
+            [w.reserved_delta for w in ordered],
+            [str(w.status) for w in ordered],
+            [w.min_available for w in ordered],
+        )
+        if len(applied) != len(ordered):
+            raise StockConflict(f"{len(ordered) - len(applied)} stock update(s) did not apply")
+
+    # -- locations -----------------------------------------------------------------------------
+
+    async def location(self, location_id: str, *, for_update: bool = False) -> Location | None:
+        """One location, or None."""
+        row = await self.conn.fetchrow(
+            "SELECT * FROM locations WHERE location_id = $1"
+            + (" FOR UPDATE" if for_update else ""),
+            location_id,
+        )
+        return _location(row) if row else None
+
+    async def all_locations(self) -> list[Location]:
+        """Every location, by id."""
+        rows = await self.conn.fetch("SELECT * FROM locations ORDER BY location_id")
+        return [_location(row) for row in rows]
+
+    async def save_location(self, location: Location) -> bool:
+        """Create or update a location; True if it was created."""
+        created = await self.conn.fetchval(
+            "INSERT INTO locations (location_id, name, kind, ships_online, offers_pickup,"
+            "  safety_stock, low_stock_threshold) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            " ON CONFLICT (location_id) DO UPDATE SET name = EXCLUDED.name,"
+            "  kind = EXCLUDED.kind, ships_online = EXCLUDED.ships_online,"
+            "  offers_pickup = EXCLUDED.offers_pickup, safety_stock = EXCLUDED.safety_stock,"
+            "  low_stock_threshold = EXCLUDED.low_stock_threshold, updated_at = now()"
+            " RETURNING (xmax = 0)",
+            location.location_id,
+            location.name,
+            str(location.kind),
+            location.ships_online,
+            location.offers_pickup,
+            location.safety_stock,
+            location.low_stock_threshold,
+        )
+        return bool(created)
+
+    # -- reservations --------------------------------------------------------------------------
+
+    async def reservation(self, order_id: str) -> Reservation | None:
+        """An order's reservation, locked for this transaction, or None."""
+        row = await self.conn.fetchrow(
+            "SELECT order_id, state, fulfillment, expires_at, correlation_id FROM reservations"
+            " WHERE order_id = $1 FOR UPDATE",
+            order_id,
+        )
+        if row is None:
+            return None
+        holds = await self.conn.fetch(
+            "SELECT sku, location_id, qty FROM reservation_holds WHERE order_id = $1"
+            " ORDER BY sku, location_id",
+            order_id,
+        )
+        return Reservation(
+            order_id=row["order_id"],
+            state=row["state"],
+            fulfillment=row["fulfillment"],
+            expires_at=row["expires_at"],
+            holds=tuple(Hold(h["sku"], h["location_id"], h["qty"]) for h in holds),
+            correlation_id=row["correlation_id"],
+        )
+
+    async def add_reservation(
+        self,
+        *,
+        order_id: str,
+        fulfillment: str,
+        pickup_location_id: str | None,
+        channel: str,
+        customer_id: str | None,
+        expires_at: datetime | None,
+        holds: Sequence[Hold],
+        state: str = "held",
+        reason: str | None = None,
+        correlation_id: str | None = None,
+    ) -> None:
+        """Record an order's reservation (``held`` with its holds, or ``rejected``)."""
+        await self.conn.execute(
+            "INSERT INTO reservations (order_id, state, fulfillment, pickup_location_id,"
+            " channel, customer_id, expires_at, closed_reason, correlation_id)"
+            " VALUES ($1, $7, $2, $3, $4, $5, $6, $8, $9)",
+            order_id,
+            fulfillment,
+            pickup_location_id,
+            channel,
+            customer_id,
+            expires_at,
+            state,
+            reason,
+            correlation_id,
+        )
+        await self.conn.executemany(
+            "INSERT INTO reservation_holds (order_id, sku, location_id, qty)"
+            " VALUES ($1, $2, $3, $4)",
+            [(order_id, h.sku, h.location_id, h.qty) for h in holds],
+        )
+
+    async def set_reservation_state(
+        self, order_id: str, state: str, reason: str | None = None
+    ) -> None:
+        """Move a reservation to ``state`` (with why it closed, if it did)."""
+        await self.conn.execute(
+            "UPDATE reservations SET state = $2, closed_reason = coalesce($3, closed_reason),"
+            " updated_at = now() WHERE order_id = $1",
+            order_id,
+            state,
+            reason,
+        )
+
+    # -- lost demand, discrepancies, returns ---------------------------------------------------
+
+    async def record_lost_demand(
+        self,
+        *,
+        order_id: str,
+        fulfillment: str,
+        location_id: str | None,
+        channel: str | None,
+        shortfalls: Sequence[Shortfall],
+    ) -> None:
+        """Record what a rejected order would have sold (once per order and SKU)."""
+        await self.conn.executemany(
+            "INSERT INTO lost_demand (order_id, sku, location_id, fulfillment, channel,"
+            " requested, available, missing, unit_price, currency, revenue)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+            " ON CONFLICT (order_id, sku) DO NOTHING",
+            [
+                (
+                    order_id,
+                    s.sku,
+                    location_id,
+                    fulfillment,
+                    channel,
+                    s.requested,
+                    s.available,
+                    s.missing,
+                    s.unit_price.quantize(Decimal("0.01")),
+                    s.currency,
+                    s.lost_revenue.quantize(Decimal("0.01")),
+                )
+                for s in shortfalls
+            ],
+        )
+
+    async def lost_demand_report(self, limit: int) -> list[dict[str, Any]]:
+        """The biggest losses: per SKU, location and currency, most revenue first."""
+        rows = await self.conn.fetch(
+            "SELECT sku, location_id, fulfillment, currency, sum(missing)::int AS units,"
+            "       sum(revenue) AS revenue, count(*)::int AS orders,"
+            "       max(recorded_at) AS last_at"
+            "  FROM lost_demand"
+            " GROUP BY sku, location_id, fulfillment, currency"
+            " ORDER BY revenue DESC, units DESC, sku, location_id NULLS FIRST"
+            " LIMIT $1",
+            limit,
+        )
+        return [dict(row) for row in rows]
+
+    async def record_discrepancy(
+        self, *, sku: str, location_id: str, sale_id: str, sold: int, available: int, shortfall: int
+    ) -> None:
+        """Record that a till sold more than the records said was there."""
+        await self.conn.execute(
+            "INSERT INTO discrepancies (sku, location_id, sale_id, sold, recorded_available,"
+            " shortfall) VALUES ($1, $2, $3, $4, $5, $6)",
+            sku,
+            location_id,
+            sale_id,
+            sold,
+            available,
+            shortfall,
+        )
+
+    async def resolve_discrepancies(self, sku: str, location_id: str, by: str) -> int:
+        """Close the open discrepancies of a row (a recount happened); returns how many."""
+        status = await self.conn.execute(
+            "UPDATE discrepancies SET resolved_at = now(), resolved_by = $3"
+            " WHERE sku = $1 AND location_id = $2 AND resolved_at IS NULL",
+            sku,
+            location_id,
+            by,
+        )
+        return int(status.split()[-1])
+
+    async def discrepancies(self, *, open_only: bool, limit: int) -> list[dict[str, Any]]:
+        """Recorded discrepancies, newest first."""
+        rows = await self.conn.fetch(
+            "SELECT id, sku, location_id, sale_id, sold, recorded_available, shortfall,"
+            "       recorded_at, resolved_at, resolved_by FROM discrepancies"
+            " WHERE NOT $1 OR resolved_at IS NULL ORDER BY id DESC LIMIT $2",
+            open_only,
+            limit,
+        )
+        return [dict(row) for row in rows]
+
+    async def first_restock(self, return_id: str, order_id: str, location_id: str) -> bool:
+        """Mark a return as put back on the shelf; False if it already was."""
+        inserted = await self.conn.fetchval(
+            "INSERT INTO restocked_returns (return_id, order_id, location_id)"
+            " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING true",
+            return_id,
+            order_id,
+            location_id,
+        )
+        return bool(inserted)
+
+    # -- reads for the API ---------------------------------------------------------------------
+
+    async def availability_of(self, sku: str) -> list[dict[str, Any]]:
+        """Every location's stock of ``sku`` with its policy, by location."""
+        rows = await self.conn.fetch(
+            "SELECT s.location_id, l.name, l.kind, l.ships_online, l.offers_pickup,"
+            "       l.safety_stock, l.low_stock_threshold, s.on_hand, s.reserved"
+            "  FROM stock AS s JOIN locations AS l USING (location_id)"
+            " WHERE s.sku = $1 ORDER BY s.location_id",
+            sku,
+        )
+        return [dict(row) for row in rows]
+
+    async def stock_at(
+        self, location_id: str, *, after: str | None, limit: int
+    ) -> list[StockLevel]:
+        """The stock rows of a location, by SKU, after the SKU ``after`` (paging)."""
+        rows = await self.conn.fetch(
+            "SELECT sku, location_id, on_hand, reserved FROM stock"
+            " WHERE location_id = $1 AND ($2::text IS NULL OR sku > $2) ORDER BY sku LIMIT $3",
+            location_id,
+            after,
+            limit,
+        )
+        return [StockLevel(r["sku"], r["location_id"], r["on_hand"], r["reserved"]) for r in rows]
+
+    async def online_available_of(self, skus: Sequence[str]) -> dict[str, int]:
+        """``online_available`` of each SKU, computed in SQL (same rule as the domain)."""
+        rows = await self.conn.fetch(
+            "SELECT s.sku, sum(greatest(s.on_hand - s.reserved - l.safety_stock, 0))::int AS n"
+            "  FROM stock AS s JOIN locations AS l USING (location_id)"
+            " WHERE s.sku = ANY($1::text[]) AND l.ships_online GROUP BY s.sku",
+            list(skus),
+        )
+        found = {row["sku"]: row["n"] for row in rows}
+        return {sku: found.get(sku, 0) for sku in skus}

@@ -1,0 +1,132 @@
+"""Composition root of the inventory service."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+from fastapi import FastAPI
+from omni_common.contracts import (
+    INVENTORY_ADJUSTMENTS,
+    INVENTORY_AVAILABILITY,
+    INVENTORY_RESERVATIONS,
+    ORDER_LIFECYCLE,
+    STORE_SALES,
+    OrderCancelled,
+    OrderConfirmed,
+    OrderPickedUp,
+    OrderPlaced,
+    OrderRejected,
+    OrderReturnReceived,
+    OrderShipped,
+    SaleRecorded,
+    StockAdjusted,
+)
+from omni_common.http import create_http_app
+from omni_common.kafka import Subscription
+from omni_common.service import ServiceRuntime
+from omni_common.settings import ServiceSettings
+from omni_common.timers import TimerWheel
+
+from inventory_service.adapters.metrics import InventoryMetrics
+from inventory_service.adapters.seed import load_seed
+from inventory_service.entrypoints import consumers
+from inventory_service.entrypoints.consumers import Deps
+from inventory_service.entrypoints.http import build_router
+from inventory_service.service import handlers
+from inventory_service.service.handlers import RESERVATION_EXPIRY, Inventory
+from inventory_service.settings import InventorySettings, inventory_settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: ServiceSettings | None = None) -> FastAPI:
+    """Build the inventory service (nothing connects until the app starts).
+
+    Plain ``ServiceSettings`` (as ``omni run`` and the test fixtures build them) are
+    extended with the inventory settings from the environment.
+    """
+    config = inventory_settings(settings)
+    runtime = ServiceRuntime(config, migrations_package="inventory_service.migrations")
+    inventory = Inventory(
+        # Advisory locks are database-wide: name them after the schema they guard.
+        lock_namespace=config.schema,
+        reservation_ttl=timedelta(seconds=config.inventory_reservation_ttl_s),
+    )
+    deps = Deps(runtime, inventory, InventoryMetrics(runtime.metrics))
+
+    def bound(handler: consumers.Handler) -> consumers.BoundHandler:
+        return functools.partial(handler, deps)
+
+    runtime.subscribe(Subscription(STORE_SALES, {SaleRecorded: bound(consumers.sale_recorded)}))
+    runtime.subscribe(
+        Subscription(INVENTORY_ADJUSTMENTS, {StockAdjusted: bound(consumers.stock_adjusted)})
+    )
+    runtime.subscribe(
+        Subscription(
+            ORDER_LIFECYCLE,
+            {
+                OrderPlaced: bound(consumers.order_placed),
+                OrderConfirmed: bound(consumers.order_confirmed),
+                OrderCancelled: bound(consumers.order_cancelled),
+                OrderRejected: bound(consumers.order_rejected),
+                OrderPickedUp: bound(consumers.order_fulfilled),
+                OrderShipped: bound(consumers.order_fulfilled),
+                OrderReturnReceived: bound(consumers.return_received),
+            },
+        )
+    )
+    runtime.publishes(INVENTORY_AVAILABILITY, INVENTORY_RESERVATIONS)
+    if config.inventory_seed_file:
+        runtime.run_alongside(_seeded(runtime, inventory, config))
+    runtime.run_alongside(
+        TimerWheel(
+            runtime.transaction,
+            {RESERVATION_EXPIRY: functools.partial(consumers.reservation_expired, deps)},
+            poll_interval_s=config.inventory_timer_poll_s,
+        ).running()
+    )
+    return create_http_app(
+        runtime,
+        title="Inventory service",
+        description=(
+            "Stock per SKU and location, reservations for online orders, and what web and app "
+            "may sell. Every endpoint needs `Authorization: Bearer <API key>`."
+        ),
+        routers=[build_router(inventory, deps.metrics, config.inventory_low_stock_threshold)],
+    )
+
+
+async def seed_from_file(
+    runtime: ServiceRuntime, inventory: Inventory, source: str, default_threshold: int
+) -> None:
+    """Create or update the seed file's locations and fill its missing stock rows.
+
+    Idempotent: safe on every start of every instance.
+    """
+    seed = load_seed(source)
+    async with runtime.transaction() as tx:
+        for entry in seed.locations:
+            await handlers.save_location(inventory, tx, entry.to_location(default_threshold))
+        await handlers.seed_stock(inventory, tx, [entry.to_level() for entry in seed.stock])
+    log.info(
+        "seeded %d locations and %d stock rows from %s",
+        len(seed.locations),
+        len(seed.stock),
+        source,
+    )
+
+
+@contextlib.asynccontextmanager
+async def _seeded(
+    runtime: ServiceRuntime, inventory: Inventory, config: InventorySettings
+) -> AsyncIterator[None]:
+    """Seed once the database is up, before the service reports ready."""
+    assert config.inventory_seed_file is not None
+    await seed_from_file(
+        runtime, inventory, config.inventory_seed_file, config.inventory_low_stock_threshold
+    )
+    yield

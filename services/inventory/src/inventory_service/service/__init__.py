@@ -1,0 +1,1 @@
+"""inventory service: use cases, each inside one transaction the caller opens."""

@@ -1,0 +1,393 @@
+"""Inventory's use cases: each runs inside one transaction the caller opened.
+
+Every function takes the transaction (``Tx``: a connection plus the outbox), the event or
+request, and its collaborators; none commits or publishes by itself. They return an
+:class:`~inventory_service.service.stock.Outcome` for the caller to observe once committed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from omni_common.contracts import (
+    AdjustmentKind,
+    Allocation,
+    AvailabilityCause,
+    FulfillmentType,
+    OrderPlaced,
+    OrderReturnReceived,
+    OrderStatus,
+    ReservationConfirmed,
+    ReservationRejected,
+    ReservationReleased,
+    SaleRecorded,
+    Shortage,
+    StockAdjusted,
+)
+from omni_common.envelope import Envelope
+from omni_common.service import Tx
+from omni_common.timers import cancel_timer, set_timer
+
+from inventory_service.adapters.repository import InventoryRepository
+from inventory_service.domain import (
+    Location,
+    OrderLine,
+    ReservationPlan,
+    StockLevel,
+    apply_adjustment,
+    apply_sale,
+    fulfil,
+    hold,
+    merge_lines,
+    plan_delivery,
+    plan_pickup,
+    release,
+    restock,
+)
+from inventory_service.service.stock import Outcome, StockSession
+
+log = logging.getLogger(__name__)
+
+RESERVATION_EXPIRY = "reservation-expiry"
+"""Timer kind: a held reservation lapses unless its order is confirmed first."""
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What every use case needs besides the transaction: the lock namespace and policy."""
+
+    lock_namespace: str = "inventory"
+    reservation_ttl: timedelta = timedelta(minutes=15)
+
+    def repo(self, tx: Tx) -> InventoryRepository:
+        """The repository on ``tx``'s connection."""
+        return InventoryRepository(tx.conn, self.lock_namespace)
+
+
+# -- the till and the stock room --------------------------------------------------------------
+
+
+async def record_sale(
+    inv: Inventory, tx: Tx, sale: SaleRecorded, envelope: Envelope | None = None
+) -> Outcome:
+    """Take a till sale's units off the shelf at its store.
+
+    Never refused: a sale beyond the recorded stock floors it and records a discrepancy
+    asking for a recount. Raises :class:`UnknownLocation` for a store inventory does not know.
+    """
+    repo = inv.repo(tx)
+    lines = merge_lines(OrderLine(line.sku, line.qty) for line in sale.lines)
+    stock = await StockSession.open(tx, repo, (line.sku for line in lines), [sale.location_id])
+    stock.location(sale.location_id)
+    for line in lines:
+        level = stock.level(line.sku, sale.location_id)
+        result = apply_sale(level, line.qty)
+        if result.shortfall:
+            log.warning(
+                "sale %s sold %d of %s at %s with %d available: recount needed",
+                sale.sale_id,
+                line.qty,
+                line.sku,
+                sale.location_id,
+                level.available,
+            )
+            await repo.record_discrepancy(
+                sku=line.sku,
+                location_id=sale.location_id,
+                sale_id=sale.sale_id,
+                sold=line.qty,
+                available=level.available,
+                shortfall=result.shortfall,
+            )
+        stock.set(result.level)
+    return Outcome(await stock.commit(AvailabilityCause.SALE, envelope))
+
+
+async def adjust_stock(
+    inv: Inventory, tx: Tx, adjustment: StockAdjusted, envelope: Envelope | None = None
+) -> Outcome:
+    """Apply a receipt, count, damage or transfer leg at one location.
+
+    Raises :class:`UnknownLocation` or
+    :class:`~inventory_service.domain.ImpossibleAdjustment` (nothing changes then).
+    """
+    repo = inv.repo(tx)
+    stock = await StockSession.open(tx, repo, [adjustment.sku], [adjustment.location_id])
+    stock.location(adjustment.location_id)
+    level = stock.level(adjustment.sku, adjustment.location_id)
+    stock.set(
+        apply_adjustment(level, adjustment.kind, delta=adjustment.delta, counted=adjustment.counted)
+    )
+    if adjustment.kind is AdjustmentKind.COUNT:
+        # The shelf was counted: earlier till discrepancies are settled by it.
+        await repo.resolve_discrepancies(
+            adjustment.sku, adjustment.location_id, by=adjustment.adjustment_id
+        )
+    return Outcome(await stock.commit(AvailabilityCause.ADJUSTMENT, envelope))
+
+
+# -- reservations ----------------------------------------------------------------------------
+
+
+def _allocations(plan: ReservationPlan) -> list[Allocation]:
+    return [Allocation(sku=h.sku, location_id=h.location_id, qty=h.qty) for h in plan.holds]
+
+
+async def reserve(
+    inv: Inventory,
+    tx: Tx,
+    order: OrderPlaced,
+    envelope: Envelope | None = None,
+    *,
+    now: datetime | None = None,
+) -> Outcome:
+    """Reserve every line of a placed order, or nothing, and say which.
+
+    Pickup orders reserve at the chosen store only; delivery orders at shipping locations
+    (see :func:`~inventory_service.domain.plan_delivery`). A confirmed reservation expires
+    after the TTL unless the order is confirmed; a rejection records the lost demand.
+    In-store sales (orders born completed) took their stock at the till: nothing to do.
+    """
+    if order.status is OrderStatus.COMPLETED:
+        return Outcome()
+    repo = inv.repo(tx)
+    if await repo.reservation(order.order_id) is not None:
+        log.info("order %s already has a reservation; not reserving twice", order.order_id)
+        return Outcome()
+    lines = [
+        OrderLine(line.sku, line.qty, line.unit_price.amount, line.unit_price.currency)
+        for line in order.lines
+    ]
+    fulfillment = order.fulfillment
+    pickup_id = fulfillment.location_id if fulfillment.type is FulfillmentType.PICKUP else None
+    stock = await StockSession.open(
+        tx, repo, (line.sku for line in lines), [pickup_id] if pickup_id else []
+    )
+
+    refusal: str | None = None
+    plan = ReservationPlan()
+    if pickup_id is not None:
+        store = stock.locations.get(pickup_id)
+        if store is None:
+            refusal = "unknown_pickup_location"
+        elif not store.offers_pickup:
+            refusal = "pickup_not_offered"
+        else:
+            levels = {line.sku: stock.level(line.sku, pickup_id) for line in lines}
+            plan = plan_pickup(lines, store, levels)
+    else:
+        plan = plan_delivery(lines, stock.locations, stock.levels())
+
+    common = {
+        "order_id": order.order_id,
+        "fulfillment": str(fulfillment.type),
+        "pickup_location_id": pickup_id,
+        "channel": str(order.channel),
+        "customer_id": order.customer_id,
+        "correlation_id": envelope.correlation_id if envelope else None,
+    }
+    if refusal is not None or not plan.confirmed:
+        reason = refusal or "out_of_stock"
+        await repo.add_reservation(
+            **common, expires_at=None, holds=(), state="rejected", reason=reason
+        )
+        shortages = [
+            Shortage(sku=s.sku, requested=s.requested, available=s.available)
+            for s in plan.shortfalls
+        ]
+        await tx.emit(
+            ReservationRejected(order_id=order.order_id, reason=reason, shortages=shortages),
+            caused_by=envelope,
+        )
+        if plan.shortfalls:
+            await repo.record_lost_demand(
+                order_id=order.order_id,
+                fulfillment=str(fulfillment.type),
+                location_id=pickup_id,
+                channel=str(order.channel),
+                shortfalls=plan.shortfalls,
+            )
+        return Outcome(shortfalls=list(plan.shortfalls))
+
+    for h in plan.holds:
+        location = stock.location(h.location_id)
+        # The guard repeats the plan's promise in SQL: enough left after the safety stock.
+        stock.set(
+            hold(stock.level(h.sku, h.location_id), h.qty),
+            min_available=h.qty + location.safety_stock,
+        )
+    expires_at = (now or datetime.now(UTC)) + inv.reservation_ttl
+    await repo.add_reservation(**common, expires_at=expires_at, holds=plan.holds)
+    await set_timer(tx.conn, RESERVATION_EXPIRY, order.order_id, expires_at)
+    await tx.emit(
+        ReservationConfirmed(
+            order_id=order.order_id, allocations=_allocations(plan), expires_at=expires_at
+        ),
+        caused_by=envelope,
+    )
+    return Outcome(await stock.commit(AvailabilityCause.RESERVATION, envelope))
+
+
+async def confirm(inv: Inventory, tx: Tx, order_id: str) -> Outcome:
+    """The order was confirmed: its held units stay held until fulfilment or cancellation."""
+    # Timer row first, reservation row second: the same lock order as the expiry timer.
+    await cancel_timer(tx.conn, RESERVATION_EXPIRY, order_id)
+    repo = inv.repo(tx)
+    reservation = await repo.reservation(order_id)
+    if reservation is None or reservation.state != "held":
+        log.warning(
+            "order %s confirmed but its reservation is %s",
+            order_id,
+            reservation.state if reservation else "missing",
+        )
+        return Outcome()
+    await repo.set_reservation_state(order_id, "confirmed")
+    return Outcome()
+
+
+async def release_reservation(
+    inv: Inventory, tx: Tx, order_id: str, reason: str, envelope: Envelope | None = None
+) -> Outcome:
+    """Give back an order's held units (cancelled, rejected or expired) and say so."""
+    await cancel_timer(tx.conn, RESERVATION_EXPIRY, order_id)
+    repo = inv.repo(tx)
+    reservation = await repo.reservation(order_id)
+    if reservation is None or reservation.state not in ("held", "confirmed"):
+        return Outcome()
+    stock = await StockSession.open(tx, repo, (h.sku for h in reservation.holds))
+    for h in reservation.holds:
+        stock.set(release(stock.level(h.sku, h.location_id), h.qty))
+    await repo.set_reservation_state(order_id, "released", reason)
+    # Released by a timer (no causing event): still part of the order's journey.
+    correlation_id = None if envelope else reservation.correlation_id
+    await tx.emit(
+        ReservationReleased(
+            order_id=order_id,
+            reason=reason,
+            allocations=[
+                Allocation(sku=h.sku, location_id=h.location_id, qty=h.qty)
+                for h in reservation.holds
+            ],
+        ),
+        caused_by=envelope,
+        correlation_id=correlation_id,
+    )
+    return Outcome(
+        await stock.commit(AvailabilityCause.RELEASE, envelope, correlation_id=correlation_id)
+    )
+
+
+async def expire_reservation(inv: Inventory, tx: Tx, order_id: str) -> Outcome:
+    """A held reservation's time ran out before its order was confirmed: release it."""
+    repo = inv.repo(tx)
+    reservation = await repo.reservation(order_id)
+    if reservation is None or reservation.state != "held":
+        return Outcome()
+    log.info("reservation of order %s expired", order_id)
+    return await release_reservation(inv, tx, order_id, "expired")
+
+
+async def fulfil_order(
+    inv: Inventory, tx: Tx, order_id: str, envelope: Envelope | None = None
+) -> Outcome:
+    """The order was picked up or shipped: its held units left their locations."""
+    await cancel_timer(tx.conn, RESERVATION_EXPIRY, order_id)
+    repo = inv.repo(tx)
+    reservation = await repo.reservation(order_id)
+    if reservation is None or reservation.state in ("fulfilled", "rejected"):
+        log.warning(
+            "order %s fulfilled but its reservation is %s",
+            order_id,
+            reservation.state if reservation else "missing",
+        )
+        return Outcome()
+    stock = await StockSession.open(tx, repo, (h.sku for h in reservation.holds))
+    for h in reservation.holds:
+        level = stock.level(h.sku, h.location_id)
+        if reservation.state == "released":
+            # The hold lapsed but the goods left anyway: take them like a till sale.
+            result = apply_sale(level, h.qty)
+            if result.shortfall:
+                await repo.record_discrepancy(
+                    sku=h.sku,
+                    location_id=h.location_id,
+                    sale_id=f"order:{order_id}",
+                    sold=h.qty,
+                    available=level.available,
+                    shortfall=result.shortfall,
+                )
+            stock.set(result.level)
+        else:
+            stock.set(fulfil(level, h.qty))
+    await repo.set_reservation_state(order_id, "fulfilled")
+    return Outcome(await stock.commit(AvailabilityCause.FULFILLMENT, envelope))
+
+
+# -- returns ---------------------------------------------------------------------------------
+
+
+async def restock_return(
+    inv: Inventory, tx: Tx, returned: OrderReturnReceived, envelope: Envelope | None = None
+) -> Outcome:
+    """Put the resellable units of a return back on hand where they were handed in.
+
+    Once per ``return_id``. Raises :class:`UnknownLocation` for an unknown location.
+    """
+    repo = inv.repo(tx)
+    resellable = [line for line in returned.lines if line.resellable]
+    stock = await StockSession.open(
+        tx, repo, (line.sku for line in resellable), [returned.location_id]
+    )
+    stock.location(returned.location_id)
+    if not await repo.first_restock(returned.return_id, returned.order_id, returned.location_id):
+        return Outcome()
+    for line in resellable:
+        stock.set(restock(stock.level(line.sku, returned.location_id), line.qty))
+    return Outcome(await stock.commit(AvailabilityCause.RETURN, envelope))
+
+
+# -- locations -------------------------------------------------------------------------------
+
+
+async def save_location(inv: Inventory, tx: Tx, location: Location) -> tuple[bool, Outcome]:
+    """Create or update a location; returns (created, outcome).
+
+    A policy change (safety stock, threshold, shipping) re-tells the availability of every
+    SKU stocked there whose status or ``online_available`` it changed.
+    """
+    repo = inv.repo(tx)
+    old = await repo.location(location.location_id, for_update=True)
+    policy_changed = old is not None and (
+        old.ships_online,
+        old.safety_stock,
+        old.low_stock_threshold,
+    ) != (location.ships_online, location.safety_stock, location.low_stock_threshold)
+    if not policy_changed:
+        created = await repo.save_location(location)
+        return created, Outcome()
+    # A SKU first stocked here while this runs is told with the policy it read; its next
+    # change tells the new one.
+    stock = await StockSession.open(
+        tx, repo, await repo.skus_at(location.location_id), [location.location_id]
+    )
+    before = dict(stock.locations)
+    await repo.save_location(location)
+    stock.locations[location.location_id] = location
+    updates = await stock.commit(AvailabilityCause.ADJUSTMENT, locations_before=before)
+    return False, Outcome(updates)
+
+
+async def seed_stock(inv: Inventory, tx: Tx, levels: Sequence[StockLevel]) -> Outcome:
+    """Set the initial on-hand of rows that do not exist yet (existing stock is kept)."""
+    repo = inv.repo(tx)
+    stock = await StockSession.open(
+        tx, repo, (lvl.sku for lvl in levels), (lvl.location_id for lvl in levels)
+    )
+    for level in levels:
+        stock.location(level.location_id)
+        if not stock.exists(level.sku, level.location_id):
+            stock.set(StockLevel(level.sku, level.location_id, on_hand=level.on_hand))
+    return Outcome(await stock.commit(AvailabilityCause.ADJUSTMENT))

@@ -1,0 +1,43 @@
+"""Inventory settings: the platform's settings plus what only inventory needs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omni_common.settings import ServiceSettings
+from pydantic import Field
+
+
+class InventorySettings(ServiceSettings):
+    """Settings of the inventory service (environment variables in upper case).
+
+    - ``INVENTORY_RESERVATION_TTL_S``: how long a reservation holds stock before its order
+      must be confirmed (default 15 minutes);
+    - ``INVENTORY_LOW_STOCK_THRESHOLD``: the low-stock threshold of locations that do not
+      set their own;
+    - ``INVENTORY_SEED_FILE``: a YAML or JSON file of locations (and initial stock) loaded at
+      start; ``demo`` loads the demo stores and warehouse shipped with the service;
+    - ``INVENTORY_TIMER_POLL_S``: how often due reservation expiries are looked for.
+    """
+
+    service_name: str = "inventory"
+    inventory_reservation_ttl_s: float = Field(default=900.0, gt=0)
+    inventory_low_stock_threshold: int = Field(default=5, ge=0)
+    inventory_seed_file: str | None = None
+    inventory_timer_poll_s: float = Field(default=0.5, gt=0)
+
+
+def inventory_settings(
+    settings: ServiceSettings | None = None, **overrides: Any
+) -> InventorySettings:
+    """``settings`` as :class:`InventorySettings`; inventory-only fields come from the
+    environment unless given in ``overrides``.
+
+    ``omni run`` and the test fixtures build plain ``ServiceSettings``: this keeps every value
+    they set and adds what inventory needs.
+    """
+    if isinstance(settings, InventorySettings) and not overrides:
+        return settings
+    if settings is None:
+        return InventorySettings(**overrides)
+    return InventorySettings(**(settings.model_dump() | overrides))

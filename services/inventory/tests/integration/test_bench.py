@@ -1,0 +1,29 @@
+"""``omni bench propagation`` end to end, at a tiny scale, against an in-process inventory."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from inventory_service.entrypoints.bench import Target, measure
+
+pytestmark = pytest.mark.integration
+
+
+async def test_the_propagation_bench_measures_both_paths(omni_env, start_inventory) -> None:
+    async with start_inventory() as inventory:
+        target = Target(
+            bootstrap=omni_env.bootstrap,
+            inventory_url="http://inventory",
+            api_key="test-key",
+            topic_prefix=omni_env.prefix,
+            http_transport=httpx.ASGITransport(app=inventory.app),
+        )
+        result = await measure(
+            target, rate=50, duration=1, warmup=0.2, stores=2, skus=2, say=lambda _: None
+        )
+    figures = result.as_json()
+    assert set(figures) == {"rate", "events", "p50_ms", "p99_ms", "raw_p50_ms", "raw_p99_ms"}
+    assert figures["events"] == result.service.sent == 50
+    assert len(result.raw.samples) == 50
+    assert 0 < figures["raw_p50_ms"] <= figures["raw_p99_ms"]
+    assert 0 < figures["p50_ms"] <= figures["p99_ms"]
