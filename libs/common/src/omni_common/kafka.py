@@ -2,9 +2,10 @@
 
 For each subscription:
 
-- offsets are committed only after the handler's effect is durable (``NACK_ON_ERROR``: the
-  message is acknowledged after the handler returns, and a failure that could not even be
-  dead-lettered rewinds the partition so nothing is lost);
+- offsets are committed only after the handler's effect is durable (manual acknowledgement:
+  handled offsets are committed in the background every ``consumer_commit_interval_ms``,
+  and a failure that could not even be dead-lettered rewinds the partition, so nothing is
+  skipped and nothing is lost);
 - the CloudEvents envelope and the payload are validated here, so a handler only ever sees a
   valid event; what fails goes to ``<topic>.dlq`` with the reason in headers;
 - transient failures are retried with exponential backoff a bounded number of times, then
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
@@ -118,6 +120,131 @@ def broker_security(settings: ServiceSettings) -> BaseSecurity | None:
     )
 
 
+class OffsetCommitter:
+    """Commits the offsets of handled messages, per partition, in the background.
+
+    Committing after every message costs a broker round trip per message (and FastStream's
+    ack commits every assigned partition). Handled offsets are instead committed every
+    ``interval_s``: still only after the effect is durable, and a crash redelivers at most
+    one interval's worth, which the inbox turns into no-ops.
+    """
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._pending: dict[Any, dict[TopicPartition, int]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def handled(self, consumer: Any, record: ConsumerRecord[Any, Any]) -> None:
+        """Note that ``record`` (and everything before it in its partition) is done."""
+        offsets = self._pending.setdefault(consumer, {})
+        offsets[TopicPartition(record.topic, record.partition)] = record.offset + 1
+
+    async def flush(self) -> None:
+        """Commit everything handled so far."""
+        pending, self._pending = self._pending, {}
+        for consumer, offsets in pending.items():
+            try:
+                await consumer.commit(offsets)
+            except (CommitFailedError, IllegalStateError):
+                # Partitions moved to another member: it resumes from the last commit and
+                # the inbox absorbs the redelivery.
+                log.info("offsets not committed after a rebalance: %s", offsets)
+            except KafkaError:
+                log.warning("offset commit failed; will retry", exc_info=True)
+                again = self._pending.setdefault(consumer, {})
+                for tp, offset in offsets.items():
+                    again[tp] = max(offset, again.get(tp, 0))
+
+    def start(self) -> None:
+        """Commit periodically in the background."""
+        self._task = asyncio.create_task(self._run(), name="offset-committer")
+
+    async def stop(self) -> None:
+        """Stop the background commits and commit what is left."""
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.flush()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.flush()
+
+
+class PartitionWorker:
+    """Handles one partition's messages one after the other (per-key order).
+
+    Partitions are handled concurrently: a message waiting on the database no longer holds
+    up the other partitions. If a message cannot even be dead-lettered, the worker drops
+    what it has queued and rewinds the partition to that message, so nothing is skipped.
+    """
+
+    def __init__(
+        self,
+        runtime: KafkaRuntime,
+        consumer: Any,
+        by_physical: Mapping[str, tuple[str, str, Mapping[str, Any]]],
+        queue_size: int,
+    ) -> None:
+        self.runtime = runtime
+        self.consumer = consumer
+        self.by_physical = by_physical
+        self.queue: asyncio.Queue[KafkaMessage] = asyncio.Queue(queue_size)
+        self.resume_at: int | None = None
+        self.busy = False
+        self.stopping = False
+        self.task = asyncio.create_task(self._run(), name="partition-worker")
+
+    async def _run(self) -> None:
+        while not self.stopping:
+            self.busy = False
+            message = await self.queue.get()
+            self.busy = True
+            record = message.raw_message
+            assert isinstance(record, ConsumerRecord)
+            if self.resume_at is not None:
+                if record.offset != self.resume_at:
+                    continue  # fetched before the rewind: it comes again
+                self.resume_at = None
+            topic, consumer_name, handlers = self.by_physical[record.topic]
+            try:
+                await self.runtime._consume(record, topic, consumer_name, handlers)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception(
+                    "could not handle or dead-letter %s[%d]@%d; rewinding",
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                )
+                self._rewind(record)
+                await asyncio.sleep(self.runtime.settings.handler_backoff_max_s)
+                continue
+            self.runtime.committer.handled(self.consumer, record)
+
+    def _rewind(self, record: ConsumerRecord[Any, Any]) -> None:
+        # No await between dropping the queue and the seek: nothing slips in between.
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.resume_at = record.offset
+        with contextlib.suppress(IllegalStateError):  # revoked meanwhile: the new owner has it
+            self.consumer.seek(TopicPartition(record.topic, record.partition), record.offset)
+
+    async def stop(self, grace_s: float) -> None:
+        """Finish the message in hand (up to ``grace_s``); what is queued comes again."""
+        self.stopping = True
+        if self.busy:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self.task), grace_s)
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
 class KafkaRuntime:
     """A service's FastStream broker with its subscriptions, DLQ publishing and metrics."""
 
@@ -144,6 +271,8 @@ class KafkaRuntime:
             str, dict[str, tuple[str, Mapping[str, tuple[type[Event], EventHandler]]]]
         ] = {}
         self._lag_task: asyncio.Task[None] | None = None
+        self.committer = OffsetCommitter(settings.consumer_commit_interval_ms / 1000)
+        self._workers: dict[tuple[int, str, int], PartitionWorker] = {}
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -174,7 +303,7 @@ class KafkaRuntime:
             self.broker.subscriber(
                 *by_physical,
                 group_id=s.group_id(purpose),
-                ack_policy=AckPolicy.NACK_ON_ERROR,
+                ack_policy=AckPolicy.MANUAL,
                 decoder=_raw_body,
                 auto_offset_reset="earliest",
                 fetch_max_wait_ms=s.consumer_fetch_max_wait_ms,
@@ -191,8 +320,14 @@ class KafkaRuntime:
         async def consume(message: KafkaMessage) -> None:
             record = message.raw_message
             assert isinstance(record, ConsumerRecord)
-            topic, consumer_name, handlers = by_physical[record.topic]
-            await self._consume(record, topic, consumer_name, handlers)
+            key = (id(message.consumer), record.topic, record.partition)
+            worker = self._workers.get(key)
+            if worker is None:
+                worker = self._workers[key] = PartitionWorker(
+                    self, message.consumer, by_physical, self.settings.consumer_queue_size
+                )
+            # Bounded: a busy partition holds up fetching (backpressure), never memory.
+            await worker.queue.put(message)
 
         return consume
 
@@ -321,6 +456,7 @@ class KafkaRuntime:
         """Connect the broker, start the subscribers and the lag sampler."""
         self._register_consumers()
         await self.broker.start()
+        self.committer.start()
         self._lag_task = asyncio.create_task(self._sample_lag(), name="consumer-lag")
 
     async def stop(self) -> None:
@@ -329,6 +465,11 @@ class KafkaRuntime:
             self._lag_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._lag_task
+        # Workers finish what they fetched (a bounded wait), their offsets are committed
+        # while the consumers are still members, then the consumers leave.
+        await asyncio.gather(*(w.stop(grace_s=10) for w in self._workers.values()))
+        self._workers.clear()
+        await self.committer.stop()
         await self.broker.stop()
 
     async def _sample_lag(self, every_s: float = 5.0) -> None:

@@ -161,19 +161,24 @@ class OutboxRelay:
         self.is_leader = True
         await conn.add_listener(notify_channel(self._schema), self._on_notify)
         log.info("outbox relay for %s is active", self._schema)
-        last_purge = 0.0
+        last_purge = last_observed = 0.0
         while not self._stopping:
             self._wakeup.clear()
+            # A full batch means there may be more now; a partial one drained the outbox
+            # (anything committed meanwhile has notified and set the wake-up again).
             published = await self.relay_once(conn)
-            if published:
-                continue  # there may be more
-            await self._observe_backlog(conn)
-            if time.monotonic() - last_purge > 60:
+            now = time.monotonic()
+            if now - last_observed >= 1.0:  # also under load, when the backlog matters
+                await self._observe_backlog(conn)
+                last_observed = now
+            if published == self._batch_size:
+                continue
+            if now - last_purge > 60:
                 await conn.execute(
                     "DELETE FROM outbox WHERE published_at < now() - $1::interval",
                     self._retention,
                 )
-                last_purge = time.monotonic()
+                last_purge = now
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self._poll_interval_s)
 

@@ -49,6 +49,11 @@ class ServiceSettings(BaseSettings):
     consumer_fetch_max_wait_ms: int = 5
     # Group membership timing. Tansu holds a join for about half the session timeout, so
     # tests use a short one; production keeps Kafka's defaults.
+    # Handled offsets are committed this often (a crash redelivers at most this much work,
+    # which the inbox absorbs) instead of one broker round trip per message.
+    consumer_commit_interval_ms: int = Field(default=100, gt=0)
+    # Messages fetched ahead per partition while its worker is busy.
+    consumer_queue_size: int = Field(default=64, gt=0)
     consumer_session_timeout_ms: int = 10_000
     consumer_heartbeat_interval_ms: int = 3_000
 
