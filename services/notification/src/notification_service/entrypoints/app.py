@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
-
 from omni_common.http import create_http_app
 from omni_common.service import ServiceRuntime
 from omni_common.settings import ServiceSettings
