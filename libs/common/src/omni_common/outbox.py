@@ -1,6 +1,6 @@
 """The transactional outbox: write events with the state change, publish them afterwards.
 
-``add_to_outbox`` inserts the event in the caller's transaction and notifies the relay
+``add_to_outbox`` inserts the event in the caller's transaction; a trigger notifies the relay
 (``pg_notify`` is delivered on commit, so the relay never sees uncommitted rows).
 
 ``OutboxRelay`` publishes unpublished rows in id order. Only one relay per service schema
@@ -53,7 +53,6 @@ async def add_to_outbox(
     topic: str,
     event: Event,
     envelope: Envelope,
-    schema: str,
 ) -> None:
     """Queue ``event`` for publication to ``topic`` within the caller's transaction.
 
@@ -70,7 +69,6 @@ async def add_to_outbox(
         json.dumps(headers),
         encode(event),
     )
-    await conn.execute("SELECT pg_notify($1, '')", notify_channel(schema))
 
 
 # publish(message) -> an awaitable that completes once the broker acknowledged the write.

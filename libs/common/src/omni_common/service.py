@@ -50,9 +50,7 @@ class Tx:
         envelope = new_envelope(
             event, source=rt.source, caused_by=caused_by, correlation_id=correlation_id
         )
-        await add_to_outbox(
-            self.conn, topic=event.topic, event=event, envelope=envelope, schema=rt.settings.schema
-        )
+        await add_to_outbox(self.conn, topic=event.topic, event=event, envelope=envelope)
         return envelope
 
 
