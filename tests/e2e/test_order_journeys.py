@@ -32,32 +32,14 @@ from omni_common.contracts import (
     Shipped,
     StockAdjusted,
 )
-from omni_common.devstack.postgres import create_database, drop_database
-from omni_common.devstack.topics import create_topics, wait_for_broker
 from omni_common.testing.events import ChannelPublisher, record_headers
-from omni_common.testing.plugin import OmniTestEnv, TopicReader
+from omni_common.testing.plugin import OmniTestEnv, TopicReader, isolated_env
 from omni_common.testing.services import RunningService, running
 from order_service.entrypoints.app import create_app as create_order
 
 pytestmark = pytest.mark.e2e
 
 WAREHOUSE, STORE, OTHER_STORE = "wh-e2e", "store-e2e-1", "store-e2e-2"
-
-
-@contextlib.asynccontextmanager
-async def module_env(kafka_bootstrap: str, postgres_url: str) -> AsyncIterator[OmniTestEnv]:
-    """What the plugin's ``omni_env`` gives one test (fresh topics and database), for a module."""
-    await wait_for_broker(kafka_bootstrap, timeout=30)
-    name = f"t{uuid.uuid4().hex[:10]}"
-    await create_topics(kafka_bootstrap, prefix=f"{name}.")
-    database_url = await create_database(postgres_url, name)
-    env = OmniTestEnv(kafka_bootstrap, postgres_url, database_url, f"{name}.")
-    try:
-        yield env
-    finally:
-        await env.aclose()
-        with contextlib.suppress(Exception):
-            await drop_database(postgres_url, name)
 
 
 def money(amount: str) -> dict[str, str]:
@@ -184,7 +166,7 @@ async def eventually(
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def shop(kafka_bootstrap: str, postgres_url: str) -> AsyncIterator[Shop]:
     """The order and inventory services with a warehouse and two stores."""
-    async with module_env(kafka_bootstrap, postgres_url) as env, _services(env) as shop_:
+    async with isolated_env(kafka_bootstrap, postgres_url) as env, _services(env) as shop_:
         for location_id, body in (
             (WAREHOUSE, {"name": "Warehouse", "kind": "warehouse", "ships_online": True}),
             (STORE, {"name": "Store 1", "kind": "store", "offers_pickup": True}),

@@ -8,7 +8,6 @@ second to join on Tansu); tests stay independent through their own ids.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -32,10 +31,8 @@ from omni_common.contracts import (
     SaleRecorded,
     Shipped,
 )
-from omni_common.devstack.postgres import create_database, drop_database
-from omni_common.devstack.topics import create_topics, wait_for_broker
 from omni_common.testing.events import ChannelPublisher, record_headers
-from omni_common.testing.plugin import OmniTestEnv, TopicReader
+from omni_common.testing.plugin import TopicReader, isolated_env
 from omni_common.testing.services import RunningService, running
 from order_service.entrypoints.app import create_app
 from order_service.settings import OrderSettings
@@ -46,22 +43,6 @@ LIFECYCLE = "order.lifecycle.v1"
 
 
 # -- the module's world ------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def module_env(kafka_bootstrap: str, postgres_url: str) -> AsyncIterator[OmniTestEnv]:
-    """What the plugin's ``omni_env`` gives one test (fresh topics and database), for a module."""
-    await wait_for_broker(kafka_bootstrap, timeout=30)
-    name = f"t{uuid.uuid4().hex[:10]}"
-    await create_topics(kafka_bootstrap, prefix=f"{name}.")
-    database_url = await create_database(postgres_url, name)
-    env = OmniTestEnv(kafka_bootstrap, postgres_url, database_url, f"{name}.")
-    try:
-        yield env
-    finally:
-        await env.aclose()
-        with contextlib.suppress(Exception):
-            await drop_database(postgres_url, name)
 
 
 @dataclass
@@ -128,7 +109,7 @@ class World:
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def w(kafka_bootstrap: str, postgres_url: str) -> AsyncIterator[World]:
     """The order service running for this module, a channel and a lifecycle reader."""
-    async with module_env(kafka_bootstrap, postgres_url) as env:
+    async with isolated_env(kafka_bootstrap, postgres_url) as env:
         settings = OrderSettings.from_settings(env.settings("order"), timer_poll_interval_s=0.1)
         async with (
             running(create_app(settings)) as svc,

@@ -353,9 +353,12 @@ class OmniTestEnv:
                 await reader.stop()
 
 
-@pytest_asyncio.fixture
-async def omni_env(kafka_bootstrap: str, postgres_url: str) -> AsyncIterator[OmniTestEnv]:
-    """Fresh topics (a unique prefix) and a fresh database for one test."""
+@contextlib.asynccontextmanager
+async def isolated_env(kafka_bootstrap: str, postgres_url: str) -> AsyncIterator[OmniTestEnv]:
+    """Fresh topics (a unique prefix) and a fresh database, dropped afterwards.
+
+    ``omni_env`` gives one per test; modules that start their services once use this directly.
+    """
     await wait_for_broker(kafka_bootstrap, timeout=30)
     name = f"t{uuid.uuid4().hex[:10]}"
     await create_topics(kafka_bootstrap, prefix=f"{name}.")
@@ -367,6 +370,13 @@ async def omni_env(kafka_bootstrap: str, postgres_url: str) -> AsyncIterator[Omn
         await env.aclose()
         with contextlib.suppress(Exception):
             await drop_database(postgres_url, name)
+
+
+@pytest_asyncio.fixture
+async def omni_env(kafka_bootstrap: str, postgres_url: str) -> AsyncIterator[OmniTestEnv]:
+    """Fresh topics (a unique prefix) and a fresh database for one test."""
+    async with isolated_env(kafka_bootstrap, postgres_url) as env:
+        yield env
 
 
 @pytest.fixture(scope="session")
