@@ -90,6 +90,7 @@ class OutboxRelay:
         batch_size: int = 500,
         poll_interval_s: float = 1.0,
         retention: timedelta = timedelta(days=1),
+        inbox_retention: timedelta = timedelta(days=8),
     ) -> None:
         self._dsn = dsn
         self._schema = schema
@@ -98,6 +99,9 @@ class OutboxRelay:
         self._batch_size = batch_size
         self._poll_interval_s = poll_interval_s
         self._retention = retention
+        # A redelivery can only come from what the topics still hold (7 days by default):
+        # inbox rows older than that guard nothing.
+        self._inbox_retention = inbox_retention
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -175,6 +179,10 @@ class OutboxRelay:
                 await conn.execute(
                     "DELETE FROM outbox WHERE published_at < now() - $1::interval",
                     self._retention,
+                )
+                await conn.execute(
+                    "DELETE FROM inbox WHERE received_at < now() - $1::interval",
+                    self._inbox_retention,
                 )
                 last_purge = now
             with contextlib.suppress(TimeoutError):
