@@ -406,6 +406,15 @@ def _dev_stack_target(state_dir: Path | None) -> Target:
     )
 
 
+def _dev_stack_target_or_none(state_dir: Path | None, say: Callable[[str], None]) -> Target | None:
+    """The running dev stack, or None (then the bench starts a private one)."""
+    try:
+        return _dev_stack_target(state_dir)
+    except DevStackError as exc:
+        say(f"{exc}; starting a private stack instead")
+        return None
+
+
 @contextlib.contextmanager
 def _embedded_stack(say: Callable[[str], None]) -> Iterator[Target]:
     """A private stack (PostgreSQL, Tansu, inventory as its own process) in a temp dir."""
@@ -466,11 +475,12 @@ def propagation(
         )
 
     try:
-        if embedded:
+        target = None if embedded else _dev_stack_target_or_none(state_dir, say)
+        if target is None:
             with _embedded_stack(say) as target:
                 result = run(target)
         else:
-            result = run(_dev_stack_target(state_dir))
+            result = run(target)
     except DevStackError as exc:
         fail(str(exc))
     except (OSError, httpx.HTTPError) as exc:
