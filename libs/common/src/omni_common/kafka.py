@@ -211,7 +211,7 @@ class PartitionWorker:
                 self.resume_at = None
             topic, consumer_name, handlers = self.by_physical[record.topic]
             try:
-                await self.runtime._consume(record, topic, consumer_name, handlers)
+                await self.runtime.consume_record(record, topic, consumer_name, handlers)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -337,13 +337,14 @@ class KafkaRuntime:
 
     # -- consuming ------------------------------------------------------------------------
 
-    async def _consume(
+    async def consume_record(
         self,
         record: ConsumerRecord[Any, Any],
         topic: str,
         consumer_name: str,
         handlers: Mapping[str, tuple[type[Event], EventHandler]],
     ) -> None:
+        """Validate one record and hand it to its handler; dead-letter what cannot be handled."""
         m = self.metrics
         try:
             envelope = parse_envelope(record.headers or ())

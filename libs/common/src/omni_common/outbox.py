@@ -105,7 +105,6 @@ class OutboxRelay:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self.is_leader = False
 
     async def start(self) -> None:
         """Start relaying in the background."""
@@ -121,10 +120,6 @@ class OutboxRelay:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-
-    def wake(self) -> None:
-        """Ask the relay to look for new rows now."""
-        self._wakeup.set()
 
     async def _connect(self) -> asyncpg.Connection:
         conn = await asyncpg.connect(self._dsn)
@@ -148,7 +143,6 @@ class OutboxRelay:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
-                self.is_leader = False
                 if conn is not None and not conn.is_closed():
                     with contextlib.suppress(Exception):
                         await asyncio.shield(conn.close(timeout=2))
@@ -160,7 +154,6 @@ class OutboxRelay:
             "SELECT pg_try_advisory_lock(hashtext($1))", f"outbox:{self._schema}"
         ):
             await asyncio.sleep(self._poll_interval_s)
-        self.is_leader = True
         await conn.add_listener(notify_channel(self._schema), self._on_notify)
         log.info("outbox relay for %s is active", self._schema)
         last_purge = last_observed = 0.0
@@ -211,8 +204,7 @@ class OutboxRelay:
                 # Leave the rows unpublished (the transaction rolls back) and note why.
                 raise OutboxPublishError(str(exc)) from exc
             await conn.execute(
-                "UPDATE outbox SET published_at = clock_timestamp(), attempts = attempts + 1"
-                " WHERE id = ANY($1::bigint[])",
+                "UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1::bigint[])",
                 [m.id for m in messages],
             )
         for m in messages:

@@ -9,9 +9,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     headers       jsonb       NOT NULL,
     payload       bytea       NOT NULL,
     created_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
-    published_at  timestamptz,
-    attempts      integer     NOT NULL DEFAULT 0,
-    last_error    text
+    published_at  timestamptz
 );
 CREATE INDEX IF NOT EXISTS outbox_unpublished ON outbox (id) WHERE published_at IS NULL;
 CREATE INDEX IF NOT EXISTS outbox_published_at ON outbox (published_at) WHERE published_at IS NOT NULL;
