@@ -211,9 +211,11 @@ class EmbeddedPostgres:
         entry = pwd.getpwnam(self._run_as)
         # The unprivileged user must traverse to data_dir and read/execute the binaries.
         ensure_prefix_permissions(self.data_dir)
+        # Every parent of the binaries must be traversable too (a checkout under a 0700
+        # `mktemp -d` folder is not), whatever the binaries' own mode bits say.
+        ensure_prefix_permissions(bin_path)
         postgres_bin = bin_path / "postgres"
         if not postgres_bin.stat().st_mode & stat.S_IXOTH:
-            ensure_prefix_permissions(bin_path)
             read = stat.S_IRGRP | stat.S_IROTH
             ensure_folder_permissions(bin_path, read | stat.S_IXGRP | stat.S_IXOTH)
             ensure_folder_permissions(bin_path.parent / "lib", read)
