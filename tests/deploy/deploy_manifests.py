@@ -2,7 +2,7 @@
 
 Core Kubernetes kinds are validated with ``kubernetes-validate`` (strict: unknown fields are
 errors); custom resources with the ``openAPIV3Schema`` of the upstream CRDs kept in
-``../shared/k8s-crds`` (made strict the same way). An object of a kind that has no schema in
+``deploy/schemas/k8s-crds`` (made strict the same way). An object of a kind that has no schema in
 either place is an error, never silently accepted.
 """
 
@@ -24,9 +24,10 @@ import kubernetes_validate
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED_DIR = REPO_ROOT.parent / "shared"
-CRD_DIR = SHARED_DIR / "k8s-crds"
-COMPOSE_SCHEMA = SHARED_DIR / "schemas" / "compose-spec.json"
+# Upstream schemas copied into the repo (deploy/schemas/README.md says from where).
+SCHEMA_DIR = REPO_ROOT / "deploy" / "schemas"
+CRD_DIR = SCHEMA_DIR / "k8s-crds"
+COMPOSE_SCHEMA = SCHEMA_DIR / "compose-spec.json"
 K8S_DIR = REPO_ROOT / "deploy" / "k8s"
 OVERLAYS = ("dev", "prod")
 
@@ -114,7 +115,7 @@ def _strict(schema: Any) -> Any:
 def crd_schemas(crd_dir: Path = CRD_DIR) -> dict[tuple[str, str], dict[str, Any]]:
     """``(apiVersion, kind) -> strict openAPIV3Schema`` of every served CRD version."""
     if not crd_dir.is_dir():
-        raise ManifestError(f"no CRDs at {crd_dir} (the shared dir must sit beside the repo)")
+        raise ManifestError(f"no CRDs at {crd_dir} (see deploy/schemas/README.md)")
     schemas: dict[tuple[str, str], dict[str, Any]] = {}
     for path in sorted(crd_dir.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):

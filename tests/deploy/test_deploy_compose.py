@@ -64,7 +64,7 @@ def test_infrastructure_and_observability_are_present(compose: dict[str, Any]) -
     assert "controller" in kafka["environment"]["KAFKA_PROCESS_ROLES"]
     assert "healthcheck" in kafka and "healthcheck" in services["postgres"]
     topics = services["topics"]
-    assert topics["entrypoint"] == ["omni", "topics", "create"]
+    assert topics["command"] == ["create-topics"]  # omni-service create-topics
     assert topics["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert topics["depends_on"]["kafka"]["condition"] == "service_healthy"
     images = " ".join(svc.get("image", "") for svc in services.values())

@@ -1,6 +1,6 @@
 """The generated manifests equal what the code says: topics, ACLs, autoscaling.
 
-``deploy/k8s/generate.py`` renders them from ``omni_common.contracts.catalogue.TOPICS`` and
+``deploy/k8s/generate.py`` renders them from ``omni_contracts.catalogue.TOPICS`` and
 ``omni_common.service.describe_service``; these tests re-render in memory and compare.
 """
 
@@ -20,9 +20,9 @@ from deploy_manifests import (
 )
 
 try:
-    from omni_common.contracts.catalogue import TOPICS
-    from omni_common.devstack.topics import DLQ_MAX_PARTITIONS, DLQ_RETENTION_MS
     from omni_common.service import describe_service, service_names
+    from omni_common.topics import DLQ_MAX_PARTITIONS, DLQ_RETENTION_MS
+    from omni_contracts.catalogue import TOPICS
 except ImportError as exc:  # pragma: no cover - only while the lead's code is missing
     pytest.skip(
         f"omni_common does not provide TOPICS/describe_service yet ({exc})",

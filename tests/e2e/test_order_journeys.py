@@ -21,7 +21,7 @@ import pytest
 import pytest_asyncio
 from aiokafka import ConsumerRecord
 from inventory_service.entrypoints.app import create_app as create_inventory
-from omni_common.contracts import (
+from omni_contracts import (
     CheckoutSubmitted,
     Delivered,
     EtaChanged,
@@ -32,9 +32,9 @@ from omni_common.contracts import (
     Shipped,
     StockAdjusted,
 )
-from omni_common.testing.events import ChannelPublisher, record_headers
-from omni_common.testing.plugin import OmniTestEnv, TopicReader, isolated_env
-from omni_common.testing.services import RunningService, running
+from omni_devkit.testing.events import ChannelPublisher, record_headers
+from omni_devkit.testing.plugin import OmniTestEnv, TopicReader, isolated_env
+from omni_devkit.testing.services import RunningService, running
 from order_service.entrypoints.app import create_app as create_order
 
 pytestmark = pytest.mark.e2e

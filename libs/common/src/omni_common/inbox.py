@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncpg
-
-from omni_common.envelope import Envelope
+from omni_contracts.envelope import Envelope
 
 
 async def first_delivery(conn: asyncpg.Connection, consumer: str, envelope: Envelope) -> bool:

@@ -31,10 +31,10 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from faststream.security import BaseSecurity, SASLScram256, SASLScram512
+from omni_contracts.base import Event
+from omni_contracts.catalogue import EVENT_TYPES
+from omni_contracts.envelope import Envelope, EnvelopeError, PayloadError, decode, parse_envelope
 
-from omni_common.contracts.base import Event
-from omni_common.contracts.catalogue import EVENT_TYPES
-from omni_common.envelope import Envelope, EnvelopeError, PayloadError, decode, parse_envelope
 from omni_common.metrics import PlatformMetrics
 from omni_common.outbox import OutboxMessage
 from omni_common.settings import ServiceSettings

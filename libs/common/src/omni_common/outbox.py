@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import asyncpg
+from omni_contracts.base import Event
+from omni_contracts.envelope import Envelope, encode
 
-from omni_common.contracts.base import Event
-from omni_common.envelope import Envelope, encode
 from omni_common.metrics import PlatformMetrics
 from omni_common.telemetry import attach_trace_headers, current_trace_headers, detach
 

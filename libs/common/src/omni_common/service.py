@@ -13,13 +13,13 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 
 import asyncpg
+from omni_contracts.base import Event
+from omni_contracts.envelope import Envelope, new_envelope
 
-from omni_common.contracts.base import Event
 from omni_common.db import create_pool, migrate
-from omni_common.envelope import Envelope, new_envelope
 from omni_common.inbox import first_delivery
 from omni_common.kafka import KafkaRuntime, Subscription
 from omni_common.logging import configure_logging
@@ -179,16 +179,20 @@ class ServiceDescription:
     group_id: str
 
 
+def service_factories() -> dict[str, EntryPoint]:
+    """The installed services' ``create_app`` entry points (group ``omni.services``)."""
+    return {ep.name: ep for ep in entry_points(group="omni.services")}
+
+
 def service_names() -> list[str]:
     """The services installed in this environment (entry point group ``omni.services``)."""
-    return sorted(ep.name for ep in entry_points(group="omni.services"))
+    return sorted(service_factories())
 
 
 def describe_service(name: str) -> ServiceDescription:
     """Build a service's app (without starting it) and report its topics."""
-    (ep,) = [ep for ep in entry_points(group="omni.services") if ep.name == name]
     settings = ServiceSettings(service_name=name)
-    app = ep.load()(settings)
+    app = service_factories()[name].load()(settings)
     runtime: ServiceRuntime = app.state.runtime
     return ServiceDescription(
         name=name,

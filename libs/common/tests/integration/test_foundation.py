@@ -17,14 +17,14 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
-from omni_common.contracts import (
+from omni_common.kafka import RejectedEvent, Subscription
+from omni_common.service import ServiceRuntime
+from omni_contracts import (
     AvailabilityChanged,
     StockAdjusted,
 )
-from omni_common.envelope import Envelope
-from omni_common.kafka import RejectedEvent, Subscription
-from omni_common.service import ServiceRuntime
-from omni_common.testing.events import ChannelPublisher, ce_headers, record_headers
+from omni_contracts.envelope import Envelope
+from omni_devkit.testing.events import ChannelPublisher, ce_headers, record_headers
 from opentelemetry import trace
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 from inventory_service.entrypoints.app import create_app
 from inventory_service.settings import inventory_settings
-from omni_common.contracts import (
+from omni_contracts import (
     Channel,
     Fulfillment,
     Line,
@@ -23,8 +23,8 @@ from omni_common.contracts import (
     SaleRecorded,
     StockAdjusted,
 )
-from omni_common.testing.events import ChannelPublisher
-from omni_common.testing.services import RunningService, running
+from omni_devkit.testing.events import ChannelPublisher
+from omni_devkit.testing.services import RunningService, running
 
 NOW = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
 

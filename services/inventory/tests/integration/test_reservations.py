@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from inventory_service.service import handlers
 from inventory_service.service.handlers import Inventory
-from omni_common.contracts import (
+from omni_contracts import (
     Channel,
     OrderCancelled,
     OrderConfirmed,
@@ -20,7 +20,7 @@ from omni_common.contracts import (
     OrderShipped,
     ReturnLine,
 )
-from omni_common.testing.events import record_headers
+from omni_devkit.testing.events import record_headers
 
 pytestmark = pytest.mark.integration
 

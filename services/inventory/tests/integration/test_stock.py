@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from inventory_service.entrypoints.app import seed_from_file
 from inventory_service.service.handlers import Inventory
-from omni_common.testing.events import ce_headers, record_headers
+from omni_devkit.testing.events import ce_headers, record_headers
 
 pytestmark = pytest.mark.integration
 

@@ -26,7 +26,7 @@ from inventory_service.domain import (
     restock,
     stock_status,
 )
-from omni_common.contracts import AdjustmentKind, AvailabilityStatus
+from omni_contracts import AdjustmentKind, AvailabilityStatus
 
 IN, LOW, OUT = (
     AvailabilityStatus.IN_STOCK,

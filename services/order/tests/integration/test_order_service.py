@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from aiokafka import ConsumerRecord
-from omni_common.contracts import (
+from omni_contracts import (
     CheckoutSubmitted,
     Delivered,
     EtaChanged,
@@ -31,9 +31,9 @@ from omni_common.contracts import (
     SaleRecorded,
     Shipped,
 )
-from omni_common.testing.events import ChannelPublisher, record_headers
-from omni_common.testing.plugin import TopicReader, isolated_env
-from omni_common.testing.services import RunningService, running
+from omni_devkit.testing.events import ChannelPublisher, record_headers
+from omni_devkit.testing.plugin import TopicReader, isolated_env
+from omni_devkit.testing.services import RunningService, running
 from order_service.entrypoints.app import create_app
 from order_service.settings import OrderSettings
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from omni_common.contracts import (
+from omni_contracts import (
     Allocation,
     CheckoutSubmitted,
     OrderCancelled,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from omni_common.contracts import CheckoutSubmitted
+from omni_contracts import CheckoutSubmitted
 from order_service.entrypoints.views import decode_cursor, encode_cursor
 from order_service.service.orders import checkout_fingerprint
 

@@ -21,7 +21,7 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
-from omni_common.contracts import AvailabilityStatus
+from omni_contracts import AvailabilityStatus
 
 from inventory_service.domain import (
     Hold,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from enum import StrEnum
 
-from omni_common.contracts import AdjustmentKind, AvailabilityStatus
+from omni_contracts import AdjustmentKind, AvailabilityStatus
 
 
 class LocationKind(StrEnum):

@@ -9,7 +9,12 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 from fastapi import FastAPI
-from omni_common.contracts import (
+from omni_common.http import create_http_app
+from omni_common.kafka import Subscription
+from omni_common.service import ServiceRuntime
+from omni_common.settings import ServiceSettings
+from omni_common.timers import TimerWheel
+from omni_contracts import (
     INVENTORY_ADJUSTMENTS,
     INVENTORY_AVAILABILITY,
     INVENTORY_RESERVATIONS,
@@ -25,11 +30,6 @@ from omni_common.contracts import (
     SaleRecorded,
     StockAdjusted,
 )
-from omni_common.http import create_http_app
-from omni_common.kafka import Subscription
-from omni_common.service import ServiceRuntime
-from omni_common.settings import ServiceSettings
-from omni_common.timers import TimerWheel
 
 from inventory_service.adapters.metrics import InventoryMetrics
 from inventory_service.adapters.seed import load_seed

@@ -7,7 +7,7 @@ measures the bare broker: publish -> consume -> publish -> consume, with no serv
 at the same rate, so the service's cost can be told from the broker's.
 
 Registered on ``omni bench`` through the ``omni.bench`` entry point group (importing this
-module adds the command to ``omni_common.cli.bench_app``).
+module adds the command to ``omni_devkit.cli.bench_app``).
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ import httpx
 import typer
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from omni_common.cli import bench_app, fail
-from omni_common.contracts import (
+from omni_contracts import (
     INVENTORY_ADJUSTMENTS,
     INVENTORY_AVAILABILITY,
     STORE_SALES,
@@ -43,8 +42,9 @@ from omni_common.contracts import (
     SaleRecorded,
     StockAdjusted,
 )
-from omni_common.devstack.process import DevStackError
-from omni_common.envelope import encode, header_map, new_envelope
+from omni_contracts.envelope import encode, header_map, new_envelope
+from omni_devkit.cli import bench_app, fail
+from omni_devkit.devstack.process import DevStackError
 
 # Consumers that stand for web and app: answer an empty fetch after 5 ms, not 500.
 FETCH_MAX_WAIT_MS = 5
@@ -381,7 +381,7 @@ async def measure(
 
 def _dev_stack_target(state_dir: Path | None) -> Target:
     """The running dev stack, from ``dev.env``; environment variables take precedence."""
-    from omni_common.devstack.stack import default_state_dir, read_kv_file
+    from omni_devkit.devstack.stack import default_state_dir, read_kv_file
 
     env_file = (state_dir or default_state_dir()) / "dev.env"
     values = read_kv_file(env_file) if env_file.exists() else {}
@@ -418,7 +418,7 @@ def _dev_stack_target_or_none(state_dir: Path | None, say: Callable[[str], None]
 @contextlib.contextmanager
 def _embedded_stack(say: Callable[[str], None]) -> Iterator[Target]:
     """A private stack (PostgreSQL, Tansu, inventory as its own process) in a temp dir."""
-    from omni_common.devstack.stack import DevStack, DevStackConfig, read_kv_file
+    from omni_devkit.devstack.stack import DevStack, DevStackConfig, read_kv_file
 
     previous = os.environ.get("OMNI_SERVICES")
     os.environ["OMNI_SERVICES"] = "inventory"

@@ -13,7 +13,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from omni_common.contracts import (
+from omni_common.kafka import EventHandler, RejectedEvent
+from omni_common.service import ServiceRuntime, Tx
+from omni_contracts import (
     OrderCancelled,
     OrderConfirmed,
     OrderPickedUp,
@@ -24,9 +26,7 @@ from omni_common.contracts import (
     SaleRecorded,
     StockAdjusted,
 )
-from omni_common.envelope import Envelope
-from omni_common.kafka import EventHandler, RejectedEvent
-from omni_common.service import ServiceRuntime, Tx
+from omni_contracts.envelope import Envelope
 
 from inventory_service.adapters.metrics import InventoryMetrics
 from inventory_service.domain import ImpossibleAdjustment

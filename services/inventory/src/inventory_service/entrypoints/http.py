@@ -11,8 +11,8 @@ from decimal import Decimal
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
-from omni_common.contracts import AvailabilityStatus, Money
 from omni_common.http import Channel, Runtime
+from omni_contracts import AvailabilityStatus, Money
 from pydantic import BaseModel, ConfigDict, Field
 
 from inventory_service.adapters.metrics import InventoryMetrics

@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from omni_common.contracts import (
+from omni_common.service import Tx
+from omni_common.timers import cancel_timer, set_timer
+from omni_contracts import (
     AdjustmentKind,
     Allocation,
     AvailabilityCause,
@@ -27,9 +29,7 @@ from omni_common.contracts import (
     Shortage,
     StockAdjusted,
 )
-from omni_common.envelope import Envelope
-from omni_common.service import Tx
-from omni_common.timers import cancel_timer, set_timer
+from omni_contracts.envelope import Envelope
 
 from inventory_service.adapters.repository import InventoryRepository
 from inventory_service.domain import (

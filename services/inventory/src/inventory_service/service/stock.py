@@ -7,9 +7,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from omni_common.contracts import AvailabilityCause, AvailabilityChanged, AvailabilityStatus
-from omni_common.envelope import Envelope
 from omni_common.service import Tx
+from omni_contracts import AvailabilityCause, AvailabilityChanged, AvailabilityStatus
+from omni_contracts.envelope import Envelope
 
 from inventory_service.adapters.repository import NO_GUARD, InventoryRepository, StockWrite
 from inventory_service.domain import (

@@ -14,7 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
-from omni_common.contracts import Allocation, Channel, Fulfillment, OrderStatus, Shortage
+from omni_contracts import Allocation, Channel, Fulfillment, OrderStatus, Shortage
 
 from order_service.domain.model import Order, OrderLine
 

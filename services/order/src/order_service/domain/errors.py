@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from omni_common.contracts import OrderStatus
+from omni_contracts import OrderStatus
 
 
 class OrderError(Exception):

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
 from typing import Any
 
-from omni_common.contracts import (
+from omni_contracts import (
     Allocation,
     Channel,
     CheckoutSubmitted,

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
-from omni_common.contracts import ORDER_LIFECYCLE
 from omni_common.http import create_http_app
 from omni_common.service import ServiceRuntime
 from omni_common.settings import ServiceSettings
+from omni_contracts import ORDER_LIFECYCLE
 
 from order_service.adapters.metrics import OrderMetrics
 from order_service.entrypoints.consumers import subscriptions

@@ -11,7 +11,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from omni_common.contracts import (
+from omni_common.kafka import EventHandler, RejectedEvent, Subscription
+from omni_contracts import (
     CHECKOUT_SUBMITTED,
     FULFILLMENT_EVENTS,
     INVENTORY_RESERVATIONS,
@@ -31,8 +32,7 @@ from omni_common.contracts import (
     SaleRecorded,
     Shipped,
 )
-from omni_common.envelope import Envelope
-from omni_common.kafka import EventHandler, RejectedEvent, Subscription
+from omni_contracts.envelope import Envelope
 
 from order_service.domain.errors import OrderError
 from order_service.service.orders import OrderService

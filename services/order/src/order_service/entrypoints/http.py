@@ -6,7 +6,8 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
-from omni_common.contracts import (
+from omni_common.http import Channel as ApiChannel
+from omni_contracts import (
     Channel,
     CheckoutSubmitted,
     Fulfillment,
@@ -17,7 +18,6 @@ from omni_common.contracts import (
     Quantity,
     UtcDatetime,
 )
-from omni_common.http import Channel as ApiChannel
 from pydantic import BaseModel, Field, ValidationError
 
 from order_service.domain.errors import (

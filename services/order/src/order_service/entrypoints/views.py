@@ -7,7 +7,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from omni_common.contracts import (
+from omni_contracts import (
     Allocation,
     Channel,
     Fulfillment,

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from omni_common.contracts import (
+from omni_common.service import ServiceRuntime
+from omni_common.timers import TimerWheel, cancel_timer, set_timer
+from omni_contracts import (
     CheckoutSubmitted,
     Delivered,
     EtaChanged,
@@ -30,9 +32,7 @@ from omni_common.contracts import (
     Shipped,
     utcnow,
 )
-from omni_common.envelope import Envelope
-from omni_common.service import ServiceRuntime
-from omni_common.timers import TimerWheel, cancel_timer, set_timer
+from omni_contracts.envelope import Envelope
 
 from order_service.adapters.metrics import OrderMetrics
 from order_service.adapters.repository import OrderRepository, PageCursor

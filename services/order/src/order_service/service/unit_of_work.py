@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import asyncpg
-from omni_common.contracts import OrderStatus
-from omni_common.envelope import Envelope
 from omni_common.service import ServiceRuntime, Tx
+from omni_contracts import OrderStatus
+from omni_contracts.envelope import Envelope
 
 from order_service.adapters.metrics import OrderMetrics
 from order_service.adapters.repository import OrderRepository

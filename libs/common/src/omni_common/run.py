@@ -1,0 +1,110 @@
+"""``omni-service NAME``: run one installed service. The container image's entry point.
+
+The image carries the runtime and the services, never the developer kit, so this is the
+only command it needs: ``docker run omni-platform inventory``, and
+``omni-service create-topics`` for compose's one-shot that creates the contract topics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from omni_common.service import configure_process, service_factories
+from omni_common.settings import ServiceSettings
+
+
+class ServiceNotFound(Exception):
+    """The named service is not installed in this environment."""
+
+
+def load_service_factory(name: str) -> Callable[..., Any]:
+    """The ``create_app`` factory of the installed service ``name``."""
+    factories = service_factories()
+    if name not in factories:
+        known = ", ".join(sorted(factories)) or "none"
+        raise ServiceNotFound(f"unknown service {name!r}; installed: {known}")
+    factory: Callable[..., Any] = factories[name].load()
+    return factory
+
+
+def serve(name: str, factory: Callable[..., Any] | None = None) -> int:
+    """Run service ``name`` (HTTP API, consumers, outbox relay) until SIGTERM/Ctrl-C.
+
+    ``factory`` defaults to the installed service's ``create_app``. Returns the process exit
+    code: 0 after a clean stop, 3 when start-up failed.
+    """
+    import uvicorn
+
+    factory = factory or load_service_factory(name)
+    settings = ServiceSettings(service_name=name)
+    configure_process(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            factory(settings),
+            host=settings.http_host,
+            port=settings.http_port,
+            log_config=None,  # the service configured logging (JSON with trace ids)
+            lifespan="on",
+            timeout_graceful_shutdown=10,
+        )
+    )
+    try:
+        server.run()  # handles SIGINT/SIGTERM: stops accepting, drains, runs the lifespan exit
+    except SystemExit as exc:  # uvicorn exits with 3 when the app's start-up fails
+        if exc.code not in (0, None):
+            return 3
+        raise
+    return 0 if server.started else 3
+
+
+def create_contract_topics(timeout_s: float = 60.0) -> list[str]:
+    """Create every contract topic and its ``.dlq`` on ``KAFKA_BOOTSTRAP_SERVERS``."""
+    from omni_common.topics import create_topics, wait_for_broker
+
+    settings = ServiceSettings()
+
+    async def work() -> list[str]:
+        await wait_for_broker(settings.kafka_bootstrap_servers, timeout_s)
+        return await create_topics(settings.kafka_bootstrap_servers, settings.topic_prefix)
+
+    return asyncio.run(work())
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``omni-service``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    names = ", ".join(sorted(service_factories())) or "none installed"
+    usage = f"usage: omni-service NAME | create-topics   (services: {names})"
+    if args in (["-h"], ["--help"]):
+        print(usage)
+        raise SystemExit(0)
+    if len(args) != 1 or args[0].startswith("-"):
+        print(usage, file=sys.stderr)
+        raise SystemExit(2)
+    if args[0] == "create-topics":
+        from omni_common.topics import TopicsError
+
+        try:
+            created = create_contract_topics()
+        except TopicsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
+        print(f"{len(created)} topics created (the others already existed)")
+        raise SystemExit(0)
+    try:
+        code = serve(args[0])
+    except ServiceNotFound as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if code:
+        print(
+            f"error: service {args[0]} failed to start (see the log lines above)", file=sys.stderr
+        )
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()

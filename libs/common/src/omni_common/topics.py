@@ -1,0 +1,173 @@
+"""Create the catalogue's topics (and their dead-letter topics) on a broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+# The Kafka error code of a CreateTopics answer for a topic that is already there.
+_TOPIC_ALREADY_EXISTS = 36
+# Dead letters are kept longer than the source topic so operators have time to replay them.
+DLQ_RETENTION_MS = 30 * 24 * 3600 * 1000
+DLQ_MAX_PARTITIONS = 3
+
+
+class TopicsError(Exception):
+    """Topics could not be created (unknown names, or the broker refused)."""
+
+
+class BrokerUnavailableError(TopicsError):
+    """The Kafka broker did not answer in time."""
+
+
+def port_accepts(host: str, port: int, timeout: float = 0.2) -> bool:
+    """Whether something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# The timeout is part of the contract (retries inside it), not a cancellation scope.
+async def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+    """Return once the broker at ``bootstrap`` answers a metadata request.
+
+    Raises :class:`BrokerUnavailableError` after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        if not _any_accepts(bootstrap):
+            # Plain TCP first: cheap, and aiokafka would log every refused connection.
+            last_error = ConnectionRefusedError("connection refused")
+            await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+            continue
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=bootstrap, request_timeout_ms=max(1000, int(remaining * 1000))
+        )
+        try:
+            await asyncio.wait_for(_probe(admin), timeout=max(0.5, remaining))
+            return
+        except Exception as exc:  # any failure means "not yet"
+            last_error = exc
+        finally:
+            with contextlib.suppress(Exception):
+                await admin.close()
+        await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+    reason = f" ({type(last_error).__name__})" if last_error else ""
+    raise BrokerUnavailableError(
+        f"Kafka broker at {bootstrap} did not answer within {timeout:g}s{reason}"
+    )
+
+
+def _any_accepts(bootstrap: str) -> bool:
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        with contextlib.suppress(ValueError):
+            if port_accepts(host.strip("[]") or "localhost", int(port), timeout=0.5):
+                return True
+    return False
+
+
+async def _probe(admin: AIOKafkaAdminClient) -> None:
+    await admin.start()
+    await admin.list_topics()
+
+
+def _catalogue() -> dict[str, Any]:
+    from omni_contracts.catalogue import TOPICS
+
+    return dict(TOPICS)
+
+
+def _new_topics(prefix: str, names: Iterable[str] | None) -> list[tuple[NewTopic, NewTopic]]:
+    """(with configs, without configs) pairs for every topic and dead-letter topic wanted."""
+    catalogue = _catalogue()
+    wanted = list(catalogue) if names is None else list(names)
+    unknown = sorted(set(wanted) - set(catalogue))
+    if unknown:
+        raise TopicsError(f"not in the topic catalogue: {', '.join(unknown)}")
+    pairs: list[tuple[NewTopic, NewTopic]] = []
+    for name in wanted:
+        spec = catalogue[name]
+        configs: dict[str, str] = (
+            {"cleanup.policy": "compact"}
+            if spec.compacted
+            else {"cleanup.policy": "delete", "retention.ms": str(spec.retention_ms)}
+        )
+        topic = f"{prefix}{spec.name}"
+        pairs.append(
+            (
+                NewTopic(topic, spec.partitions, 1, topic_configs=configs),
+                NewTopic(topic, spec.partitions, 1),
+            )
+        )
+        dlq = f"{prefix}{spec.dlq}"
+        dlq_partitions = max(1, min(spec.partitions, DLQ_MAX_PARTITIONS))
+        dlq_configs = {"cleanup.policy": "delete", "retention.ms": str(DLQ_RETENTION_MS)}
+        pairs.append(
+            (
+                NewTopic(dlq, dlq_partitions, 1, topic_configs=dlq_configs),
+                NewTopic(dlq, dlq_partitions, 1),
+            )
+        )
+    return pairs
+
+
+async def create_topics(
+    bootstrap: str, prefix: str = "", names: Iterable[str] | None = None
+) -> list[str]:
+    """Create the catalogue topics ``names`` (default: all) and their ``.dlq`` topics.
+
+    Topic names get ``prefix`` prepended. Partitions come from each ``TopicSpec``; dead-letter
+    topics get 1-3 partitions. Compaction/retention are set where the broker accepts topic
+    configs; a broker that rejects them gets the topics without. Topics that already exist are
+    left alone. Returns the names of the topics this call created.
+    """
+    pairs = _new_topics(prefix, names)
+    if not pairs:
+        return []
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+    try:
+        await admin.start()
+        created, failed = await _create(admin, [with_cfg for with_cfg, _ in pairs])
+        if failed:
+            # Brokers that do not support (some of) the topic configs, e.g. older Tansu
+            # builds, reject the whole topic: create those again without configs.
+            retry = [plain for with_cfg, plain in pairs if with_cfg.name in failed]
+            more, failed = await _create(admin, retry)
+            created += more
+        if failed:
+            reasons = "; ".join(f"{name} ({why})" for name, why in sorted(failed.items()))
+            raise TopicsError(f"could not create topics: {reasons}")
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+    return created
+
+
+async def _create(
+    admin: AIOKafkaAdminClient, topics: list[NewTopic]
+) -> tuple[list[str], dict[str, str]]:
+    """Create ``topics``; return (created names, {failed name: reason}). Existing is fine."""
+    response: Any = await admin.create_topics(topics, timeout_ms=30_000)
+    created: list[str] = []
+    failed: dict[str, str] = {}
+    for error in response.topic_errors:
+        name, code = error[0], error[1]
+        message = error[2] if len(error) > 2 else None
+        if code == 0:
+            created.append(name)
+        elif code != _TOPIC_ALREADY_EXISTS:
+            failed[name] = f"error {code}: {message}"
+    return created, failed

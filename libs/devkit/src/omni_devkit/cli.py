@@ -1,0 +1,410 @@
+"""``omni``: the platform's command line (dev stack, services, topics, migrations, docs, benches).
+
+Expected failures (a port in use, a stack already running, an unknown service, an unreachable
+broker) end with one line on stderr and a non-zero exit code, never a traceback.
+
+Benchmarks: other modules add commands with ``@bench_app.command()``; installed packages
+register such modules under the entry point group ``omni.bench`` (loaded for ``omni bench``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import time
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from omni_common.topics import TopicsError
+
+from omni_devkit.devstack.process import DevStackError, ensure_port_free, run_blocking, tail
+
+BENCH_ENTRY_POINT_GROUP = "omni.bench"
+
+app = typer.Typer(
+    name="omni",
+    help="Omnichannel retail platform: dev stack, services, topics, migrations, docs, benchmarks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+dev_app = typer.Typer(
+    help="The local dev stack (PostgreSQL, Kafka, every service).", no_args_is_help=True
+)
+topics_app = typer.Typer(help="Kafka topics of the catalogue.", no_args_is_help=True)
+docs_app = typer.Typer(help="Generated documentation.", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks. Modules add commands with @bench_app.command().", no_args_is_help=True
+)
+app.add_typer(dev_app, name="dev")
+app.add_typer(topics_app, name="topics")
+app.add_typer(docs_app, name="docs")
+app.add_typer(bench_app, name="bench")
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print ``error: message`` (one line) to stderr and exit with ``code``."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def echo(line: str) -> None:
+    """Print a progress line now (also when stdout is a file)."""
+    typer.echo(line)
+    sys.stdout.flush()
+
+
+# -- dev -------------------------------------------------------------------------------------
+
+StateDirOption = Annotated[
+    Path | None,
+    typer.Option(help="State directory [default: $OMNI_STATE_DIR or .omni in the repo root]"),
+]
+
+
+def _config(
+    state_dir: Path | None = None,
+    kafka_port: int | None = None,
+    pg_port: int | None = None,
+    http_base_port: int | None = None,
+) -> Any:
+    from omni_devkit.devstack.stack import DevStackConfig
+
+    return DevStackConfig.from_env(
+        state_dir=state_dir, kafka_port=kafka_port, pg_port=pg_port, http_base_port=http_base_port
+    )
+
+
+@dev_app.command("up")
+def dev_up(
+    detach: Annotated[
+        bool, typer.Option("--detach", "-d", help="Run in the background; return once ready.")
+    ] = False,
+    kafka_port: Annotated[
+        int | None, typer.Option(help="Kafka port [default: $OMNI_KAFKA_PORT or 9092]")
+    ] = None,
+    pg_port: Annotated[
+        int | None, typer.Option(help="PostgreSQL port [default: $OMNI_PG_PORT or 5432]")
+    ] = None,
+    http_base_port: Annotated[
+        int | None,
+        typer.Option(help="First service port [default: $OMNI_HTTP_BASE_PORT or 8001]"),
+    ] = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Start PostgreSQL, Kafka (Tansu), the topics and every service."""
+    from omni_devkit.devstack.stack import DevStack, handle_termination
+
+    config = _config(state_dir, kafka_port, pg_port, http_base_port)
+    if detach:
+        _up_detached(config)
+        return
+    stack = DevStack(config, echo=echo)
+    with handle_termination():
+        try:
+            stack.up()
+        except KeyboardInterrupt:
+            fail("interrupted; everything that had started was stopped", 130)
+        try:
+            for line in stack.summary():
+                echo(line)
+            echo("press Ctrl-C to stop (or run `omni dev down` in another shell)")
+            stack.supervise()
+        except KeyboardInterrupt:  # arrived before supervise() took over
+            echo("stopping ...")
+            stack.stop()
+    echo("dev stack stopped")
+
+
+def _up_detached(config: Any) -> None:
+    """Run ``omni dev up`` as a background supervisor; wait until it is ready or failed."""
+    from omni_devkit.devstack.stack import (
+        DevStack,
+        format_summary,
+        read_kv_file,
+        read_pids,
+        rotate_log,
+    )
+
+    DevStack(config).check_can_start()  # fail fast with a one-line reason
+    config.logs_dir.mkdir(parents=True, exist_ok=True)
+    log_path: Path = config.supervisor_log
+    rotate_log(log_path)
+    offset = 0
+    cmd = [
+        sys.executable,
+        "-m",
+        "omni_devkit.cli",
+        "dev",
+        "up",
+        "--state-dir",
+        str(config.state_dir),
+        "--kafka-port",
+        str(config.kafka_port),
+        "--pg-port",
+        str(config.pg_port),
+        "--http-base-port",
+        str(config.http_base_port),
+    ]
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # survives this shell; `omni dev down` stops it
+        )
+    echo(f"starting the dev stack in the background (pid {proc.pid}, log {log_path})")
+    deadline = time.monotonic() + config.ready_timeout + 60
+    while True:
+        offset = _relay_progress(log_path, offset)
+        code = proc.poll()
+        if code is not None:
+            _relay_progress(log_path, offset)
+            errors = [ln for ln in tail(log_path, 50) if ln.startswith("error: ")]
+            reason = errors[-1].removeprefix("error: ") if errors else f"exit code {code}"
+            fail(f"the dev stack did not start: {reason}")
+        if read_pids(config).get("supervisor") == proc.pid and config.env_file.exists():
+            break
+        if time.monotonic() > deadline:
+            DevStack.down(config, echo=lambda _: None)
+            fail(f"the dev stack was not ready in time; see {log_path}")
+        time.sleep(0.2)
+    for line in format_summary(config, read_kv_file(config.env_file)):
+        echo(line)
+    echo("stop it with `omni dev down`")
+
+
+def _relay_progress(log_path: Path, offset: int) -> int:
+    """Echo the supervisor's new progress lines; return the new file offset."""
+    try:
+        with log_path.open("rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except OSError:
+        return offset
+    complete, newline, _ = data.rpartition(b"\n")
+    if not newline:
+        return offset
+    for line in complete.decode("utf-8", errors="replace").splitlines():
+        if line.startswith("omni dev stack is up"):
+            break  # the summary: printed by the caller from dev.env
+        if line.startswith(("- ", "  ", "service ", "! ")):
+            echo(line)
+    return offset + len(complete) + 1
+
+
+@dev_app.command("down")
+def dev_down(state_dir: StateDirOption = None) -> None:
+    """Stop the dev stack (services, then Kafka, then PostgreSQL)."""
+    from omni_devkit.devstack.stack import DevStack
+
+    if not DevStack.down(_config(state_dir), echo=echo):
+        echo("no dev stack is running")
+
+
+@dev_app.command("status")
+def dev_status(state_dir: StateDirOption = None) -> None:
+    """Show the dev stack's processes and each service's readiness."""
+    from omni_devkit.devstack.stack import DevStack
+
+    config = _config(state_dir)
+    status = DevStack.status(config)
+    if not status.running:
+        fail("no dev stack is running (start one with `omni dev up`)")
+    for name, (pid, alive) in status.processes.items():
+        url, state = status.services.get(name, ("", ""))
+        line = f"{name:<17} pid {pid:<8} {'running' if alive else 'DEAD':<8}"
+        if url:
+            line += f" {url:<24} {state}"
+        echo(line.rstrip())
+    if "KAFKA_BOOTSTRAP_SERVERS" in status.env:
+        echo(f"env: {config.env_file}")
+    if not status.healthy:
+        fail("the dev stack is not healthy")
+
+
+# -- services --------------------------------------------------------------------------------
+
+
+@app.command("run")
+def run_service(
+    service: Annotated[str, typer.Argument(help="Service name, e.g. inventory")],
+) -> None:
+    """Run one service (HTTP API, consumers, outbox relay) until SIGTERM/Ctrl-C.
+
+    The same as ``omni-service SERVICE``, the container image's entry point.
+    """
+    from omni_common.run import serve
+    from omni_common.settings import ServiceSettings
+
+    from omni_devkit.devstack.stack import load_service_factory
+
+    # The dev stack's discovery (it honours OMNI_SERVICES), then the image's entry point.
+    factory = load_service_factory(service)
+    settings = ServiceSettings(service_name=service)
+    ensure_port_free(settings.http_host, settings.http_port, f"service {service}")
+    code = serve(service, factory)
+    if code:
+        fail(f"service {service} failed to start (see the log lines above)", code)
+
+
+@app.command("migrate")
+def migrate_command(
+    target: Annotated[str, typer.Argument(help="A service name, or 'all'")],
+) -> None:
+    """Apply pending database migrations of one service, or of all (DATABASE_URL)."""
+    from omni_common.db import migrate
+    from omni_common.settings import ServiceSettings
+
+    from omni_devkit.devstack.stack import discover_services, service_package
+
+    names = list(discover_services()) if target == "all" else [target]
+    for name in names:
+        package: str | None = f"{service_package(name)}.migrations"
+        if importlib.util.find_spec(package) is None:
+            echo(f"{name}: no package {package}; applying the common tables only")
+            package = None
+        settings = ServiceSettings(service_name=name)
+        try:
+            applied = run_blocking(migrate(settings, package))
+        except (OSError, TimeoutError) as exc:
+            fail(f"cannot reach the database for {name}: {exc}")
+        except Exception as exc:
+            if type(exc).__module__.startswith("asyncpg"):
+                fail(f"migrating {name} failed: {type(exc).__name__}: {exc}")
+            raise
+        done = ", ".join(applied) if applied else "already up to date"
+        echo(f"{name} (schema {settings.schema}): {done}")
+
+
+# -- topics ----------------------------------------------------------------------------------
+
+
+@topics_app.command("create")
+def topics_create(
+    prefix: Annotated[
+        str | None, typer.Option(help="Prefix for every topic name [default: $TOPIC_PREFIX]")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker")] = 10.0,
+) -> None:
+    """Create every catalogue topic and its .dlq on KAFKA_BOOTSTRAP_SERVERS."""
+    from omni_common.settings import ServiceSettings
+    from omni_common.topics import create_topics, wait_for_broker
+
+    settings = ServiceSettings()
+    bootstrap = settings.kafka_bootstrap_servers
+    chosen = settings.topic_prefix if prefix is None else prefix
+
+    async def work() -> list[str]:
+        await wait_for_broker(bootstrap, timeout)
+        return await create_topics(bootstrap, chosen)
+
+    echo(f"creating topics on {bootstrap}{f' with prefix {chosen!r}' if chosen else ''} ...")
+    created = run_blocking(work())
+    for name in created:
+        echo(f"  created {name}")
+    echo(f"{len(created)} topics created (the others already existed)")
+
+
+# -- docs ------------------------------------------------------------------------------------
+
+
+@docs_app.command("asyncapi")
+def docs_asyncapi() -> None:
+    """Print the AsyncAPI document of the public topics as YAML."""
+    import yaml
+
+    try:
+        from omni_contracts.asyncapi import asyncapi_document
+    except ImportError as exc:
+        fail(f"the AsyncAPI generator is not available: {exc}")
+    typer.echo(yaml.safe_dump(asyncapi_document(), sort_keys=False, allow_unicode=True), nl=False)
+
+
+# -- benchmarks ------------------------------------------------------------------------------
+
+_BENCH_BUILTINS = ("all", "list")
+_bench_plugins_loaded = False
+
+
+def load_bench_plugins() -> None:
+    """Import the modules registered under ``omni.bench`` (they add ``bench_app`` commands)."""
+    global _bench_plugins_loaded
+    if _bench_plugins_loaded:
+        return
+    _bench_plugins_loaded = True
+    for ep in entry_points(group=BENCH_ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as exc:  # a broken benchmark must not break the CLI
+            typer.echo(f"warning: benchmark plugin {ep.name} ({ep.value}): {exc}", err=True)
+
+
+def _bench_commands() -> dict[str, Any]:
+    group: Any = typer.main.get_group(bench_app)
+    return {n: c for n, c in group.commands.items() if n not in _BENCH_BUILTINS}
+
+
+@bench_app.command("list")
+def bench_list() -> None:
+    """List the registered benchmarks."""
+    load_bench_plugins()
+    commands = _bench_commands()
+    if not commands:
+        echo("no benchmarks registered")
+    for name, command in commands.items():
+        echo(f"{name:<24} {(command.help or '').strip().splitlines()[0] if command.help else ''}")
+
+
+@bench_app.command("all")
+def bench_all() -> None:
+    """Run every registered benchmark with its default options."""
+    load_bench_plugins()
+    commands = _bench_commands()
+    if not commands:
+        echo("no benchmarks registered yet (add one with @bench_app.command())")
+        return
+    failed: list[str] = []
+    for name, command in commands.items():
+        echo(f"== omni bench {name}")
+        try:
+            command.main(args=[], prog_name=f"omni bench {name}", standalone_mode=False)
+        except SystemExit as exc:
+            if exc.code not in (0, None):
+                failed.append(name)
+        except (typer.Exit, typer.Abort) as exc:
+            if getattr(exc, "exit_code", 1) != 0:
+                failed.append(name)
+        except DevStackError as exc:
+            echo(f"error: {exc}")
+            failed.append(name)
+    if failed:
+        fail(f"benchmarks failed: {', '.join(failed)}")
+
+
+# -- entry point -----------------------------------------------------------------------------
+
+
+def main() -> None:
+    """Console-script entry point of ``omni``."""
+    if sys.argv[1:2] == ["bench"]:
+        load_bench_plugins()
+    try:
+        app()
+    except (DevStackError, TopicsError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    # `python -m omni_devkit.cli` (how the dev stack starts services): run the importable
+    # module's app, so commands registered on `omni_devkit.cli.bench_app` are the ones we see.
+    from omni_devkit.cli import main as _main
+
+    _main()
