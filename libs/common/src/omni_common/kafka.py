@@ -8,8 +8,12 @@ For each subscription:
   skipped and nothing is lost);
 - the CloudEvents envelope and the payload are validated here, so a handler only ever sees a
   valid event; what fails goes to ``<topic>.dlq`` with the reason in headers;
-- transient failures are retried with exponential backoff a bounded number of times, then
-  dead-lettered; a :class:`RejectedEvent` (illegal in the domain) is dead-lettered at once.
+- a failure while the infrastructure is down (database refusing connections, broker away)
+  holds that partition, with capped backoff, until it answers again: nothing valid is
+  dead-lettered by an outage; lost races (deadlock, serialization) are retried until they
+  win; a failure that persists while the database answers is retried a bounded number of
+  times, then dead-lettered; a :class:`RejectedEvent` (illegal in the domain) is
+  dead-lettered at once.
 
 Messages of one partition are handled one after the other, which keeps per-key order.
 """
@@ -35,6 +39,13 @@ from omni_contracts.base import Event
 from omni_contracts.catalogue import EVENT_TYPES
 from omni_contracts.envelope import Envelope, EnvelopeError, PayloadError, decode, parse_envelope
 
+from omni_common.faults import (
+    Backoff,
+    HealthCheck,
+    is_contention,
+    is_infrastructure_error,
+    wait_until_healthy,
+)
 from omni_common.metrics import PlatformMetrics
 from omni_common.outbox import OutboxMessage
 from omni_common.settings import ServiceSettings
@@ -273,6 +284,9 @@ class KafkaRuntime:
         self._lag_task: asyncio.Task[None] | None = None
         self.committer = OffsetCommitter(settings.consumer_commit_interval_ms / 1000)
         self._workers: dict[tuple[int, str, int], PartitionWorker] = {}
+        # Set by the service runtime: probes the database, to tell an outage (wait and
+        # retry) from a message that fails on a healthy world (dead-letter it).
+        self.health_check: HealthCheck | None = None
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -378,9 +392,18 @@ class KafkaRuntime:
         envelope: Envelope,
         handler: EventHandler,
     ) -> None:
+        """Handle until it succeeds, the domain refuses, or it keeps failing on a healthy world.
+
+        A failure while the database (or broker) does not answer is the world's fault: this
+        partition waits, with capped backoff, until it answers again, and the attempt is not
+        counted. Lost races (serialization failure, deadlock, lock timeout) are retried until
+        they win. Only a failure that persists over ``handler_max_attempts`` while the
+        infrastructure is healthy dead-letters the message.
+        """
         s, m = self.settings, self.metrics
-        delay = s.handler_backoff_initial_s
-        for attempt in range(1, s.handler_max_attempts + 1):
+        backoff = Backoff(s.handler_backoff_initial_s, s.handler_backoff_max_s)
+        attempt = 0
+        while True:
             try:
                 await handler(event, envelope)
             except RejectedEvent as exc:
@@ -388,7 +411,30 @@ class KafkaRuntime:
                 await self._dead_letter(record, topic, exc.reason, str(exc), envelope.type)
                 return
             except Exception as exc:
-                if attempt == s.handler_max_attempts:
+                m.handler_retries.labels(m.service, topic).inc()
+                if is_infrastructure_error(exc) and (problem := await self._unhealthy()):
+                    log.warning(
+                        "%s %s waits for the infrastructure (%s): %r",
+                        envelope.type,
+                        envelope.id,
+                        problem,
+                        exc,
+                    )
+                    await self._wait_until_healthy(topic, record)
+                    attempt = 0  # the outage was not the message's fault
+                    backoff.reset()
+                    continue
+                if is_contention(exc):
+                    log.info("retrying %s %s after contention: %r", envelope.type, envelope.id, exc)
+                    await backoff.sleep()
+                    continue
+                attempt += 1
+                if attempt >= s.handler_max_attempts:
+                    if problem := await self._unhealthy():
+                        await self._wait_until_healthy(topic, record)
+                        attempt = 0
+                        backoff.reset()
+                        continue
                     log.exception(
                         "giving up on %s %s after %d attempts", envelope.type, envelope.id, attempt
                     )
@@ -400,15 +446,30 @@ class KafkaRuntime:
                         envelope.type,
                     )
                     return
-                m.handler_retries.labels(m.service, topic).inc()
                 log.warning(
                     "retrying %s %s (attempt %d): %r", envelope.type, envelope.id, attempt, exc
                 )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, s.handler_backoff_max_s)
+                await backoff.sleep()
             else:
                 m.events_handled.labels(m.service, topic, envelope.type, "handled").inc()
                 return
+
+    async def _unhealthy(self) -> str | None:
+        """Why the infrastructure is unwell, or None (also None without a health check)."""
+        if self.health_check is None:
+            return None
+        try:
+            return await self.health_check()
+        except Exception as exc:  # a probe that cannot even run says the same
+            return f"{type(exc).__name__}: {exc}"
+
+    async def _wait_until_healthy(self, topic: str, record: ConsumerRecord[Any, Any]) -> None:
+        s, m = self.settings, self.metrics
+        m.infrastructure_waits.labels(m.service, topic).inc()
+        backoff = Backoff(s.handler_backoff_initial_s, s.handler_backoff_max_s)
+        await wait_until_healthy(
+            self._unhealthy, backoff, f"{record.topic}[{record.partition}]@{record.offset}"
+        )
 
     async def _dead_letter(
         self,

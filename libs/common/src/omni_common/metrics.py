@@ -43,6 +43,12 @@ class PlatformMetrics:
             ["service", "topic"],
             registry=r,
         )
+        self.infrastructure_waits = Counter(
+            "omni_infrastructure_waits",
+            "Times a partition held its message until the database or broker answered again",
+            ["service", "topic"],
+            registry=r,
+        )
         self.dlq_messages = Counter(
             "omni_dlq_messages",
             "Messages sent to a dead-letter topic",

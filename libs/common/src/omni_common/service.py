@@ -63,6 +63,7 @@ class ServiceRuntime:
         self.migrations_package = migrations_package
         self.metrics = PlatformMetrics(settings.service_name)
         self.kafka = KafkaRuntime(settings, self.metrics)
+        self.kafka.health_check = self.database_problem
         self._pool: asyncpg.Pool | None = None
         self.relay = OutboxRelay(
             dsn=settings.database_url.get_secret_value(),
@@ -149,15 +150,23 @@ class ServiceRuntime:
             await self._pool.close()
             self._pool = None
 
+    async def database_problem(self) -> str | None:
+        """None when the database answers ``SELECT 1`` within 2 s, else why not."""
+        if self._pool is None:
+            return "the service has not started"
+        try:
+            async with asyncio.timeout(2):
+                await self._pool.fetchval("SELECT 1")
+        except Exception as exc:
+            return f"database: {type(exc).__name__}: {exc}"
+        return None
+
     async def check_ready(self) -> str | None:
         """None when ready, else why not (for ``/readyz``): database and broker answer."""
         if not self.ready:
             return "starting"
-        try:
-            async with asyncio.timeout(2):
-                await self.pool.fetchval("SELECT 1")
-        except Exception as exc:
-            return f"database: {exc}"
+        if problem := await self.database_problem():
+            return problem
         if not await self.kafka.broker.ping(timeout=2):
             return "kafka: broker unreachable"
         return None
