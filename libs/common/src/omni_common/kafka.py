@@ -25,10 +25,11 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import Context
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
@@ -38,6 +39,7 @@ from faststream.security import BaseSecurity, SASLScram256, SASLScram512
 from omni_contracts.base import Event
 from omni_contracts.catalogue import EVENT_TYPES
 from omni_contracts.envelope import Envelope, EnvelopeError, PayloadError, decode, parse_envelope
+from opentelemetry import context as otel_context
 
 from omni_common.faults import (
     Backoff,
@@ -150,9 +152,18 @@ class OffsetCommitter:
         offsets = self._pending.setdefault(consumer, {})
         offsets[TopicPartition(record.topic, record.partition)] = record.offset + 1
 
-    async def flush(self) -> None:
-        """Commit everything handled so far."""
-        pending, self._pending = self._pending, {}
+    async def flush(
+        self, only_consumer: Any = None, only: set[TopicPartition] | None = None
+    ) -> None:
+        """Commit everything handled so far (or only ``only`` partitions of one consumer)."""
+        if only_consumer is None:
+            pending, self._pending = self._pending, {}
+        else:
+            mine = self._pending.get(only_consumer, {})
+            taken = {tp: o for tp, o in mine.items() if only is None or tp in only}
+            for tp in taken:
+                del mine[tp]
+            pending = {only_consumer: taken} if taken else {}
         for consumer, offsets in pending.items():
             try:
                 await consumer.commit(offsets)
@@ -189,31 +200,62 @@ class PartitionWorker:
     """Handles one partition's messages one after the other (per-key order).
 
     Partitions are handled concurrently: a message waiting on the database no longer holds
-    up the other partitions. If a message cannot even be dead-lettered, the worker drops
-    what it has queued and rewinds the partition to that message, so nothing is skipped.
+    up the other partitions. The fetch loop never waits on a worker: when a partition has
+    ``queue_size`` messages waiting, that partition alone is paused at the consumer (what
+    aiokafka had buffered for it is dropped and fetched again on resume), and resumed once
+    its queue has drained to half. If a message cannot even be dead-lettered, the worker
+    drops what it has queued and rewinds the partition to that message, so nothing is
+    skipped.
     """
 
     def __init__(
         self,
         runtime: KafkaRuntime,
         consumer: Any,
+        tp: TopicPartition,
         by_physical: Mapping[str, tuple[str, str, Mapping[str, Any]]],
         queue_size: int,
     ) -> None:
         self.runtime = runtime
         self.consumer = consumer
+        self.tp = tp
         self.by_physical = by_physical
-        self.queue: asyncio.Queue[KafkaMessage] = asyncio.Queue(queue_size)
+        self.queue_size = queue_size
+        # Unbounded on purpose: the bound is kept by pausing the partition, never by making
+        # the shared fetch loop wait. Each message keeps the trace context it arrived in.
+        self.queue: asyncio.Queue[tuple[KafkaMessage, otel_context.Context]] = asyncio.Queue()
+        self.paused = False
         self.resume_at: int | None = None
         self.busy = False
         self.stopping = False
-        self.task = asyncio.create_task(self._run(), name="partition-worker")
+        # A fresh context: the worker must not inherit the first message's trace.
+        self.task = asyncio.create_task(
+            self._run(), name=f"partition-worker-{tp.topic}-{tp.partition}", context=Context()
+        )
+
+    def offer(self, message: KafkaMessage) -> None:
+        """Queue a fetched message (never blocks); pause the partition when full."""
+        self.queue.put_nowait((message, otel_context.get_current()))
+        if not self.paused and self.queue.qsize() >= self.queue_size:
+            with contextlib.suppress(IllegalStateError):  # revoked meanwhile
+                self.consumer.pause(self.tp)
+                self.paused = True
+                self.runtime.metrics.partitions_paused.labels(
+                    self.runtime.metrics.service, self.tp.topic
+                ).inc()
+
+    def _maybe_resume(self) -> None:
+        if self.paused and self.queue.qsize() <= self.queue_size // 2:
+            self.paused = False
+            with contextlib.suppress(IllegalStateError):
+                self.consumer.resume(self.tp)
 
     async def _run(self) -> None:
         while not self.stopping:
             self.busy = False
-            message = await self.queue.get()
+            message, trace_context = await self.queue.get()
             self.busy = True
+            self._maybe_resume()
             record = message.raw_message
             assert isinstance(record, ConsumerRecord)
             if self.resume_at is not None:
@@ -221,6 +263,7 @@ class PartitionWorker:
                     continue  # fetched before the rewind: it comes again
                 self.resume_at = None
             topic, consumer_name, handlers = self.by_physical[record.topic]
+            token = otel_context.attach(trace_context)
             try:
                 await self.runtime.consume_record(record, topic, consumer_name, handlers)
             except asyncio.CancelledError:
@@ -235,6 +278,8 @@ class PartitionWorker:
                 self._rewind(record)
                 await asyncio.sleep(self.runtime.settings.handler_backoff_max_s)
                 continue
+            finally:
+                otel_context.detach(token)
             self.runtime.committer.handled(self.consumer, record)
 
     def _rewind(self, record: ConsumerRecord[Any, Any]) -> None:
@@ -243,7 +288,8 @@ class PartitionWorker:
             self.queue.get_nowait()
         self.resume_at = record.offset
         with contextlib.suppress(IllegalStateError):  # revoked meanwhile: the new owner has it
-            self.consumer.seek(TopicPartition(record.topic, record.partition), record.offset)
+            self.consumer.seek(self.tp, record.offset)
+        self._maybe_resume()
 
     async def stop(self, grace_s: float) -> None:
         """Finish the message in hand (up to ``grace_s``); what is queued comes again."""
@@ -254,6 +300,31 @@ class PartitionWorker:
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
+        while not self.queue.empty():
+            self.queue.get_nowait()
+
+
+class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Drops revoked partitions' workers and commits what they handled before letting go.
+
+    aiokafka awaits ``on_partitions_revoked`` before the group rebalances, while this member
+    still owns the partitions, so the commit lands and the new owner starts right after the
+    last handled message (the inbox absorbs anything handled but not yet committed).
+    """
+
+    def __init__(self, runtime: KafkaRuntime) -> None:
+        self.runtime = runtime
+        self.subscriber: Any = None  # set once FastStream has built the subscriber
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Stop the revoked partitions' workers, then commit their handled offsets."""
+        consumer = getattr(self.subscriber, "consumer", None)
+        if consumer is None or not revoked:
+            return
+        await self.runtime.drop_partitions(consumer, revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Nothing to do: workers start with the first message of a partition."""
 
 
 class KafkaRuntime:
@@ -287,6 +358,7 @@ class KafkaRuntime:
         # Set by the service runtime: probes the database, to tell an outage (wait and
         # retry) from a message that fails on a healthy world (dead-letter it).
         self.health_check: HealthCheck | None = None
+        self._draining = False
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -314,8 +386,10 @@ class KafkaRuntime:
             consume.__doc__ = "; ".join(
                 f"{t}: " + ", ".join(sorted(h)) for t, (_, h) in sorted(routes.items())
             )
-            self.broker.subscriber(
+            listener = RebalanceListener(self)
+            subscriber = self.broker.subscriber(
                 *by_physical,
+                listener=listener,
                 group_id=s.group_id(purpose),
                 ack_policy=AckPolicy.MANUAL,
                 decoder=_raw_body,
@@ -325,25 +399,48 @@ class KafkaRuntime:
                 heartbeat_interval_ms=s.consumer_heartbeat_interval_ms,
                 title=f"{s.service_name}:{purpose}",
                 description=consume.__doc__,
-            )(consume)
+            )
+            subscriber(consume)
+            listener.subscriber = subscriber
 
     def _dispatcher(
         self, by_physical: Mapping[str, tuple[str, str, Mapping[str, Any]]]
     ) -> Callable[[KafkaMessage], Awaitable[None]]:
         # A closure, not a default argument: FastStream would take one for a body field.
         async def consume(message: KafkaMessage) -> None:
+            if self._draining:
+                return  # shutting down: not handled, not committed, so it comes again
             record = message.raw_message
             assert isinstance(record, ConsumerRecord)
             key = (id(message.consumer), record.topic, record.partition)
             worker = self._workers.get(key)
             if worker is None:
                 worker = self._workers[key] = PartitionWorker(
-                    self, message.consumer, by_physical, self.settings.consumer_queue_size
+                    self,
+                    message.consumer,
+                    TopicPartition(record.topic, record.partition),
+                    by_physical,
+                    self.settings.consumer_queue_size,
                 )
-            # Bounded: a busy partition holds up fetching (backpressure), never memory.
-            await worker.queue.put(message)
+            # Never waits: a busy partition is paused alone, the others keep flowing.
+            worker.offer(message)
 
         return consume
+
+    async def drop_partitions(self, consumer: Any, revoked: set[TopicPartition]) -> None:
+        """Stop the workers of ``revoked`` partitions and commit what they handled."""
+        keys = [
+            key
+            for key, worker in self._workers.items()
+            if worker.consumer is consumer and worker.tp in revoked
+        ]
+        workers = [self._workers.pop(key) for key in keys]
+        # Bounded: the rebalance waits for this, and the group for the rebalance.
+        grace_s = self.settings.consumer_revoke_grace_s
+        await asyncio.gather(*(w.stop(grace_s=grace_s) for w in workers))
+        await self.committer.flush(consumer, revoked)
+        if workers:
+            log.info("dropped %d revoked partition worker(s)", len(workers))
 
     def declare_output(self, topic: str) -> None:
         """Declare that this service publishes to ``topic`` (through its outbox)."""
@@ -516,22 +613,40 @@ class KafkaRuntime:
 
     async def start(self) -> None:
         """Connect the broker, start the subscribers and the lag sampler."""
+        self._draining = False
         self._register_consumers()
         await self.broker.start()
         self.committer.start()
         self._lag_task = asyncio.create_task(self._sample_lag(), name="consumer-lag")
 
-    async def stop(self) -> None:
-        """Finish in-flight messages and disconnect."""
+    async def drain(self, grace_s: float = 10.0) -> None:
+        """Stop fetching, finish the messages in hand, commit: the first half of a shutdown.
+
+        The broker stays connected, so the outbox relay can still publish; :meth:`stop`
+        then leaves the groups.
+        """
+        if self._draining:
+            return
+        self._draining = True
         if self._lag_task:
             self._lag_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._lag_task
-        # Workers finish what they fetched (a bounded wait), their offsets are committed
-        # while the consumers are still members, then the consumers leave.
-        await asyncio.gather(*(w.stop(grace_s=10) for w in self._workers.values()))
+            self._lag_task = None
+        for subscriber in self.broker.subscribers:
+            consumer = getattr(subscriber, "consumer", None)
+            if consumer is not None:
+                with contextlib.suppress(Exception):  # not yet joined: nothing assigned
+                    consumer.pause(*consumer.assignment())
+        # Workers finish what they hold (a bounded wait); their offsets are committed while
+        # the consumers are still members; queued messages come again to the next owner.
+        await asyncio.gather(*(w.stop(grace_s=grace_s) for w in self._workers.values()))
         self._workers.clear()
         await self.committer.stop()
+
+    async def stop(self) -> None:
+        """Drain (if not yet done), then leave the groups and disconnect."""
+        await self.drain()
         await self.broker.stop()
 
     async def _sample_lag(self, every_s: float = 5.0) -> None:

@@ -49,6 +49,12 @@ class PlatformMetrics:
             ["service", "topic"],
             registry=r,
         )
+        self.partitions_paused = Counter(
+            "omni_consumer_partition_pauses",
+            "Times a partition was paused because its worker's queue was full",
+            ["service", "topic"],
+            registry=r,
+        )
         self.dlq_messages = Counter(
             "omni_dlq_messages",
             "Messages sent to a dead-letter topic",

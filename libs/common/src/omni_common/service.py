@@ -144,8 +144,11 @@ class ServiceRuntime:
         self.metrics.ready.labels(self.settings.service_name).set(0)
         if self._exit_stack:
             await self._exit_stack.aclose()
-        await self.kafka.stop()
+        # In order: stop fetching, finish in-flight messages, commit; then let the relay
+        # publish what they wrote and stop it; only then leave the groups and disconnect.
+        await self.kafka.drain()
         await self.relay.stop()
+        await self.kafka.stop()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
