@@ -16,20 +16,63 @@ log = logging.getLogger(__name__)
 COMMON_MIGRATIONS_PACKAGE = "omni_common.migrations"
 
 
+def advisory_key_sql(param: str) -> str:
+    """The SQL for the advisory lock key of a lock name given as ``param`` (e.g. ``$1``).
+
+    Every advisory lock of the platform is ``hashtextextended(name, 0)``: 64-bit, where
+    ``hashtext`` gave 32 bits, and ``name`` is namespaced (``omni.outbox-relay:<schema>``,
+    ``omni.migrate:<schema>``, ``order.idempotency:<key>``, ``inventory.sku:<sku>``), so an
+    idempotency key can never take the relay's leadership lock (services share a database).
+    """
+    return f"hashtextextended({param}, 0)"
+
+
+def session_settings(
+    *,
+    statement_timeout_ms: int | None = None,
+    lock_timeout_ms: int | None = None,
+    idle_in_transaction_timeout_ms: int | None = None,
+) -> dict[str, str]:
+    """Server settings that bound every session: no statement, lock wait or abandoned
+    transaction lasts forever, and a dead peer is noticed within seconds (TCP keepalives)."""
+    settings = {
+        "tcp_keepalives_idle": "5",
+        "tcp_keepalives_interval": "2",
+        "tcp_keepalives_count": "3",
+    }
+    if statement_timeout_ms is not None:
+        settings["statement_timeout"] = str(statement_timeout_ms)
+    if lock_timeout_ms is not None:
+        settings["lock_timeout"] = str(lock_timeout_ms)
+    if idle_in_transaction_timeout_ms is not None:
+        settings["idle_in_transaction_session_timeout"] = str(idle_in_transaction_timeout_ms)
+    return settings
+
+
 def quote_ident(name: str) -> str:
     """Quote a SQL identifier (schema names come from settings, never from users)."""
     return '"' + name.replace('"', '""') + '"'
 
 
 async def create_pool(settings: ServiceSettings) -> asyncpg.Pool:
-    """A connection pool whose ``search_path`` is the service's schema."""
+    """A connection pool whose ``search_path`` is the service's schema.
+
+    Statements, lock waits and transactions left open are bounded by the server (a timeout
+    is an infrastructure error: the message waits and is retried, never dead-lettered).
+    """
     pool = await asyncpg.create_pool(
         settings.database_url.get_secret_value(),
         min_size=settings.db_pool_min,
         max_size=settings.db_pool_max,
+        timeout=settings.db_connect_timeout_s,
         server_settings={
             "search_path": f"{quote_ident(settings.schema)},public",
             "application_name": settings.service_name,
+            **session_settings(
+                statement_timeout_ms=settings.db_statement_timeout_ms,
+                lock_timeout_ms=settings.db_lock_timeout_ms,
+                idle_in_transaction_timeout_ms=settings.db_idle_in_transaction_timeout_ms,
+            ),
         },
     )
     assert pool is not None
@@ -54,7 +97,9 @@ async def migrate(settings: ServiceSettings, migrations_package: str | None = No
     schema = settings.schema
     conn = await asyncpg.connect(settings.database_url.get_secret_value())
     try:
-        await conn.execute("SELECT pg_advisory_lock(hashtext($1))", f"migrate:{schema}")
+        await conn.execute(
+            f"SELECT pg_advisory_lock({advisory_key_sql('$1')})", f"omni.migrate:{schema}"
+        )
         await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
         await conn.execute(f"SET search_path TO {quote_ident(schema)}, public")
         await conn.execute(

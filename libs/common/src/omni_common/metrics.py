@@ -85,6 +85,18 @@ class PlatformMetrics:
             ["service", "topic"],
             registry=r,
         )
+        self.outbox_parked = Gauge(
+            "omni_outbox_parked",
+            "Outbox rows parked because the broker refused them for good (too large, invalid)",
+            ["service"],
+            registry=r,
+        )
+        self.outbox_parked_rows = Counter(
+            "omni_outbox_parked_rows",
+            "Outbox rows parked, by topic",
+            ["service", "topic"],
+            registry=r,
+        )
         self.ready = Gauge("omni_ready", "1 when the service is ready", ["service"], registry=r)
-        for gauge in (self.outbox_backlog, self.outbox_oldest_age, self.ready):
+        for gauge in (self.outbox_backlog, self.outbox_oldest_age, self.outbox_parked, self.ready):
             gauge.labels(service).set(0)

@@ -5,9 +5,16 @@
 
 ``OutboxRelay`` publishes unpublished rows in id order. Only one relay per service schema
 is active at a time (a PostgreSQL advisory lock elects it), which keeps per-key order even
-with several instances running; the others stand by and take over when it dies. A crash
-between the publish and the ``published_at`` update republishes the batch: consumers dedup
-by ``ce_id`` (at-least-once, never lost).
+with several instances running; the others stand by and take over when it dies. The
+leader's session dies with it within seconds (TCP keepalives, ``idle_session_timeout``), so
+a frozen or unplugged leader never holds the lock for long. A crash between the publish and
+the ``published_at`` update republishes the batch: consumers dedup by ``ce_id``
+(at-least-once, never lost).
+
+A row the broker will never take (larger than the topic accepts, invalid) is parked with
+its error (``parked_at``, ``last_error``) instead of wedging the outbox: the rest of the
+batch is published, ``omni_outbox_parked`` counts parked rows for the alert, and an operator
+requeues the row once the cause is mended.
 """
 
 from __future__ import annotations
@@ -22,13 +29,41 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import asyncpg
+from aiokafka.errors import (
+    InvalidMessageError,
+    InvalidTimestampError,
+    InvalidTopicError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
 from omni_contracts.base import Event
 from omni_contracts.envelope import Envelope, encode
 
+from omni_common.db import advisory_key_sql, session_settings
 from omni_common.metrics import PlatformMetrics
 from omni_common.telemetry import attach_trace_headers, current_trace_headers, detach
 
 log = logging.getLogger(__name__)
+
+
+# What the broker will refuse however often it is asked: park the row, not the outbox.
+_UNPUBLISHABLE = (
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    RecordListTooLargeError,
+    InvalidMessageError,
+    InvalidTopicError,
+    InvalidTimestampError,
+    TypeError,  # a header or key the client cannot encode
+    ValueError,
+    UnicodeError,
+)
+
+
+def is_unpublishable(exc: BaseException) -> bool:
+    """True when retrying ``exc`` cannot help (the row itself is the problem)."""
+    return isinstance(exc, _UNPUBLISHABLE)
 
 
 def notify_channel(schema: str) -> str:
@@ -91,6 +126,9 @@ class OutboxRelay:
         poll_interval_s: float = 1.0,
         retention: timedelta = timedelta(days=1),
         inbox_retention: timedelta = timedelta(days=8),
+        server_settings: dict[str, str] | None = None,
+        stop_grace_s: float = 5.0,
+        publish_timeout_s: float = 7.0,
     ) -> None:
         self._dsn = dsn
         self._schema = schema
@@ -102,6 +140,23 @@ class OutboxRelay:
         # A redelivery can only come from what the topics still hold (7 days by default):
         # inbox rows older than that guard nothing.
         self._inbox_retention = inbox_retention
+        # The leader's session must end soon after the leader does, releasing the lock:
+        # a frozen process (no statement for a while), a dead host (keepalives).
+        # A leader runs a statement at least every poll interval; one frozen between two (or
+        # in the middle of a batch, whose broker wait is bounded by publish_timeout_s) loses
+        # its session, and so the lock, a few seconds later.
+        idle_ms = int(max(5.0, 5 * poll_interval_s) * 1000)
+        self._publish_timeout_s = publish_timeout_s
+        in_tx_ms = int((publish_timeout_s + 3) * 1000)
+        self._server_settings = {
+            "idle_session_timeout": str(idle_ms),
+            **session_settings(
+                statement_timeout_ms=30_000, idle_in_transaction_timeout_ms=in_tx_ms
+            ),
+            **(server_settings or {}),
+        }
+        self._stop_grace_s = stop_grace_s
+        self._lease_s = max(3 * poll_interval_s, publish_timeout_s + 5)
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -116,13 +171,15 @@ class OutboxRelay:
         self._stopping = True
         self._wakeup.set()
         if self._task:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(self._task), self._stop_grace_s)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
 
     async def _connect(self) -> asyncpg.Connection:
-        conn = await asyncpg.connect(self._dsn)
+        conn = await asyncpg.connect(self._dsn, timeout=10, server_settings=self._server_settings)
         await conn.execute(f'SET search_path TO "{self._schema}", public')
         return conn
 
@@ -150,9 +207,11 @@ class OutboxRelay:
     async def _lead(self, conn: asyncpg.Connection) -> None:
         # Session-level advisory lock: released by PostgreSQL when this connection dies.
         # Standbys poll for it: there is no notification when another session lets go.
-        while not await conn.fetchval(  # noqa: ASYNC110
-            "SELECT pg_try_advisory_lock(hashtext($1))", f"outbox:{self._schema}"
+        lock = f"omni.outbox-relay:{self._schema}"
+        while not await conn.fetchval(
+            f"SELECT pg_try_advisory_lock({advisory_key_sql('$1')})", lock
         ):
+            await self._evict_stale_leader(conn, lock)
             await asyncio.sleep(self._poll_interval_s)
         await conn.add_listener(notify_channel(self._schema), self._on_notify)
         log.info("outbox relay for %s is active", self._schema)
@@ -181,15 +240,47 @@ class OutboxRelay:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self._poll_interval_s)
 
+    async def _evict_stale_leader(self, conn: asyncpg.Connection, lock: str) -> None:
+        """End the leader's session if it has not moved for a lease: a frozen process.
+
+        A live leader runs a statement at least every poll interval and holds a batch open
+        for at most ``publish_timeout_s``; a session whose state has not changed for longer
+        belongs to a process that stopped (SIGSTOP, a hung host whose kernel still answers
+        keepalives) while the server waits for its next message, where no server timeout
+        applies.
+        """
+        evicted = await conn.fetchval(
+            "WITH k AS (SELECT " + advisory_key_sql("$1") + " AS key)"
+            " SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l, k, pg_stat_activity a"
+            " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+            "   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            "   AND l.classid = ((k.key >> 32) & 4294967295)::oid"
+            "   AND l.objid = (k.key & 4294967295)::oid"
+            "   AND a.pid = l.pid AND a.state_change < now() - $2::interval",
+            lock,
+            timedelta(seconds=self._lease_s),
+        )
+        if evicted:
+            log.warning(
+                "outbox relay for %s: evicted a leader silent for over %.0fs",
+                self._schema,
+                self._lease_s,
+            )
+
     def _on_notify(self, *_: object) -> None:
         self._wakeup.set()
 
     async def relay_once(self, conn: asyncpg.Connection) -> int:
-        """Publish one batch of unpublished rows in id order; returns how many."""
+        """Publish one batch of pending rows in id order; returns how many were taken.
+
+        Rows the broker refuses for good are parked with their error; any other failure
+        leaves the whole batch pending (the transaction rolls back) for the next round.
+        """
         async with conn.transaction():
             rows = await conn.fetch(
-                "SELECT id, topic, key, headers, payload FROM outbox"
-                " WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                "SELECT id, ce_type, topic, key, headers, payload FROM outbox"
+                " WHERE published_at IS NULL AND parked_at IS NULL"
+                " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
                 self._batch_size,
             )
             if not rows:
@@ -199,36 +290,84 @@ class OutboxRelay:
                 for r in rows
             ]
             try:
-                await self._publish_all(messages)
-            except Exception as exc:
-                # Leave the rows unpublished (the transaction rolls back) and note why.
-                raise OutboxPublishError(str(exc)) from exc
-            await conn.execute(
-                "UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1::bigint[])",
-                [m.id for m in messages],
-            )
-        for m in messages:
+                # Bounded: a frozen broker must not keep this transaction (and its session's
+                # leadership) open past idle_in_transaction_session_timeout.
+                async with asyncio.timeout(self._publish_timeout_s):
+                    outcomes = await self._publish_all(messages)
+            except TimeoutError as exc:
+                raise OutboxPublishError("the broker did not acknowledge in time") from exc
+            failures = [(m, e) for m, e in zip(messages, outcomes, strict=True) if e is not None]
+            for _, exc in failures:
+                if not is_unpublishable(exc):
+                    # Leave the rows pending (the transaction rolls back) and note why.
+                    raise OutboxPublishError(f"{type(exc).__name__}: {exc}") from exc
+            published = [m for m, e in zip(messages, outcomes, strict=True) if e is None]
+            if published:
+                await conn.execute(
+                    "UPDATE outbox SET published_at = clock_timestamp()"
+                    " WHERE id = ANY($1::bigint[])",
+                    [m.id for m in published],
+                )
+            types = {r["id"]: r["ce_type"] for r in rows}
+            for message, exc in failures:
+                await self._park(conn, message, types[message.id], exc)
+        for m in published:
             self._metrics.outbox_published.labels(self._metrics.service, m.topic).inc()
         return len(messages)
 
-    async def _publish_all(self, messages: Sequence[OutboxMessage]) -> None:
-        pending: list[Awaitable[object]] = []
-        for message in messages:
+    async def _park(
+        self, conn: asyncpg.Connection, message: OutboxMessage, ce_type: str, exc: BaseException
+    ) -> None:
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        await conn.execute(
+            "UPDATE outbox SET parked_at = clock_timestamp(), last_error = $2 WHERE id = $1",
+            message.id,
+            error,
+        )
+        # Identifiers and the error only: the payload may hold personal data.
+        log.error(
+            "outbox row %d (%s to %s, %d bytes) parked: %s",
+            message.id,
+            ce_type,
+            message.topic,
+            len(message.payload),
+            error,
+        )
+        self._metrics.outbox_parked_rows.labels(self._metrics.service, message.topic).inc()
+
+    async def _publish_all(self, messages: Sequence[OutboxMessage]) -> list[BaseException | None]:
+        """Send all, then await all; each message's outcome (None when the broker took it)."""
+        outcomes: list[BaseException | None] = [None] * len(messages)
+        pending: list[tuple[int, Awaitable[object]]] = []
+        for index, message in enumerate(messages):
             token = attach_trace_headers(message.headers)
             try:
-                pending.append(await self._publish(message))
+                pending.append((index, await self._publish(message)))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                outcomes[index] = exc
+                if not is_unpublishable(exc):
+                    break  # the broker is unwell: the batch is retried as a whole anyway
             finally:
                 detach(token)
-        await asyncio.gather(*pending)
+        results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+        for (index, _), result in zip(pending, results, strict=True):
+            if isinstance(result, BaseException):
+                outcomes[index] = result
+        return outcomes
 
     async def _observe_backlog(self, conn: asyncpg.Connection) -> None:
         row = await conn.fetchrow(
-            "SELECT count(*) AS n, extract(epoch FROM now() - min(created_at)) AS age"
+            "SELECT count(*) FILTER (WHERE parked_at IS NULL) AS n,"
+            " extract(epoch FROM now() - min(created_at) FILTER (WHERE parked_at IS NULL)) AS age,"
+            " count(*) FILTER (WHERE parked_at IS NOT NULL) AS parked"
             " FROM outbox WHERE published_at IS NULL"
         )
         service = self._metrics.service
         self._metrics.outbox_backlog.labels(service).set(row["n"] if row else 0)
         self._metrics.outbox_oldest_age.labels(service).set(float(row["age"] or 0) if row else 0)
+        self._metrics.outbox_parked.labels(service).set(row["parked"] if row else 0)
 
 
 class OutboxPublishError(RuntimeError):

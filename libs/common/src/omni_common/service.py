@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
+from typing import Any
 
 import asyncpg
 from omni_contracts.base import Event
@@ -102,10 +103,14 @@ class ServiceRuntime:
 
     # -- units of work --------------------------------------------------------------------
 
+    def _acquire(self) -> Any:
+        # Bounded: an exhausted pool is an infrastructure error (retried), not a hang.
+        return self.pool.acquire(timeout=self.settings.db_acquire_timeout_s)
+
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:
         """A transaction for a state change that does not come from an event (HTTP, timers)."""
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._acquire() as conn, conn.transaction():
             yield Tx(conn, self)
 
     @contextlib.asynccontextmanager
@@ -114,7 +119,7 @@ class ServiceRuntime:
 
         The inbox record, the effect and the events it causes commit together.
         """
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._acquire() as conn, conn.transaction():
             if not await first_delivery(conn, consumer, envelope):
                 log.info("duplicate %s %s ignored", envelope.type, envelope.id)
                 yield None

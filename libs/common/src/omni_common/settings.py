@@ -33,6 +33,13 @@ class ServiceSettings(BaseSettings):
     db_schema: str | None = None
     db_pool_min: int = 2
     db_pool_max: int = 10
+    # Every database call is bounded: a connect, a wait for a pooled connection, a
+    # statement, a lock wait, a transaction left idle (a stuck caller releases its locks).
+    db_connect_timeout_s: float = Field(default=10.0, gt=0)
+    db_acquire_timeout_s: float = Field(default=10.0, gt=0)
+    db_statement_timeout_ms: int = Field(default=30_000, ge=0)
+    db_lock_timeout_ms: int = Field(default=10_000, ge=0)
+    db_idle_in_transaction_timeout_ms: int = Field(default=60_000, ge=0)
 
     http_host: str = "127.0.0.1"
     http_port: int = 8000

@@ -55,7 +55,11 @@ class OrderRepository:
         Two submissions of one checkout racing (topic and HTTP) queue here, so the second
         sees the first one's order instead of creating another.
         """
-        await self.conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", key)
+        # 64-bit and namespaced (see omni_common.db.advisory_key_sql): no collision with
+        # another service's or the outbox relay's locks in the shared database.
+        await self.conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"order.idempotency:{key}"
+        )
         row = await self.conn.fetchrow(
             "SELECT request_hash, order_id FROM idempotency_keys WHERE key = $1", key
         )
