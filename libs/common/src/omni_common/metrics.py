@@ -97,6 +97,12 @@ class PlatformMetrics:
             ["service", "topic"],
             registry=r,
         )
+        self.timers_failed = Counter(
+            "omni_timer_failures",
+            "Durable timers whose handler failed: retried later, or dead after the last try",
+            ["service", "kind", "outcome"],
+            registry=r,
+        )
         self.ready = Gauge("omni_ready", "1 when the service is ready", ["service"], registry=r)
         for gauge in (self.outbox_backlog, self.outbox_oldest_age, self.outbox_parked, self.ready):
             gauge.labels(service).set(0)

@@ -3,6 +3,11 @@
 A timer is identified by ``(kind, key)``; setting it again moves it, cancelling removes it.
 The firing transaction deletes the row and runs the handler together, so a timer fires
 exactly once even with several instances polling (``FOR UPDATE SKIP LOCKED``).
+
+A handler that fails never blocks the other timers: the failure is counted on the row and
+the timer tried again later with backoff (``attempts``, ``next_attempt_at``); after
+``max_attempts`` it moves to ``dead_timers`` with its error. A failure because the database
+is away is not the timer's fault: the round stops and is tried again, nothing is counted.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from typing import Any
 
 import asyncpg
 
+from omni_common.faults import Backoff, is_infrastructure_error
+from omni_common.metrics import PlatformMetrics
 from omni_common.telemetry import attach_trace_headers, current_trace_headers, detach
 
 log = logging.getLogger(__name__)
@@ -33,7 +40,8 @@ async def set_timer(
     await conn.execute(
         "INSERT INTO timers (kind, key, due_at, payload, trace) VALUES ($1, $2, $3, $4, $5)"
         " ON CONFLICT (kind, key) DO UPDATE SET due_at = EXCLUDED.due_at,"
-        " payload = EXCLUDED.payload, trace = EXCLUDED.trace",
+        " payload = EXCLUDED.payload, trace = EXCLUDED.trace,"
+        " attempts = 0, next_attempt_at = NULL, last_error = NULL",
         kind,
         key,
         due_at,
@@ -63,11 +71,19 @@ class TimerWheel:
         *,
         poll_interval_s: float = 0.5,
         batch_size: int = 100,
+        max_attempts: int = 8,
+        retry_initial_s: float = 1.0,
+        retry_max_s: float = 300.0,
+        metrics: PlatformMetrics | None = None,
     ) -> None:
         self._transaction = transaction
         self._handlers = dict(handlers)
         self._poll_interval_s = poll_interval_s
         self._batch_size = batch_size
+        self._max_attempts = max_attempts
+        self._retry_initial_s = retry_initial_s
+        self._retry_max_s = retry_max_s
+        self._metrics = metrics
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[TimerWheel]:
@@ -81,35 +97,107 @@ class TimerWheel:
                 await task
 
     async def _run(self) -> None:
+        outage = Backoff(self._poll_interval_s, max(self._poll_interval_s, 5.0))
         while True:
             try:
                 fired = await self.fire_due()
+                outage.reset()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("timer wheel round failed")
-                fired = 0
+            except Exception as exc:
+                # The database is away (or the failure could not even be recorded).
+                log.warning("timer wheel round failed: %s: %s", type(exc).__name__, exc)
+                await outage.sleep()
+                continue
             if fired < self._batch_size:
                 await asyncio.sleep(self._poll_interval_s)
 
     async def fire_due(self) -> int:
-        """Fire every due timer (one transaction each); returns how many fired."""
-        fired = 0
+        """Fire every due timer (one transaction each); returns how many were tried.
+
+        A timer whose handler fails is rescheduled (or dead-lettered) and the round goes on
+        with the next one; an infrastructure error ends the round (raised).
+        """
+        tried = 0
         for _ in range(self._batch_size):
-            async with self._transaction() as tx:
-                row = await tx.conn.fetchrow(
-                    "DELETE FROM timers WHERE (kind, key) = ("
-                    "  SELECT kind, key FROM timers WHERE due_at <= now() AND kind = ANY($1)"
-                    "  ORDER BY due_at LIMIT 1 FOR UPDATE SKIP LOCKED"
-                    ") RETURNING kind, key, payload, trace",
-                    list(self._handlers),
+            row = None
+            try:
+                async with self._transaction() as tx:
+                    row = await tx.conn.fetchrow(
+                        "DELETE FROM timers WHERE (kind, key) = ("
+                        "  SELECT kind, key FROM timers"
+                        "  WHERE coalesce(next_attempt_at, due_at) <= now() AND kind = ANY($1)"
+                        "  ORDER BY coalesce(next_attempt_at, due_at) LIMIT 1"
+                        "  FOR UPDATE SKIP LOCKED"
+                        ") RETURNING kind, key, due_at, payload, trace, attempts",
+                        list(self._handlers),
+                    )
+                    if row is None:
+                        return tried
+                    token = attach_trace_headers(json.loads(row["trace"]))
+                    try:
+                        await self._handlers[row["kind"]](
+                            tx, row["key"], json.loads(row["payload"])
+                        )
+                    finally:
+                        detach(token)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if is_infrastructure_error(exc) or row is None:
+                    raise
+                await self._failed(row, exc)
+            tried += 1
+        return tried
+
+    async def _failed(self, row: Any, exc: Exception) -> None:
+        """Count a failed firing (its transaction rolled back, so the row is back)."""
+        attempts = row["attempts"] + 1
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        kind, key = row["kind"], row["key"]
+        async with self._transaction() as tx:
+            if attempts >= self._max_attempts:
+                moved = await tx.conn.fetchval(
+                    "WITH dead AS ("
+                    "  DELETE FROM timers WHERE kind = $1 AND key = $2 AND due_at = $3"
+                    "  RETURNING kind, key, due_at, payload, trace"
+                    ") INSERT INTO dead_timers (kind, key, due_at, payload, trace, attempts,"
+                    " last_error) SELECT kind, key, due_at, payload, trace, $4, $5 FROM dead"
+                    " RETURNING true",
+                    kind,
+                    key,
+                    row["due_at"],
+                    attempts,
+                    error,
                 )
-                if row is None:
-                    return fired
-                token = attach_trace_headers(json.loads(row["trace"]))
-                try:
-                    await self._handlers[row["kind"]](tx, row["key"], json.loads(row["payload"]))
-                finally:
-                    detach(token)
-            fired += 1
-        return fired
+                if moved:
+                    log.error("timer %s %s dead after %d attempts: %s", kind, key, attempts, error)
+                    self._count("dead", kind)
+                return
+            delay = min(self._retry_initial_s * 2 ** (attempts - 1), self._retry_max_s)
+            # Guarded by due_at: a timer re-armed meanwhile starts afresh instead.
+            await tx.conn.execute(
+                "UPDATE timers SET attempts = $4, last_error = $5,"
+                " next_attempt_at = now() + make_interval(secs => $6)"
+                " WHERE kind = $1 AND key = $2 AND due_at = $3",
+                kind,
+                key,
+                row["due_at"],
+                attempts,
+                error,
+                delay,
+            )
+        log.warning(
+            "timer %s %s failed (attempt %d), retrying in %.1fs: %s",
+            kind,
+            key,
+            attempts,
+            delay,
+            error,
+        )
+        self._count("retried", kind)
+
+    def _count(self, outcome: str, kind: str) -> None:
+        if self._metrics is not None:
+            m = self._metrics
+            m.timers_failed.labels(m.service, kind, outcome).inc()

@@ -87,6 +87,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             runtime.transaction,
             {RESERVATION_EXPIRY: functools.partial(consumers.reservation_expired, deps)},
             poll_interval_s=config.inventory_timer_poll_s,
+            metrics=runtime.metrics,
         ).running()
     )
     return create_http_app(

@@ -111,6 +111,7 @@ class OrderService:
             self._timer_transaction,
             {PICKUP_TIMER: self._pickup_not_collected, PROMISE_TIMER: self._promise_passed},
             poll_interval_s=self.settings.timer_poll_interval_s,
+            metrics=self.runtime.metrics,
         )
 
     @staticmethod
