@@ -19,6 +19,10 @@ class OrderSettings(ServiceSettings):
     # When a delivery promise passes with no carrier ETA, the delay notice estimates this
     # many hours after the promise.
     overdue_eta_extension_hours: float = Field(default=24.0, gt=0)
+    # An order that got no reservation answer (inventory down, the event lost upstream)
+    # within this many seconds is rejected with reason reservation_timeout, instead of
+    # staying placed forever; inventory releases any hold that comes later.
+    order_reservation_timeout_s: float = Field(default=300.0, gt=0)
     # How often due timers (pickup expiry, delivery promises) are looked for.
     timer_poll_interval_s: float = Field(default=0.5, gt=0)
     # How often the omni_orders_by_status gauge is refreshed from the database.
@@ -32,6 +36,11 @@ class OrderSettings(ServiceSettings):
     def pickup_window(self) -> timedelta:
         """How long a packed pickup order waits for its shopper."""
         return timedelta(days=self.pickup_collect_days)
+
+    @property
+    def reservation_timeout(self) -> timedelta:
+        """How long a placed order waits for its participants' answers."""
+        return timedelta(seconds=self.order_reservation_timeout_s)
 
     @property
     def overdue_eta_extension(self) -> timedelta:

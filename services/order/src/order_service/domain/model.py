@@ -391,6 +391,17 @@ class Order:
             return self.cancel("reservation_expired", now)
         return False
 
+    def reservation_timed_out(self, now: datetime) -> bool:
+        """No answer from a participant in time: reject, so the order is not placed forever.
+
+        The rejection tells every participant to undo its part (a late hold is released).
+        """
+        if self.status is not S.PLACED:
+            return False
+        waiting = sorted(self.pending_confirmations) or [INVENTORY]
+        participant = INVENTORY if INVENTORY in waiting else waiting[0]
+        return self.participant_rejected(participant, "reservation_timeout", now)
+
     # -- cancellation ---------------------------------------------------------------------
 
     def cancel(self, reason: str, now: datetime) -> bool:

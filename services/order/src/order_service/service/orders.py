@@ -22,6 +22,7 @@ from omni_contracts import (
     Delivered,
     EtaChanged,
     OrderCancellationRequested,
+    OrderStatus,
     PickedUp,
     ReadyForPickup,
     ReservationConfirmed,
@@ -49,6 +50,7 @@ from order_service.settings import OrderSettings
 log = logging.getLogger(__name__)
 
 PICKUP_TIMER = "order.pickup_not_collected"
+RESERVATION_TIMER = "order.reservation_timeout"
 """Timer kind: a packed pickup order not collected in time (key: order_id)."""
 PROMISE_TIMER = "order.delivery_promise"
 """Timer kind: a shipped order's delivery promise (key: order_id)."""
@@ -109,7 +111,11 @@ class OrderService:
         """The durable timers of orders (pickup not collected, delivery promise passed)."""
         return TimerWheel(
             self._timer_transaction,
-            {PICKUP_TIMER: self._pickup_not_collected, PROMISE_TIMER: self._promise_passed},
+            {
+                PICKUP_TIMER: self._pickup_not_collected,
+                PROMISE_TIMER: self._promise_passed,
+                RESERVATION_TIMER: self._reservation_timed_out,
+            },
             poll_interval_s=self.settings.timer_poll_interval_s,
             metrics=self.runtime.metrics,
         )
@@ -155,6 +161,12 @@ class OrderService:
             )
             await uow.commit(order, new=True)
             await uow.repo.remember_key(key, request_hash, order.order_id)
+            await set_timer(
+                uow.conn,
+                RESERVATION_TIMER,
+                order.order_id,
+                self.clock() + self.settings.reservation_timeout,
+            )
         log.info("order %s placed for checkout %s", order.order_id, checkout.checkout_id)
         return Placement(order, created=True)
 
@@ -195,6 +207,7 @@ class OrderService:
             event.order_id,
             envelope,
             lambda o, now: o.participant_confirmed(INVENTORY, now, allocations=event.allocations),
+            settles_saga=True,
         )
 
     async def on_reservation_rejected(self, event: ReservationRejected, envelope: Envelope) -> None:
@@ -205,6 +218,7 @@ class OrderService:
             lambda o, now: o.participant_rejected(
                 INVENTORY, event.reason, now, shortages=event.shortages
             ),
+            settles_saga=True,
         )
 
     async def on_reservation_released(self, event: ReservationReleased, envelope: Envelope) -> None:
@@ -216,7 +230,9 @@ class OrderService:
                 order.note("reservation_released", event.reason)
             return changed
 
-        await self._apply(event.order_id, envelope, released, cancels_pickup=True)
+        await self._apply(
+            event.order_id, envelope, released, cancels_pickup=True, settles_saga=True
+        )
 
     # -- cancellation ---------------------------------------------------------------------
 
@@ -344,6 +360,14 @@ class OrderService:
         if order is not None and order.pickup_not_collected(self.clock()):
             await uow.commit(order)
 
+    async def _reservation_timed_out(
+        self, uow: UnitOfWork, order_id: str, _payload: dict[str, Any]
+    ) -> None:
+        order = await uow.repo.get(order_id)
+        if order is not None and order.reservation_timed_out(self.clock()):
+            log.warning("order %s got no reservation answer in time: rejected", order_id)
+            await uow.commit(order)
+
     async def _promise_passed(
         self, uow: UnitOfWork, order_id: str, _payload: dict[str, Any]
     ) -> None:
@@ -386,6 +410,7 @@ class OrderService:
         *,
         cancels_pickup: bool = False,
         always: bool = False,
+        settles_saga: bool = False,
     ) -> None:
         """Load, change, commit: the shape of most event handlers.
 
@@ -399,6 +424,8 @@ class OrderService:
             changed = change(order, self.clock())
             if cancels_pickup and changed:
                 await cancel_timer(uow.conn, PICKUP_TIMER, order.order_id)
+            if settles_saga and changed and order.status is not OrderStatus.PLACED:
+                await cancel_timer(uow.conn, RESERVATION_TIMER, order.order_id)
             if changed or always:
                 await uow.commit(order)
 
