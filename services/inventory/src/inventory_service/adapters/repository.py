@@ -318,6 +318,49 @@ class InventoryRepository:
         )
         return [dict(row) for row in rows]
 
+    async def first_application(self, kind: str, fact_id: str) -> bool:
+        """Record that the fact ``(kind, fact_id)`` is applied; False if it was before."""
+        return bool(
+            await self.conn.fetchval(
+                "INSERT INTO applied_facts (kind, fact_id) VALUES ($1, $2)"
+                " ON CONFLICT DO NOTHING RETURNING true",
+                kind,
+                fact_id,
+            )
+        )
+
+    async def counted_since(
+        self, location_id: str, skus: Sequence[str], occurred_at: datetime
+    ) -> set[str]:
+        """The SKUs of ``skus`` counted at ``location_id`` after ``occurred_at``.
+
+        Strictly after: a fact stamped the very instant of the count is taken as after it.
+        """
+        rows = await self.conn.fetch(
+            "SELECT sku FROM stock_counts WHERE location_id = $1 AND sku = ANY($2::text[])"
+            " AND counted_at > $3",
+            location_id,
+            list(skus),
+            occurred_at,
+        )
+        return {r["sku"] for r in rows}
+
+    async def record_count(self, sku: str, location_id: str, counted_at: datetime) -> bool:
+        """Note a count as of ``counted_at``; False when a later count was recorded before.
+
+        Two counts of one instant: the one processed last wins.
+        """
+        return bool(
+            await self.conn.fetchval(
+                "INSERT INTO stock_counts (sku, location_id, counted_at) VALUES ($1, $2, $3)"
+                " ON CONFLICT (sku, location_id) DO UPDATE SET counted_at = EXCLUDED.counted_at"
+                " WHERE stock_counts.counted_at <= EXCLUDED.counted_at RETURNING true",
+                sku,
+                location_id,
+                counted_at,
+            )
+        )
+
     async def record_discrepancy(
         self, *, sku: str, location_id: str, sale_id: str, sold: int, available: int, shortfall: int
     ) -> None:

@@ -79,10 +79,22 @@ async def record_sale(
     asking for a recount. Raises :class:`UnknownLocation` for a store inventory does not know.
     """
     repo = inv.repo(tx)
+    if not await repo.first_application("sale", sale.sale_id):
+        # The till sent it again under a fresh ce_id: one sale, one effect.
+        log.info("sale %s was applied before; ignored", sale.sale_id)
+        return Outcome()
     lines = merge_lines(OrderLine(line.sku, line.qty) for line in sale.lines)
     stock = await StockSession.open(tx, repo, (line.sku for line in lines), [sale.location_id])
     stock.location(sale.location_id)
+    # Read under the SKU locks: a count committed meanwhile is seen.
+    counted = await repo.counted_since(
+        sale.location_id, [line.sku for line in lines], sale.occurred_at
+    )
     for line in lines:
+        if line.sku in counted:
+            # Counted after this sale was made: the count already left its units out.
+            log.info("sale %s of %s predates its count; not subtracted", sale.sale_id, line.sku)
+            continue
         level = stock.level(line.sku, sale.location_id)
         result = apply_sale(level, line.qty)
         if result.shortfall:
@@ -115,8 +127,20 @@ async def adjust_stock(
     :class:`~inventory_service.domain.ImpossibleAdjustment` (nothing changes then).
     """
     repo = inv.repo(tx)
+    if not await repo.first_application("adjustment", adjustment.adjustment_id):
+        log.info("adjustment %s was applied before; ignored", adjustment.adjustment_id)
+        return Outcome()
     stock = await StockSession.open(tx, repo, [adjustment.sku], [adjustment.location_id])
     stock.location(adjustment.location_id)
+    sku, location_id, at = adjustment.sku, adjustment.location_id, adjustment.occurred_at
+    if adjustment.kind is AdjustmentKind.COUNT:
+        if not await repo.record_count(sku, location_id, at):
+            log.info("count %s is older than the last count; ignored", adjustment.adjustment_id)
+            return Outcome()
+    elif await repo.counted_since(location_id, [sku], at):
+        # A movement made before the last count is already in that count.
+        log.info("adjustment %s predates its count; ignored", adjustment.adjustment_id)
+        return Outcome()
     level = stock.level(adjustment.sku, adjustment.location_id)
     stock.set(
         apply_adjustment(level, adjustment.kind, delta=adjustment.delta, counted=adjustment.counted)
