@@ -68,6 +68,11 @@ class AvailabilityChanged(Event):
     fulfilment. Web and app show ``status`` per store and sell up to ``online_available`` for
     delivery; notification sends back-in-stock alerts. Keyed by SKU, so ``online_available``
     never goes back in time.
+
+    ``version`` (optional, additive) counts the availability changes of the SKU, across its
+    locations, in the order they happened: a consumer that sees one again after a
+    redelivery or a replay, or reads from several sources, drops any with a ``version`` not
+    above the last it applied for that SKU.
     """
 
     topic = INVENTORY_AVAILABILITY
@@ -85,6 +90,7 @@ class AvailabilityChanged(Event):
     cause: AvailabilityCause
     changed_at: UtcDatetime
     safety_stock: Quantity | None = None
+    version: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _available_is_on_hand(self) -> AvailabilityChanged:

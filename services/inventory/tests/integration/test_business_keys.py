@@ -27,6 +27,7 @@ async def test_resent_facts_with_fresh_ce_ids_apply_once_and_counts_apply_as_of_
         receipt = ev.receipt("store-1", "MUG", 10)
         await channel.publish(receipt)
         await channel.publish(receipt)  # the stock system resends it with a fresh ce_id
+        await settles_at(10)  # (sales come on another topic: no order between the two)
         sale = ev.sale("store-1", ("MUG", 2))
         await channel.publish(sale)
         await channel.publish(sale)  # the till resends it with a fresh ce_id
@@ -57,3 +58,24 @@ async def test_resent_facts_with_fresh_ce_ids_apply_once_and_counts_apply_as_of_
 
 async def _equals(read, value: int) -> bool:
     return await read() == value
+
+
+async def test_availability_events_carry_a_rising_per_sku_version(
+    omni_env, start_inventory, channel, ev
+) -> None:
+    import json
+
+    async with start_inventory() as inventory:
+        await inventory.http.put("/locations/store-1", json=ev.location_body())
+        await inventory.http.put("/locations/store-2", json=ev.location_body())
+        out = omni_env.reader("inventory.availability.v1")
+        async with out:
+            await channel.publish(ev.receipt("store-1", "CUP", 5))
+            await channel.publish(ev.receipt("store-2", "CUP", 5))
+            await channel.publish(ev.receipt("store-1", "PLATE", 5))
+            await channel.publish(ev.sale("store-1", ("CUP", 1), ("PLATE", 1)))
+            told = [json.loads(r.value) for r in await out.collect(5, timeout=20)]
+        versions: dict[str, list[int]] = {}
+        for event in told:
+            versions.setdefault(event["sku"], []).append(event["version"])
+        assert versions == {"CUP": [1, 2, 3], "PLATE": [1, 2]}

@@ -318,6 +318,32 @@ class InventoryRepository:
         )
         return [dict(row) for row in rows]
 
+    async def next_versions(self, skus: Sequence[str]) -> list[int]:
+        """The availability versions of the next events of ``skus`` (one per item, in order).
+
+        One round trip. The counter's row lock is held until commit, so versions of a SKU
+        rise in the order the events reach the outbox.
+        """
+        if not skus:
+            return []
+        wanted: dict[str, int] = {}
+        for sku in skus:
+            wanted[sku] = wanted.get(sku, 0) + 1
+        rows = await self.conn.fetch(
+            "INSERT INTO sku_versions (sku, version)"
+            " SELECT * FROM unnest($1::text[], $2::bigint[]) ORDER BY 1"
+            " ON CONFLICT (sku) DO UPDATE SET version = sku_versions.version + EXCLUDED.version"
+            " RETURNING sku, version",
+            list(wanted),
+            list(wanted.values()),
+        )
+        next_of = {r["sku"]: r["version"] - wanted[r["sku"]] + 1 for r in rows}
+        versions = []
+        for sku in skus:
+            versions.append(next_of[sku])
+            next_of[sku] += 1
+        return versions
+
     async def first_application(self, kind: str, fact_id: str) -> bool:
         """Record that the fact ``(kind, fact_id)`` is applied; False if it was before."""
         return bool(

@@ -39,7 +39,10 @@ class UnknownLocation(LookupError):
 
 
 def availability_event(
-    update: AvailabilityUpdate, cause: AvailabilityCause, changed_at: datetime
+    update: AvailabilityUpdate,
+    cause: AvailabilityCause,
+    changed_at: datetime,
+    version: int | None = None,
 ) -> AvailabilityChanged:
     """The ``inventory.availability.changed`` event telling one update."""
     level = update.level
@@ -55,6 +58,7 @@ def availability_event(
         cause=cause,
         changed_at=changed_at,
         safety_stock=update.safety_stock,
+        version=version,
     )
 
 
@@ -154,9 +158,10 @@ class StockSession:
             writes, (key for key in self._levels if key not in self._before)
         )
         changed_at = datetime.now(UTC)
-        for update in updates:
+        versions = await self.repo.next_versions([u.level.sku for u in updates])
+        for update, version in zip(updates, versions, strict=True):
             await self.tx.emit(
-                availability_event(update, cause, changed_at),
+                availability_event(update, cause, changed_at, version),
                 caused_by=caused_by,
                 correlation_id=correlation_id,
             )
