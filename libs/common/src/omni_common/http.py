@@ -97,12 +97,13 @@ def create_http_app(
             return JSONResponse({"status": "not ready", "reason": problem}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    @app.get("/asyncapi.yaml", tags=["contract"], response_class=PlainTextResponse)
+    # Public, like the contract itself; not in the OpenAPI document of the service's API.
+    @app.get("/asyncapi.yaml", response_class=PlainTextResponse, include_in_schema=False)
     async def asyncapi_yaml() -> PlainTextResponse:
         """The AsyncAPI 3 document of the events this service consumes and produces."""
         return PlainTextResponse(to_yaml(_service_contract(runtime)), media_type="application/yaml")
 
-    @app.get("/asyncapi", tags=["contract"], response_class=HTMLResponse)
+    @app.get("/asyncapi", response_class=HTMLResponse, include_in_schema=False)
     async def asyncapi_page() -> HTMLResponse:
         """The same document as a readable page, for channel teams."""
         return HTMLResponse(to_html(_service_contract(runtime)))
