@@ -48,7 +48,8 @@ class ServiceSettings(BaseSettings):
     # protected endpoint answers 401 (secure by default).
     api_keys: SecretStr = SecretStr("")
 
-    # Bounded retries for transient handler failures before the message goes to the DLQ.
+    # Bounded attempts for a handler failing while the database answers, before the message
+    # goes to the DLQ (failures during an outage wait for the database and are not counted).
     handler_max_attempts: int = Field(default=4, ge=1)
     handler_backoff_initial_s: float = Field(default=0.05, gt=0)
     handler_backoff_max_s: float = Field(default=2.0, gt=0)
