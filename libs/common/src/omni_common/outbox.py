@@ -40,7 +40,7 @@ from aiokafka.errors import (
 from omni_contracts.base import Event
 from omni_contracts.envelope import Envelope, encode
 
-from omni_common.db import advisory_key_sql, session_settings
+from omni_common.db import advisory_key_sql, quote_ident, session_settings
 from omni_common.metrics import PlatformMetrics
 from omni_common.telemetry import attach_trace_headers, current_trace_headers, detach
 
@@ -140,6 +140,8 @@ class OutboxRelay:
         # A redelivery can only come from what the topics still hold (7 days by default):
         # inbox rows older than that guard nothing.
         self._inbox_retention = inbox_retention
+        # (table, timestamp column, retention) of a service's own dedup records.
+        self._retained: list[tuple[str, str, timedelta]] = []
         # The leader's session must end soon after the leader does, releasing the lock:
         # a frozen process (no statement for a while), a dead host (keepalives).
         # A leader runs a statement at least every poll interval; one frozen between two (or
@@ -160,6 +162,14 @@ class OutboxRelay:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+
+    def retain(self, table: str, column: str, retention: timedelta) -> None:
+        """Purge rows of ``table`` older than ``retention`` (by ``column``) with the outbox's.
+
+        For a service's own dedup records (business keys), which guard nothing once every
+        resend they could catch is older. Names come from code, never from input.
+        """
+        self._retained.append((table, column, retention))
 
     async def start(self) -> None:
         """Start relaying in the background."""
@@ -236,6 +246,12 @@ class OutboxRelay:
                     "DELETE FROM inbox WHERE received_at < now() - $1::interval",
                     self._inbox_retention,
                 )
+                for table, column, retention in self._retained:
+                    await conn.execute(
+                        f"DELETE FROM {quote_ident(table)}"
+                        f" WHERE {quote_ident(column)} < now() - $1::interval",
+                        retention,
+                    )
                 last_purge = now
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self._poll_interval_s)

@@ -79,3 +79,20 @@ async def test_availability_events_carry_a_rising_per_sku_version(
         for event in told:
             versions.setdefault(event["sku"], []).append(event["version"])
         assert versions == {"CUP": [1, 2, 3], "PLATE": [1, 2]}
+
+
+async def test_old_business_keys_are_purged(omni_env, start_inventory, ev) -> None:
+    async with start_inventory() as inventory:
+        pool = inventory.runtime.pool
+        await pool.execute(
+            "INSERT INTO applied_facts (kind, fact_id, applied_at) VALUES"
+            " ('sale', 'old', now() - interval '40 days'), ('sale', 'recent', now())"
+        )
+        await inventory.runtime.relay.stop()
+        await inventory.runtime.relay.start()  # purges on its first idle round
+
+        async def purged() -> bool:
+            ids = {r["fact_id"] for r in await pool.fetch("SELECT fact_id FROM applied_facts")}
+            return ids == {"recent"}
+
+        await ev.wait_until(purged, timeout=15)

@@ -80,6 +80,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         )
     )
     runtime.publishes(INVENTORY_AVAILABILITY, INVENTORY_RESERVATIONS)
+    # A till or stock system resends within days; a month of sale and adjustment ids is ample.
+    runtime.relay.retain("applied_facts", "applied_at", timedelta(days=35))
     if config.inventory_seed_file:
         runtime.run_alongside(_seeded(runtime, inventory, config))
     runtime.run_alongside(
