@@ -411,3 +411,27 @@ async def test_illegal_and_unknown_fulfilment_events_are_dead_lettered(w: World)
         exposition
     )
     assert "omni_orders_by_status" in exposition
+
+
+async def test_points_do_not_pay_when_loyalty_is_not_in_the_saga(w: World) -> None:
+    """Without loyalty holding them, redeemed points cover nothing: the payment must."""
+    body = checkout_body()
+    body["payment"]["authorized"] = money("5.00")  # 20.00 due
+    body["points_to_redeem"] = 1500
+    response = await w.svc.http.post(
+        "/orders", json=body, headers={"Idempotency-Key": body["checkout_id"]}
+    )
+    assert response.status_code == 422, response.text
+    assert "does not cover" in response.text
+    async with w.reader("checkout.submitted.v1.dlq") as dlq:
+        await w.channel.publish(CheckoutSubmitted(**body))
+        dead = await dlq.next(
+            lambda r: json.loads(r.value).get("checkout_id") == body["checkout_id"], timeout=15
+        )
+    assert record_headers(dead)["dlq_reason"] == "invalid_order"
+    # Fully paid, the same points are ignored and the order goes ahead with inventory alone.
+    paid = checkout_body()
+    paid["points_to_redeem"] = 1500
+    order_id = await w.place(paid)
+    assert (await w.order(order_id))["pending_confirmations"] == ["inventory"]
+    assert (await w.confirm(order_id))["status"] == "confirmed"
