@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from datetime import timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 from omni_common.settings import ServiceSettings
 from pydantic import Field, field_validator
@@ -27,6 +27,7 @@ class LoyaltySettings(ServiceSettings):
     """Settings of the loyalty service; each is also an env var of the same name, upper case.
 
     - ``LOYALTY_POINTS_PER_UNIT``: points earned per currency unit spent (default 1);
+    - ``LOYALTY_ROUNDING``: ``down`` (default), ``half_up`` or ``up``, per SKU of a purchase;
     - ``LOYALTY_POINT_VALUE``: what one point is worth at checkout (default 0.01);
     - ``LOYALTY_TIERS``: ``name=qualifying_spend:multiplier`` in rising order, the first
       at spend 0 (``base=0:1,silver=500:1.25,gold=1500:1.5``);
@@ -42,6 +43,7 @@ class LoyaltySettings(ServiceSettings):
 
     loyalty_points_per_unit: Decimal = Field(default=Decimal(1), ge=0)
     loyalty_point_value: Decimal = Field(default=Decimal("0.01"), gt=0)
+    loyalty_rounding: Literal["down", "half_up", "up"] = "down"
     loyalty_tiers: str = "base=0:1,silver=500:1.25,gold=1500:1.5"
     loyalty_pending_days: float = Field(default=14.0, ge=0)
     loyalty_expiry_months: float = Field(default=24.0, gt=0)
@@ -70,6 +72,7 @@ class LoyaltySettings(ServiceSettings):
             points_per_unit=self.loyalty_points_per_unit,
             point_value=self.loyalty_point_value,
             tiers=self.tiers,
+            rounding=self.loyalty_rounding,
         )
 
     @property

@@ -25,6 +25,7 @@ from omni_contracts import (
     OrderPlaced,
     OrderReturnReceived,
     ProfileErased,
+    ProfilesMerged,
     ProfileUpdated,
 )
 from omni_devkit.testing.events import ChannelPublisher, record_headers
@@ -352,3 +353,24 @@ async def test_the_read_api_pages_the_ledger_and_needs_a_key(loyalty: Loyalty) -
     assert no_key.status_code == 401
     bad = await loyalty.service.http.get(f"/accounts/{customer}/ledger?limit=0")
     assert bad.status_code == 422
+
+
+async def test_merged_profiles_bring_their_points_to_the_surviving_account(
+    loyalty: Loyalty,
+) -> None:
+    survivor, merged, card = uid("cust"), uid("cust"), uid("CARD")
+    await loyalty.channel.publish(ProfileUpdated(customer_id=merged, loyalty_card=card))
+    await loyalty.sale(survivor, (uid("SKU"), 1, "10.00"))
+    await loyalty.sale(merged, (uid("SKU"), 1, "7.00"))
+    await loyalty.account_until(merged, lambda a: a["available"] == 7)
+    await loyalty.account_until(survivor, lambda a: a["available"] == 10)
+    await loyalty.channel.publish(ProfilesMerged(surviving_id=survivor, merged_ids=[merged]))
+    account = await loyalty.account_until(survivor, lambda a: a["available"] == 17)
+    assert (account["available"], account["lifetime"]) == (17, 17)
+    earned = await loyalty.entry(survivor, "loyalty.points.earned")
+    assert earned["points"] == 7 and earned["reason"] == "profiles_merged"
+    assert (await loyalty.service.http.get(f"/accounts/{merged}")).status_code == 404
+    # The merged shopper's card now collects for the survivor.
+    await loyalty.sale(None, (uid("SKU"), 1, "3.00"), card=card)
+    account = await loyalty.account_until(survivor, lambda a: a["available"] == 20)
+    assert account["available"] == 20

@@ -35,6 +35,8 @@ def test_points_are_earned_per_sku_rounded_down_with_the_tier_multiplier() -> No
     assert earned["B"].points == 0
     assert {line.sku: line.points for line in RULES.earn(lines, "gold")} == {"A": 44, "B": 0}
     assert RULES.earn(lines, "no-such-tier")[0].points == 29  # unknown: the lowest tier
+    half_up = EarnRules(RULES.points_per_unit, RULES.point_value, RULES.tiers, "half_up")
+    assert {line.sku: line.points for line in half_up.earn(lines, "base")} == {"A": 30, "B": 1}
 
 
 def test_a_point_is_worth_its_value_rounded_down_to_the_cent() -> None:

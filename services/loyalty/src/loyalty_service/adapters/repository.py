@@ -196,6 +196,19 @@ class LoyaltyRepository:
             at,
         )
 
+    async def retire(self, account_id: int, into: int) -> None:
+        """A merged account: its customer id is freed (the profile service now speaks of the
+        survivor only) and its cards collect for the survivor."""
+        old = await self.conn.fetchval(
+            "UPDATE accounts SET customer_id = 'merged:' || account_id, updated_at = now()"
+            " WHERE account_id = $1 RETURNING customer_id",
+            account_id,
+        )
+        if old is not None:
+            await self.conn.execute(
+                "UPDATE cards SET account_id = $2 WHERE account_id = $1", account_id, into
+            )
+
     async def erase(self, customer_id: str) -> int | None:
         """Pseudonymise a shopper: the account keeps its ledger, loses the name and cards."""
         account_id = await self.conn.fetchval(

@@ -9,12 +9,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import ROUND_FLOOR, Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal
 from enum import StrEnum
 
 from omni_contracts import RefusalReason
 
 CENT = Decimal("0.01")
+
+ROUNDING = {"down": ROUND_FLOOR, "half_up": ROUND_HALF_UP, "up": ROUND_CEILING}
+"""How earned points are rounded (``LOYALTY_ROUNDING``)."""
 
 
 class EntryKind(StrEnum):
@@ -68,13 +71,14 @@ class EarnRules:
     points_per_unit: Decimal
     point_value: Decimal
     tiers: tuple[Tier, ...]
+    rounding: str = "down"
 
     def tier(self, name: str | None) -> Tier:
         """The tier called ``name`` (the lowest one when unknown or None)."""
         return next((t for t in self.tiers if t.name == name), self.tiers[0])
 
     def earn(self, lines: Iterable[tuple[str, int, Decimal]], tier: str | None) -> list[EarnedLine]:
-        """Points on each ``(sku, qty, unit_price)`` line, rounded down per SKU.
+        """Points on each ``(sku, qty, unit_price)`` line, rounded per SKU (down by default).
 
         Lines of one SKU are added up first, so a return of that SKU finds one figure.
         """
@@ -83,8 +87,9 @@ class EarnRules:
             q, v = by_sku.get(sku, (0, Decimal(0)))
             by_sku[sku] = (q + qty, v + price * qty)
         rate = self.points_per_unit * self.tier(tier).multiplier
+        mode = ROUNDING[self.rounding]
         return [
-            EarnedLine(sku, qty, value, int((value * rate).to_integral_value(ROUND_FLOOR)))
+            EarnedLine(sku, qty, value, int((value * rate).to_integral_value(mode)))
             for sku, (qty, value) in by_sku.items()
         ]
 

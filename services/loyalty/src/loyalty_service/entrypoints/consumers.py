@@ -22,6 +22,7 @@ from omni_contracts import (
     OrderReturnReceived,
     OrderShipped,
     ProfileErased,
+    ProfilesMerged,
     ProfileUpdated,
 )
 
@@ -47,7 +48,11 @@ def subscriptions(service: LoyaltyService) -> list[Subscription]:
         ),
         Subscription(
             CUSTOMER_PROFILE,
-            {ProfileUpdated: s.on_profile_updated, ProfileErased: s.on_profile_erased},
+            {
+                ProfileUpdated: s.on_profile_updated,
+                ProfilesMerged: s.on_profiles_merged,
+                ProfileErased: s.on_profile_erased,
+            },
         ),
         Subscription(INVENTORY_AVAILABILITY, {AvailabilityChanged: s.on_availability}),
     ]

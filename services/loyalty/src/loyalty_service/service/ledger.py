@@ -43,6 +43,7 @@ from omni_contracts import (
     PointsReleased,
     PointsReversed,
     ProfileErased,
+    ProfilesMerged,
     ProfileUpdated,
     TierChanged,
     utcnow,
@@ -636,48 +637,90 @@ class LoyaltyService:
             log.warning("card already linked to another account; left as is")
             return
         source = await w.repo.account(card_account_id)
-        moved = Buckets(
-            available=-source.available, pending=-source.pending, lifetime=-source.lifetime
-        )
-        await w.post(
-            source,
-            EntryKind.MOVED_OUT,
-            moved,
-            points=-(source.available + source.pending),
-            reason="card_linked",
-            cause=f"link:{card}:{card_account_id}:out",
-            at=now,
-        )
-        if -moved.available > 0:
-            await w.post(
-                account,
-                EntryKind.EARNED,
-                Buckets(available=-moved.available),
-                points=-moved.available,
-                reason="card_linked",
-                cause=f"link:{card}:{card_account_id}:available",
-                at=now,
-            )
-        if -moved.pending > 0:
-            await w.post(
-                account,
-                EntryKind.PENDING,
-                Buckets(pending=-moved.pending),
-                points=-moved.pending,
-                reason="card_linked",
-                cause=f"link:{card}:{card_account_id}:pending",
-                at=now,
-            )
-        if -moved.lifetime > 0:
-            await w.conn.execute(
-                "UPDATE accounts SET lifetime = lifetime + $2 WHERE account_id = $1",
-                account.account_id,
-                -moved.lifetime,
-            )
-            account.lifetime -= moved.lifetime
-        await w.repo.move_belongings(card_account_id, account.account_id)
+        await self._absorb(w, source, account, f"link:{card}:{card_account_id}", "card_linked", now)
         await w.repo.link_card(card, account.account_id)
         await self._active(w, account, now)
+
+    async def _absorb(
+        self, w: Work, source: Account, target: Account, cause: str, reason: str, now: datetime
+    ) -> None:
+        """Move everything ``source`` holds (points, orders, holds, purchases) to ``target``.
+
+        The source gets one ``moved_out`` entry emptying its buckets; the target one entry
+        per bucket, published as earned (spendable) and pending points.
+        """
+        moved = Buckets(
+            available=source.available,
+            pending=source.pending,
+            held=source.held,
+            lifetime=source.lifetime,
+        )
+        out = await w.post(
+            source,
+            EntryKind.MOVED_OUT,
+            Buckets(
+                available=-moved.available,
+                pending=-moved.pending,
+                held=-moved.held,
+                lifetime=-moved.lifetime,
+            ),
+            points=-(moved.available + moved.pending + moved.held),
+            reason=reason,
+            cause=f"{cause}:out",
+            at=now,
+        )
+        if out is None:
+            return  # moved before
+        if moved.available > 0:
+            await w.post(
+                target,
+                EntryKind.EARNED,
+                Buckets(available=moved.available),
+                points=moved.available,
+                reason=reason,
+                cause=f"{cause}:available",
+                at=now,
+            )
+        if moved.pending > 0:
+            await w.post(
+                target,
+                EntryKind.PENDING,
+                Buckets(pending=moved.pending),
+                points=moved.pending,
+                reason=reason,
+                cause=f"{cause}:pending",
+                at=now,
+            )
+        if moved.held > 0 or moved.lifetime > 0:
+            # Held points stay held (their orders are settled on the target now); lifetime
+            # follows. Not a change of the spendable balance: recorded, not published.
+            await w.post(
+                target,
+                EntryKind.ADJUSTED,
+                Buckets(held=moved.held, lifetime=moved.lifetime),
+                points=0,
+                reason=reason,
+                cause=f"{cause}:rest",
+                at=now,
+            )
+        await w.repo.move_belongings(source.account_id, target.account_id)
+
+    async def on_profiles_merged(self, event: ProfilesMerged, envelope: Envelope) -> None:
+        """Profiles of one shopper were merged: the merged accounts move to the survivor."""
+        async with self.work(envelope) as w:
+            if w is None:
+                return
+            now = self.clock()
+            target = await w.repo.ensure_customer_account(event.surviving_id)
+            for merged_id in sorted(set(event.merged_ids)):
+                source = await w.repo.customer_account(merged_id)
+                if source is None or source.account_id == target.account_id:
+                    continue
+                await self._absorb(
+                    w, source, target, f"merge:{source.account_id}", "profiles_merged", now
+                )
+                await w.repo.retire(source.account_id, target.account_id)
+            await self._active(w, target, now)
 
     # -- tiers ----------------------------------------------------------------------------
 
