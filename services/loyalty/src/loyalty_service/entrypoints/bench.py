@@ -1,17 +1,21 @@
 """``omni bench loyalty``: ledger throughput, and what loyalty in the saga costs a checkout.
 
-Two figures, each next to a baseline measured in the same run on the same broker:
+Two figures, each next to a baseline measured in the same run on the same stack:
 
-- ledger: ``order.lifecycle.v1`` events (in-store sales of known shoppers, each earning
-  points) applied per second by the loyalty service, against a bare consumer reading the
-  same events from the same topic;
-- checkouts: checkouts confirmed per second by order + inventory + loyalty when each redeems
-  points (loyalty a required saga participant), against the same services confirming
-  checkouts that redeem nothing.
+- ledger: in-store sales of known shoppers published on ``order.lifecycle.v1`` (as order
+  publishes them), and the ``loyalty.ledger.v1`` entries they earn counted as they arrive in
+  a consumer group of the bench's own: entries/s, against the raw broker's round trip rate;
+- checkouts: N checkouts redeeming points published at once and their outcomes counted on
+  ``order.lifecycle.v1`` (order + inventory + loyalty, loyalty a required participant),
+  against N checkouts redeeming nothing through the same services.
 
-The services run in this process (order and inventory found through the ``omni.services``
-entry points, as ``omni run`` finds them). Uses ``KAFKA_BOOTSTRAP_SERVERS`` and
-``DATABASE_URL`` when both are set, else starts an embedded Tansu and PostgreSQL.
+Runs against the dev stack when one is up, else a private stack of inventory, order and
+loyalty. The stack must run order with ``LOYALTY_IN_SAGA=true`` and loyalty with
+``LOYALTY_PENDING_DAYS=0`` (bench shoppers' points must be spendable at once): a private
+stack is started so.
+
+Registered on ``omni bench`` through the ``omni.bench`` entry point group (the devkit loads
+it; the loyalty service itself never imports it).
 """
 
 from __future__ import annotations
@@ -19,349 +23,357 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
-import tempfile
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import httpx
 import typer
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from omni_common.service import service_factories
-from omni_common.settings import ServiceSettings
-from omni_common.topics import create_topics
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from omni_contracts import (
+    LOYALTY_LEDGER,
+    ORDER_LIFECYCLE,
     CheckoutSubmitted,
     Event,
     OrderPlaced,
     StockAdjusted,
 )
 from omni_contracts.envelope import encode, new_envelope
+from omni_devkit.benchkit import (
+    StackTarget,
+    own_group_consumer,
+    raw_round_trip_rate,
+    stack_for,
+    until_assigned,
+)
 from omni_devkit.cli import bench_app, fail
-from omni_devkit.devstack.process import DevStackError, free_port
-from omni_devkit.testing.services import RunningService, running
+from omni_devkit.devstack.process import DevStackError
 
-from loyalty_service.entrypoints.app import create_app as create_loyalty
-from loyalty_service.settings import LoyaltySettings
-
-WAREHOUSE = "bench-wh"
+SERVICES = ("inventory", "order", "loyalty")
+STACK_ENV = {"LOYALTY_IN_SAGA": "true", "LOYALTY_PENDING_DAYS": "0"}
+POINTS = 100  # redeemed per checkout: 1.00 at the default point value
 SKUS = 16
-POINTS = 100  # redeemed per checkout (1.00 at the default point value)
+IDLE_S = 60.0
 
 
 @dataclass(frozen=True)
-class BenchWorld:
-    """A broker, a database server and a topic prefix for one run."""
+class LoyaltyResult:
+    """One run's figures."""
 
-    bootstrap: str
-    server_url: str
-    prefix: str
+    entries: int
+    ledger_seconds: float
+    raw_messages_per_s: float
+    checkouts: int
+    without_seconds: float
+    with_seconds: float
+    confirmed_without: int
+    confirmed_with: int
 
-    async def settings(self, service: str) -> ServiceSettings:
-        """Settings of one in-process service, with its own database."""
-        from omni_devkit.devstack.postgres import create_database
-
-        name = f"{self.prefix.strip('.')}_{service}"
-        return ServiceSettings(
-            service_name=service,
-            kafka_bootstrap_servers=self.bootstrap,
-            database_url=await create_database(self.server_url, name),
-            topic_prefix=self.prefix,
-            api_keys="bench=bench-key",
-            log_json=False,
-            log_level="WARNING",
-        )
-
-
-@contextlib.contextmanager
-def _infrastructure() -> Iterator[tuple[str, str]]:
-    bootstrap, database = os.environ.get("KAFKA_BOOTSTRAP_SERVERS"), os.environ.get("DATABASE_URL")
-    if bootstrap and database:
-        yield bootstrap, database
-        return
-    from omni_devkit.devstack.kafka import TansuBroker
-    from omni_devkit.devstack.postgres import EmbeddedPostgres
-
-    root = Path(tempfile.mkdtemp(prefix="omni-bench-"))
-    broker = TansuBroker(free_port(), log_path=root / "tansu.log")
-    postgres = EmbeddedPostgres(root / "pgdata", free_port(), fast=True)
-    broker.start()
-    postgres.start()
-    try:
-        yield broker.bootstrap_servers, postgres.url()
-    finally:
-        postgres.stop()
-        broker.stop()
+    def as_json(self) -> dict[str, Any]:
+        """The figures as one JSON object."""
+        without = self.checkouts / self.without_seconds if self.without_seconds else 0.0
+        with_ = self.checkouts / self.with_seconds if self.with_seconds else 0.0
+        return {
+            "entries": self.entries,
+            "ledger_entries_per_s": round(self.entries / self.ledger_seconds, 1),
+            "raw_messages_per_s": round(self.raw_messages_per_s, 1),
+            "checkouts": self.checkouts,
+            "checkouts_per_s_without_loyalty": round(without, 1),
+            "checkouts_per_s_with_loyalty": round(with_, 1),
+            "confirmed_without_loyalty": self.confirmed_without,
+            "confirmed_with_loyalty": self.confirmed_with,
+            "saga_cost_ratio": round(with_ / without, 2) if without else 0.0,
+        }
 
 
-class Publisher:
-    """Publishes contract events to prefixed topics, pipelined."""
-
-    def __init__(self, bootstrap: str, prefix: str) -> None:
-        self.prefix = prefix
-        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2)
-
-    async def __aenter__(self) -> Publisher:
-        await self._producer.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._producer.stop()
-
-    async def publish_all(self, events: list[Event]) -> None:
-        """Send every event, then wait for every acknowledgement."""
-        pending = []
-        for event in events:
-            envelope = new_envelope(event, source="/bench")
-            pending.append(
-                await self._producer.send(
-                    self.prefix + event.topic,
-                    encode(event),
-                    key=event.partition_key().encode(),
-                    headers=[(k, v.encode()) for k, v in envelope.headers().items()],
-                )
-            )
-        await asyncio.gather(*pending)
+def _send_args(event: Event, prefix: str) -> dict[str, Any]:
+    envelope = new_envelope(event, source="/channels/bench")
+    return {
+        "topic": prefix + event.topic,
+        "value": encode(event),
+        "key": (event.partition_key() or "").encode(),
+        "headers": [(k, v.encode()) for k, v in envelope.headers().items()],
+    }
 
 
-async def _count_records(
-    bootstrap: str, topic: str, wanted: int, match: Callable[[Any], bool], within_s: float
-) -> float:
-    """Seconds a bare consumer takes to read ``wanted`` matching records from the start."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, fetch_max_wait_ms=5)
-    await consumer.start()
-    try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        while not partitions:
-            await asyncio.sleep(0.05)
-            await consumer.topics()
-            partitions = consumer.partitions_for_topic(topic) or set()
-        assigned = [TopicPartition(topic, p) for p in partitions]
-        consumer.assign(assigned)
-        await consumer.seek_to_beginning(*assigned)
-        started = time.perf_counter()
-        seen = 0
-        while seen < wanted:
-            if time.perf_counter() - started > within_s:
-                raise DevStackError(f"only {seen} of {wanted} records on {topic}")
-            for records in (await consumer.getmany(timeout_ms=200)).values():
-                seen += sum(1 for r in records if match(r))
-        return time.perf_counter() - started
-    finally:
-        await consumer.stop()
-
-
-async def _until(read: Callable[[], Any], done: Callable[[Any], bool], within_s: float) -> None:
-    deadline = time.perf_counter() + within_s
-    while not done(await read()):
-        if time.perf_counter() > deadline:
-            raise DevStackError("the services did not finish in time")
-        await asyncio.sleep(0.05)
+async def _send_all(producer: AIOKafkaProducer, events: Iterable[Event], prefix: str) -> None:
+    sends = [await producer.send(**_send_args(e, prefix)) for e in events]
+    await asyncio.gather(*sends)
 
 
 def _sale(customer: str, euros: str) -> OrderPlaced:
+    """An in-store sale as order publishes it: an order born completed."""
     return OrderPlaced(
         order_id=f"ord_{uuid.uuid4().hex}",
         customer_id=customer,
         channel="store",
         status="completed",
-        lines=[{"sku": "BENCH-FUND", "qty": 1, "unit_price": {"amount": euros, "currency": "EUR"}}],
+        lines=[{"sku": "BENCH-TILL", "qty": 1, "unit_price": {"amount": euros, "currency": "EUR"}}],
         fulfillment={"type": "pickup", "location_id": "bench-store"},
     )
 
 
-def _checkout(customer: str, seq: int, points: int | None) -> CheckoutSubmitted:
+def _checkout(customer: str, sku: str, warehouse: str, points: int | None) -> CheckoutSubmitted:
     return CheckoutSubmitted(
         checkout_id=f"chk-{uuid.uuid4().hex}",
         customer_id=customer,
         channel="web",
-        lines=[
-            {
-                "sku": f"BENCH-{seq % SKUS}",
-                "qty": 1,
-                "unit_price": {"amount": "10.00", "currency": "EUR"},
-            }
-        ],
-        fulfillment={"type": "pickup", "location_id": WAREHOUSE},
-        payment={"reference": f"pay-{seq}", "authorized": {"amount": "10.00", "currency": "EUR"}},
+        lines=[{"sku": sku, "qty": 1, "unit_price": {"amount": "10.00", "currency": "EUR"}}],
+        fulfillment={"type": "pickup", "location_id": warehouse},
+        payment={
+            "reference": f"pay-{customer}",
+            "authorized": {"amount": "10.00", "currency": "EUR"},
+        },
         points_to_redeem=points,
     )
 
 
-async def _confirmed(order: RunningService, customers: list[str]) -> int:
-    return int(
-        await order.runtime.pool.fetchval(
-            "SELECT count(*) FROM orders WHERE customer_id = ANY($1::text[])"
-            " AND status IN ('confirmed', 'rejected')",
-            customers,
+async def _collect(
+    consumer: AIOKafkaConsumer,
+    wanted: int,
+    keep: Callable[[str, dict[str, Any]], str | None],
+    say: Callable[[str], None],
+    what: str,
+) -> dict[str, str]:
+    """Read until ``keep(ce_type, data)`` named ``wanted`` distinct things (id -> outcome)."""
+    found: dict[str, str] = {}
+    idle_since = last_progress = time.perf_counter()
+    while len(found) < wanted:
+        batches = await consumer.getmany(timeout_ms=500, max_records=5000)
+        now = time.perf_counter()
+        if not batches and now - idle_since > IDLE_S:
+            raise DevStackError(f"{what}: only {len(found)} of {wanted}, none for {IDLE_S:g} s")
+        for records in batches.values():
+            for record in records:
+                ce_type = dict(record.headers).get("ce_type", b"").decode()
+                data = json.loads(record.value)
+                key = keep(ce_type, data)
+                if key is not None and key not in found:
+                    found[key] = ce_type
+                    idle_since = now
+        if now - last_progress > 2:
+            say(f"  {what}: {len(found)}/{wanted} ...")
+            last_progress = now
+    return found
+
+
+async def _stock(
+    target: StackTarget,
+    producer: AIOKafkaProducer,
+    warehouse: str,
+    skus: list[str],
+    units: int,
+    transport: httpx.AsyncBaseTransport | None,
+) -> None:
+    async with httpx.AsyncClient(
+        base_url=target.url("inventory"),
+        headers={"Authorization": f"Bearer {target.api_key}"},
+        timeout=10,
+        transport=transport,
+    ) as http:
+        response = await http.put(
+            f"/locations/{warehouse}",
+            json={"name": "Bench warehouse", "kind": "warehouse", "offers_pickup": True},
         )
-    )
+        if response.status_code not in (200, 201):
+            raise DevStackError(f"inventory refused the bench warehouse: {response.text[:200]}")
+        await _send_all(
+            producer,
+            (
+                StockAdjusted(
+                    adjustment_id=uuid.uuid4().hex,
+                    location_id=warehouse,
+                    sku=sku,
+                    kind="receipt",
+                    delta=units,
+                    occurred_at=datetime.now(UTC),
+                )
+                for sku in skus
+            ),
+            target.topic_prefix,
+        )
+        deadline = time.monotonic() + 60
+        for sku in skus:  # stocked when inventory says so
+            while True:
+                answer = await http.get(f"/availability/{sku}")
+                rows = answer.json().get("locations", []) if answer.status_code == 200 else []
+                if any(r["location_id"] == warehouse and r["on_hand"] >= units for r in rows):
+                    break
+                if time.monotonic() > deadline:
+                    raise DevStackError(f"inventory did not stock {sku} within 60 s")
+                await asyncio.sleep(0.1)
 
 
 async def measure(
-    world: BenchWorld, *, entries: int, checkouts: int, say: Callable[[str], None]
-) -> dict[str, Any]:
-    """Run both measurements; the figures ``--json`` prints."""
-    await create_topics(world.bootstrap, prefix=world.prefix)
-    factories = service_factories()
-    loyalty_settings = LoyaltySettings.from_settings(
-        await world.settings("loyalty"), loyalty_pending_days=0, loyalty_timer_poll_s=0.05
-    )
-    previous = os.environ.get("LOYALTY_IN_SAGA")
-    os.environ["LOYALTY_IN_SAGA"] = "true"  # read by the order service's own settings
+    target: StackTarget,
+    *,
+    entries: int,
+    checkouts: int,
+    say: Callable[[str], None],
+    inventory_transport: httpx.AsyncBaseTransport | None = None,
+) -> LoyaltyResult:
+    """Both measurements and the raw broker rate beside them."""
+    run = uuid.uuid4().hex[:8]
+    prefix = target.topic_prefix
+    say(f"raw: {entries} messages through the broker ...")
+    raw = await raw_round_trip_rate(target.bootstrap, prefix + "bench.raw.loyalty", run, entries)
+    producer = AIOKafkaProducer(bootstrap_servers=target.bootstrap, linger_ms=5)
+    await producer.start()
     try:
-        order_app = factories["order"].load()(await world.settings("order"))
-    finally:
-        if previous is None:
-            os.environ.pop("LOYALTY_IN_SAGA", None)
-        else:
-            os.environ["LOYALTY_IN_SAGA"] = previous
-    inventory_app = factories["inventory"].load()(await world.settings("inventory"))
-    lifecycle = world.prefix + "order.lifecycle.v1"
-
-    async with (
-        running(inventory_app, api_key="bench-key") as inventory,
-        running(order_app, api_key="bench-key") as order,
-        running(create_loyalty(loyalty_settings), api_key="bench-key") as loyalty,
-        Publisher(world.bootstrap, world.prefix) as publisher,
-    ):
-        # -- ledger entries per second from order.lifecycle.v1 --------------------------------
-        say(f"ledger: {entries} in-store sales of known shoppers on order.lifecycle.v1 ...")
-        shoppers = [f"bench-ledger-{i}" for i in range(max(1, entries // 10))]
-        sales = [_sale(shoppers[i % len(shoppers)], "12.00") for i in range(entries)]
-        ledger_count = "SELECT count(*) FROM ledger WHERE kind = 'pending'"
-        before = await loyalty.runtime.pool.fetchval(ledger_count)
-        started = time.perf_counter()
-        await publisher.publish_all(list(sales))
-        await _until(
-            lambda: loyalty.runtime.pool.fetchval(ledger_count),
-            lambda n: n - before >= entries,
-            within_s=120 + entries / 20,
-        )
-        ledger_s = time.perf_counter() - started
-        sale_ids = {s.order_id.encode() for s in sales}
-        raw_s = await _count_records(
-            world.bootstrap, lifecycle, entries, lambda r: r.key in sale_ids, within_s=120
-        )
-
-        # -- checkouts with and without loyalty in the saga -----------------------------------
-        say(f"checkouts: stock, and {checkouts} shoppers with points ...")
-        response = await inventory.http.put(
-            f"/locations/{WAREHOUSE}",
-            json={
-                "name": "Bench",
-                "kind": "warehouse",
-                "ships_online": True,
-                "offers_pickup": True,
-            },
-        )
-        response.raise_for_status()
-        await publisher.publish_all(
-            [
-                StockAdjusted(
-                    adjustment_id=f"adj-{uuid.uuid4().hex}",
-                    location_id=WAREHOUSE,
-                    sku=f"BENCH-{i}",
-                    kind="receipt",
-                    delta=10 * checkouts + 100,
-                    occurred_at=datetime.now(UTC),
-                )
-                for i in range(SKUS)
-            ]
-        )
-        spenders = [f"bench-spender-{uuid.uuid4().hex[:8]}" for _ in range(checkouts)]
-        await publisher.publish_all([_sale(c, f"{POINTS}.00") for c in spenders])
-        await _until(
-            lambda: loyalty.runtime.pool.fetchval(
-                "SELECT count(*) FROM accounts WHERE customer_id = ANY($1::text[])"
-                " AND available >= $2",
-                spenders,
-                POINTS,
-            ),
-            lambda n: n >= checkouts,
-            within_s=120 + checkouts / 10,
-        )
-        await asyncio.sleep(1.0)  # stock receipts settled
-
-        rates: dict[str, float] = {}
-        confirmed: dict[str, int] = {}
-        for phase, customers, points in (
-            ("without", [f"bench-plain-{uuid.uuid4().hex[:8]}" for _ in range(checkouts)], None),
-            ("with", spenders, POINTS),
+        async with (
+            own_group_consumer(
+                target.bootstrap, prefix + LOYALTY_LEDGER, f"bench-{run}-ledger"
+            ) as ledger,
+            own_group_consumer(
+                target.bootstrap, prefix + ORDER_LIFECYCLE, f"bench-{run}-web"
+            ) as lifecycle,
         ):
-            say(f"checkouts {phase} loyalty in the saga: {checkouts} ...")
+            await until_assigned([ledger, lifecycle])
+
+            # -- ledger entries per second ----------------------------------------------------
+            shoppers = [f"bench-{run}-s{i}" for i in range(max(1, entries // 10))]
+            sales = [_sale(shoppers[i % len(shoppers)], "12.00") for i in range(entries)]
+            ids = {s.order_id for s in sales}
+            say(f"ledger: {entries} in-store sales on order.lifecycle.v1 ...")
             started = time.perf_counter()
-            await publisher.publish_all([_checkout(c, i, points) for i, c in enumerate(customers)])
-            await _until(
-                lambda cs=customers: _confirmed(order, cs),
-                lambda n: n >= checkouts,
-                within_s=120 + checkouts / 5,
+            await _send_all(producer, sales, prefix)
+            await _collect(
+                ledger,
+                entries,
+                lambda t, d: (
+                    d["order_id"]
+                    if t == "loyalty.points.pending" and d.get("order_id") in ids
+                    else None
+                ),
+                say,
+                "ledger entries",
             )
-            rates[phase] = checkouts / (time.perf_counter() - started)
-            confirmed[phase] = int(
-                await order.runtime.pool.fetchval(
-                    "SELECT count(*) FROM orders WHERE customer_id = ANY($1::text[])"
-                    " AND status = 'confirmed'",
-                    customers,
+            ledger_s = time.perf_counter() - started
+
+            # -- checkouts without and with points ----------------------------------------------
+            sku_ids = [f"BENCH-{run}-{i:02d}" for i in range(SKUS)]
+            warehouse = f"bench-{run}-wh"
+            units = 2 * checkouts // SKUS + 2  # enough for both phases: no stock refusal
+            say(f"stocking {SKUS} SKUs x {units} units, funding {checkouts} shoppers ...")
+            await _stock(target, producer, warehouse, sku_ids, units, inventory_transport)
+            spenders = [f"bench-{run}-p{i}" for i in range(checkouts)]
+            funded = set(spenders)
+            await _send_all(producer, (_sale(c, f"{POINTS}.00") for c in spenders), prefix)
+            await _collect(
+                ledger,
+                checkouts,
+                lambda t, d: (
+                    d["customer_id"]
+                    if t == "loyalty.points.available" and d["customer_id"] in funded
+                    else None
+                ),
+                say,
+                "funded shoppers (needs LOYALTY_PENDING_DAYS=0)",
+            )
+            phases: dict[str, tuple[float, int]] = {}
+            for phase, customers, points in (
+                ("without", [f"bench-{run}-n{i}" for i in range(checkouts)], None),
+                ("with", spenders, POINTS),
+            ):
+                say(f"checkouts {phase} points: {checkouts} at once ...")
+                mine = set(customers)
+                awaiting: set[str] = set()
+
+                def outcome(
+                    t: str, d: dict[str, Any], mine: set[str] = mine, awaiting: set[str] = awaiting
+                ) -> str | None:
+                    if d.get("customer_id") not in mine:
+                        return None
+                    if t == "order.placed" and "loyalty" in (d.get("awaiting") or []):
+                        awaiting.add(d["order_id"])
+                    return d["order_id"] if t in ("order.confirmed", "order.rejected") else None
+
+                started = time.perf_counter()
+                await _send_all(
+                    producer,
+                    (
+                        _checkout(c, sku_ids[i % SKUS], warehouse, points)
+                        for i, c in enumerate(customers)
+                    ),
+                    prefix,
                 )
-            )
-    return {
-        "entries": entries,
-        "ledger_entries_per_s": round(entries / ledger_s, 1),
-        "raw_consume_per_s": round(entries / raw_s, 1),
-        "checkouts": checkouts,
-        "checkouts_per_s_without_loyalty": round(rates["without"], 1),
-        "checkouts_per_s_with_loyalty": round(rates["with"], 1),
-        "confirmed_without_loyalty": confirmed["without"],
-        "confirmed_with_loyalty": confirmed["with"],
-        "saga_cost_ratio": round(rates["with"] / rates["without"], 2),
-    }
+                outcomes = await _collect(lifecycle, checkouts, outcome, say, "outcomes")
+                seconds = time.perf_counter() - started
+                confirmed = sum(1 for t in outcomes.values() if t == "order.confirmed")
+                if points and len(awaiting) < checkouts:
+                    raise DevStackError(
+                        "loyalty is not in the saga: run order with LOYALTY_IN_SAGA=true"
+                    )
+                phases[phase] = (seconds, confirmed)
+    finally:
+        await producer.stop()
+    return LoyaltyResult(
+        entries=entries,
+        ledger_seconds=ledger_s,
+        raw_messages_per_s=raw,
+        checkouts=checkouts,
+        without_seconds=phases["without"][0],
+        with_seconds=phases["with"][0],
+        confirmed_without=phases["without"][1],
+        confirmed_with=phases["with"][1],
+    )
 
 
-@contextlib.asynccontextmanager
-async def _world(bootstrap: str, database: str) -> AsyncIterator[BenchWorld]:
-    yield BenchWorld(bootstrap, database, f"bench{uuid.uuid4().hex[:8]}.")
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set env vars for a private stack's processes (they inherit them), then restore."""
+    previous = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @bench_app.command("loyalty")
-def bench_loyalty(
-    entries: int = typer.Option(1000, min=10, help="order.lifecycle.v1 events for the ledger"),
-    checkouts: int = typer.Option(200, min=10, help="checkouts per phase"),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON line"),
+def loyalty(
+    entries: Annotated[int, typer.Option(min=10, help="Sales for the ledger figure")] = 2000,
+    checkouts: Annotated[int, typer.Option(min=10, help="Checkouts per phase")] = 500,
+    embedded: Annotated[
+        bool, typer.Option("--embedded", help="Start a private broker, database and services")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line")] = False,
 ) -> None:
-    """Ledger entries/s from order.lifecycle.v1; checkouts/s with loyalty in the saga vs not."""
+    """Ledger entries/s from order.lifecycle.v1; checkouts/s with loyalty in the saga against
+    without it; the raw broker rate beside them."""
 
     def say(line: str) -> None:
         if not as_json:
-            typer.echo(line, err=True)
-
-    # The services run in this process: their per-message logs would drown the figures.
-    logging.getLogger("faststream").setLevel(logging.WARNING)
-
-    async def run(bootstrap: str, database: str) -> dict[str, Any]:
-        async with _world(bootstrap, database) as world:
-            return await measure(world, entries=entries, checkouts=checkouts, say=say)
+            typer.echo(line)
+            sys.stdout.flush()
 
     try:
-        with _infrastructure() as (bootstrap, database):
-            result = asyncio.run(run(bootstrap, database))
-    except (DevStackError, OSError) as exc:
-        fail(f"bench loyalty: {exc}")
+        with _environment(STACK_ENV), stack_for(SERVICES, embedded=embedded, say=say) as target:
+            result = asyncio.run(measure(target, entries=entries, checkouts=checkouts, say=say))
+    except DevStackError as exc:
+        fail(str(exc))
+    except (OSError, httpx.HTTPError) as exc:
+        fail(f"the stack did not answer: {type(exc).__name__}: {exc}")
+    figures = result.as_json()
     if as_json:
-        typer.echo(json.dumps(result))
+        typer.echo(json.dumps(figures))
         return
     typer.echo(
-        f"ledger: {result['ledger_entries_per_s']} entries/s applied from order.lifecycle.v1"
-        f" (bare consumer: {result['raw_consume_per_s']} events/s)"
+        f"ledger: {figures['ledger_entries_per_s']} entries/s applied from order.lifecycle.v1"
+        f" ({figures['entries']} sales); raw broker {figures['raw_messages_per_s']} msgs/s"
     )
     typer.echo(
-        f"checkouts: {result['checkouts_per_s_with_loyalty']}/s with loyalty in the saga vs"
-        f" {result['checkouts_per_s_without_loyalty']}/s without"
-        f" (ratio {result['saga_cost_ratio']}; confirmed {result['confirmed_with_loyalty']}"
-        f" and {result['confirmed_without_loyalty']} of {result['checkouts']})"
+        f"checkouts: {figures['checkouts_per_s_with_loyalty']}/s redeeming points (loyalty in"
+        f" the saga) vs {figures['checkouts_per_s_without_loyalty']}/s without"
+        f" (ratio {figures['saga_cost_ratio']}); confirmed {figures['confirmed_with_loyalty']}"
+        f" and {figures['confirmed_without_loyalty']} of {figures['checkouts']}"
     )
