@@ -596,10 +596,10 @@ class LoyaltyService:
         await w.repo.record_purchases(account.account_id, skus)
 
     def _paid_share(self, order: OrderRecord) -> Decimal:
-        # Points earn on what was paid in money, not on what points paid for.
-        if not order.points_to_redeem or order.gross <= 0:
+        # Points earn on what was paid in money, not on what redeemed points paid for.
+        if not order.redeemed or order.gross <= 0:
             return Decimal(1)
-        value = self.rules.value_of(order.points_to_redeem)
+        value = self.rules.value_of(order.redeemed)
         return max(order.gross - value, Decimal(0)) / order.gross
 
     async def _pending_closed(self, w: Work, order_id: str, _payload: dict[str, Any]) -> None:
