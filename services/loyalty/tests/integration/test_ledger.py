@@ -143,6 +143,11 @@ async def test_the_balance_is_the_sum_of_the_ledger_and_the_ledger_is_append_onl
         await loyalty.sale(customer, (uid("SKU"), 1, price))
     account = await loyalty.account_until(customer, lambda a: a["available"] == 8)
     assert account["available"] == 8  # 3 + 4 + 1, each rounded down
+    registry = loyalty.service.runtime.metrics.registry
+    labels = {"service": "loyalty", "kind": "pending"}
+    assert (registry.get_sample_value("omni_loyalty_ledger_entries_total", labels) or 0) >= 3
+    metrics = (await loyalty.service.http.get("/metrics")).text
+    assert "omni_loyalty_points_total" in metrics
     async with loyalty.pool.acquire() as conn:
         sums = await conn.fetchrow(
             "SELECT sum(l.available_delta) AS available, sum(l.pending_delta) AS pending,"
