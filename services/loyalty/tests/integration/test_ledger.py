@@ -217,6 +217,23 @@ async def test_concurrent_checkouts_hold_no_more_points_than_there_are(loyalty: 
     assert kinds.count("loyalty.points.held") == 5 and kinds.count("loyalty.points.refused") == 7
     account = await loyalty.account(customer)
     assert (account["available"], account["held"]) == (0, 500)
+    # A held order sent again (a new event id) is not refused now that the points are gone.
+    winner = next(
+        json.loads(r.value)["order_id"]
+        for r in outcomes
+        if record_headers(r)["ce_type"] == "loyalty.points.held"
+    )
+    await loyalty.channel.publish(
+        OrderPlaced(
+            order_id=winner,
+            customer_id=customer,
+            channel=Channel.WEB,
+            lines=[{"sku": "X", "qty": 1, "unit_price": money("5.00")}],
+            fulfillment={"type": "pickup", "location_id": STORE},
+            points_to_redeem=100,
+            awaiting=["inventory", "loyalty"],
+        )
+    )
     # An order that does not await loyalty holds nothing (loyalty is not in its saga).
     await loyalty.channel.publish(
         OrderPlaced(

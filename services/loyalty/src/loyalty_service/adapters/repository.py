@@ -99,6 +99,9 @@ class LoyaltyRepository:
 
     async def ensure_customer_account(self, customer_id: str) -> Account:
         """The customer's account, opened with no points if there is none; locked."""
+        account = await self.customer_account(customer_id)
+        if account is not None:
+            return account
         await self.conn.execute(
             "INSERT INTO accounts (customer_id) VALUES ($1) ON CONFLICT (customer_id) DO NOTHING",
             customer_id,

@@ -469,6 +469,8 @@ class LoyaltyService:
 
     async def _hold(self, w: Work, event: OrderPlaced, now: datetime) -> None:
         wanted = event.points_to_redeem or 0
+        if await w.repo.hold(event.order_id) is not None:
+            return  # the same order again (a resend): it holds already
         account = await w.repo.customer_account(event.customer_id) if event.customer_id else None
         if account is not None and account.erased:
             account = None
