@@ -214,9 +214,18 @@ async def test_concurrent_checkouts_hold_no_more_points_than_there_are(loyalty: 
         ),
     )
     kinds = [record_headers(r)["ce_type"] for r in outcomes]
-    assert kinds.count("loyalty.points.held") == 5 and kinds.count("loyalty.points.refused") == 7
+    assert len(kinds) == 12
+    # Five holds at least (more only if a 2 s hold lapsed and gave its points back meanwhile).
+    assert kinds.count("loyalty.points.held") >= 5 and kinds.count("loyalty.points.refused") >= 1
+    async with loyalty.pool.acquire() as conn:
+        most_held = await conn.fetchval(
+            "SELECT max(held) FROM (SELECT sum(l.held_delta) OVER (ORDER BY l.entry_id) AS held"
+            " FROM ledger l JOIN accounts a USING (account_id) WHERE a.customer_id = $1) s",
+            customer,
+        )
+    assert most_held == 500  # never more held at once than there were points
     account = await loyalty.account(customer)
-    assert (account["available"], account["held"]) == (0, 500)
+    assert account["available"] + account["held"] == 500
     # A held order sent again (a new event id) is not refused now that the points are gone.
     winner = next(
         json.loads(r.value)["order_id"]
@@ -396,3 +405,27 @@ async def test_merged_profiles_bring_their_points_to_the_surviving_account(
     await loyalty.sale(None, (uid("SKU"), 1, "3.00"), card=card)
     account = await loyalty.account_until(survivor, lambda a: a["available"] == 20)
     assert account["available"] == 20
+
+
+async def test_a_manual_adjustment_is_applied_once_and_never_below_zero(loyalty: Loyalty) -> None:
+    customer = uid("cust")
+    await loyalty.sale(customer, (uid("SKU"), 1, "30.00"))
+    await loyalty.account_until(customer, lambda a: a["available"] == 30)
+    url = f"/accounts/{customer}/adjustments"
+    body = {"adjustment_id": uid("adj"), "points": 20, "reason": "goodwill"}
+    first = await loyalty.service.http.post(url, json=body)
+    assert first.status_code == 201, first.text
+    assert first.json()["balance"] == 50 and first.json()["kind"] == "earned"
+    assert (await loyalty.service.http.post(url, json=body)).status_code == 200  # once
+    earned = await loyalty.entry(customer, "loyalty.points.earned")
+    assert earned["points"] == 20 and earned["reason"] == "adjusted:goodwill"
+    too_much = {"adjustment_id": uid("adj"), "points": -51, "reason": "fraud"}
+    assert (await loyalty.service.http.post(url, json=too_much)).status_code == 422
+    taken = {"adjustment_id": uid("adj"), "points": -50, "reason": "fraud"}
+    assert (await loyalty.service.http.post(url, json=taken)).json()["balance"] == 0
+    reversed_ = await loyalty.entry(customer, "loyalty.points.reversed")
+    assert reversed_["points"] == -50 and reversed_["balance"] == 0
+    zero = {"adjustment_id": uid("adj"), "points": 0, "reason": "x"}
+    assert (await loyalty.service.http.post(url, json=zero)).status_code == 422
+    nobody = await loyalty.service.http.post(f"/accounts/{uid('nobody')}/adjustments", json=taken)
+    assert nobody.status_code == 404

@@ -9,10 +9,11 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request
+from fastapi.responses import JSONResponse
 from omni_common.http import Channel
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
-from loyalty_service.service.ledger import LoyaltyService
+from loyalty_service.service.ledger import LoyaltyService, NotEnoughPoints, UnknownAccount
 
 router = APIRouter(tags=["loyalty"])
 
@@ -95,3 +96,62 @@ async def get_ledger(
         raise HTTPException(status_code=404, detail=f"no loyalty account for {customer_id}")
     next_before = entries[-1]["entry_id"] if len(entries) == limit else None
     return {"entries": entries, "next_before": next_before}
+
+
+class AdjustmentBody(BaseModel):
+    """A manual correction: points added (positive) or taken (negative)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adjustment_id: str = Field(min_length=1, max_length=200, description="Idempotency key")
+    points: int = Field(description="Signed, not zero")
+    reason: str = Field(min_length=1, max_length=100, examples=["goodwill", "fraud"])
+
+
+@router.post(
+    "/accounts/{customer_id}/adjustments",
+    response_model=EntryView,
+    status_code=201,
+    responses={
+        200: {"description": "This adjustment was applied before"},
+        404: {"description": "No such account"},
+        422: {"description": "Zero points, or more taken than available"},
+    },
+)
+async def post_adjustment(
+    customer_id: Identifier, body: AdjustmentBody, request: Request, channel: Channel
+) -> Any:
+    """Correct a shopper's spendable points, once per ``adjustment_id``."""
+    if body.points == 0:
+        raise HTTPException(status_code=422, detail="an adjustment needs non-zero points")
+    service = _service(request)
+    try:
+        entry = await service.adjust(
+            customer_id,
+            adjustment_id=body.adjustment_id,
+            points=body.points,
+            reason=body.reason,
+            by=channel,
+        )
+    except UnknownAccount:
+        raise HTTPException(
+            status_code=404, detail=f"no loyalty account for {customer_id}"
+        ) from None
+    except NotEnoughPoints as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from None
+    if entry is None:
+        return JSONResponse(
+            {"detail": f"adjustment {body.adjustment_id} was applied before"}, status_code=200
+        )
+    return {
+        "entry_id": entry.entry_id,
+        "kind": entry.kind.value,
+        "points": entry.points,
+        "available_delta": entry.points,
+        "pending_delta": 0,
+        "held_delta": 0,
+        "balance": entry.balance,
+        "reason": entry.reason,
+        "order_id": None,
+        "occurred_at": entry.occurred_at,
+    }

@@ -161,6 +161,18 @@ class Work:
         await self.tx.emit(event, caused_by=self.envelope, correlation_id=correlation)
 
 
+class UnknownAccount(LookupError):
+    """No (or an erased) loyalty account for a customer."""
+
+
+class NotEnoughPoints(ValueError):
+    """A correction would take the spendable balance below zero."""
+
+    def __init__(self, available: int) -> None:
+        super().__init__(f"only {available} points are available")
+        self.available = available
+
+
 class LoyaltyService:
     """Applies orders, profiles, stock and timers to the points ledger."""
 
@@ -425,6 +437,40 @@ class LoyaltyService:
                 event.online_available,
                 event.changed_at,
             )
+
+    # -- corrections ----------------------------------------------------------------------
+
+    async def adjust(
+        self, customer_id: str, *, adjustment_id: str, points: int, reason: str, by: str
+    ) -> Entry | None:
+        """A manual correction of a shopper's spendable points, once per ``adjustment_id``.
+
+        Published as ``loyalty.points.earned`` (added) or ``loyalty.points.reversed``
+        (taken). Raises :class:`UnknownAccount`, or :class:`NotEnoughPoints` when it would
+        take the balance below zero; returns None when this adjustment was applied before.
+        """
+        async with self.work() as w:
+            assert w is not None
+            account = await w.repo.customer_account(customer_id)
+            if account is None or account.erased:
+                raise UnknownAccount(customer_id)
+            if account.available + points < 0:
+                raise NotEnoughPoints(account.available)
+            kind = EntryKind.EARNED if points > 0 else EntryKind.REVERSED
+            now = self.clock()
+            entry = await w.post(
+                account,
+                kind,
+                Buckets(available=points, lifetime=max(points, 0)),
+                points=points,
+                reason=f"adjusted:{reason}",
+                cause=f"adjust:{adjustment_id}",
+                at=now,
+            )
+            if entry is not None:
+                log.info("points adjusted by %s (%+d)", by, points)
+                await self._active(w, account, now)
+            return entry
 
     # -- reads ----------------------------------------------------------------------------
 
