@@ -615,10 +615,8 @@ class LoyaltyService:
         if account is None:
             await w.repo.record_basket(None, pairs(skus))
             return
-        lines = [
-            (ln["sku"], ln["qty"], Decimal(ln["unit_price"]) * self._paid_share(order))
-            for ln in order.lines
-        ]
+        share = self._paid_share(order)
+        lines = [(ln["sku"], ln["qty"], Decimal(ln["unit_price"]) * share) for ln in order.lines]
         earned = self.rules.earn(lines, account.tier)
         available_at = now + self.settings.pending_window
         if not await w.repo.add_earning(order.order_id, account.account_id, earned, available_at):
@@ -637,7 +635,9 @@ class LoyaltyService:
                 at=now,
             )
         await set_timer(w.conn, PENDING_TIMER, order.order_id, available_at)
-        await w.repo.add_spend(account.account_id, f"order:{order.order_id}", order.gross, now)
+        # Qualifying spend is money spent: what points paid for does not qualify.
+        spent = (order.gross * share).quantize(Decimal("0.01"))
+        await w.repo.add_spend(account.account_id, f"order:{order.order_id}", spent, now)
         await self._maybe_upgrade(w, account, now)
         await self._active(w, account, now)
         await self._offer(w, account, skus, order.order_id, now)
