@@ -95,7 +95,7 @@ def dev_up(
     ] = None,
     state_dir: StateDirOption = None,
 ) -> None:
-    """Start PostgreSQL, Kafka (Tansu), the topics and every service."""
+    """Start PostgreSQL, Kafka (Apache Kafka given Java 17+, else Tansu), topics, services."""
     from omni_devkit.devstack.stack import DevStack, handle_termination
 
     config = _config(state_dir, kafka_port, pg_port, http_base_port)
