@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # proven. TANSU_SUBSET= (empty) skips that second run.
 TANSU_SUBSET ?= -m tansu
 
-.PHONY: setup run test lint bench down clean
+.PHONY: setup run test lint bench down clean contracts
 
 setup:
 	@if [ ! -x "$(UV)" ]; then \
@@ -53,3 +53,8 @@ down:
 clean: down
 	rm -rf .omni .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -not -path './.venv/*' -not -path './.tools/*' -prune -exec rm -rf {} +
+
+# Regenerate the committed contract (docs/asyncapi.yaml) after changing an event model.
+contracts: setup
+	$(RUN) omni docs asyncapi --output docs/asyncapi.yaml
+	$(RUN) omni contracts check --against HEAD
