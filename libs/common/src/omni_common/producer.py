@@ -61,40 +61,50 @@ async def idempotence_supported(
     """Whether the broker hands out producer ids (``InitProducerId``), and why not.
 
     ``client_kwargs`` are the connection's security options (``security_protocol``,
-    ``ssl_context``, ``sasl_*``). A broker that cannot be asked, or whose coordinator is
-    still loading after ``timeout_s``, counts as "supported": the producer then finds out
-    itself and fails loudly rather than silently losing the guarantee.
+    ``ssl_context``, ``sasl_*``). Asks again while the broker cannot be reached or its
+    coordinator is still loading, up to ``timeout_s``. A broker that never answered counts
+    as "not supported": an idempotent producer on a broker without producer ids never
+    sends anything, a plain one only risks duplicates, which the inbox absorbs.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    client = AIOKafkaClient(bootstrap_servers=bootstrap, **client_kwargs)
-    try:
-        await asyncio.wait_for(client.bootstrap(), timeout_s)
-        brokers = list(client.cluster.brokers())
-        if not brokers:
-            return True, "no broker in the metadata to ask"
-        while True:
-            request = InitProducerIdRequest(transactional_id=None, transaction_timeout_ms=60_000)
+    why = "no answer"
+    while True:
+        client = AIOKafkaClient(bootstrap_servers=bootstrap, **client_kwargs)
+        try:
             remaining = max(0.5, deadline - loop.time())
-            response = await asyncio.wait_for(client.send(brokers[0].nodeId, request), remaining)
-            if response.error_code == 0 and response.producer_id >= 0:
-                return True, "InitProducerId answered a producer id"
-            if response.error_code not in _RETRIABLE_COORDINATOR_ERRORS:
-                return False, f"InitProducerId answered error {response.error_code}"
-            if loop.time() > deadline:
-                return True, f"coordinator still loading (error {response.error_code})"
-            # A fresh Kafka creates and loads __transaction_state on the first request.
-            await asyncio.sleep(0.1)
-    except Exception as exc:  # unreachable now: the producer itself will retry or fail
-        return True, f"could not ask the broker ({type(exc).__name__})"
-    finally:
-        with contextlib.suppress(Exception):
-            await client.close()
+            await asyncio.wait_for(client.bootstrap(), remaining)
+            brokers = list(client.cluster.brokers())
+            if brokers:
+                request = InitProducerIdRequest(
+                    transactional_id=None, transaction_timeout_ms=60_000
+                )
+                remaining = max(0.5, deadline - loop.time())
+                sent = client.send(brokers[0].nodeId, request)
+                response = await asyncio.wait_for(sent, remaining)
+                if response.error_code == 0 and response.producer_id >= 0:
+                    return True, "InitProducerId answered a producer id"
+                if response.error_code not in _RETRIABLE_COORDINATOR_ERRORS:
+                    return False, f"InitProducerId answered error {response.error_code}"
+                # A fresh Kafka creates and loads __transaction_state on the first request.
+                why = f"coordinator not ready (error {response.error_code})"
+            else:
+                why = "no broker in the metadata"
+        except Exception as exc:  # not reachable yet
+            why = f"could not ask the broker ({type(exc).__name__})"
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
+        if loop.time() >= deadline:
+            return False, f"{why} within {timeout_s:g}s"
+        await asyncio.sleep(0.2)
 
 
-async def producer_options(bootstrap: str, **client_kwargs: Any) -> ProducerOptions:
+async def producer_options(
+    bootstrap: str, timeout_s: float = 10.0, **client_kwargs: Any
+) -> ProducerOptions:
     """``acks=all``, idempotence where the broker supports it, and the size limit."""
-    supported, why = await idempotence_supported(bootstrap, **client_kwargs)
+    supported, why = await idempotence_supported(bootstrap, timeout_s, **client_kwargs)
     if supported:
         log.info("producer: acks=all, idempotent (%s)", why)
     else:

@@ -141,6 +141,8 @@ async def read_dead_letters(
     try:
         await asyncio.wait_for(consumer.start(), timeout_s)
     except (KafkaError, OSError, TimeoutError) as exc:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
         raise DlqError(f"cannot reach the Kafka broker at {bootstrap}: {exc}") from None
     try:
         partitions = await _partitions(consumer, dlq_topic)
@@ -205,6 +207,8 @@ async def replay(
     try:
         await producer.start()
     except (KafkaError, OSError) as exc:
+        with contextlib.suppress(Exception):
+            await producer.stop()
         raise DlqError(f"cannot reach the Kafka broker at {bootstrap}: {exc}") from None
     done = 0
     try:

@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal, Protocol
+from typing import IO, Literal
 
 from omni_common.producer import idempotence_supported
 from omni_common.topics import wait_for_broker, wait_for_group_coordinator
@@ -399,7 +399,9 @@ class ApacheKafkaBroker:
             run_blocking(wait_for_group_coordinator(self.bootstrap_servers, remaining))
             # ... and the first producer id creates __transaction_state: likewise.
             remaining = max(1.0, deadline - time.monotonic())
-            run_blocking(idempotence_supported(self.bootstrap_servers, remaining))
+            supported, why = run_blocking(idempotence_supported(self.bootstrap_servers, remaining))
+            if not supported:
+                raise DevStackError(f"no producer id from the broker: {why}")
         except Exception as exc:
             self.stop()
             raise DevStackError(f"Apache Kafka started but did not answer: {exc}") from exc
@@ -558,23 +560,6 @@ class ApacheKafkaBroker:
 
 
 # -- choosing one ------------------------------------------------------------------------------
-
-
-class EmbeddedBroker(Protocol):
-    """What the dev stack and the fixtures need of a broker they start."""
-
-    port: int
-    host: str
-
-    @property
-    def bootstrap_servers(self) -> str: ...
-
-    @property
-    def pid(self) -> int | None: ...
-
-    def start(self, timeout: float = ...) -> None: ...
-
-    def stop(self, timeout: float = ...) -> None: ...
 
 
 @dataclass(frozen=True)
