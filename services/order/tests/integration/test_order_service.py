@@ -175,6 +175,7 @@ def checkout_body(
 # -- tests -------------------------------------------------------------------------------------
 
 
+@pytest.mark.tansu
 async def test_a_checkout_is_placed_then_confirmed_or_rejected(w: World) -> None:
     body = checkout_body()
     order_id = await w.place(body)
@@ -412,6 +413,7 @@ async def test_a_return_is_received_where_handed_in_and_refunded_once(w: World) 
     assert [r["return_id"] for r in view["returns"]] == [back.return_id]
 
 
+@pytest.mark.tansu
 async def test_illegal_and_unknown_fulfilment_events_are_dead_lettered(w: World) -> None:
     illegal_before = w.metric("omni_order_illegal_transitions_total")
     order_id = await w.place(checkout_body())
