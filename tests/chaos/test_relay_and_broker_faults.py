@@ -34,7 +34,7 @@ from omni_common.settings import ServiceSettings
 
 async def main():
     runtime = ServiceRuntime(ServiceSettings())
-    await runtime.kafka.broker.connect()
+    await runtime.kafka.connect()
     await runtime.relay.start()
     await asyncio.Event().wait()
 
