@@ -97,7 +97,7 @@ async def test_a_shopper_who_prefers_push_gets_a_decryptable_web_push(
         assert payload["title"] == "You left something in your cart"
         assert payload["url"] == f"https://shop.example/cart/{cart.cart_id}"
         assert message.claims["aud"] == push_endpoint.origin
-        assert message.headers["Topic"] == payload["notification_id"].replace("-", "")[:32]
+        assert message.headers["topic"] == payload["notification_id"].replace("-", "")[:32]
         (row,) = await ev.settled(svc, customer)
         assert row["status"] == "sent" and row["channel"] == "push"
     assert smtp_server.messages_to(address) == []
@@ -220,7 +220,7 @@ async def test_out_of_stock_items_are_left_out_and_none_left_offers_an_alert(
         assert ("cart_reminder", "suppressed", "out_of_stock") in by_kind
         # The cap of two marketing messages a day is reached by the alert offer.
         assert ("stock_alert_offer", "sent", None) in by_kind
-        offer = await smtp_server.wait_for(address, 2)[-1]
+        offer = (await smtp_server.wait_for(address, 2))[-1]
         assert "SKU-SOLD-OUT" in offer.get_body(preferencelist=("plain",)).get_content()
 
 

@@ -94,7 +94,7 @@ class PushMessage:
 
     subscription_id: str
     payload: bytes
-    headers: dict[str, str]
+    headers: dict[str, str]  # lower-case names
     claims: dict[str, Any]
 
     def json(self) -> Any:
@@ -241,7 +241,8 @@ class PushEndpoint:
         except Exception as exc:
             self.rejected.append(f"decrypt: {exc}")
             return web.Response(status=400, text=f"cannot decrypt: {exc}")
-        self.messages.append(PushMessage(sub.id, payload, dict(request.headers), claims))
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.messages.append(PushMessage(sub.id, payload, headers, claims))
         return web.Response(status=201, headers={"Location": f"{self.origin}/msg/{uuid.uuid4()}"})
 
     async def _fcm(self, request: web.Request) -> web.Response:
