@@ -83,6 +83,25 @@ class Events:
     }
 
     @staticmethod
+    async def given_profile(
+        channel: ChannelPublisher, svc: RunningService, customer_id: str, **fields: Any
+    ) -> ProfileUpdated:
+        """Publish a profile snapshot and wait until the contact list has it (profiles and
+        triggers travel on different topics, so nothing orders them otherwise)."""
+        profile = Events.profile(customer_id, **fields)
+        await channel.publish(profile)
+
+        async def stored() -> bool:
+            async with svc.runtime.pool.acquire() as conn:
+                version = await conn.fetchval(
+                    "SELECT version FROM contacts WHERE customer_id = $1", customer_id
+                )
+            return version is not None and version >= (profile.version or 0)
+
+        await Events.wait_until(stored)
+        return profile
+
+    @staticmethod
     async def notifications(svc: RunningService, customer_id: str) -> list[dict[str, Any]]:
         """``GET /customers/{id}/notifications``."""
         response = await svc.http.get(f"/customers/{customer_id}/notifications")

@@ -31,7 +31,9 @@ async def test_abandoned_cart_mails_the_items_with_a_working_one_click_unsubscri
     outcomes = omni_env.reader("notification.dispatched.v1")
     signals = omni_env.reader("customer.signals.v1")
     async with start_notification() as svc:
-        await channel.publish(ev.profile(customer, email=address, preferences=ev.MARKETING_EMAIL))
+        await ev.given_profile(
+            channel, svc, customer, email=address, preferences=ev.MARKETING_EMAIL
+        )
         cart = ev.cart(customer, "SKU-RED-SHOE", "SKU-BLUE-HAT")
         await channel.publish(cart)
 
@@ -82,13 +84,13 @@ async def test_a_shopper_who_prefers_push_gets_a_decryptable_web_push(
     customer, address = ev.uid("cust"), f"{ev.uid('shopper')}@example.com"
     browser = push_endpoint.subscribe()
     async with start_notification() as svc:
-        await channel.publish(
-            ev.profile(
-                customer,
-                email=address,
-                push_subscriptions=[browser],
-                preferences=ev.MARKETING_ALL,
-            )
+        await ev.given_profile(
+            channel,
+            svc,
+            customer,
+            email=address,
+            push_subscriptions=[browser],
+            preferences=ev.MARKETING_ALL,
         )
         cart = ev.cart(customer, "SKU-RED-SHOE")
         await channel.publish(cart)
@@ -110,10 +112,13 @@ async def test_a_gone_push_subscription_falls_back_to_email_and_is_removed(
     customer, address = ev.uid("cust"), f"{ev.uid('shopper')}@example.com"
     gone = push_endpoint.subscribe("gone")
     async with start_notification() as svc:
-        await channel.publish(
-            ev.profile(
-                customer, email=address, push_subscriptions=[gone], preferences=ev.MARKETING_ALL
-            )
+        await ev.given_profile(
+            channel,
+            svc,
+            customer,
+            email=address,
+            push_subscriptions=[gone],
+            preferences=ev.MARKETING_ALL,
         )
         await channel.publish(ev.cart(customer, "SKU-RED-SHOE"))
         await smtp_server.wait_for(address)
@@ -131,19 +136,20 @@ async def test_a_reminder_in_quiet_hours_waits_for_their_end_in_the_shoppers_zon
 ) -> None:
     customer, address = ev.uid("cust"), f"{ev.uid('shopper')}@example.com"
     zone = ZoneInfo("America/New_York")
-    now = datetime.now(zone)
-    # Quiet since an hour ago, over in a few seconds (New York wall-clock time).
-    end = (now + timedelta(seconds=4)).time().replace(microsecond=0)
-    start = (now - timedelta(hours=1)).time().replace(microsecond=0)
     outcomes = omni_env.reader("notification.dispatched.v1")
     async with start_notification() as svc:
+        await ev.given_profile(channel, svc, customer, email=address)
+        now = datetime.now(zone)
+        # Quiet since an hour ago, over in a few seconds (New York wall-clock time).
+        end = (now + timedelta(seconds=4)).time().replace(microsecond=0)
+        start = (now - timedelta(hours=1)).time().replace(microsecond=0)
         prefs = {
             **ev.MARKETING_EMAIL,
             "time_zone": "America/New_York",
             "quiet_hours_start": start.isoformat(),
             "quiet_hours_end": end.isoformat(),
         }
-        await channel.publish(ev.profile(customer, email=address, preferences=prefs))
+        await ev.given_profile(channel, svc, customer, version=2, email=address, preferences=prefs)
         await channel.publish(ev.cart(customer, "SKU-RED-SHOE"))
 
         deferred = await outcomes.next(
@@ -165,7 +171,9 @@ async def test_a_cart_bought_in_a_store_meanwhile_is_not_reminded(
 ) -> None:
     customer, address = ev.uid("cust"), f"{ev.uid('shopper')}@example.com"
     async with start_notification() as svc:
-        await channel.publish(ev.profile(customer, email=address, preferences=ev.MARKETING_EMAIL))
+        await ev.given_profile(
+            channel, svc, customer, email=address, preferences=ev.MARKETING_EMAIL
+        )
         cart = ev.cart(customer, "SKU-RED-SHOE", "SKU-BLUE-HAT")
         # The shopper walked into a store and bought both (an in-store sale is an order).
         await channel.publish(
@@ -206,7 +214,9 @@ async def test_out_of_stock_items_are_left_out_and_none_left_offers_an_alert(
 ) -> None:
     customer, address = ev.uid("cust"), f"{ev.uid('shopper')}@example.com"
     async with start_notification() as svc:
-        await channel.publish(ev.profile(customer, email=address, preferences=ev.MARKETING_EMAIL))
+        await ev.given_profile(
+            channel, svc, customer, email=address, preferences=ev.MARKETING_EMAIL
+        )
         await channel.publish(_availability("SKU-SOLD-OUT", online=0))
         await ev.wait_until(lambda: _known(svc, "SKU-SOLD-OUT"))
         await channel.publish(ev.cart(customer, "SKU-SOLD-OUT", "SKU-IN-STOCK"))
@@ -229,7 +239,9 @@ async def test_the_second_reminder_follows_if_the_cart_is_still_abandoned(
 ) -> None:
     customer, address = ev.uid("cust"), f"{ev.uid('shopper')}@example.com"
     async with start_notification(cart_reminder_second_after=timedelta(seconds=1)) as svc:
-        await channel.publish(ev.profile(customer, email=address, preferences=ev.MARKETING_EMAIL))
+        await ev.given_profile(
+            channel, svc, customer, email=address, preferences=ev.MARKETING_EMAIL
+        )
         await channel.publish(ev.cart(customer, "SKU-RED-SHOE"))
         first, second = await smtp_server.wait_for(address, 2)
         assert first["Subject"] == "You left something in your cart"
@@ -242,7 +254,9 @@ async def test_the_second_reminder_follows_if_the_cart_is_still_abandoned(
 async def test_the_daily_marketing_cap_holds(start_notification, channel, smtp_server, ev) -> None:
     customer, address = ev.uid("cust"), f"{ev.uid('shopper')}@example.com"
     async with start_notification(notify_marketing_per_day=2) as svc:
-        await channel.publish(ev.profile(customer, email=address, preferences=ev.MARKETING_EMAIL))
+        await ev.given_profile(
+            channel, svc, customer, email=address, preferences=ev.MARKETING_EMAIL
+        )
         for sku in ("SKU-1", "SKU-2", "SKU-3", "SKU-4"):
             await channel.publish(ev.cart(customer, sku))
         rows = await ev.settled(svc, customer, 4)
@@ -262,7 +276,9 @@ async def test_a_redelivered_trigger_never_sends_twice(
 ) -> None:
     customer, address = ev.uid("cust"), f"{ev.uid('shopper')}@example.com"
     async with start_notification() as svc:
-        await channel.publish(ev.profile(customer, email=address, preferences=ev.MARKETING_EMAIL))
+        await ev.given_profile(
+            channel, svc, customer, email=address, preferences=ev.MARKETING_EMAIL
+        )
         cart = ev.cart(customer, "SKU-RED-SHOE")
         await channel.publish(cart)
         await channel.publish(cart)  # a new ce_id: the producer published it twice

@@ -183,13 +183,16 @@ class WebPush:
                 aiohttp_session=self.session,
             )
         except WebPushException as exc:
-            status = exc.response.status if exc.response is not None else None
+            if exc.response is None:
+                # Raised before any request: the subscription's keys cannot be used.
+                raise InvalidAddress(f"malformed push subscription: {exc.message}") from None
+            status = exc.response.status
             if status in (404, 410):
                 raise GoneAddress(f"push subscription gone ({status})") from None
             if status == 429 or (status is not None and status >= 500):
-                headers = exc.response.headers if exc.response is not None else {}
                 raise TransientError(
-                    f"push service answered {status}", _retry_after(headers.get("Retry-After"))
+                    f"push service answered {status}",
+                    _retry_after(exc.response.headers.get("Retry-After")),
                 ) from None
             raise ProviderError(f"push service refused the message ({status})") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
