@@ -201,7 +201,7 @@ async def _until(
 
 @bench_app.command("notify")
 def bench_notify(
-    messages: int = typer.Option(400, min=10, help="notifications to deliver"),
+    messages: int = typer.Option(300, min=10, help="notifications to deliver"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON line"),
 ) -> None:
     """Notifications per second from trigger to SMTP server / push endpoint vs. raw SMTP."""

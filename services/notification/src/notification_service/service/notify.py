@@ -290,7 +290,10 @@ class Notifier:
             "url": f"{self.settings.shop_url.rstrip('/')}/cart/{cart.cart_id}",
             "offer": await repo.current_offer(cart.customer_id, utcnow()),
         }
-        trigger = Trigger(cart.customer_id, "cart_reminder", f"cart:{cart.cart_id}:{step}", params)
+        # One reminder per step of one abandonment: a cart abandoned again after new activity
+        # is news again.
+        abandonment = f"cart:{cart.cart_id}:{cart.last_activity_at.isoformat()}"
+        trigger = Trigger(cart.customer_id, "cart_reminder", f"{abandonment}:{step}", params)
         decision = await self.notify(tx, trigger, envelope, refusal=check.refusal)
         alert_url = f"{self.settings.shop_url.rstrip('/')}/alerts?cart={cart.cart_id}"
         if check.refusal is Reason.OUT_OF_STOCK and step == 1:
@@ -300,7 +303,7 @@ class Notifier:
                 Trigger(
                     cart.customer_id,
                     "stock_alert_offer",
-                    f"cart:{cart.cart_id}:stock_alert_offer",
+                    f"{abandonment}:stock_alert_offer",
                     {
                         "cart_id": cart.cart_id,
                         "skus": list(check.out_of_stock),
