@@ -19,6 +19,7 @@ from omni_contracts import (
     OrderReadyForPickup,
     OrderStatus,
     ProfileErased,
+    ProfilesMerged,
     RefundIssued,
     StockAlertRequested,
 )
@@ -357,3 +358,27 @@ async def _status(svc: Any, notification_id: str, status: str) -> bool:
                 "SELECT status FROM notifications WHERE notification_id = $1", notification_id
             )
         ) == status
+
+
+async def test_a_merge_moves_alerts_to_the_surviving_profile(
+    start_notification, channel, push_endpoint, ev
+) -> None:
+    anonymous, survivor = ev.uid("cust"), ev.uid("cust")
+    browser = push_endpoint.subscribe()
+    async with start_notification() as svc:
+        await ev.given_profile(channel, svc, anonymous)
+        await channel.publish(StockAlertRequested(customer_id=anonymous, sku="SKU-MUG"))
+        await ev.wait_until(lambda: _alert(svc, anonymous))
+        await channel.publish(ProfilesMerged(surviving_id=survivor, merged_ids=[anonymous]))
+        await ev.given_profile(
+            channel,
+            svc,
+            survivor,
+            push_subscriptions=[browser],
+            preferences={"consents": {"push": True}},
+        )
+        await ev.wait_until(lambda: _alert(svc, survivor))
+        await channel.publish(_restock("SKU-MUG", "wh-1", available=2, online=2))
+        (message,) = await push_endpoint.wait_for(browser)
+        assert message.json()["kind"] == "back_in_stock"
+        assert await ev.notifications(svc, anonymous) == []

@@ -453,6 +453,38 @@ class NotificationRepository:
         )
         return [NotificationRow.of(r) for r in rows]
 
+    async def merge(self, surviving_id: str, merged_ids: Sequence[str]) -> None:
+        """Profiles were merged: alerts, offers, purchases and history move to the survivor;
+        the merged ids' contacts go (the survivor's snapshot follows)."""
+        merged = list(merged_ids)
+        await self.conn.execute(
+            "UPDATE stock_alerts SET customer_id = $1 WHERE customer_id = ANY($2::text[])"
+            " AND done_at IS NULL AND NOT EXISTS (SELECT 1 FROM stock_alerts s"
+            "  WHERE s.customer_id = $1 AND s.sku = stock_alerts.sku AND s.done_at IS NULL"
+            "  AND coalesce(s.location_id, '') = coalesce(stock_alerts.location_id, ''))",
+            surviving_id,
+            merged,
+        )
+        for table in ("offers", "notifications"):
+            await self.conn.execute(
+                f"UPDATE {table} SET customer_id = $1 WHERE customer_id = ANY($2::text[])",
+                surviving_id,
+                merged,
+            )
+        await self.conn.execute(
+            """
+            INSERT INTO purchases (customer_id, sku, bought_at)
+            SELECT $1, sku, max(bought_at) FROM purchases WHERE customer_id = ANY($2::text[])
+            GROUP BY sku
+            ON CONFLICT (customer_id, sku) DO UPDATE
+              SET bought_at = greatest(purchases.bought_at, EXCLUDED.bought_at)
+            """,
+            surviving_id,
+            merged,
+        )
+        await self.conn.execute("DELETE FROM purchases WHERE customer_id = ANY($1::text[])", merged)
+        await self.conn.execute("DELETE FROM contacts WHERE customer_id = ANY($1::text[])", merged)
+
     async def erase(self, customer_id: str) -> list[str]:
         """Drop the shopper's contacts, message bodies and trigger facts; returns the ids of
         notifications that will now never go out (their timers are the caller's)."""

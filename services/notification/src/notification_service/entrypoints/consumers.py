@@ -27,6 +27,7 @@ from omni_contracts import (
     OrderReadyForPickup,
     PointsExpiring,
     ProfileErased,
+    ProfilesMerged,
     ProfileUpdated,
     RefundIssued,
     StockAlertRequested,
@@ -60,6 +61,9 @@ def subscriptions(runtime: ServiceRuntime, notifier: Notifier) -> list[Subscript
     async def profile_erased(tx: Tx, event: ProfileErased, _: Envelope) -> None:
         await n.erase(tx, event.customer_id)
 
+    async def profiles_merged(tx: Tx, event: ProfilesMerged, _: Envelope) -> None:
+        await NotificationRepository(tx.conn).merge(event.surviving_id, event.merged_ids)
+
     async def cart_checked_out(tx: Tx, event: CartCheckedOut, _: Envelope) -> None:
         await n.cart_bought(tx, event.cart_id, "checked_out")
 
@@ -74,6 +78,7 @@ def subscriptions(runtime: ServiceRuntime, notifier: Notifier) -> list[Subscript
             {
                 ProfileUpdated: handler(CUSTOMER_PROFILE, profile_updated),
                 ProfileErased: handler(CUSTOMER_PROFILE, profile_erased),
+                ProfilesMerged: handler(CUSTOMER_PROFILE, profiles_merged),
             },
         ),
         Subscription(
