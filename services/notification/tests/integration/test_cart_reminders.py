@@ -144,7 +144,7 @@ async def test_a_reminder_in_quiet_hours_waits_for_their_end_in_the_shoppers_zon
         await ev.given_profile(channel, svc, customer, email=address)
         now = datetime.now(zone)
         # Quiet since an hour ago, over in a few seconds (New York wall-clock time).
-        end = (now + timedelta(seconds=4)).time().replace(microsecond=0)
+        end = (now + timedelta(seconds=8)).time().replace(microsecond=0)
         start = (now - timedelta(hours=1)).time().replace(microsecond=0)
         prefs = {
             **ev.MARKETING_EMAIL,
@@ -163,7 +163,7 @@ async def test_a_reminder_in_quiet_hours_waits_for_their_end_in_the_shoppers_zon
         assert until > datetime.now(UTC)
         assert smtp_server.messages_to(address) == []
 
-        await smtp_server.wait_for(address, timeout=20)
+        await smtp_server.wait_for(address, timeout=30)
         assert datetime.now(UTC) >= until
         rows = await ev.settled(svc, customer)
         assert rows[0]["status"] == "sent"

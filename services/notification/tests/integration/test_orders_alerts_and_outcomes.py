@@ -269,7 +269,7 @@ async def test_a_send_interrupted_by_a_crash_is_resent_once_with_the_same_messag
     start_notification, channel, smtp_server, ev
 ) -> None:
     customer, address = ev.uid("cust"), f"{ev.uid('shopper')}@example.com"
-    async with start_notification(notify_send_lease_s=0.5) as svc:
+    async with start_notification(notify_send_lease_s=2.0) as svc:
         await ev.given_profile(
             channel, svc, customer, email=address, preferences=ev.MARKETING_EMAIL
         )
