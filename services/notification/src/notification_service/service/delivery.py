@@ -82,6 +82,12 @@ class Outcome:
     gone_tokens: list[str] = field(default_factory=list)
 
 
+def _being_cancelled() -> bool:
+    """Whether the current task is really being cancelled (vs. a stray CancelledError)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class Dispatcher:
     """Claims pending notifications and delivers them with ``concurrency`` workers."""
 
@@ -132,17 +138,21 @@ class Dispatcher:
     async def _worker(self) -> None:
         while True:
             try:
-                worked = await self.dispatch_one()
+                if not await self.dispatch_one():
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(
+                            self._wake.wait(), self.settings.notify_dispatch_poll_s
+                        )
             except asyncio.CancelledError:
-                raise
+                if _being_cancelled():
+                    raise
+                # A library's own timeout surfacing as a cancellation must not end the
+                # worker; a message left ``sending`` is taken over once its lease ends.
+                log.warning("dispatch round cancelled from inside; continuing", exc_info=True)
             except Exception:
                 log.exception("dispatch round failed")
-                worked = False
                 await asyncio.sleep(self.settings.notify_dispatch_poll_s)
-            if not worked:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.settings.notify_dispatch_poll_s)
 
     # -- one message -----------------------------------------------------------------------
 
@@ -387,6 +397,13 @@ class Dispatcher:
                     return await call()
                 except InvalidAddress:
                     raise
+                except asyncio.CancelledError:
+                    if _being_cancelled():
+                        raise
+                    exc = TransientError(f"{channel} provider call cancelled (its timeout)")
+                    if attempt == s.notify_send_attempts:
+                        raise exc from None
+                    await asyncio.sleep(min(s.notify_retry_backoff_s, s.notify_retry_backoff_max_s))
                 except TransientError as exc:
                     self.metrics.provider_errors.labels(
                         self.metrics.service, channel, "TransientError"
