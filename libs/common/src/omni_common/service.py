@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
@@ -24,7 +25,7 @@ from omni_common.inbox import first_delivery
 from omni_common.kafka import KafkaRuntime, Subscription
 from omni_common.logging import configure_logging
 from omni_common.metrics import PlatformMetrics
-from omni_common.outbox import OutboxRelay, add_to_outbox
+from omni_common.outbox import OutboxRelay, add_to_outbox, add_tombstone_to_outbox
 from omni_common.settings import ServiceSettings
 from omni_common.telemetry import configure_tracing
 
@@ -52,6 +53,10 @@ class Tx:
         )
         await add_to_outbox(self.conn, topic=event.topic, event=event, envelope=envelope)
         return envelope
+
+    async def emit_tombstone(self, topic: str, key: str) -> None:
+        """Publish a tombstone for ``key`` on compacted ``topic`` once this transaction commits."""
+        await add_tombstone_to_outbox(self.conn, topic=topic, key=key, ce_id=str(uuid.uuid4()))
 
 
 class ServiceRuntime:
