@@ -29,6 +29,8 @@ class ProfileSettings(ServiceSettings):
     - ``CART_ABANDONMENT_DELAY``: how long a cart with items sits untouched before it counts
       as abandoned (seconds or ISO 8601; default one hour);
     - ``CART_TIMER_POLL_S``: how often due abandonment timers are looked for;
+    - ``CART_TIMER_PER_TRANSACTION``: abandonments decided per transaction (one commit for
+      many: the wheel's main cost at scale);
     - ``CART_MAX_LINES`` / ``CART_MAX_QTY``: carts beyond these are refused (DLQ
       ``cart_too_large``);
     - ``PROFILE_IDENTITY_LIMITS``: identifiers per kind a profile may hold, e.g.
@@ -41,6 +43,7 @@ class ProfileSettings(ServiceSettings):
     cart_abandonment_delay: Duration = timedelta(hours=1)
     cart_timer_poll_s: float = Field(default=0.5, gt=0)
     cart_timer_batch: int = Field(default=500, gt=0)
+    cart_timer_per_transaction: int = Field(default=50, gt=0)
     cart_max_lines: int = Field(default=200, gt=0)
     cart_max_qty: int = Field(default=999, gt=0)
     profile_identity_limits: str = ""

@@ -49,6 +49,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             {CART_ABANDONMENT: timer_handler(deps)},
             poll_interval_s=config.cart_timer_poll_s,
             batch_size=config.cart_timer_batch,
+            per_transaction=config.cart_timer_per_transaction,
         ).running()
     )
     app = create_http_app(

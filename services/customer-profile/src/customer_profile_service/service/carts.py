@@ -131,7 +131,10 @@ async def abandonment_due(profiles: Profiles, tx: Tx, cart_id: str) -> tuple[Aba
     if cart is None:
         return Abandonment(False, None), ""
     owner = await resolve(repo, cart.customer_id) if cart.customer_id else None
-    erased = bool(cart.customer_id) and await repo.is_erased(cart.customer_id or "")
+    # Erasure deletes a shopper's carts; this only catches a cart that outlived its owner.
+    erased = (
+        owner is None and cart.customer_id is not None and await repo.is_erased(cart.customer_id)
+    )
     bought = False
     if owner is not None:
         skus = await repo.skus_bought_since(owner, cart.last_activity_at)
