@@ -71,6 +71,29 @@ async def add_to_outbox(
     )
 
 
+async def add_all_to_outbox(
+    conn: asyncpg.Connection, items: Sequence[tuple[str, Event, Envelope]]
+) -> None:
+    """Queue many ``(topic, event, envelope)`` in the caller's transaction, pipelined in one
+    round trip (for handlers that emit a batch, e.g. timers decided together)."""
+    trace = current_trace_headers()
+    await conn.executemany(
+        "INSERT INTO outbox (ce_id, ce_type, topic, key, headers, payload)"
+        " VALUES ($1, $2, $3, $4, $5::jsonb, $6)",
+        [
+            (
+                envelope.id,
+                envelope.type,
+                topic,
+                event.partition_key(),
+                json.dumps(envelope.headers() | trace),
+                encode(event),
+            )
+            for topic, event, envelope in items
+        ],
+    )
+
+
 async def add_tombstone_to_outbox(
     conn: asyncpg.Connection, *, topic: str, key: str, ce_id: str
 ) -> None:

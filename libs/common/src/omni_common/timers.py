@@ -51,6 +51,9 @@ async def cancel_timer(conn: asyncpg.Connection, kind: str, key: str) -> bool:
 
 # handler(tx, key, payload): runs in the transaction that removes the timer.
 TimerHandler = Callable[[Any, str, dict[str, Any]], Awaitable[None]]
+# batch handler(tx, [(key, payload), ...]): every due timer of its kind in one transaction,
+# oldest deadline first, for handlers that decide many timers with a few set-based queries.
+BatchTimerHandler = Callable[[Any, list[tuple[str, dict[str, Any]]]], Awaitable[None]]
 
 
 class TimerWheel:
@@ -64,9 +67,12 @@ class TimerWheel:
         poll_interval_s: float = 0.5,
         batch_size: int = 100,
         per_transaction: int = 1,
+        batch_handlers: Mapping[str, BatchTimerHandler] | None = None,
     ) -> None:
         self._transaction = transaction
         self._handlers = dict(handlers)
+        self._batch_handlers = dict(batch_handlers or {})
+        self._kinds = [*self._handlers, *self._batch_handlers]
         self._poll_interval_s = poll_interval_s
         self._batch_size = batch_size
         # Timers fired per transaction; more than 1 suits handlers that lock little (their
@@ -130,13 +136,21 @@ class TimerWheel:
                 "  SELECT kind, key FROM timers WHERE due_at <= now() AND kind = ANY($1)"
                 "  ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED"
                 ") RETURNING kind, key, payload, trace, due_at",
-                list(self._handlers),
+                self._kinds,
                 limit,
             )
+            batches: dict[str, list[tuple[str, dict[str, Any]]]] = {}
             for row in sorted(rows, key=lambda r: (r["due_at"], r["key"])):
+                if row["kind"] in self._batch_handlers:
+                    batches.setdefault(row["kind"], []).append(
+                        (row["key"], json.loads(row["payload"]))
+                    )
+                    continue
                 token = attach_trace_headers(json.loads(row["trace"]))
                 try:
                     await self._handlers[row["kind"]](tx, row["key"], json.loads(row["payload"]))
                 finally:
                     detach(token)
+            for kind, due in batches.items():
+                await self._batch_handlers[kind](tx, due)
         return len(rows)

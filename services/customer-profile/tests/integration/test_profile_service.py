@@ -83,7 +83,7 @@ class World:
         )
         return json.loads(record.value)
 
-    async def abandonment(self, cart_id: str, wait_s: float = DELAY_S + 8) -> dict[str, Any]:
+    async def abandonment(self, cart_id: str, wait_s: float = DELAY_S + 20) -> dict[str, Any]:
         """The cart.abandoned of ``cart_id``."""
         record = await self.abandoned.next(lambda r: r.key == cart_id.encode(), timeout=wait_s)
         return json.loads(record.value)

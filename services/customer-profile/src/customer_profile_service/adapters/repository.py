@@ -432,6 +432,57 @@ class ProfileRepository:
             cart.last_activity_at,
         )
 
+    async def carts_for_update(self, cart_ids: Sequence[str]) -> dict[str, CartRow]:
+        """Several carts, locked in id order (one round trip for a batch of timers)."""
+        rows = await self.conn.fetch(
+            "SELECT * FROM carts WHERE cart_id = ANY($1::text[]) ORDER BY cart_id FOR UPDATE",
+            list(cart_ids),
+        )
+        return {r["cart_id"]: CartRow.of(r) for r in rows}
+
+    async def profile_states(self, customer_ids: Iterable[str]) -> dict[str, str | None]:
+        """Existing profiles among ``customer_ids``: id -> the profile merged into (or None)."""
+        rows = await self.conn.fetch(
+            "SELECT customer_id, merged_into FROM profiles WHERE customer_id = ANY($1::text[])",
+            list(customer_ids),
+        )
+        return {r["customer_id"]: r["merged_into"] for r in rows}
+
+    async def purchases_since(
+        self, customer_ids: Iterable[str], since: datetime
+    ) -> dict[str, list[tuple[str, datetime]]]:
+        """``(sku, placed_at)`` bought by each shopper at or after ``since`` (not cancelled)."""
+        rows = await self.conn.fetch(
+            "SELECT customer_id, s AS sku, placed_at FROM purchases, unnest(skus) AS s"
+            " WHERE customer_id = ANY($1::text[]) AND placed_at >= $2"
+            " AND status NOT IN ('cancelled', 'rejected')",
+            list(customer_ids),
+            since,
+        )
+        found: dict[str, list[tuple[str, datetime]]] = {}
+        for r in rows:
+            found.setdefault(r["customer_id"], []).append((r["sku"], r["placed_at"]))
+        return found
+
+    async def settle_carts(
+        self, announced: Sequence[tuple[str, str]], purchased: Sequence[str]
+    ) -> None:
+        """Carts announced (with the contents announced) and carts found bought."""
+        if announced:
+            await self.conn.execute(
+                "UPDATE carts SET status = 'abandoned', announced_hash = a.hash,"
+                " updated_at = now() FROM unnest($1::text[], $2::text[]) AS a(cart_id, hash)"
+                " WHERE carts.cart_id = a.cart_id",
+                [a[0] for a in announced],
+                [a[1] for a in announced],
+            )
+        if purchased:
+            await self.conn.execute(
+                "UPDATE carts SET status = 'purchased', updated_at = now()"
+                " WHERE cart_id = ANY($1::text[])",
+                list(purchased),
+            )
+
     async def set_cart_status(
         self, cart_id: str, status: str, announced_hash: str | None = None
     ) -> None:

@@ -46,7 +46,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     runtime.run_alongside(
         TimerWheel(
             runtime.transaction,
-            {CART_ABANDONMENT: timer_handler(deps)},
+            {},
+            batch_handlers={CART_ABANDONMENT: timer_handler(deps)},
             poll_interval_s=config.cart_timer_poll_s,
             batch_size=config.cart_timer_batch,
             per_transaction=config.cart_timer_per_transaction,

@@ -152,19 +152,23 @@ def subscriptions(deps: Deps) -> list[Subscription]:
     ]
 
 
-async def abandonment_due(deps: Deps, tx: Tx, cart_id: str, payload: dict[str, Any]) -> None:
-    """Timer: a cart's abandonment deadline passed (runs in the timer's transaction)."""
-    verdict, channel = await carts.abandonment_due(deps.profiles, tx, cart_id)
+async def abandonments_due(deps: Deps, tx: Tx, due: list[tuple[str, dict[str, Any]]]) -> None:
+    """Timer: carts' abandonment deadlines passed (runs in the timers' transaction)."""
+    verdicts = await carts.abandonments_due(deps.profiles, tx, [key for key, _ in due])
     m, s = deps.metrics, deps.metrics.service
+    now = datetime.now(UTC)
     # Counted inside the wheel's transaction: it commits right after this returns.
-    if verdict.announce:
-        m.carts_abandoned.labels(s, channel).inc()
-        if (due := carts.due_at(payload)) is not None:
-            m.abandonment_lag.labels(s).observe(max((datetime.now(UTC) - due).total_seconds(), 0.0))
-    elif verdict.skip is not None:
-        m.abandonments_skipped.labels(s, verdict.skip.value).inc()
+    for (_, payload), (verdict, channel) in zip(due, verdicts, strict=True):
+        if verdict.announce:
+            m.carts_abandoned.labels(s, channel).inc()
+            if (deadline := carts.due_at(payload)) is not None:
+                m.abandonment_lag.labels(s).observe(max((now - deadline).total_seconds(), 0.0))
+        elif verdict.skip is not None:
+            m.abandonments_skipped.labels(s, verdict.skip.value).inc()
 
 
-def timer_handler(deps: Deps) -> Callable[[Tx, str, dict[str, Any]], Awaitable[None]]:
-    """The abandonment timer's handler with its dependencies bound."""
-    return functools.partial(abandonment_due, deps)
+def timer_handler(
+    deps: Deps,
+) -> Callable[[Tx, list[tuple[str, dict[str, Any]]]], Awaitable[None]]:
+    """The abandonment timers' batch handler with its dependencies bound."""
+    return functools.partial(abandonments_due, deps)

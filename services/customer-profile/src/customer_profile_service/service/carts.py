@@ -10,6 +10,7 @@ the timer fires, :func:`abandonment_due` decides (see
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -121,57 +122,86 @@ async def cart_changed(
     return out
 
 
-async def abandonment_due(profiles: Profiles, tx: Tx, cart_id: str) -> tuple[Abandonment, str]:
-    """A cart's timer fired (in its transaction): announce it or say why not.
+async def abandonments_due(
+    profiles: Profiles, tx: Tx, cart_ids: Sequence[str]
+) -> list[tuple[Abandonment, str]]:
+    """Carts whose timers fired (in their transaction): announce each or say why not.
 
-    Returns the verdict and the cart's channel.
+    Decided together with a few set-based queries, since thousands may be due each second.
+    Returns ``(verdict, channel)`` per cart id, in the order given.
     """
     repo = profiles.repo(tx)
-    cart = await repo.cart(cart_id, for_update=True)
-    if cart is None:
-        return Abandonment(False, None), ""
-    owner = await resolve(repo, cart.customer_id) if cart.customer_id else None
-    # Erasure deletes a shopper's carts; this only catches a cart that outlived its owner.
-    erased = (
-        owner is None and cart.customer_id is not None and await repo.is_erased(cart.customer_id)
+    carts = await repo.carts_for_update(cart_ids)
+    states = await repo.profile_states({c.customer_id for c in carts.values() if c.customer_id})
+    owners: dict[str, str | None] = {}
+    for cart in carts.values():
+        owner = cart.customer_id
+        if owner is None or owner not in states:
+            owners[cart.cart_id] = None
+        elif (merged_into := states[owner]) is not None:
+            # Merges move carts to the survivor; this only catches one moved meanwhile.
+            owners[cart.cart_id] = await resolve(repo, merged_into)
+        else:
+            owners[cart.cart_id] = owner
+    live = {o for o in owners.values() if o is not None}
+    since = min((c.last_activity_at for c in carts.values()), default=None)
+    bought = await repo.purchases_since(live, since) if live and since else {}
+
+    verdicts: list[tuple[Abandonment, str]] = []
+    announced: list[tuple[str, str]] = []
+    purchased: list[str] = []
+    events: list[CartAbandoned] = []
+    for cart_id in cart_ids:
+        cart = carts.get(cart_id)
+        if cart is None:
+            verdicts.append((Abandonment(False, None), ""))
+            continue
+        owner = owners[cart_id]
+        skus = {sku for sku, at in bought.get(owner or "", []) if at >= cart.last_activity_at}
+        is_bought = owner is not None and covered_by((ln.sku for ln in cart.items), skus)
+        # Erasure deletes a shopper's carts; this only catches a cart that outlived its owner.
+        erased = (
+            owner is None
+            and cart.customer_id is not None
+            and await repo.is_erased(cart.customer_id)
+        )
+        verdict = judge_abandonment(
+            status=cart.status,
+            owner=owner,
+            erased=erased,
+            hash_now=cart.contents_hash,
+            announced_hash=cart.announced_hash,
+            bought_after_activity=is_bought,
+        )
+        verdicts.append((verdict, cart.channel))
+        if not verdict.announce:
+            if is_bought and cart.status == "open":
+                purchased.append(cart_id)
+            continue
+        assert owner is not None
+        events.append(_abandoned(cart, owner))
+        announced.append((cart_id, cart.contents_hash))
+    if events:
+        await tx.emit_all(events, correlation_ids=[e.cart_id for e in events])
+    await repo.settle_carts(announced, purchased)
+    return verdicts
+
+
+def _abandoned(cart: CartRow, owner: str) -> CartAbandoned:
+    assert cart.currency is not None
+    return CartAbandoned(
+        cart_id=cart.cart_id,
+        customer_id=owner,
+        channel=cart.channel,
+        items=[
+            Line(
+                sku=ln.sku, qty=ln.qty, unit_price=Money(amount=ln.unit_price, currency=ln.currency)
+            )
+            for ln in cart.items
+        ],
+        value=Money(amount=Decimal(cart.value), currency=cart.currency),
+        last_activity_at=cart.last_activity_at,
     )
-    bought = False
-    if owner is not None:
-        skus = await repo.skus_bought_since(owner, cart.last_activity_at)
-        bought = covered_by((ln.sku for ln in cart.items), skus)
-    verdict = judge_abandonment(
-        status=cart.status,
-        owner=owner,
-        erased=erased,
-        hash_now=cart.contents_hash,
-        announced_hash=cart.announced_hash,
-        bought_after_activity=bought,
-    )
-    if not verdict.announce:
-        if bought and cart.status == "open":
-            await repo.set_cart_status(cart_id, "purchased")
-        return verdict, cart.channel
-    assert owner is not None and cart.currency is not None
-    await tx.emit(
-        CartAbandoned(
-            cart_id=cart_id,
-            customer_id=owner,
-            channel=cart.channel,
-            items=[
-                Line(
-                    sku=ln.sku,
-                    qty=ln.qty,
-                    unit_price=Money(amount=ln.unit_price, currency=ln.currency),
-                )
-                for ln in cart.items
-            ],
-            value=Money(amount=Decimal(cart.value), currency=cart.currency),
-            last_activity_at=cart.last_activity_at,
-        ),
-        correlation_id=cart_id,
-    )
-    await repo.set_cart_status(cart_id, "abandoned", announced_hash=cart.contents_hash)
-    return verdict, cart.channel
 
 
 def due_at(payload: dict[str, Any]) -> datetime | None:
