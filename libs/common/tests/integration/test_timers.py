@@ -86,3 +86,37 @@ async def test_a_failed_batch_is_fired_again_one_timer_at_a_time(postgres_url: s
         # The batch rolled back, then fired one by one up to the failing timer.
         assert fired[-3:] == ["t0", "t1", "t2"]
         assert sorted(await pool.fetchval("SELECT array_agg(key) FROM timers")) == ["t3", "t4"]
+
+
+async def test_a_batch_handler_gets_every_due_timer_of_its_kind_at_once(postgres_url: str) -> None:
+    async with _database(postgres_url) as pool:
+        now = datetime.now(UTC)
+        async with pool.acquire() as conn:
+            for n in range(7):
+                await set_timer(conn, "many", f"m{n}", now - timedelta(seconds=10 - n), {"n": n})
+            await set_timer(conn, "one", "o", now - timedelta(seconds=1))
+        calls: list[list[tuple[str, dict[str, Any]]]] = []
+        singles: list[str] = []
+
+        async def batch(tx: _Tx, due: list[tuple[str, dict[str, Any]]]) -> None:
+            await tx.conn.execute("SELECT 1")
+            calls.append(due)
+
+        async def single(tx: _Tx, key: str, payload: dict[str, Any]) -> None:
+            singles.append(key)
+
+        @contextlib.asynccontextmanager
+        async def transaction() -> AsyncIterator[_Tx]:
+            async with pool.acquire() as conn, conn.transaction():
+                yield _Tx(conn)
+
+        wheel = TimerWheel(
+            transaction, {"one": single}, per_transaction=5, batch_handlers={"many": batch}
+        )
+        assert await wheel.fire_due() == 8
+        assert [[key for key, _ in call] for call in calls] == [
+            ["m0", "m1", "m2", "m3", "m4"],  # the five oldest deadlines, in one transaction
+            ["m5", "m6"],
+        ]
+        assert calls[0][0][1] == {"n": 0} and singles == ["o"]
+        assert await pool.fetchval("SELECT count(*) FROM timers") == 0
