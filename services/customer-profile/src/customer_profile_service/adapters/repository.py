@@ -120,6 +120,16 @@ class ProfileRepository:
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
 
+    # -- serialising concurrent handlers ----------------------------------------------------
+
+    async def lock(self, namespace: str, what: str) -> None:
+        """Serialise this transaction with others on ``what`` (a cart, a device) until commit.
+
+        Events about one cart or device arrive on different topics and are handled at the
+        same time; without this, each would miss the other's uncommitted rows.
+        """
+        await self.conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"{namespace}:{what}")
+
     # -- profiles -------------------------------------------------------------------------
 
     async def profile(self, customer_id: str, *, for_update: bool = False) -> ProfileRow | None:

@@ -38,6 +38,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         blocked=DEFAULT_BLOCKED | extra_blocked,
         cart_limits=CartLimits(config.cart_max_lines, config.cart_max_qty),
         abandonment_delay=config.cart_abandonment_delay,
+        lock_namespace=config.schema,
     )
     deps = Deps(runtime, profiles, ProfileMetrics(runtime.metrics))
     for subscription in subscriptions(deps):

@@ -68,6 +68,11 @@ async def cart_changed(
     out = Outcome()
     lines = cart_lines(event.items)
     check_cart(lines, profiles.cart_limits)
+    # A login on this device or a checkout of this cart may be handled right now (other
+    # topics): take turns, devices first, so each sees what the other committed.
+    if event.anonymous_id:
+        await repo.lock(profiles.lock_namespace, f"device:{event.anonymous_id}")
+    await repo.lock(profiles.lock_namespace, f"cart:{event.cart_id}")
     owner: str | None = None
     if event.customer_id:
         owner = await ensure_profile(repo, event.customer_id, event.occurred_at, out)

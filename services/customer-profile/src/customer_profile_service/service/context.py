@@ -23,6 +23,8 @@ class Profiles:
     blocked: frozenset[str] = DEFAULT_BLOCKED
     cart_limits: CartLimits = field(default_factory=CartLimits)
     abandonment_delay: timedelta = timedelta(hours=1)
+    # Advisory locks are database-wide: named after the schema they guard.
+    lock_namespace: str = "customer_profile"
 
     def repo(self, tx: Tx) -> ProfileRepository:
         """The repository on ``tx``'s connection."""

@@ -244,6 +244,8 @@ async def identified(
     out = Outcome()
     if await repo.is_erased(event.customer_id):
         raise ProfileError("erased_customer", f"customer {event.customer_id} was erased")
+    # The device's carts may be arriving right now on cart.events.v1.
+    await repo.lock(profiles.lock_namespace, f"device:{event.anonymous_id}")
     customer_id = await ensure_profile(repo, event.customer_id, event.occurred_at, out)
     assert customer_id is not None
     customer_id, decision = await claim(
@@ -400,6 +402,7 @@ async def checked_out(
 ) -> None:
     """A cart went through checkout: its abandonment is off."""
     repo = profiles.repo(tx)
+    await repo.lock(profiles.lock_namespace, f"cart:{cart_id}")
     cart = await repo.cart(cart_id, for_update=True)
     if cart is None:
         # The checkout overtook the cart's own events (another topic): remember the cart as
