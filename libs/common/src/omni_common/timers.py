@@ -59,6 +59,18 @@ async def cancel_timer(conn: asyncpg.Connection, kind: str, key: str) -> bool:
 
 # handler(tx, key, payload): runs in the transaction that removes the timer.
 TimerHandler = Callable[[Any, str, dict[str, Any]], Awaitable[None]]
+# batch handler(tx, [(key, payload), ...]): every due timer of its kind in one transaction,
+# oldest deadline first, for handlers that decide many timers with a few set-based queries.
+BatchTimerHandler = Callable[[Any, list[tuple[str, dict[str, Any]]]], Awaitable[None]]
+
+
+class _TimerFailed(Exception):
+    """A handler failed on ``rows`` (its transaction rolled back); the cause is ``error``."""
+
+    def __init__(self, rows: list[Any], error: Exception) -> None:
+        super().__init__(str(error))
+        self.rows = rows
+        self.error = error
 
 
 class TimerWheel:
@@ -71,6 +83,8 @@ class TimerWheel:
         *,
         poll_interval_s: float = 0.5,
         batch_size: int = 100,
+        per_transaction: int = 1,
+        batch_handlers: Mapping[str, BatchTimerHandler] | None = None,
         max_attempts: int = 8,
         retry_initial_s: float = 1.0,
         retry_max_s: float = 300.0,
@@ -78,8 +92,13 @@ class TimerWheel:
     ) -> None:
         self._transaction = transaction
         self._handlers = dict(handlers)
+        self._batch_handlers = dict(batch_handlers or {})
+        self._kinds = [*self._handlers, *self._batch_handlers]
         self._poll_interval_s = poll_interval_s
         self._batch_size = batch_size
+        # Timers fired per transaction; more than 1 suits handlers that lock little (their
+        # locks are held until the whole batch commits).
+        self._per_transaction = max(1, per_transaction)
         self._max_attempts = max_attempts
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
@@ -113,42 +132,78 @@ class TimerWheel:
                 await asyncio.sleep(self._poll_interval_s)
 
     async def fire_due(self) -> int:
-        """Fire every due timer (one transaction each); returns how many were tried.
+        """Fire due timers (up to ``batch_size``); returns how many were tried.
 
-        A timer whose handler fails is rescheduled (or dead-lettered) and the round goes on
-        with the next one; an infrastructure error ends the round (raised).
+        Up to ``per_transaction`` timers fire in one transaction: at scale the commit per
+        timer is the wheel's main cost. If a handler fails, its batch rolls back and is fired
+        again one timer per transaction, so the failure stays with that one timer, which is
+        rescheduled with backoff (or, after its last attempt, moved to ``dead_timers``) while
+        the round goes on. An infrastructure error ends the round (raised, nothing counted).
         """
-        tried = 0
-        for _ in range(self._batch_size):
-            row = None
-            try:
-                async with self._transaction() as tx:
-                    row = await tx.conn.fetchrow(
-                        "DELETE FROM timers WHERE (kind, key) = ("
-                        "  SELECT kind, key FROM timers"
-                        "  WHERE coalesce(next_attempt_at, due_at) <= now() AND kind = ANY($1)"
-                        "  ORDER BY coalesce(next_attempt_at, due_at) LIMIT 1"
-                        "  FOR UPDATE SKIP LOCKED"
-                        ") RETURNING kind, key, due_at, payload, trace, attempts",
-                        list(self._handlers),
+        fired = 0
+        while fired < self._batch_size:
+            want = min(self._per_transaction, self._batch_size - fired)
+            if want == 1:
+                n = await self._fire_single()
+            else:
+                try:
+                    n = await self._fire(want)
+                except _TimerFailed as failed:
+                    if is_infrastructure_error(failed.error):
+                        raise failed.error from None
+                    log.warning("a timer batch failed; firing it one timer at a time")
+                    n = 0
+                    for _ in range(want):
+                        one = await self._fire_single()
+                        n += one
+                        if not one:
+                            break
+            fired += n
+            if n < want:
+                break
+        return fired
+
+    async def _fire_single(self) -> int:
+        try:
+            return await self._fire(1)
+        except _TimerFailed as failed:
+            if is_infrastructure_error(failed.error):
+                raise failed.error from None
+            for row in failed.rows:
+                await self._failed(row, failed.error)
+            return 1
+
+    async def _fire(self, limit: int) -> int:
+        async with self._transaction() as tx:
+            rows = await tx.conn.fetch(
+                "DELETE FROM timers WHERE (kind, key) IN ("
+                "  SELECT kind, key FROM timers"
+                "  WHERE coalesce(next_attempt_at, due_at) <= now() AND kind = ANY($1)"
+                "  ORDER BY coalesce(next_attempt_at, due_at) LIMIT $2 FOR UPDATE SKIP LOCKED"
+                ") RETURNING kind, key, payload, trace, due_at, attempts",
+                self._kinds,
+                limit,
+            )
+            batches: dict[str, list[Any]] = {}
+            for row in sorted(rows, key=lambda r: (r["due_at"], r["key"])):
+                if row["kind"] in self._batch_handlers:
+                    batches.setdefault(row["kind"], []).append(row)
+                    continue
+                token = attach_trace_headers(json.loads(row["trace"]))
+                try:
+                    await self._handlers[row["kind"]](tx, row["key"], json.loads(row["payload"]))
+                except Exception as exc:
+                    raise _TimerFailed([row], exc) from exc
+                finally:
+                    detach(token)
+            for kind, due in batches.items():
+                try:
+                    await self._batch_handlers[kind](
+                        tx, [(r["key"], json.loads(r["payload"])) for r in due]
                     )
-                    if row is None:
-                        return tried
-                    token = attach_trace_headers(json.loads(row["trace"]))
-                    try:
-                        await self._handlers[row["kind"]](
-                            tx, row["key"], json.loads(row["payload"])
-                        )
-                    finally:
-                        detach(token)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if is_infrastructure_error(exc) or row is None:
-                    raise
-                await self._failed(row, exc)
-            tried += 1
-        return tried
+                except Exception as exc:
+                    raise _TimerFailed(due, exc) from exc
+        return len(rows)
 
     async def _failed(self, row: Any, exc: Exception) -> None:
         """Count a failed firing (its transaction rolled back, so the row is back)."""
