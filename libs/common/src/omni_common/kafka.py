@@ -165,8 +165,12 @@ class OffsetCommitter:
             taken = {tp: o for tp, o in mine.items() if only is None or tp in only}
             for tp in taken:
                 del mine[tp]
+            if not mine:
+                self._pending.pop(only_consumer, None)
             pending = {only_consumer: taken} if taken else {}
         for consumer, offsets in pending.items():
+            if not offsets:
+                continue  # aiokafka refuses an empty commit
             try:
                 await consumer.commit(offsets)
             except (CommitFailedError, IllegalStateError):
