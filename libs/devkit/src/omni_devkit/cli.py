@@ -227,6 +227,35 @@ def dev_status(state_dir: StateDirOption = None) -> None:
         fail("the dev stack is not healthy")
 
 
+@dev_app.command("token")
+def dev_token(
+    customer_id: Annotated[str, typer.Argument(help="The shopper the token is for (its sub)")],
+    ttl: Annotated[int, typer.Option(help="Seconds the token is valid")] = 3600,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Print a shopper token for CUSTOMER_ID that the running dev stack accepts.
+
+    Send it as ``X-Shopper-Token`` with a web or app key to read that shopper's orders.
+    """
+    from omni_devkit.devstack.stack import read_kv_file
+    from omni_devkit.tokens import mint_shopper_token
+
+    config = _config(state_dir)
+    env = read_kv_file(config.env_file) if config.env_file.exists() else {}
+    secret = env.get("SHOPPER_TOKEN_HS256_SECRET")
+    if not secret:
+        fail(f"no shopper token secret in {config.env_file}: start the stack with `omni dev up`")
+    typer.echo(
+        mint_shopper_token(
+            secret,
+            customer_id,
+            ttl_s=ttl,
+            issuer=env.get("SHOPPER_TOKEN_ISSUER") or None,
+            audience=env.get("SHOPPER_TOKEN_AUDIENCE") or None,
+        )
+    )
+
+
 # -- services --------------------------------------------------------------------------------
 
 

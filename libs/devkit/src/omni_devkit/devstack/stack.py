@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
+from omni_common.auth import DEFAULT_SCOPES, ApiKey, format_api_keys
 from omni_common.topics import create_topics
 
 from omni_devkit.devstack.kafka import TansuBroker
@@ -40,11 +41,12 @@ from omni_devkit.devstack.process import (
     stop_process,
     tail,
 )
+from omni_devkit.tokens import DEV_AUDIENCE, DEV_ISSUER, new_hs256_secret
 
 ENTRY_POINT_GROUP = "omni.services"
 # Stable default ports: the n-th service of this list listens on http_base_port + n.
 DEFAULT_SERVICE_ORDER = ("order", "inventory", "customer-profile", "notification", "loyalty")
-CHANNELS = ("web", "app", "pos", "ops")
+CHANNELS = ("web", "app", "pos", "call_center", "ops")
 # The key written as API_KEY in dev.env: the operator's, for curl and scripts.
 DEFAULT_CHANNEL = "ops"
 SERVICES_ENV = "OMNI_SERVICES"
@@ -357,6 +359,7 @@ class DevStack:
         self.broker: TansuBroker | None = None
         self.services: dict[str, ServiceProcess] = {}
         self.api_keys: dict[str, str] = {}
+        self.shopper_secret = ""
         self._pids: dict[str, int] = {}
 
     def __enter__(self) -> DevStack:
@@ -420,6 +423,7 @@ class DevStack:
             self._start_postgres()
             self._start_broker()
             self.api_keys = {ch: secrets.token_urlsafe(24) for ch in CHANNELS}
+            self.shopper_secret = new_hs256_secret()
             self._start_services(ports)
             self._write_env()
         except BaseException:
@@ -470,6 +474,7 @@ class DevStack:
             HTTP_HOST=cfg.host,
             HTTP_PORT=str(port),
             API_KEYS=self._api_keys_value(),
+            **self._shopper_token_env(),
             LOG_JSON="true" if cfg.log_json else "false",
             PYTHONUNBUFFERED="1",
         )
@@ -478,7 +483,17 @@ class DevStack:
         return env
 
     def _api_keys_value(self) -> str:
-        return ",".join(f"{ch}={key}" for ch, key in self.api_keys.items())
+        # Scopes spelled out (each channel's defaults), so dev.env shows who may do what.
+        return format_api_keys(
+            {key: ApiKey(ch, DEFAULT_SCOPES[ch]) for ch, key in self.api_keys.items()}
+        )
+
+    def _shopper_token_env(self) -> dict[str, str]:
+        return {
+            "SHOPPER_TOKEN_HS256_SECRET": self.shopper_secret,
+            "SHOPPER_TOKEN_ISSUER": DEV_ISSUER,
+            "SHOPPER_TOKEN_AUDIENCE": DEV_AUDIENCE,
+        }
 
     def _start_services(self, ports: dict[str, int]) -> None:
         cfg = self.config
@@ -543,6 +558,7 @@ class DevStack:
         values["API_KEYS"] = self._api_keys_value()
         for channel, key in self.api_keys.items():
             values[f"API_KEY_{channel.upper()}"] = key
+        values.update(self._shopper_token_env())
         _write_kv_file(
             cfg.env_file,
             values,
