@@ -198,8 +198,9 @@ class ShopperTokens:
                 "SHOPPER_TOKEN_JWKS_URL"
             )
         common: dict[str, Any] = {
-            "issuer": settings.shopper_token_issuer,
-            "audience": settings.shopper_token_audience,
+            # Empty means unset (compose passes "" for variables the .env leaves blank).
+            "issuer": settings.shopper_token_issuer or None,
+            "audience": settings.shopper_token_audience or None,
             "leeway_s": settings.shopper_token_leeway_s,
         }
         if secret and secret.get_secret_value():

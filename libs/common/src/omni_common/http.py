@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-import asyncpg
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -21,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from omni_common.auth import ShopperTokens, api_key_of
+from omni_common.kafka import UNSTORABLE
 from omni_common.service import ServiceRuntime
 
 _bearer = HTTPBearer(auto_error=False, description="A channel's API key")
@@ -149,9 +149,8 @@ def create_http_app(
     app.add_middleware(BodyLimit, max_bytes=settings.http_max_body_bytes)
     # Server-side data errors (SQLSTATE class 22) and asyncpg's own refusal to encode an
     # argument (e.g. an int beyond int32) both mean "this value does not fit".
-    app.add_exception_handler(asyncpg.DataError, _data_error)
-    app.add_exception_handler(asyncpg.exceptions._base.DataError, _data_error)
-    app.add_exception_handler(asyncpg.CheckViolationError, _data_error)
+    for unstorable in UNSTORABLE:
+        app.add_exception_handler(unstorable, _data_error)
 
     @app.middleware("http")
     async def red_metrics(

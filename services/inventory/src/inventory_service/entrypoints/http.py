@@ -14,7 +14,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, status
 from omni_common.auth import Caller, require
 from omni_common.http import Runtime
-from omni_contracts import AvailabilityStatus, Money
+from omni_contracts import AvailabilityStatus, BoundedModel, Money
 from pydantic import BaseModel, ConfigDict, Field
 
 from inventory_service.adapters.metrics import InventoryMetrics
@@ -32,6 +32,9 @@ from inventory_service.service.handlers import Inventory
 
 Identifier = Annotated[str, Path(min_length=1, max_length=200, pattern=r"^[^\x00]+$")]
 
+# Far above any shelf, far below what an integer column holds.
+MAX_SAFETY_STOCK = 1_000_000
+
 StockReader = Annotated[Caller, Depends(require("stock.read"))]
 LocationWriter = Annotated[Caller, Depends(require("locations.write"))]
 ReportReader = Annotated[Caller, Depends(require("reports.read"))]
@@ -40,7 +43,7 @@ ReportReader = Annotated[Caller, Depends(require("reports.read"))]
 # -- bodies ------------------------------------------------------------------------------------
 
 
-class LocationBody(BaseModel):
+class LocationBody(BoundedModel):
     """A store or warehouse as ``PUT /locations/{location_id}`` takes it."""
 
     model_config = ConfigDict(extra="forbid")
@@ -49,9 +52,14 @@ class LocationBody(BaseModel):
     kind: LocationKind
     ships_online: bool = Field(default=False, description="Fulfils delivery orders")
     offers_pickup: bool = Field(default=False, description="Shoppers can collect orders here")
-    safety_stock: int = Field(default=0, ge=0, description="Units held back from online sale")
+    safety_stock: int = Field(
+        default=0, ge=0, le=MAX_SAFETY_STOCK, description="Units held back from online sale"
+    )
     low_stock_threshold: int | None = Field(
-        default=None, ge=0, description="At or below this many available units: low_stock"
+        default=None,
+        ge=0,
+        le=MAX_SAFETY_STOCK,
+        description="At or below this many available units: low_stock",
     )
 
 
@@ -258,7 +266,9 @@ def build_router(
         runtime: Runtime,
         _caller: StockReader,
         limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
-        after: Annotated[str | None, Query(max_length=200, description="Last SKU seen")] = None,
+        after: Annotated[
+            str | None, Query(max_length=200, pattern=r"^[^\x00]*$", description="Last SKU seen")
+        ] = None,
     ) -> LocationAvailability:
         """Every SKU at a location, by SKU, ``limit`` at a time (404 if unknown)."""
         async with runtime.pool.acquire() as conn:

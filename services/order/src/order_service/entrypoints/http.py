@@ -14,6 +14,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
 from omni_common.auth import Caller, require, require_shopper
 from omni_contracts import (
+    MAX_LINES,
+    BoundedModel,
     Channel,
     CheckoutSubmitted,
     Fulfillment,
@@ -24,7 +26,7 @@ from omni_contracts import (
     Quantity,
     UtcDatetime,
 )
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from order_service.domain.errors import (
     IdempotencyConflict,
@@ -57,14 +59,14 @@ CustomerOrders = Annotated[Caller, Depends(require_shopper("orders.read"))]
 Identifier = Annotated[str, Path(min_length=1, max_length=200, pattern=r"^[^\x00]+$")]
 
 
-class CheckoutRequest(BaseModel):
+class CheckoutRequest(BoundedModel):
     """A checkout, as on ``checkout.submitted.v1``; ``checkout_id`` may come as the
     ``Idempotency-Key`` header instead, ``channel`` defaults to the API key's channel."""
 
     checkout_id: NonEmptyStr | None = None
     customer_id: NonEmptyStr
     channel: Channel | None = None
-    lines: list[Line] = Field(min_length=1)
+    lines: list[Line] = Field(min_length=1, max_length=MAX_LINES)
     fulfillment: Fulfillment
     payment: Payment
     cart_id: NonEmptyStr | None = None
@@ -73,7 +75,7 @@ class CheckoutRequest(BaseModel):
     occurred_at: UtcDatetime | None = None
 
 
-class CancelRequest(BaseModel):
+class CancelRequest(BoundedModel):
     """Why an order is cancelled."""
 
     reason: NonEmptyStr = "requested"
