@@ -31,9 +31,13 @@ class TraceContextFilter(logging.Filter):
         return True
 
 
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_EMAIL = re.compile(r"[\w.+'-]+@[\w-]+(?:\.[\w-]+)+")
 # E.164-style numbers (+33 6 12 34 56 78, +1 (555) 010-9999); bare digit runs are ids.
 _PHONE = re.compile(r"\+\d[\d ().-]{6,}\d")
+
+
+NOISY_LOGGERS = ("aiokafka", "faststream", "uvicorn.access")
+"""Libraries kept at WARNING whatever the service's level."""
 
 
 def redact(text: str) -> str:
@@ -87,6 +91,7 @@ def configure_logging(service: str, level: str = "INFO", json_output: bool = Tru
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # Per-message INFO lines from the Kafka client and FastStream drown the signal.
-    for noisy in ("aiokafka", "faststream", "uvicorn.access"):
+    # Per-message INFO lines from the Kafka client and FastStream drown the signal (and at
+    # DEBUG aiokafka dumps raw message values: personal data).
+    for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
