@@ -9,7 +9,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --no-sync
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint bench down clean
+.PHONY: setup run test lint bench down clean contracts
 
 setup:
 	@if [ ! -x "$(UV)" ]; then \
@@ -43,3 +43,8 @@ down:
 clean: down
 	rm -rf .omni .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -not -path './.venv/*' -not -path './.tools/*' -prune -exec rm -rf {} +
+
+# Regenerate the committed contract (docs/asyncapi.yaml) after changing an event model.
+contracts: setup
+	$(RUN) omni docs asyncapi --output docs/asyncapi.yaml
+	$(RUN) omni contracts check --against HEAD

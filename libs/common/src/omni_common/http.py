@@ -14,8 +14,9 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from omni_contracts.asyncapi import service_document, to_html, to_yaml
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -186,6 +187,17 @@ def create_http_app(
             return JSONResponse({"status": "not ready", "reason": problem}, status_code=503)
         return JSONResponse({"status": "ready"})
 
+    # Public, like the contract itself; not in the OpenAPI document of the service's API.
+    @app.get("/asyncapi.yaml", response_class=PlainTextResponse, include_in_schema=False)
+    async def asyncapi_yaml() -> PlainTextResponse:
+        """The AsyncAPI 3 document of the events this service consumes and produces."""
+        return PlainTextResponse(to_yaml(_service_contract(runtime)), media_type="application/yaml")
+
+    @app.get("/asyncapi", response_class=HTMLResponse, include_in_schema=False)
+    async def asyncapi_page() -> HTMLResponse:
+        """The same document as a readable page, for channel teams."""
+        return HTMLResponse(to_html(_service_contract(runtime)))
+
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
         """Prometheus exposition of this service's metrics."""
@@ -194,6 +206,13 @@ def create_http_app(
     for router in routers or []:
         app.include_router(router)
     return app
+
+
+def _service_contract(runtime: ServiceRuntime) -> dict[str, object]:
+    kafka = runtime.kafka
+    return service_document(
+        runtime.settings.service_name, consumes=kafka.consumes, produces=kafka.produces
+    )
 
 
 def request_runtime(request: Request) -> ServiceRuntime:

@@ -240,3 +240,49 @@ async def test_docs_are_off_unless_enabled() -> None:
     assert (await _call(_app(http_docs_enabled=True), "GET", "/openapi.json")).status_code == 200
     # The schema stays available to code (tests, the fuzzer).
     assert "/customers/{customer_id}/orders" in _app().openapi()["paths"]
+
+
+async def test_rs256_tokens_verified_against_a_jwks_url() -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key()))
+    body = json.dumps({"keys": [{**jwk, "kid": "idp-1", "use": "sig"}]}).encode()
+    fetched: list[str] = []
+
+    class Jwks(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            fetched.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Jwks)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/.well-known/jwks.json"
+        app = _app(shopper_token_hs256_secret=None, shopper_token_jwks_url=url)
+        claims = {"sub": "c-7", "exp": int(time.time()) + 60, "iss": "idp", "aud": "omni"}
+        token = jwt.encode(claims, private, algorithm="RS256", headers={"kid": "idp-1"})
+        for _ in range(2):
+            response = await _call(
+                app, "GET", "/customers/c-7/orders", "web-key-123",
+                headers={"X-Shopper-Token": token},
+            )  # fmt: skip
+            assert response.json()["as_shopper"] == "c-7"
+        assert fetched == ["/.well-known/jwks.json"]  # fetched once, then cached
+        unknown_kid = jwt.encode(claims, private, algorithm="RS256", headers={"kid": "other"})
+        response = await _call(
+            app, "GET", "/customers/c-7/orders", "web-key-123",
+            headers={"X-Shopper-Token": unknown_kid},
+        )  # fmt: skip
+        assert response.status_code == 401
+    finally:
+        server.shutdown()

@@ -10,7 +10,7 @@ import argparse
 import inspect
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from importlib import metadata
 from typing import Any
 
@@ -175,6 +175,8 @@ def _channel(spec: TopicSpec) -> dict[str, Any]:
     return {
         "address": spec.name,
         "title": spec.name,
+        # The key field, machine-readable: the contract gate refuses a change of it.
+        "x-key": spec.key,
         "summary": spec.description,
         "description": (
             f"{spec.description} Produced by {produced_by}; keyed by `{spec.key}`, so all "
@@ -277,6 +279,117 @@ def asyncapi_document() -> dict[str, Any]:
     }
     # Plain JSON data only (no enums, no shared sub-dicts), so it dumps as clean YAML.
     return json.loads(json.dumps(document))
+
+
+def service_document(
+    service: str, *, consumes: Iterable[str], produces: Iterable[str]
+) -> dict[str, Any]:
+    """The part of the contract one service touches, from that service's point of view.
+
+    It ``receive``s the topics in ``consumes`` and ``send``s those in ``produces`` (its dead
+    letters included); only the messages and schemas those topics use are kept.
+    """
+    full = asyncapi_document()
+    receives, sends = set(consumes), set(produces)
+    channels = {
+        name: channel for name, channel in full["channels"].items() if name in receives | sends
+    }
+    operations: dict[str, Any] = {}
+    for name in sorted(channels):
+        action = "receive" if name in receives else "send"
+        verb = "consumes" if action == "receive" else "publishes"
+        operations[f"{action}.{name}"] = _operation(
+            name, action, f"{service} {verb} {name}.", list(channels[name]["messages"])
+        )
+    messages = {
+        ce_type: full["components"]["messages"][ce_type]
+        for channel in channels.values()
+        for ce_type in channel["messages"]
+    }
+    schemas = full["components"]["schemas"]
+    kept: dict[str, Any] = {}
+    pending = [messages[m].get("payload", {}) for m in messages]
+    while pending:  # every schema reachable from the kept messages
+        node = pending.pop()
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith(_SCHEMAS):
+                name = ref[len(_SCHEMAS) :]
+                if name not in kept:
+                    kept[name] = schemas[name]
+                    pending.append(schemas[name])
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
+    info = dict(full["info"])
+    info["title"] = f"{service}: the events it consumes and produces"
+    return {
+        **full,
+        "info": info,
+        "channels": channels,
+        "operations": operations,
+        "components": {"schemas": dict(sorted(kept.items())), "messages": messages},
+    }
+
+
+def to_html(document: dict[str, Any]) -> str:
+    """A readable, self-contained HTML page of an AsyncAPI document (no scripts, no CDN)."""
+    from html import escape
+
+    schemas = document.get("components", {}).get("schemas", {})
+    messages = document.get("components", {}).get("messages", {})
+    out = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<title>{escape(document['info']['title'])}</title><style>",
+        "body{font-family:system-ui,sans-serif;max-width:60rem;margin:auto;padding:1rem;"
+        "line-height:1.45}code{background:#f3f3f3;padding:0 .2em}table{border-collapse:"
+        "collapse;width:100%;margin:.5rem 0 1.5rem}td,th{border:1px solid #ddd;padding:"
+        ".25rem .5rem;text-align:left;vertical-align:top}h2{margin-top:2.5rem}",
+        "</style></head><body>",
+        f"<h1>{escape(document['info']['title'])}</h1>",
+        f"<p>AsyncAPI {escape(document['asyncapi'])}, contract version "
+        f"{escape(document['info']['version'])}. The machine-readable document is "
+        "<a href='asyncapi.yaml'>asyncapi.yaml</a>.</p>",
+        f"<pre style='white-space:pre-wrap'>{escape(document['info']['description'])}</pre>",
+    ]
+    actions = {
+        op["channel"]["$ref"].rsplit("/", 1)[-1]: op["action"]
+        for op in document.get("operations", {}).values()
+    }
+    for name, channel in document.get("channels", {}).items():
+        action = actions.get(name, "")
+        out.append(f"<h2 id='{escape(name)}'><code>{escape(name)}</code> {escape(action)}</h2>")
+        out.append(f"<p>{escape(channel.get('description', ''))}</p>")
+        for ce_type in channel.get("messages", {}):
+            message = messages.get(ce_type, {})
+            out.append(f"<h3><code>{escape(ce_type)}</code></h3>")
+            out.append(f"<p>{escape(message.get('description', ''))}</p>")
+            payload = message.get("payload", {})
+            ref = payload.get("$ref", "")
+            schema = schemas.get(ref[len(_SCHEMAS) :], payload) if ref else payload
+            props = schema.get("properties", {})
+            if not props:
+                continue
+            required = set(schema.get("required", []))
+            out.append("<table><tr><th>field</th><th>type</th><th>required</th></tr>")
+            for field_name, prop in props.items():
+                kinds = [
+                    v.get("$ref", "").rsplit("/", 1)[-1] or str(v.get("type", "any"))
+                    for v in prop.get("anyOf", [prop])
+                ]
+                if prop.get("type") == "array":
+                    items = prop.get("items", {})
+                    inner = items.get("$ref", "").rsplit("/", 1)[-1] or items.get("type", "any")
+                    kinds = [f"array of {inner}"]
+                out.append(
+                    f"<tr><td><code>{escape(field_name)}</code></td>"
+                    f"<td>{escape(' | '.join(kinds))}</td>"
+                    f"<td>{'yes' if field_name in required else ''}</td></tr>"
+                )
+            out.append("</table>")
+    out.append("</body></html>")
+    return "\n".join(out)
 
 
 def to_yaml(document: dict[str, Any]) -> str:

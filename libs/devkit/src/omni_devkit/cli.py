@@ -43,6 +43,12 @@ app.add_typer(dev_app, name="dev")
 app.add_typer(topics_app, name="topics")
 app.add_typer(docs_app, name="docs")
 app.add_typer(bench_app, name="bench")
+events_app = typer.Typer(
+    help="Publish and tail contract events (CloudEvents-aware, validated).", no_args_is_help=True
+)
+contracts_app = typer.Typer(help="The public contract: compatibility gate.", no_args_is_help=True)
+app.add_typer(events_app, name="events")
+app.add_typer(contracts_app, name="contracts")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -342,16 +348,145 @@ def topics_create(
 # -- docs ------------------------------------------------------------------------------------
 
 
+CONTRACT_FILE = Path("docs/asyncapi.yaml")
+"""The committed contract, relative to the repository root."""
+
+
 @docs_app.command("asyncapi")
-def docs_asyncapi() -> None:
-    """Print the AsyncAPI document of the public topics as YAML."""
+def docs_asyncapi(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="yaml or json")] = "yaml",
+) -> None:
+    """Print (or write) the AsyncAPI 3 document of the public topics."""
+    import json
+
+    from omni_contracts.asyncapi import asyncapi_document, to_yaml
+
+    document = asyncapi_document()
+    if fmt not in ("yaml", "json"):
+        fail(f"--format {fmt!r} is not yaml or json")
+    text = to_yaml(document) if fmt == "yaml" else json.dumps(document, indent=2) + "\n"
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    echo(f"wrote {output}")
+
+
+def _load_contract(against: str) -> dict[str, Any]:
+    """The contract in file ``against``, else ``docs/asyncapi.yaml`` at git ref ``against``."""
     import yaml
 
-    try:
-        from omni_contracts.asyncapi import asyncapi_document
-    except ImportError as exc:
-        fail(f"the AsyncAPI generator is not available: {exc}")
-    typer.echo(yaml.safe_dump(asyncapi_document(), sort_keys=False, allow_unicode=True), nl=False)
+    path = Path(against)
+    if path.is_file():
+        text = path.read_text()
+    else:
+        shown = subprocess.run(
+            ["git", "show", f"{against}:{CONTRACT_FILE.as_posix()}"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if shown.returncode != 0:
+            why = (shown.stderr.strip().splitlines() or ["git show failed"])[-1]
+            fail(f"{against!r} is neither a file nor a git ref with {CONTRACT_FILE}: {why}")
+        text = shown.stdout
+    document = yaml.safe_load(text)
+    if not isinstance(document, dict) or "channels" not in document:
+        fail(f"{against!r} is not an AsyncAPI document")
+    return document
+
+
+@contracts_app.command("check")
+def contracts_check(
+    against: Annotated[
+        str,
+        typer.Option(
+            help="The contract to stay compatible with: a file or a git ref", metavar="REF"
+        ),
+    ] = "HEAD",
+) -> None:
+    """Refuse breaking changes of the code's contract against REF (exit 1, one line each).
+
+    Breaking: a topic or event type removed, a topic's key changed, a field removed or
+    renamed, a field's type changed, a field made required. Additions pass.
+    """
+    from omni_contracts.asyncapi import asyncapi_document
+    from omni_contracts.compat import compare
+
+    result = compare(_load_contract(against), asyncapi_document())
+    for change in result.additive:
+        echo(f"ok: {change}")
+    if not result.compatible:
+        for change in result.breaking:
+            typer.echo(f"breaking: {change}", err=True)
+        fail(
+            f"{len(result.breaking)} breaking change(s) against {against}: keep the old field "
+            "or event type, or publish a new .vN topic"
+        )
+    echo(f"compatible with {against} ({len(result.additive)} additive change(s))")
+
+
+# -- events ----------------------------------------------------------------------------------
+
+
+@events_app.command("publish")
+def events_publish(
+    topic: Annotated[str, typer.Argument(help="Contract topic, e.g. store.sales.v1")],
+    ce_type: Annotated[
+        str, typer.Option("--type", help="CloudEvents type, e.g. store.sale.recorded")
+    ],
+    stdin: Annotated[
+        str | None, typer.Argument(help="`-` to read the event data from standard input")
+    ] = None,
+    key: Annotated[str | None, typer.Option(help="Message key [default: the contract's]")] = None,
+    data: Annotated[str | None, typer.Option(help="The event data as JSON")] = None,
+    file: Annotated[Path | None, typer.Option(help="A file holding the event data")] = None,
+    source: Annotated[str, typer.Option(help="ce_source")] = "/channels/cli",
+) -> None:
+    """Validate an event against its model, then publish it; prints its ce_id."""
+    from omni_devkit import events
+
+    if stdin not in (None, "-"):
+        fail(f"unexpected argument {stdin!r} (use - for standard input)")
+    payload = events.read_data(data, file, stdin == "-", sys.stdin.read)
+    ce_id = events.run(
+        events.publish(events.find_target(), topic, ce_type, payload, key=key, source=source)
+    )
+    typer.echo(ce_id)
+
+
+@events_app.command("tail")
+def events_tail(
+    topic: Annotated[str, typer.Argument(help="Topic, e.g. inventory.availability.v1")],
+    ce_type: Annotated[str | None, typer.Option("--type", help="Only this ce_type")] = None,
+    key: Annotated[str | None, typer.Option(help="Only this message key")] = None,
+    from_beginning: Annotated[bool, typer.Option(help="Start at the oldest message")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line")] = False,
+    idle_exit: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds without a message")
+    ] = None,
+) -> None:
+    """Print a topic's messages with their decoded envelope, until Ctrl-C."""
+    import json
+
+    from omni_devkit import events
+
+    async def follow() -> None:
+        async for message in events.tail(
+            events.find_target(),
+            topic,
+            ce_type=ce_type,
+            key=key,
+            from_beginning=from_beginning,
+            stop_after=idle_exit,
+        ):
+            echo(json.dumps(message) if as_json else events.one_line(message))
+
+    events.run(follow())
 
 
 # -- benchmarks ------------------------------------------------------------------------------

@@ -105,6 +105,17 @@ class World:
         registry = self.svc.runtime.metrics.registry
         return registry.get_sample_value(name, {"service": "order", **labels}) or 0.0
 
+    async def metric_reaches(
+        self, name: str, value: float, wait_s: float = 3.0, **labels: str
+    ) -> float:
+        """The metric once it reaches ``value`` (or its last sample after ``wait_s``)."""
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while (sample := self.metric(name, **labels)) < value:
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.02)
+        return sample
+
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def w(kafka_bootstrap: str, postgres_url: str) -> AsyncIterator[World]:
@@ -187,7 +198,11 @@ async def test_a_checkout_is_placed_then_confirmed_or_rejected(w: World) -> None
     rejected = await w.event(other, "order.rejected")
     assert rejected["reason"] == "insufficient_stock"
     assert rejected["shortages"] == [{"sku": "SKU-1", "requested": 2, "available": 1}]
-    after = w.metric("omni_order_transitions_total", to_status="rejected", channel="web")
+    # Counted once the handler's transaction committed, which can be a moment after the
+    # relay published the event.
+    after = await w.metric_reaches(
+        "omni_order_transitions_total", rejected_before + 1, to_status="rejected", channel="web"
+    )
     assert after == rejected_before + 1
 
     # An expired reservation of a confirmed order: no longer backed by stock, cancelled.
@@ -317,7 +332,9 @@ async def test_cancel_before_shipping_and_refused_after(w: World) -> None:
     view = await w.order(shipped_id)
     assert view["status"] == "shipped"
     assert view["history"][-1]["event"] == "cancellation_refused"
-    assert w.metric("omni_order_illegal_transitions_total") == illegal_before + 2
+    assert await w.metric_reaches("omni_order_illegal_transitions_total", illegal_before + 2) == (
+        illegal_before + 2
+    )
 
 
 async def test_a_carrier_eta_past_the_promise_is_one_order_delayed(w: World) -> None:
@@ -404,7 +421,9 @@ async def test_illegal_and_unknown_fulfilment_events_are_dead_lettered(w: World)
         "illegal_transition",
         "unknown_order",
     ]
-    assert w.metric("omni_order_illegal_transitions_total") == illegal_before + 1
+    assert await w.metric_reaches("omni_order_illegal_transitions_total", illegal_before + 1) == (
+        illegal_before + 1
+    )
     assert (await w.order(order_id))["status"] == "placed"
     exposition = (await w.svc.http.get("/metrics")).text
     assert 'omni_order_transitions_total{channel="web",service="order",to_status="placed"}' in (
