@@ -359,7 +359,21 @@ def require(scope: str, *, shopper: bool = False) -> Callable[..., Awaitable[Cal
             return Caller(key.channel, key.scopes)
         raise HTTPException(403, detail=f"the {key.channel} key lacks scope {scope}")
 
+    dependency.omni_scope = scope  # type: ignore[attr-defined]
     return dependency
+
+
+def declared_scopes(route: Any) -> set[str]:
+    """The scopes a FastAPI route's dependencies require (empty: the route checks none)."""
+    found: set[str] = set()
+    pending = list(getattr(route, "dependant", None).dependencies if route else [])
+    while pending:
+        dependant = pending.pop()
+        scope = getattr(dependant.call, "omni_scope", None)
+        if scope:
+            found.add(scope)
+        pending.extend(dependant.dependencies)
+    return found
 
 
 def require_shopper(scope: str) -> Callable[..., Awaitable[Caller]]:
