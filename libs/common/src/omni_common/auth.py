@@ -363,6 +363,19 @@ def require(scope: str, *, shopper: bool = False) -> Callable[..., Awaitable[Cal
     return dependency
 
 
+def api_routes(routes: Any) -> list[Any]:
+    """Every ``APIRoute`` among ``routes`` (an app's or router's), through included routers."""
+    from fastapi.routing import APIRoute
+
+    found: list[Any] = []
+    for route in routes:
+        if isinstance(route, APIRoute):
+            found.append(route)
+        elif hasattr(route, "original_router"):  # FastAPI >= 0.165 includes routers lazily
+            found.extend(api_routes(route.original_router.routes))
+    return found
+
+
 def declared_scopes(route: Any) -> set[str]:
     """The scopes a FastAPI route's dependencies require (empty: the route checks none)."""
     found: set[str] = set()

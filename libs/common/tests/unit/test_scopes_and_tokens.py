@@ -289,10 +289,9 @@ async def test_rs256_tokens_verified_against_a_jwks_url() -> None:
 
 
 def test_the_scopes_a_route_declares_can_be_read_off_it() -> None:
-    from fastapi.routing import APIRoute
-    from omni_common.auth import declared_scopes
+    from omni_common.auth import api_routes, declared_scopes
 
-    routes = {r.path: r for r in _app().routes if isinstance(r, APIRoute)}
+    routes = {r.path: r for r in api_routes(_app().routes)}
     assert declared_scopes(routes["/locations/{location_id}"]) == {"locations.write"}
     assert declared_scopes(routes["/customers/{customer_id}/orders"]) == {"orders.read"}
     assert declared_scopes(routes["/overflow"]) == set()  # what the e2e check refuses
