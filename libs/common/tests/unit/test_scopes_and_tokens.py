@@ -295,3 +295,17 @@ def test_the_scopes_a_route_declares_can_be_read_off_it() -> None:
     assert declared_scopes(routes["/locations/{location_id}"]) == {"locations.write"}
     assert declared_scopes(routes["/customers/{customer_id}/orders"]) == {"orders.read"}
     assert declared_scopes(routes["/overflow"]) == set()  # what the e2e check refuses
+
+
+def test_a_misconfigured_service_stops_with_a_message_that_hides_the_key(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from omni_common.run import main
+
+    monkeypatch.setenv("API_KEYS", "web:TopSecret-Key-Value:stock.raed")
+    with pytest.raises(SystemExit) as stopped:
+        main(["inventory"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "misconfigured" in err and "unknown scope(s) stock.raed" in err
+    assert "TopSecret" not in err

@@ -72,6 +72,10 @@ async def test_web_shoppers_reach_only_their_own_orders(api) -> None:
     assert (await _req(svc, "POST", "/orders", json=body, headers=_as(WEB))).status_code == 401
     as_bob = await _req(svc, "POST", "/orders", json=body, headers=_as(WEB, bob_token))
     assert as_bob.status_code == 403
+    posing = await _req(
+        svc, "POST", "/orders", json={**body, "channel": "store"}, headers=_as(WEB, alice_token)
+    )
+    assert posing.status_code == 403
     placed = await _req(svc, "POST", "/orders", json=body, headers=_as(WEB, alice_token))
     assert placed.status_code == 201, placed.text
     assert placed.json()["channel"] == "web"  # the key's channel when the body names none

@@ -115,6 +115,9 @@ async def place_order(
     if idempotency_key and body.checkout_id and idempotency_key != body.checkout_id:
         raise _problem(422, "invalid_order", "Idempotency-Key and checkout_id differ")
     caller.check_shopper(body.customer_id)
+    if caller.shopper_id is not None and body.channel and body.channel.value != caller.channel:
+        # A shopper's key places orders of its own channel only (no posing as a store).
+        raise _problem(403, "wrong_channel", f"the {caller.channel} key places only its orders")
     checkout_id = idempotency_key or body.checkout_id or f"http-{uuid.uuid4().hex}"
     channel = body.channel or _channel_of_key(caller.channel)
     fields = body.model_dump(exclude_none=True, exclude={"checkout_id", "channel"})
