@@ -81,6 +81,10 @@ def _fuzz(raw_schema: dict[str, Any], base_url: str, service: str) -> FuzzReport
 
             try:
                 run()
+            except hypothesis.errors.Unsatisfiable:
+                # No invalid request exists for this operation (e.g. a free-form path string).
+                if mode is GenerationMode.POSITIVE:
+                    report.failures.append(f"{operation.label}: no valid request can be made")
             # schemathesis reports through a BaseExceptionGroup; one report per operation + mode.
             except (Exception, BaseExceptionGroup) as exc:
                 lines = traceback.format_exception_only(exc)

@@ -363,6 +363,17 @@ def require(scope: str, *, shopper: bool = False) -> Callable[..., Awaitable[Cal
     return dependency
 
 
+def public(reason: str) -> Callable[[], None]:
+    """A dependency declaring a route open without a key on purpose (e.g. a signed
+    one-click unsubscribe link); ``reason`` says why, for reviewers and the scope check."""
+
+    def dependency() -> None:
+        return None
+
+    dependency.omni_public = reason  # type: ignore[attr-defined]
+    return dependency
+
+
 def api_routes(routes: Any) -> list[Any]:
     """Every ``APIRoute`` among ``routes`` (an app's or router's), through included routers."""
     from fastapi.routing import APIRoute
@@ -377,7 +388,8 @@ def api_routes(routes: Any) -> list[Any]:
 
 
 def declared_scopes(route: Any) -> set[str]:
-    """The scopes a FastAPI route's dependencies require (empty: the route checks none)."""
+    """The scopes a FastAPI route's dependencies require (empty: the route checks none;
+    ``public`` for routes declared open with :func:`public`)."""
     found: set[str] = set()
     pending = list(getattr(route, "dependant", None).dependencies if route else [])
     while pending:
@@ -385,6 +397,8 @@ def declared_scopes(route: Any) -> set[str]:
         scope = getattr(dependant.call, "omni_scope", None)
         if scope:
             found.add(scope)
+        if getattr(dependant.call, "omni_public", None):
+            found.add("public")
         pending.extend(dependant.dependencies)
     return found
 
