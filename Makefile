@@ -9,7 +9,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --no-sync
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint bench down clean contracts
+.PHONY: setup run test lint bench down clean contracts browser demo
 
 setup:
 	@if [ ! -x "$(UV)" ]; then \
@@ -25,7 +25,19 @@ setup:
 run: setup
 	$(RUN) omni dev up
 
+# Debian's chromium for the console's browser test (as root; never a downloaded browser).
+browser:
+	@if command -v chromium >/dev/null 2>&1; then chromium --version; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	else echo "install Debian's chromium (apt-get install chromium) for the browser test"; fi
+
+# The stories against the running stack (`make run` in another terminal).
+demo: setup
+	$(RUN) omni demo
+
 test: setup
+	@command -v chromium >/dev/null 2>&1 || $(MAKE) --no-print-directory browser || true
 	$(RUN) pytest $(PYTEST_ARGS)
 
 lint: setup
