@@ -114,7 +114,7 @@ async def test_the_grid_turns_a_tile_out_of_stock_live_when_a_till_sells_the_las
             sold_at = await _sell(env, sku, store, 3)
             # Within a second, without a reload: the stream moved the tile.
             await page.wait_for_function(
-                "([id]) => document.querySelector(`[data-testid=\"${id}\"]`)"
+                '([id]) => document.querySelector(`[data-testid="${id}"]`)'
                 "?.dataset.status === 'out_of_stock'",
                 arg=[f"cell-{sku}@{store}"],
                 timeout=1_000,
@@ -156,9 +156,9 @@ async def test_a_story_played_from_the_console_narrates_and_holds(dev_stack) -> 
 
 
 def test_omni_demo_plays_every_story_against_the_stack(dev_stack) -> None:
+    state = str(dev_stack.config.state_dir)
     result = subprocess.run(
-        [sys.executable, "-m", "omni_devkit.cli", "demo"]
-        + ["--state-dir", str(dev_stack.config.state_dir)],
+        [sys.executable, "-m", "omni_devkit.cli", "demo", "--state-dir", state],
         capture_output=True,
         text=True,
         timeout=240,
