@@ -133,7 +133,7 @@ function Histogram({ histogram }) {
     const n = cumulative - previous; previous = cumulative; return { b, n };
   });
   const max = Math.max(1, ...bars.map((x) => x.n));
-  const label = (s) => (s < 1 ? `${Math.round(s * 1000)}ms` : `${s}s`);
+  const label = (s) => (s < 1 ? `${+(s * 1000).toFixed(1)}ms` : `${s}s`);
   return html`<div data-testid="latency"><div class="bars">${bars.map((x) => html`<div style=${`height:${(100 * x.n) / max}%`} title=${`<= ${label(x.b)}: ${x.n}`}></div>`)}</div>
     <div class="bar-labels">${bars.map((x) => html`<span>${label(x.b)}</span>`)}</div>
     <p class="muted">${histogram.count} stock changes, from the event to the availability written</p></div>`;
@@ -169,4 +169,6 @@ function App() {
     <section class="wide"><h2>Platform health</h2><${Health} /></section>`;
 }
 
-render(html`<${App} />`, document.getElementById("app"));
+const root = document.getElementById("app");
+root.textContent = ""; // the "Loading" placeholder: Preact renders next to what is there
+render(html`<${App} />`, root);
