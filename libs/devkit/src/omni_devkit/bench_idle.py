@@ -1,0 +1,159 @@
+"""``omni bench idle``: what the whole stack burns when nothing happens.
+
+Samples the CPU time of every process of the stack (the broker, PostgreSQL with all its
+backends, each service) over a quiet window, and reports it as a share of one core, per
+component and in total, beside the share of the broker and database (what the services'
+polling costs them shows up there: empty fetches, relay and timer queries).
+
+Runs against the dev stack when one is up (``omni dev up``), else starts a private one with
+every service, as ``make run`` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import psutil
+import typer
+
+from omni_devkit.cli import bench_app, fail
+from omni_devkit.devstack.process import DevStackError
+
+TARGET_SHARE = 0.05  # of one core, the issue's target for the whole stack idle
+INFRASTRUCTURE = ("kafka", "postgres")
+
+
+@dataclass(frozen=True)
+class IdleResult:
+    """CPU share of one core per component over the window."""
+
+    seconds: float
+    shares: dict[str, float]
+
+    @property
+    def total(self) -> float:
+        """The whole stack."""
+        return sum(self.shares.values())
+
+    @property
+    def infrastructure(self) -> float:
+        """Broker and database alone: the baseline."""
+        return sum(v for k, v in self.shares.items() if k in INFRASTRUCTURE)
+
+    def as_json(self) -> dict[str, object]:
+        """The figures as one JSON object (percent of one core)."""
+        return {
+            "seconds": round(self.seconds, 1),
+            "total_pct": round(100 * self.total, 2),
+            "baseline_infrastructure_pct": round(100 * self.infrastructure, 2),
+            "services_pct": round(100 * (self.total - self.infrastructure), 2),
+            "target_pct": 100 * TARGET_SHARE,
+            "per_component_pct": {k: round(100 * v, 2) for k, v in sorted(self.shares.items())},
+        }
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    """CPU time of a process and all its live descendants (PostgreSQL's backends)."""
+    total = 0.0
+    family = [process]
+    with contextlib.suppress(psutil.Error):
+        family += process.children(recursive=True)
+    for member in family:
+        with contextlib.suppress(psutil.Error):
+            times = member.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def measure_idle(pids: dict[str, int], seconds: float) -> IdleResult:
+    """CPU share of one core of each named process tree over ``seconds``."""
+    processes = {}
+    for name, pid in pids.items():
+        with contextlib.suppress(psutil.Error):
+            processes[name] = psutil.Process(pid)
+    if not processes:
+        raise DevStackError("none of the stack's processes is running")
+    before = {name: _cpu_seconds(p) for name, p in processes.items()}
+    started = time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - started
+    return IdleResult(
+        elapsed,
+        {name: max(0.0, _cpu_seconds(p) - before[name]) / elapsed for name, p in processes.items()},
+    )
+
+
+def _stack_pids(state_dir: Path | None) -> dict[str, int] | None:
+    """The running dev stack's processes (not the supervisor), or None."""
+    from omni_devkit.devstack.stack import DevStackConfig, read_pids
+
+    config = DevStackConfig.from_env(state_dir=state_dir)
+    pids = {k: v for k, v in read_pids(config).items() if k != "supervisor"}
+    return pids if pids and all(psutil.pid_exists(p) for p in pids.values()) else None
+
+
+@contextlib.contextmanager
+def _private_stack(say: Callable[[str], None]) -> Iterator[dict[str, int]]:
+    """Every service with its broker and database, in a temp dir, as ``make run`` starts it."""
+    from omni_devkit.devstack.stack import DevStack, DevStackConfig, read_pids
+
+    with tempfile.TemporaryDirectory(prefix="omni-bench-idle-") as state:
+        config = DevStackConfig.with_free_ports(Path(state))
+        stack = DevStack(config, echo=say)
+        stack.up()
+        try:
+            yield {k: v for k, v in read_pids(config).items() if k != "supervisor"}
+        finally:
+            stack.stop(quiet=True)
+
+
+@bench_app.command("idle")
+def idle(
+    seconds: Annotated[float, typer.Option(min=1, help="Seconds measured")] = 30.0,
+    settle: Annotated[float, typer.Option(min=0, help="Seconds waited before measuring")] = 5.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line")] = False,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="Dev stack state dir [default: .omni]")
+    ] = None,
+) -> None:
+    """CPU of the whole idle stack (broker and database included); target < 5 % of one core."""
+
+    def say(line: str) -> None:
+        if not as_json:
+            typer.echo(line)
+            sys.stdout.flush()
+
+    def run(pids: dict[str, int]) -> IdleResult:
+        say(f"settling {settle:g} s, then measuring {seconds:g} s of idle CPU ...")
+        time.sleep(settle)
+        return measure_idle(pids, seconds)
+
+    try:
+        pids = _stack_pids(state_dir)
+        if pids is None:
+            say("no dev stack running; starting a private one with every service")
+            with _private_stack(say) as private:
+                result = run(private)
+        else:
+            result = run(pids)
+    except DevStackError as exc:
+        fail(str(exc))
+    figures = result.as_json()
+    if as_json:
+        typer.echo(json.dumps(figures))
+        return
+    parts = ", ".join(f"{k} {v:.2f} %" for k, v in figures["per_component_pct"].items())  # type: ignore[attr-defined]
+    typer.echo(
+        f"idle over {figures['seconds']} s: whole stack {figures['total_pct']} % of one core "
+        f"(target < {figures['target_pct']:g} %); of which broker + database "
+        f"{figures['baseline_infrastructure_pct']} %, service processes {figures['services_pct']} %"
+    )
+    typer.echo(f"  {parts}")
