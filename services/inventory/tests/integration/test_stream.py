@@ -209,3 +209,25 @@ async def test_heartbeats_keep_an_idle_stream_open(omni_env) -> None:
                 if line.startswith(": keep-alive"):
                     break
         assert any(line.startswith("event: ready") for line in seen)
+
+
+async def test_the_stream_bench_times_every_client_beside_a_kafka_consumer(omni_env) -> None:
+    from inventory_service.entrypoints.bench import Target
+    from inventory_service.entrypoints.bench_stream import measure
+
+    async with serving(omni_env) as inventory:
+        result = await measure(
+            Target(omni_env.bootstrap, inventory.url, "test-key", omni_env.prefix),
+            clients=20,
+            rate=5,
+            duration=1,
+            warmup=0.2,
+            skus=2,
+            say=lambda line: None,
+        )
+    figures = result.as_json()
+    assert figures["connected"] == 20
+    assert figures["deliveries"] == figures["expected_deliveries"] == 20 * 5
+    assert len(result.kafka.samples) == 5
+    assert 0 < figures["p50_ms"] <= figures["p99_ms"]
+    assert 0 < figures["kafka_p50_ms"] <= figures["kafka_p99_ms"]
