@@ -283,7 +283,7 @@ def create_console_app(env_file: Path, stories: Any = None) -> FastAPI:
             out[service] = {"up": True, **summarise_metrics(response.text)}
 
         await asyncio.gather(*(one(s) for s in SERVICES))
-        return {"services": out, "at": time.time()}
+        return {"services": {s: out[s] for s in SERVICES}, "at": time.time()}
 
     @app.get("/api/shoppers")
     async def shoppers() -> Any:

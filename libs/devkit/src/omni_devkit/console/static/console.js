@@ -109,7 +109,9 @@ function Shopper() {
     const timer = setInterval(load, 2000);
     return () => { stop = true; clearInterval(timer); };
   }, [chosen]);
-  const list = (items, line) => html`<ul>${(items || []).slice(0, 8).map((i) => html`<li>${line(i)}</li>`)}</ul>`;
+  const list = (items, line) => (items && items.length
+    ? html`<ul>${items.slice(0, 8).map((i) => html`<li>${line(i)}</li>`)}</ul>`
+    : html`<span class="muted">none yet</span>`);
   return html`<div>
     <select onChange=${(e) => setChosen(e.target.value)} value=${chosen}>
       ${shoppers.map((s) => html`<option value=${s.customer_id}>${s.name}</option>`)}</select>
