@@ -83,16 +83,28 @@ async def _events(
             yield _event("availability", change.data, position)
         while True:
             try:
-                change = await asyncio.wait_for(client.queue.get(), heartbeat_s)
+                # asyncio.timeout, not wait_for: no task per event per client.
+                async with asyncio.timeout(heartbeat_s):
+                    first = await client.queue.get()
             except TimeoutError:
                 yield b": keep-alive\n\n"  # a comment: keeps proxies from closing the line
                 continue
-            if change is None:
-                return  # dropped as too slow: the client reconnects with its Last-Event-ID
-            if change.offset <= position.get(change.partition, -1):
-                continue  # the client came from an instance that was further ahead
-            position[change.partition] = change.offset
-            yield _event("availability", change.data, position)
+            # What queued meanwhile goes out in the same write: one send, not one per event.
+            changes = [first]
+            while not client.queue.empty():
+                changes.append(client.queue.get_nowait())
+            chunk = bytearray()
+            for change in changes:
+                if change is None:
+                    break  # dropped as too slow: the client reconnects with its Last-Event-ID
+                if change.offset <= position.get(change.partition, -1):
+                    continue  # the client came from an instance that was further ahead
+                position[change.partition] = change.offset
+                chunk += _event("availability", change.data, position)
+            if chunk:
+                yield bytes(chunk)
+            if None in changes:
+                return
     finally:
         feed.close(client)
 
