@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -330,8 +331,8 @@ async def tailing(
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
     # The topic is created before the services start; a fresh broker may still be telling.
     for _ in range(100):
-        found = await consumer._client.fetch_all_metadata()
-        partitions = found.partitions_for_topic(topic)
+        await consumer.topics()  # refreshes the metadata
+        partitions = consumer.partitions_for_topic(topic)
         if partitions:
             return [TopicPartition(topic, p) for p in sorted(partitions)]
         await asyncio.sleep(0.1)
@@ -341,8 +342,6 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicParti
 async def _run(
     consumer: AIOKafkaConsumer, feed: AvailabilityFeed, ends: Mapping[TopicPartition, int]
 ) -> None:
-    import time
-
     caught_up = {tp for tp, end in ends.items() if end == 0 or end <= await consumer.position(tp)}
     if len(caught_up) == len(ends):
         feed.ready.set()
