@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from omni_contracts import Line, Money, SaleRecorded, StockAdjusted
+from omni_contracts.envelope import new_envelope
 from omni_devkit.devstack.stack import read_kv_file
 from omni_devkit.testing.events import ChannelPublisher
 
@@ -153,6 +154,24 @@ async def test_a_story_played_from_the_console_narrates_and_holds(dev_stack) -> 
         assert env["API_KEY"] not in page.text
         shopper = (await console.get("/api/shoppers/demo-alice")).json()
         assert set(shopper) >= {"profile", "orders", "points", "notifications", "emails"}
+
+        # A till sends garbage: the console shows the dead letter with its reason.
+        sale = SaleRecorded(
+            sale_id=uuid.uuid4().hex,
+            location_id="store-001",
+            lines=[Line(sku="X", qty=1, unit_price=Money(amount=Decimal("1"), currency="EUR"))],
+            occurred_at=datetime.now(UTC),
+        )
+        async with ChannelPublisher(env["KAFKA_BOOTSTRAP_SERVERS"]) as pos:
+            headers = new_envelope(sale, source="/channels/pos/store-001").headers()
+            await pos.publish_raw("store.sales.v1", b"{not json", key="store-001", headers=headers)
+        deadline = time.monotonic() + 30
+        while True:
+            letters = (await console.get("/api/dlq")).json()
+            if any(d["reason"] == "malformed_json" for d in letters):
+                break
+            assert time.monotonic() < deadline, letters
+            await asyncio.sleep(0.5)
 
 
 def test_omni_demo_plays_every_story_against_the_stack(dev_stack) -> None:

@@ -144,6 +144,7 @@ def summarise_metrics(text: str) -> dict[str, Any]:
     dlq: dict[str, float] = {}
     buckets: dict[str, float] = {}
     count = 0.0
+    stream_clients = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             name, labels, value = sample.name, sample.labels, sample.value
@@ -158,12 +159,65 @@ def summarise_metrics(text: str) -> dict[str, Any]:
                 buckets[labels["le"]] = buckets.get(labels["le"], 0) + value
             elif name == "omni_inventory_stock_to_availability_seconds_count":
                 count += value
+            elif name == "omni_inventory_stream_clients":
+                stream_clients += value
     return {
         "consumer_lag": lag,
         "outbox_backlog": backlog,
         "dlq": dlq,
         "stock_to_availability": {"buckets": buckets, "count": count} if buckets else None,
+        "stream_clients": stream_clients,
     }
+
+
+async def dead_letters(
+    bootstrap: str, prefix: str = "", per_topic: int = 5
+) -> list[dict[str, Any]]:
+    """The newest entries of every ``<topic>.dlq``: where from, why, and the error."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from omni_contracts.catalogue import TOPICS
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
+    )
+    await consumer.start()
+    entries: list[dict[str, Any]] = []
+    try:
+        await consumer.topics()
+        partitions = [
+            TopicPartition(f"{prefix}{name}.dlq", p)
+            for name in TOPICS
+            for p in sorted(consumer.partitions_for_topic(f"{prefix}{name}.dlq") or ())
+        ]
+        if not partitions:
+            return entries
+        consumer.assign(partitions)
+        ends = await consumer.end_offsets(partitions)
+        waiting = {tp for tp, end in ends.items() if end > 0}
+        for tp in waiting:
+            consumer.seek(tp, max(0, ends[tp] - per_topic))
+        deadline = time.monotonic() + 2
+        while waiting and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=200)
+            for tp, records in batches.items():
+                for record in records:
+                    headers = {k: v.decode(errors="replace") for k, v in record.headers or ()}
+                    entries.append(
+                        {
+                            "topic": headers.get("dlq_source_topic", tp.topic),
+                            "reason": headers.get("dlq_reason", "?"),
+                            "error": headers.get("dlq_error", "")[:300],
+                            "service": headers.get("dlq_service", "?"),
+                            "ce_type": headers.get("ce_type"),
+                            "at": record.timestamp,
+                        }
+                    )
+                    if record.offset + 1 >= ends[tp]:
+                        waiting.discard(tp)
+    finally:
+        await consumer.stop()
+    entries.sort(key=lambda e: e["at"], reverse=True)
+    return entries[: per_topic * 4]
 
 
 def create_console_app(env_file: Path, stories: Any = None) -> FastAPI:
@@ -284,6 +338,19 @@ def create_console_app(env_file: Path, stories: Any = None) -> FastAPI:
 
         await asyncio.gather(*(one(s) for s in SERVICES))
         return {"services": {s: out[s] for s in SERVICES}, "at": time.time()}
+
+    @app.get("/api/dlq")
+    async def dlq() -> Any:
+        """The newest dead-lettered messages, with their reasons (payloads stay in Kafka)."""
+        bootstrap = stack.values().get("KAFKA_BOOTSTRAP_SERVERS")
+        if not bootstrap:
+            return {"skipped": "no running stack"}
+        try:
+            return await asyncio.wait_for(
+                dead_letters(bootstrap, stack.values().get("TOPIC_PREFIX", "")), 5
+            )
+        except Exception as exc:  # the broker is away: say so, keep serving the page
+            return {"error": f"could not read the DLQs: {type(exc).__name__}"}
 
     @app.get("/api/shoppers")
     async def shoppers() -> Any:

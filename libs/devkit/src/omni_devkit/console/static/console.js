@@ -143,11 +143,14 @@ function Histogram({ histogram }) {
 
 function Health() {
   const [health, setHealth] = useState(null);
+  const [dlq, setDlq] = useState(null);
   useEffect(() => {
     const load = () => getJson("/api/health").then(setHealth).catch(() => {});
-    load();
+    const loadDlq = () => getJson("/api/dlq").then(setDlq).catch(() => {});
+    load(); loadDlq();
     const timer = setInterval(load, 2000);
-    return () => clearInterval(timer);
+    const dlqTimer = setInterval(loadDlq, 5000);
+    return () => { clearInterval(timer); clearInterval(dlqTimer); };
   }, []);
   if (!health) return html`<p class="muted">...</p>`;
   const services = Object.entries(health.services);
@@ -157,6 +160,11 @@ function Health() {
       s.skipped ? html`<td colspan="4" class="skipped">${s.skipped}</td>`
       : html`<td class=${s.up ? "passed" : "failed"}>${s.up ? "yes" : "no"}</td><td>${s.consumer_lag ?? "-"}</td><td>${s.outbox_backlog ?? "-"}</td>
         <td style="text-align:left">${s.dlq && Object.keys(s.dlq).length ? Object.entries(s.dlq).map(([k, v]) => html`<div>${k}: ${v}</div>`) : "none"}</td>`}</tr>`)}</tbody></table></div>
+    <h3 style="font-size:14px;margin:10px 0 4px">Newest dead letters</h3>
+    <div data-testid="dlq">${!dlq ? "..." : dlq.skipped || dlq.error ? html`<span class="skipped">${dlq.skipped || dlq.error}</span>`
+      : dlq.length ? html`<ul>${dlq.map((d) => html`<li><b>${d.topic}</b> ${d.ce_type || ""}: <b>${d.reason}</b> (${d.service}) <span class="muted">${d.error}</span></li>`)}</ul>`
+      : html`<span class="muted">none: nothing was dead-lettered</span>`}</div>
+    <p class="muted">${inventory.stream_clients ?? 0} clients on the availability stream</p>
     <h3 style="font-size:14px;margin:10px 0 4px">Stock change to availability (live)</h3>
     <${Histogram} histogram=${inventory.stock_to_availability} />`;
 }
