@@ -19,7 +19,7 @@ from deploy_metrics import (
 )
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-# Business metrics the inventory and order services export (names fixed with the lead).
+# Business metrics the inventory, order and loyalty services export (names fixed with the lead).
 PROMISED_BUSINESS_METRICS: tuple[tuple[type[Any], str, tuple[str, ...]], ...] = (
     (Histogram, "omni_inventory_stock_to_availability_seconds", ("service",)),
     (Counter, "omni_inventory_out_of_stock_transitions", ("service", "location_id")),
@@ -28,6 +28,9 @@ PROMISED_BUSINESS_METRICS: tuple[tuple[type[Any], str, tuple[str, ...]], ...] = 
     (Counter, "omni_order_transitions", ("service", "to_status", "channel")),
     (Counter, "omni_order_illegal_transitions", ("service",)),
     (Gauge, "omni_orders_by_status", ("service", "status")),
+    (Counter, "omni_loyalty_ledger_entries", ("service", "kind")),
+    (Counter, "omni_loyalty_holds_refused", ("service", "reason")),
+    (Counter, "omni_loyalty_points_unrecovered", ("service", "what")),
 )
 
 

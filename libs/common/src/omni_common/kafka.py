@@ -30,6 +30,7 @@ from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
+from faststream.kafka.security import parse_security
 from faststream.security import BaseSecurity, SASLScram256, SASLScram512
 from omni_contracts.base import Event
 from omni_contracts.catalogue import EVENT_TYPES
@@ -37,6 +38,7 @@ from omni_contracts.envelope import Envelope, EnvelopeError, PayloadError, decod
 
 from omni_common.metrics import PlatformMetrics
 from omni_common.outbox import OutboxMessage
+from omni_common.producer import PRODUCER_MAX_REQUEST_SIZE, ProducerOptions, producer_options
 from omni_common.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -251,10 +253,15 @@ class KafkaRuntime:
     def __init__(self, settings: ServiceSettings, metrics: PlatformMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
+        self._security = broker_security(settings)
         self.broker = KafkaBroker(
             settings.kafka_bootstrap_servers,
             client_id=settings.service_name,
-            security=broker_security(settings),
+            security=self._security,
+            # Safe on any broker; connect() turns idempotence on where the broker has it.
+            acks="all",
+            enable_idempotence=False,
+            max_request_size=PRODUCER_MAX_REQUEST_SIZE,
             middlewares=[
                 KafkaTelemetryMiddleware(),
                 KafkaPrometheusMiddleware(
@@ -273,6 +280,7 @@ class KafkaRuntime:
         self._lag_task: asyncio.Task[None] | None = None
         self.committer = OffsetCommitter(settings.consumer_commit_interval_ms / 1000)
         self._workers: dict[tuple[int, str, int], PartitionWorker] = {}
+        self.producer_options: ProducerOptions | None = None
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -453,8 +461,14 @@ class KafkaRuntime:
 
     # -- lifecycle ------------------------------------------------------------------------
 
+    async def connect(self) -> None:
+        """Connect the producer only (e.g. a process that runs just the outbox relay)."""
+        await self._configure_producer()
+        await self.broker.connect()
+
     async def start(self) -> None:
         """Connect the broker, start the subscribers and the lag sampler."""
+        await self._configure_producer()
         self._register_consumers()
         await self.broker.start()
         self.committer.start()
@@ -472,6 +486,20 @@ class KafkaRuntime:
         self._workers.clear()
         await self.committer.stop()
         await self.broker.stop()
+
+    async def _configure_producer(self) -> None:
+        # The one producer (outbox relay and DLQ alike) is built from the broker's connection
+        # options when it connects: settle them first, per what this broker supports.
+        options = await producer_options(
+            self.settings.kafka_bootstrap_servers, **parse_security(self._security)
+        )
+        self.producer_options = options
+        # FastStream keeps the producer's options until it connects, and offers no setter.
+        connection = getattr(self.broker, "_connection_kwargs", None)
+        if isinstance(connection, dict):
+            connection.update(options.as_kwargs())
+        else:
+            log.warning("producer: cannot set idempotence on this FastStream; acks=all only")
 
     async def _sample_lag(self, every_s: float = 5.0) -> None:
         while True:

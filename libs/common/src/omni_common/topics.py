@@ -9,13 +9,18 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
 
 # The Kafka error code of a CreateTopics answer for a topic that is already there.
 _TOPIC_ALREADY_EXISTS = 36
 # Dead letters are kept longer than the source topic so operators have time to replay them.
 DLQ_RETENTION_MS = 30 * 24 * 3600 * 1000
 DLQ_MAX_PARTITIONS = 3
+# Every topic's max.message.bytes (Kafka's default, made explicit): the producer's
+# max_request_size is derived from it (omni_common.producer).
+MAX_MESSAGE_BYTES = 1_048_576
 
 
 class TopicsError(Exception):
@@ -70,6 +75,39 @@ async def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:  # noq
     )
 
 
+# The timeout is part of the contract (retries inside it), not a cancellation scope.
+async def wait_for_group_coordinator(
+    bootstrap: str,
+    timeout: float = 30.0,  # noqa: ASYNC109
+    group: str = "omni-warmup",
+) -> None:
+    """Return once the broker names a coordinator for ``group``.
+
+    On a fresh Apache Kafka the first FindCoordinator creates ``__consumer_offsets``; until
+    its partitions have leaders every group join fails with a retriable error. Raises
+    :class:`BrokerUnavailableError` after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5_000)
+    last_error: BaseException | None = None
+    try:
+        await admin.start()
+        while time.monotonic() < deadline:
+            try:
+                await admin.find_coordinator(group)
+                return
+            except Exception as exc:  # coordinator not available yet
+                last_error = exc
+            await asyncio.sleep(0.1)
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+    reason = f" ({type(last_error).__name__})" if last_error else ""
+    raise BrokerUnavailableError(
+        f"Kafka broker at {bootstrap} had no group coordinator within {timeout:g}s{reason}"
+    )
+
+
 def _any_accepts(bootstrap: str) -> bool:
     for server in bootstrap.split(","):
         host, _, port = server.strip().rpartition(":")
@@ -105,6 +143,7 @@ def _new_topics(prefix: str, names: Iterable[str] | None) -> list[tuple[NewTopic
             if spec.compacted
             else {"cleanup.policy": "delete", "retention.ms": str(spec.retention_ms)}
         )
+        configs["max.message.bytes"] = str(MAX_MESSAGE_BYTES)
         topic = f"{prefix}{spec.name}"
         pairs.append(
             (
@@ -114,7 +153,11 @@ def _new_topics(prefix: str, names: Iterable[str] | None) -> list[tuple[NewTopic
         )
         dlq = f"{prefix}{spec.dlq}"
         dlq_partitions = max(1, min(spec.partitions, DLQ_MAX_PARTITIONS))
-        dlq_configs = {"cleanup.policy": "delete", "retention.ms": str(DLQ_RETENTION_MS)}
+        dlq_configs = {
+            "cleanup.policy": "delete",
+            "retention.ms": str(DLQ_RETENTION_MS),
+            "max.message.bytes": str(MAX_MESSAGE_BYTES),
+        }
         pairs.append(
             (
                 NewTopic(dlq, dlq_partitions, 1, topic_configs=dlq_configs),
@@ -150,10 +193,53 @@ async def create_topics(
         if failed:
             reasons = "; ".join(f"{name} ({why})" for name, why in sorted(failed.items()))
             raise TopicsError(f"could not create topics: {reasons}")
+        await _wait_for_leaders(admin, bootstrap, created)
     finally:
         with contextlib.suppress(Exception):
             await admin.close()
     return created
+
+
+async def _wait_for_leaders(
+    admin: AIOKafkaAdminClient, bootstrap: str, topics: list[str], timeout_s: float = 60.0
+) -> None:
+    """Return once every partition of ``topics`` is served by its leader.
+
+    Apache Kafka answers CreateTopics once the controller has the topic; the broker takes a
+    moment more (seconds on a busy machine) to lead the partitions, and a client arriving in
+    between gets NotLeaderForPartition. First the metadata must name a leader for each
+    partition, then a ListOffsets for all of them must succeed (aiokafka retries it).
+    """
+    pending = set(topics)
+    partitions: list[TopicPartition] = []
+    deadline = time.monotonic() + timeout_s
+    while pending and time.monotonic() < deadline:
+        for topic in await admin.describe_topics(sorted(pending)):
+            found = topic.get("partitions") or []
+            if (
+                topic.get("error_code") == 0
+                and found
+                and all(p.get("error_code") == 0 and p.get("leader", -1) >= 0 for p in found)
+            ):
+                pending.discard(topic["topic"])
+                partitions += [TopicPartition(topic["topic"], p["partition"]) for p in found]
+        if pending:
+            await asyncio.sleep(0.05)
+    if pending:
+        names = ", ".join(sorted(pending))
+        raise TopicsError(f"no partition leaders after {timeout_s:g}s: {names}")
+    if not partitions:
+        return
+    remaining_ms = max(1000, int((deadline - time.monotonic()) * 1000))
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=remaining_ms)
+    try:
+        await consumer.start()
+        await consumer.end_offsets(partitions)
+    except KafkaError as exc:
+        raise TopicsError(f"partitions not served after {timeout_s:g}s: {exc}") from exc
+    finally:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
 
 
 async def _create(

@@ -27,7 +27,8 @@ from omni_contracts.envelope import Envelope
 from omni_devkit.testing.events import ChannelPublisher, ce_headers, record_headers
 from opentelemetry import trace
 
-pytestmark = pytest.mark.integration
+# Also run on Tansu in CI: the zero-install path stays proven.
+pytestmark = [pytest.mark.integration, pytest.mark.tansu]
 
 NOW = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
 
@@ -206,7 +207,7 @@ from omni_common.settings import ServiceSettings
 
 async def main():
     runtime = ServiceRuntime(ServiceSettings())
-    await runtime.kafka.broker.connect()
+    await runtime.kafka.connect()
     await runtime.relay.start()
     await asyncio.Event().wait()
 

@@ -199,6 +199,11 @@ class OrderPlaced(OrderEvent):
     cart_id: NonEmptyStr | None = None
     sale_id: NonEmptyStr | None = None
     points_to_redeem: Quantity | None = None
+    # An in-store sale's loyalty card (loyalty credits a card not yet linked to a customer).
+    loyalty_card: NonEmptyStr | None = None
+    # The saga participants whose yes the order waits for (e.g. ["inventory", "loyalty"]):
+    # loyalty holds points only for an order that waits for it.
+    awaiting: list[NonEmptyStr] | None = None
 
     @model_validator(mode="after")
     def _one_currency(self) -> OrderPlaced:
@@ -533,6 +538,32 @@ class PointsHeld(LedgerEvent):
     ce_type = "loyalty.points.held"
     points_sign = -1
 
+    # What the held points are worth against the order (points x value per point): the
+    # order service checks that payment plus this covers what is due.
+    value: Money | None = None
+
+
+class RefusalReason(StrEnum):
+    """Why loyalty refused to hold points for a checkout."""
+
+    INSUFFICIENT_POINTS = "insufficient_points"
+    UNKNOWN_MEMBER = "unknown_member"
+
+
+class PointsRefused(LedgerEvent):
+    """Loyalty could not hold the points a checkout wants to redeem; the order is rejected.
+
+    Produced by loyalty for an order awaiting it whose shopper has too few spendable points
+    (``insufficient_points``) or no loyalty account (``unknown_member``). ``points`` is 0;
+    ``requested`` says how many were asked for. The order service rejects the order.
+    """
+
+    ce_type = "loyalty.points.refused"
+
+    points: int = 0
+    reason: RefusalReason
+    requested: Quantity | None = None
+
 
 class PointsRedeemed(LedgerEvent):
     """Points were spent on an order.
@@ -736,6 +767,7 @@ OUTBOUND_EVENTS: tuple[type[Event], ...] = (
     PointsPending,
     PointsAvailable,
     PointsHeld,
+    PointsRefused,
     PointsRedeemed,
     PointsReleased,
     PointsReversed,

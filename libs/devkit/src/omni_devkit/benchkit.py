@@ -6,6 +6,7 @@ private stack of the services it needs in a temporary directory, as ``omni dev u
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import os
@@ -15,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from omni_devkit.devstack.process import DevStackError
@@ -158,3 +159,29 @@ def percentile(samples: Sequence[float], q: float) -> float:
         return float("nan")
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+async def raw_round_trip_rate(bootstrap: str, topic: str, run: str, count: int) -> float:
+    """Messages per second produced and consumed through one topic, no service work: the
+    baseline a bench measures its services against in the same run."""
+    await ensure_topics(bootstrap, [topic])
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        async with own_group_consumer(bootstrap, topic, f"bench-{run}-raw") as consumer:
+            await until_assigned([consumer])
+            started = time.perf_counter()
+            sends = [
+                await producer.send(topic, b'{"n": %d}' % n, key=str(n % 12).encode())
+                for n in range(count)
+            ]
+            await asyncio.gather(*sends)
+            received = 0
+            while received < count:
+                batches = await consumer.getmany(timeout_ms=1000, max_records=5000)
+                if not batches and time.perf_counter() - started > 60:
+                    raise DevStackError(f"raw: only {received} of {count} messages came back")
+                received += sum(len(records) for records in batches.values())
+            return count / (time.perf_counter() - started)
+    finally:
+        await producer.stop()

@@ -36,12 +36,17 @@ dev_app = typer.Typer(
 )
 topics_app = typer.Typer(help="Kafka topics of the catalogue.", no_args_is_help=True)
 docs_app = typer.Typer(help="Generated documentation.", no_args_is_help=True)
+dlq_app = typer.Typer(
+    help="Dead-lettered messages: list them, show one, replay them to their source topic.",
+    no_args_is_help=True,
+)
 bench_app = typer.Typer(
     help="Benchmarks. Modules add commands with @bench_app.command().", no_args_is_help=True
 )
 app.add_typer(dev_app, name="dev")
 app.add_typer(topics_app, name="topics")
 app.add_typer(docs_app, name="docs")
+app.add_typer(dlq_app, name="dlq")
 app.add_typer(bench_app, name="bench")
 events_app = typer.Typer(
     help="Publish and tail contract events (CloudEvents-aware, validated).", no_args_is_help=True
@@ -101,7 +106,7 @@ def dev_up(
     ] = None,
     state_dir: StateDirOption = None,
 ) -> None:
-    """Start PostgreSQL, Kafka (Tansu), the topics and every service."""
+    """Start PostgreSQL, Kafka (Apache Kafka given Java 17+, else Tansu), topics, services."""
     from omni_devkit.devstack.stack import DevStack, handle_termination
 
     config = _config(state_dir, kafka_port, pg_port, http_base_port)
@@ -314,6 +319,160 @@ def topics_create(
     for name in created:
         echo(f"  created {name}")
     echo(f"{len(created)} topics created (the others already existed)")
+
+
+# -- dlq -------------------------------------------------------------------------------------
+
+TopicArgument = Annotated[
+    str, typer.Argument(help="Contract topic (or its .dlq), e.g. inventory.adjustments.v1")
+]
+ReasonOption = Annotated[
+    str | None, typer.Option("--reason", help="Only messages dead-lettered for this reason")
+]
+SinceOption = Annotated[
+    str | None,
+    typer.Option("--since", help="Only messages dead-lettered since: 30m, 2h, 1d or an ISO time"),
+]
+BootstrapOption = Annotated[
+    str | None,
+    typer.Option(
+        "--bootstrap",
+        help="Kafka bootstrap servers [default: $KAFKA_BOOTSTRAP_SERVERS, else the dev stack's]",
+    ),
+]
+PrefixOption = Annotated[
+    str | None, typer.Option(help="Topic name prefix [default: $TOPIC_PREFIX]")
+]
+
+
+def _dlq_target(topic: str, bootstrap: str | None, prefix: str | None) -> tuple[str, str, str]:
+    """``(bootstrap, physical dlq topic, physical source topic)``."""
+    import os
+
+    from omni_common.settings import ServiceSettings
+
+    from omni_devkit.devstack.stack import default_state_dir, read_kv_file
+    from omni_devkit.dlq import dlq_topic_name
+
+    if bootstrap is None:
+        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if bootstrap is None:
+        dev_env = read_kv_file(default_state_dir() / "dev.env")
+        bootstrap = dev_env.get("KAFKA_BOOTSTRAP_SERVERS")
+    settings = ServiceSettings()
+    bootstrap = bootstrap or settings.kafka_bootstrap_servers
+    chosen_prefix = settings.topic_prefix if prefix is None else prefix
+    return bootstrap, *dlq_topic_name(topic, chosen_prefix)
+
+
+def _dlq_run(coro: Any) -> Any:
+    from omni_devkit.dlq import DlqError
+
+    try:
+        return run_blocking(coro)
+    except DlqError as exc:
+        fail(str(exc))
+
+
+@dlq_app.command("list")
+def dlq_list(
+    topic: TopicArgument,
+    reason: ReasonOption = None,
+    since: SinceOption = None,
+    bootstrap: BootstrapOption = None,
+    prefix: PrefixOption = None,
+) -> None:
+    """List the dead-lettered messages of TOPIC: id, time, reason, event type, error."""
+    from collections import Counter
+
+    from omni_devkit.dlq import DlqError, parse_since, read_dead_letters
+
+    servers, dlq_topic, _ = _dlq_target(topic, bootstrap, prefix)
+    try:
+        since_at = parse_since(since) if since else None
+    except DlqError as exc:
+        fail(str(exc))
+    letters = _dlq_run(read_dead_letters(servers, dlq_topic, reason=reason, since=since_at))
+    for letter in letters:
+        error = letter.header("dlq_error").replace("\n", " ")
+        echo(
+            f"{letter.ref:<9} {letter.timestamp:%Y-%m-%d %H:%M:%S}Z  {letter.reason:<20} "
+            f"{letter.header('ce_type', '-'):<32} {letter.ce_id or '-':<36}  {error[:120]}"
+        )
+    counts = Counter(letter.reason for letter in letters)
+    summary = ", ".join(f"{n} {why}" for why, n in counts.most_common())
+    echo(f"{len(letters)} dead-lettered in {dlq_topic}" + (f" ({summary})" if summary else ""))
+
+
+@dlq_app.command("show")
+def dlq_show(
+    topic: TopicArgument,
+    message: Annotated[str, typer.Argument(help="partition:offset (from list) or a ce_id")],
+    bootstrap: BootstrapOption = None,
+    prefix: PrefixOption = None,
+) -> None:
+    """Show one dead-lettered message: where it came from, its headers and its body."""
+    from omni_devkit.dlq import body_text, read_dead_letters
+
+    servers, dlq_topic, _ = _dlq_target(topic, bootstrap, prefix)
+    letters = _dlq_run(read_dead_letters(servers, dlq_topic, refs=[message]))
+    if not letters:
+        fail(f"no message {message} in {dlq_topic}")
+    for letter in letters:
+        echo(f"{dlq_topic} {letter.ref} at {letter.timestamp.isoformat()}")
+        key = letter.key.decode("utf-8", errors="replace") if letter.key is not None else "-"
+        echo(f"key: {key}")
+        echo("headers:")
+        for name, value in letter.headers:
+            echo(f"  {name}: {value.decode('utf-8', errors='replace')}")
+        echo("body:")
+        echo(body_text(letter.value))
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    topic: TopicArgument,
+    reason: ReasonOption = None,
+    since: SinceOption = None,
+    ids: Annotated[
+        list[str] | None,
+        typer.Option("--id", help="Only this message (partition:offset or ce_id); repeatable"),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say what would be replayed, send nothing")
+    ] = False,
+    bootstrap: BootstrapOption = None,
+    prefix: PrefixOption = None,
+) -> None:
+    """Send dead-lettered messages back to their source topic, keeping ce_id and the original
+    headers (minus dlq_*): the consumers' inbox makes a second replay harmless."""
+    from omni_devkit.dlq import DlqError, parse_since, read_dead_letters, replay
+
+    servers, dlq_topic, source = _dlq_target(topic, bootstrap, prefix)
+    try:
+        since_at = parse_since(since) if since else None
+    except DlqError as exc:
+        fail(str(exc))
+    letters = _dlq_run(
+        read_dead_letters(servers, dlq_topic, reason=reason, since=since_at, refs=ids or ())
+    )
+    if not letters:
+        echo(f"nothing to replay in {dlq_topic}")
+        return
+    if dry_run:
+        for letter in letters:
+            echo(f"would replay {letter.ref} ({letter.reason}) to {letter.source_topic(source)}")
+        echo(f"{len(letters)} would be replayed")
+        return
+    echo(f"replaying {len(letters)} from {dlq_topic} to {source} ...")
+    step = max(1, len(letters) // 10)
+
+    def progress(done: int, total: int) -> None:
+        if done % step == 0 or done == total:
+            echo(f"  {done}/{total}")
+
+    result = _dlq_run(replay(servers, letters, source, progress))
+    echo(f"{result.replayed} replayed (they stay in {dlq_topic} until its retention ends)")
 
 
 # -- docs ------------------------------------------------------------------------------------

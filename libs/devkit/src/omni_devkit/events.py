@@ -156,9 +156,9 @@ async def tail(
     consumer = AIOKafkaConsumer(bootstrap_servers=target.bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(physical)
-        if partitions is None:
-            await consumer.force_metadata_update()
+        # A consumer knows only the topics it subscribed to: ask the cluster for all of them.
+        partitions = None
+        if physical in await consumer.topics():
             partitions = consumer.partitions_for_topic(physical)
         if not partitions:
             raise DevStackError(f"topic {physical} does not exist on {target.bootstrap}")

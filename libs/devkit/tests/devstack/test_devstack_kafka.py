@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from omni_common.producer import idempotence_supported, producer_options
 from omni_common.topics import (
     BrokerUnavailableError,
     TopicsError,
@@ -25,6 +26,7 @@ from omni_devkit.testing.plugin import TopicReader
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.tansu
 async def test_tansu_starts_and_serves_produce_and_consume() -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="omni-tansu-test-"))
     broker = TansuBroker(free_port(), log_path=log_dir / "tansu.log")
@@ -49,6 +51,12 @@ async def test_tansu_starts_and_serves_produce_and_consume() -> None:
 
         with pytest.raises(PortInUseError, match="already in use"):
             TansuBroker(broker.port).start()
+
+        # Tansu hands out no producer ids: the producer runs without idempotence there.
+        supported, why = await idempotence_supported(broker.bootstrap_servers)
+        assert not supported, why
+        options = await producer_options(broker.bootstrap_servers)
+        assert (options.acks, options.enable_idempotence) == ("all", False)
     finally:
         broker.stop()
         shutil.rmtree(log_dir, ignore_errors=True)
@@ -56,6 +64,7 @@ async def test_tansu_starts_and_serves_produce_and_consume() -> None:
     assert start_time < 5, f"Tansu took {start_time:.1f}s to start"
 
 
+@pytest.mark.tansu
 async def test_create_topics_creates_the_catalogue_and_dead_letter_topics(
     kafka_bootstrap: str,
 ) -> None:

@@ -7,7 +7,8 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from omni_devkit.testing.plugin import OmniTestEnv
 
-pytestmark = pytest.mark.integration
+# Also run on Tansu in CI: the zero-install path stays proven.
+pytestmark = [pytest.mark.integration, pytest.mark.tansu]
 
 
 async def test_omni_env_gives_a_prefix_topics_a_database_and_settings(

@@ -14,7 +14,8 @@ from inventory_service.entrypoints.app import seed_from_file
 from inventory_service.service.handlers import Inventory
 from omni_devkit.testing.events import ce_headers, record_headers
 
-pytestmark = pytest.mark.integration
+# Also run on Tansu in CI: the zero-install path stays proven.
+pytestmark = [pytest.mark.integration, pytest.mark.tansu]
 
 AVAILABILITY = "inventory.availability.v1"
 

@@ -23,8 +23,9 @@ class OrderSettings(ServiceSettings):
     timer_poll_interval_s: float = Field(default=0.5, gt=0)
     # How often the omni_orders_by_status gauge is refreshed from the database.
     status_gauge_interval_s: float = Field(default=15.0, gt=0)
-    # Make loyalty a saga participant for checkouts redeeming points (once loyalty answers).
-    loyalty_in_saga: bool = False
+    # Loyalty is a saga participant for checkouts redeeming points: it holds them, and the
+    # payment must cover the rest. False: points pay nothing, the payment must cover it all.
+    loyalty_in_saga: bool = True
     # The largest page of GET /customers/{id}/orders.
     max_page_size: int = Field(default=100, ge=1)
 

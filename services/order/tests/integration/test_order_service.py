@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -23,6 +24,8 @@ from omni_contracts import (
     Delivered,
     EtaChanged,
     OrderCancellationRequested,
+    PointsHeld,
+    PointsRefused,
     ReadyForPickup,
     ReservationConfirmed,
     ReservationRejected,
@@ -172,6 +175,7 @@ def checkout_body(
 # -- tests -------------------------------------------------------------------------------------
 
 
+@pytest.mark.tansu
 async def test_a_checkout_is_placed_then_confirmed_or_rejected(w: World) -> None:
     body = checkout_body()
     order_id = await w.place(body)
@@ -409,6 +413,7 @@ async def test_a_return_is_received_where_handed_in_and_refunded_once(w: World) 
     assert [r["return_id"] for r in view["returns"]] == [back.return_id]
 
 
+@pytest.mark.tansu
 async def test_illegal_and_unknown_fulfilment_events_are_dead_lettered(w: World) -> None:
     illegal_before = w.metric("omni_order_illegal_transitions_total")
     order_id = await w.place(checkout_body())
@@ -430,3 +435,83 @@ async def test_illegal_and_unknown_fulfilment_events_are_dead_lettered(w: World)
         exposition
     )
     assert "omni_orders_by_status" in exposition
+
+
+async def test_points_pay_the_rest_only_when_loyalty_holds_enough_of_them(w: World) -> None:
+    """Loyalty played by the test: its yes carries the held points' value."""
+
+    async def placed_with_points(points: int) -> tuple[str, dict[str, Any]]:
+        body = checkout_body()  # 20.00 due
+        body["payment"]["authorized"] = money("5.00")
+        body["points_to_redeem"] = points
+        order_id = await w.place(body)
+        view = await w.order(order_id)
+        assert sorted(view["pending_confirmations"]) == ["inventory", "loyalty"]
+        return order_id, body
+
+    # 1500 points worth 15.00 + 5.00 paid cover 20.00: confirmed once both said yes.
+    order_id, body = await placed_with_points(1500)
+    await w.channel.publish(
+        PointsHeld(
+            customer_id=body["customer_id"],
+            points=-1500,
+            balance=0,
+            reason="checkout",
+            order_id=order_id,
+            value=money("15.00"),
+        )
+    )
+    assert (await w.confirm(order_id))["status"] == "confirmed"
+    assert Decimal((await w.order(order_id))["paid"]["amount"]) == Decimal("5.00")
+
+    # Points worth 10.00 leave 5.00 uncovered: rejected, whatever inventory says.
+    order_id, body = await placed_with_points(1000)
+    await w.channel.publish(
+        PointsHeld(
+            customer_id=body["customer_id"],
+            points=-1000,
+            balance=0,
+            reason="checkout",
+            order_id=order_id,
+            value=money("10.00"),
+        )
+    )
+    rejected = await w.event(order_id, "order.rejected")
+    assert rejected["reason"] == "payment_insufficient" and rejected["participant"] == "loyalty"
+
+    # Loyalty refuses: rejected with its reason.
+    order_id, body = await placed_with_points(500)
+    await w.channel.publish(
+        PointsRefused(
+            customer_id=body["customer_id"],
+            balance=20,
+            reason="insufficient_points",
+            requested=500,
+            order_id=order_id,
+        )
+    )
+    assert (await w.event(order_id, "order.rejected"))["reason"] == "insufficient_points"
+
+
+async def test_points_do_not_pay_when_loyalty_is_not_in_the_saga(
+    kafka_bootstrap: str, postgres_url: str
+) -> None:
+    """Without loyalty holding them, redeemed points cover nothing: the payment must."""
+    async with isolated_env(kafka_bootstrap, postgres_url) as env:
+        settings = OrderSettings.from_settings(env.settings("order"), loyalty_in_saga=False)
+        async with running(create_app(settings)) as svc:
+            body = checkout_body()
+            body["payment"]["authorized"] = money("5.00")  # 20.00 due
+            body["points_to_redeem"] = 1500
+            response = await svc.http.post(
+                "/orders", json=body, headers={"Idempotency-Key": body["checkout_id"]}
+            )
+            assert response.status_code == 422, response.text
+            assert "does not cover" in response.text
+            paid = checkout_body()
+            paid["points_to_redeem"] = 1500
+            created = await svc.http.post(
+                "/orders", json=paid, headers={"Idempotency-Key": paid["checkout_id"]}
+            )
+            assert created.status_code == 201, created.text
+            assert created.json()["pending_confirmations"] == ["inventory"]

@@ -153,11 +153,59 @@ def test_a_checkout_becomes_a_placed_order_announcing_lines_and_fulfillment() ->
     assert order.transitions == [S.PLACED]
 
 
+BOTH = frozenset({INVENTORY, LOYALTY})
+
+
 def test_a_payment_that_does_not_cover_the_order_is_refused_unless_points_pay_the_rest() -> None:
     with pytest.raises(InvalidOrder):
         placed(authorized="20.00")
-    order = placed(authorized="20.00", points=500)
+    # Points without loyalty in the saga pay nothing: the payment alone must cover.
+    with pytest.raises(InvalidOrder):
+        placed(authorized="20.00", points=500)
+    order = placed(BOTH, authorized="20.00", points=500)
     assert order.paid == Decimal("20.00")
+
+
+def test_loyalty_yes_confirms_only_when_payment_plus_held_points_cover_the_total() -> None:
+    # total 25.50, 20.00 authorised: points worth 5.50 or more cover it
+    order = placed(BOTH, authorized="20.00", points=550)
+    assert order.participant_confirmed(INVENTORY, NOW)
+    assert order.participant_confirmed(LOYALTY, NOW, points_value=Decimal("5.50"))
+    assert order.status is S.CONFIRMED
+    assert order.paid == Decimal("20.00")  # the rest was paid in points
+
+    short = placed(BOTH, authorized="20.00", points=500)
+    assert short.participant_confirmed(INVENTORY, NOW)
+    drain(short)
+    assert short.participant_confirmed(LOYALTY, NOW, points_value=Decimal("5.00"))
+    (event,) = short.events
+    assert isinstance(event, OrderRejected) and event.reason == "payment_insufficient"
+    assert short.status is S.REJECTED
+
+    # a yes that says nothing about value covers nothing
+    silent = placed(BOTH, authorized="20.00", points=500)
+    silent.participant_confirmed(LOYALTY, NOW)
+    assert silent.status is S.REJECTED
+
+
+def test_points_worth_more_than_needed_leave_the_money_due_at_the_remainder() -> None:
+    order = placed(BOTH, authorized="25.50", points=1000)
+    assert order.participant_confirmed(LOYALTY, NOW, points_value=Decimal("10.00"))
+    assert order.paid == Decimal("15.50")
+    assert order.participant_confirmed(INVENTORY, NOW)
+    assert order.status is S.CONFIRMED
+
+
+def test_the_placed_event_says_whom_the_order_awaits() -> None:
+    order = Order.from_checkout(
+        checkout(authorized="10.00", points=2000),
+        order_id="o-1",
+        correlation_id="c-1",
+        participants=BOTH,
+        now=NOW,
+    )
+    (event,) = order.events
+    assert isinstance(event, OrderPlaced) and event.awaiting == ["inventory", "loyalty"]
 
 
 def test_an_in_store_sale_is_born_completed_at_its_store() -> None:
@@ -171,7 +219,7 @@ def test_an_in_store_sale_is_born_completed_at_its_store() -> None:
     (event,) = order.events
     assert isinstance(event, OrderPlaced)
     assert event.status is S.COMPLETED and event.channel == "store" and event.sale_id == "sale-9"
-    assert event.customer_id is None
+    assert event.customer_id is None and event.loyalty_card is None and event.awaiting is None
     assert event.fulfillment.type == "pickup" and event.fulfillment.location_id == "store-7"
     assert order.pending_confirmations == set()
 
@@ -197,7 +245,7 @@ def test_with_two_participants_the_order_waits_for_both_and_the_first_no_rejects
     assert order.participant_confirmed(INVENTORY, NOW)
     assert order.status is S.PLACED and order.events == []
     assert not order.participant_confirmed(INVENTORY, NOW)  # repeated answer
-    assert order.participant_confirmed(LOYALTY, NOW)
+    assert order.participant_confirmed(LOYALTY, NOW, points_value=Decimal("1.00"))
     assert order.status is S.CONFIRMED
 
     other = placed(participants=both, points=100)
@@ -398,7 +446,18 @@ def test_nothing_can_be_returned_before_it_reached_the_shopper() -> None:
 
 def test_when_points_paid_part_returns_are_refunded_pro_rata_and_never_beyond_paid() -> None:
     # 3 x 10.00 bought, 20.00 paid (points covered the rest)
-    order = delivered(lines=[("SKU-1", 3, "10.00")], authorized="20.00", points=1000)
+    order = Order.from_checkout(
+        checkout(lines=[("SKU-1", 3, "10.00")], authorized="20.00", points=1000),
+        order_id="o-1",
+        correlation_id="c-1",
+        participants=BOTH,
+        now=NOW,
+    )
+    order.participant_confirmed(INVENTORY, NOW)
+    order.participant_confirmed(LOYALTY, NOW, points_value=Decimal("10.00"))
+    order.shipped(NOW, carrier="dhl", tracking_id="t1", promised_by=NOW + timedelta(days=2))
+    order.delivered(NOW)
+    drain(order)
     refunds = []
     for i in range(3):
         order.receive_return(

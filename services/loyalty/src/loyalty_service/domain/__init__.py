@@ -1,1 +1,1 @@
-"""loyalty service: domain."""
+"""The loyalty domain: pure rules, no I/O."""

@@ -134,7 +134,7 @@ class OrderRepository:
             "UPDATE orders SET status = $2, pending_confirmations = $3, allocations = $4::jsonb,"
             " shortages = $5::jsonb, reason = $6, carrier = $7, tracking_id = $8,"
             " promised_by = $9, eta = $10, announced_etas = $11, collect_by = $12,"
-            " refunded = $13, updated_at = now(), version = version + 1"
+            " refunded = $13, paid = $14, updated_at = now(), version = version + 1"
             " WHERE order_id = $1",
             order.order_id,
             order.status.value,
@@ -149,6 +149,7 @@ class OrderRepository:
             sorted(order.announced_etas),
             order.collect_by,
             order.refunded,
+            order.paid,
         )
         if order.new_returns:
             await self.conn.executemany(

@@ -210,6 +210,10 @@ class Order:
     payment_reference: str | None = None
     points_to_redeem: int | None = None
     pending_confirmations: set[str] = field(default_factory=set)
+    # Only known while the order is being placed or confirmed (not persisted): what the
+    # payment authorised, and the till's loyalty card of an in-store sale.
+    authorized: Decimal | None = None
+    loyalty_card: str | None = None
     allocations: list[Allocation] = field(default_factory=list)
     shortages: list[Shortage] = field(default_factory=list)
     reason: str | None = None
@@ -247,8 +251,11 @@ class Order:
         gross = sum((line.value for line in lines), Decimal(0))
         due = checkout.total.amount if checkout.total is not None else gross
         authorized = checkout.payment.authorized.amount
-        # Points pay part of the bill: their value is loyalty's to judge, not ours.
-        if not checkout.points_to_redeem and authorized < due:
+        participants = frozenset(participants)
+        # Points pay part of the bill only when loyalty holds them in the saga: then the
+        # check waits for loyalty's yes, which says what the held points are worth
+        # (participant_confirmed). Without loyalty in the saga the payment alone must cover.
+        if not (checkout.points_to_redeem and LOYALTY in participants) and authorized < due:
             raise InvalidOrder(
                 f"payment authorised {authorized} {checkout.payment.authorized.currency}"
                 f" does not cover the order total {due}"
@@ -270,6 +277,7 @@ class Order:
             payment_reference=checkout.payment.reference,
             points_to_redeem=checkout.points_to_redeem,
             pending_confirmations=set(participants),
+            authorized=authorized,
         )
         if not order.pending_confirmations:
             raise InvalidOrder("an order needs at least one saga participant")
@@ -301,6 +309,7 @@ class Order:
             placed_at=sale.occurred_at,
             correlation_id=correlation_id,
             sale_id=sale.sale_id,
+            loyalty_card=sale.loyalty_card,
         )
         order.transitions.append(S.COMPLETED)
         order._emit(OrderPlaced(**order._placed_fields(now)))
@@ -330,8 +339,14 @@ class Order:
         now: datetime,
         *,
         allocations: Sequence[Allocation] | None = None,
+        points_value: Decimal | None = None,
     ) -> bool:
         """A participant said yes; the order is confirmed once all of them have.
+
+        Loyalty's yes carries ``points_value``, what the held points are worth: the payment
+        must cover the rest (``paid >= total - points_value``), else the order is rejected
+        with ``payment_insufficient`` (loyalty then releases the points). What the shopper
+        pays in money becomes ``total - points_value``, the most any refund gives back.
 
         A late or repeated answer (the order was rejected or cancelled meanwhile) changes
         nothing and returns False: the rejection or cancellation already told everyone to
@@ -339,6 +354,13 @@ class Order:
         """
         if self.status is not S.PLACED or participant not in self.pending_confirmations:
             return False
+        if participant == LOYALTY:
+            value = points_value if points_value is not None else Decimal(0)
+            money_due = max(self.total - value, Decimal(0))
+            # ``paid`` is min(authorised, total) since placement: it covers iff this holds.
+            if self.paid < money_due:
+                return self.participant_rejected(LOYALTY, "payment_insufficient", now)
+            self.paid = money_due.quantize(CENT)
         self.pending_confirmations.discard(participant)
         if allocations is not None:
             self.allocations = list(allocations)
@@ -661,6 +683,8 @@ class Order:
             "cart_id": self.cart_id,
             "sale_id": self.sale_id,
             "points_to_redeem": self.points_to_redeem,
+            "loyalty_card": self.loyalty_card,
+            "awaiting": sorted(self.pending_confirmations) or None,
         }
 
 

@@ -35,8 +35,8 @@ from omni_contracts import (
 from omni_contracts.envelope import encode, new_envelope
 from omni_devkit.benchkit import (
     StackTarget,
-    ensure_topics,
     own_group_consumer,
+    raw_round_trip_rate,
     stack_for,
     until_assigned,
 )
@@ -84,32 +84,6 @@ def _send_args(event: Event, prefix: str) -> dict[str, Any]:
     }
 
 
-async def _raw_rate(target: StackTarget, run: str, count: int) -> float:
-    """Messages per second produced and consumed through one topic, no service work."""
-    topic = target.topic_prefix + RAW_TOPIC
-    await ensure_topics(target.bootstrap, [topic])
-    producer = AIOKafkaProducer(bootstrap_servers=target.bootstrap, linger_ms=5)
-    await producer.start()
-    try:
-        async with own_group_consumer(target.bootstrap, topic, f"bench-{run}-raw") as consumer:
-            await until_assigned([consumer])
-            started = time.perf_counter()
-            sends = [
-                await producer.send(topic, b'{"n": %d}' % n, key=str(n % 12).encode())
-                for n in range(count)
-            ]
-            await asyncio.gather(*sends)
-            received = 0
-            while received < count:
-                batches = await consumer.getmany(timeout_ms=1000, max_records=5000)
-                if not batches and time.perf_counter() - started > 60:
-                    raise DevStackError(f"raw: only {received} of {count} messages came back")
-                received += sum(len(records) for records in batches.values())
-            return count / (time.perf_counter() - started)
-    finally:
-        await producer.stop()
-
-
 async def _stock(
     target: StackTarget, producer: AIOKafkaProducer, warehouse: str, skus: list[str], units: int
 ) -> None:
@@ -155,7 +129,9 @@ async def measure(target: StackTarget, *, checkouts: int, skus: int, say: Any) -
     """Stock, publish ``checkouts`` at once, count the outcomes; the raw rate beside it."""
     run = uuid.uuid4().hex[:8]
     say(f"raw: {checkouts} messages through the broker ...")
-    raw = await _raw_rate(target, run, checkouts)
+    raw = await raw_round_trip_rate(
+        target.bootstrap, target.topic_prefix + RAW_TOPIC, run, checkouts
+    )
     sku_ids = [f"BENCH-{run}-{i:03d}" for i in range(skus)]
     # 10 % more demand than stock: the saga must refuse exactly the surplus.
     units = max(1, int(checkouts / skus / 1.1))

@@ -16,6 +16,7 @@ from omni_contracts import (
     CHECKOUT_SUBMITTED,
     FULFILLMENT_EVENTS,
     INVENTORY_RESERVATIONS,
+    LOYALTY_LEDGER,
     ORDER_REQUESTS,
     RETURNS_RECEIVED,
     STORE_SALES,
@@ -24,6 +25,8 @@ from omni_contracts import (
     EtaChanged,
     OrderCancellationRequested,
     PickedUp,
+    PointsHeld,
+    PointsRefused,
     ReadyForPickup,
     ReservationConfirmed,
     ReservationRejected,
@@ -63,6 +66,14 @@ def subscriptions(service: OrderService) -> list[Subscription]:
                 ReservationConfirmed: refusing(s.on_reservation_confirmed),
                 ReservationRejected: refusing(s.on_reservation_rejected),
                 ReservationReleased: refusing(s.on_reservation_released),
+            },
+        ),
+        # Loyalty's answers in the saga (other ledger events are not the order's concern).
+        Subscription(
+            LOYALTY_LEDGER,
+            {
+                PointsHeld: refusing(s.on_points_held),
+                PointsRefused: refusing(s.on_points_refused),
             },
         ),
         Subscription(

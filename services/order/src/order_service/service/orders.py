@@ -23,6 +23,8 @@ from omni_contracts import (
     EtaChanged,
     OrderCancellationRequested,
     PickedUp,
+    PointsHeld,
+    PointsRefused,
     ReadyForPickup,
     ReservationConfirmed,
     ReservationRejected,
@@ -39,6 +41,7 @@ from order_service.adapters.repository import OrderRepository, PageCursor
 from order_service.domain.errors import IdempotencyConflict, IllegalTransition, OrderNotFound
 from order_service.domain.model import (
     INVENTORY,
+    LOYALTY,
     Order,
     fingerprint,
     required_participants,
@@ -216,6 +219,27 @@ class OrderService:
             return changed
 
         await self._apply(event.order_id, envelope, released, cancels_pickup=True)
+
+    async def on_points_held(self, event: PointsHeld, envelope: Envelope) -> None:
+        """Loyalty held the points: its yes, worth ``value`` against the total."""
+        if event.order_id is None:
+            return  # not a checkout's hold: nothing for the saga
+        value = event.value.amount if event.value is not None else None
+        await self._apply(
+            event.order_id,
+            envelope,
+            lambda o, now: o.participant_confirmed(LOYALTY, now, points_value=value),
+        )
+
+    async def on_points_refused(self, event: PointsRefused, envelope: Envelope) -> None:
+        """Loyalty refused (insufficient points, unknown member): reject the order."""
+        if event.order_id is None:
+            return
+        await self._apply(
+            event.order_id,
+            envelope,
+            lambda o, now: o.participant_rejected(LOYALTY, event.reason.value, now),
+        )
 
     # -- cancellation ---------------------------------------------------------------------
 

@@ -1,0 +1,140 @@
+"""``omni dlq list|show|replay`` against the real broker, on messages a service dead-lettered."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from omni_common.kafka import RejectedEvent, Subscription
+from omni_common.service import ServiceRuntime
+from omni_contracts import StockAdjusted
+from omni_contracts.envelope import Envelope
+from omni_devkit.cli import app
+from omni_devkit.devstack.process import free_port
+from omni_devkit.dlq import DlqError, parse_since
+from omni_devkit.testing.events import ChannelPublisher, ce_headers, record_headers
+from typer.testing import CliRunner
+
+pytestmark = pytest.mark.integration
+TOPIC = "inventory.adjustments.v1"
+NOW = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
+
+
+def adjustment(sku: str) -> StockAdjusted:
+    return StockAdjusted(
+        adjustment_id=str(uuid.uuid4()),
+        location_id="store-1",
+        sku=sku,
+        kind="receipt",
+        delta=2,
+        occurred_at=NOW,
+    )
+
+
+class Mender:
+    """Refuses every SKU until the cause is mended; then applies each event once."""
+
+    def __init__(self, runtime: ServiceRuntime) -> None:
+        self.runtime = runtime
+        self.broken = True
+        self.applied: list[str] = []
+        self.duplicates = 0
+
+    async def on_adjusted(self, event: StockAdjusted, envelope: Envelope) -> None:
+        if self.broken:
+            raise RejectedEvent("unknown_sku", event.sku)
+        async with self.runtime.handling("mender", envelope) as tx:
+            if tx is None:
+                self.duplicates += 1
+                return
+        self.applied.append(envelope.id)
+
+
+def omni(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+async def wait_for(predicate, timeout: float = 20.0) -> None:  # noqa: ASYNC109
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+def test_since_takes_durations_and_iso_times() -> None:
+    now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    assert parse_since("30m", now) == now - timedelta(minutes=30)
+    assert parse_since("2d", now) == now - timedelta(days=2)
+    assert parse_since("2026-11-30T08:00:00", now) == datetime(2026, 11, 30, 8, tzinfo=UTC)
+    with pytest.raises(DlqError, match="neither a duration"):
+        parse_since("yesterday", now)
+
+
+async def test_list_show_and_replay_dead_letters(omni_env) -> None:
+    runtime = ServiceRuntime(omni_env.settings("mender"))
+    mender = Mender(runtime)
+    runtime.subscribe(Subscription(TOPIC, {StockAdjusted: mender.on_adjusted}))
+    await runtime.start()
+    where = ["--bootstrap", omni_env.bootstrap, "--prefix", omni_env.prefix]
+    try:
+        dlq = omni_env.reader(f"{TOPIC}.dlq")
+        async with dlq, ChannelPublisher(omni_env.bootstrap, omni_env.prefix) as channel:
+            sent = [await channel.publish(adjustment(f"SKU-{i}")) for i in range(3)]
+            await channel.publish_raw(
+                TOPIC, b"{not json", key="SKU-9", headers=ce_headers("inventory.stock.adjusted")
+            )
+            assert len(await dlq.collect(4, timeout=20)) == 4
+
+        code, out = omni("dlq", "list", TOPIC, *where)
+        assert code == 0, out
+        assert "4 dead-lettered" in out and "3 unknown_sku" in out and "1 malformed_json" in out
+        for envelope in sent:
+            assert envelope.id in out
+        code, out = omni("dlq", "list", f"{TOPIC}.dlq", "--reason", "unknown_sku", *where)
+        assert code == 0 and "3 dead-lettered" in out, out
+        code, out = omni("dlq", "list", TOPIC, "--since", "2099-01-01", *where)
+        assert code == 0 and "0 dead-lettered" in out, out
+
+        code, out = omni("dlq", "show", TOPIC, sent[0].id, *where)
+        assert code == 0, out
+        assert "dlq_reason: unknown_sku" in out and f"ce_id: {sent[0].id}" in out
+        assert '"sku": "SKU-0"' in out
+
+        mender.broken = False  # the cause is mended
+        code, out = omni("dlq", "replay", TOPIC, "--reason", "unknown_sku", "--dry-run", *where)
+        assert code == 0 and "3 would be replayed" in out, out
+        code, out = omni("dlq", "replay", TOPIC, "--reason", "unknown_sku", *where)
+        assert code == 0 and "3 replayed" in out and "3/3" in out, out
+        await wait_for(lambda: len(mender.applied) == 3)
+        assert sorted(mender.applied) == sorted(e.id for e in sent)  # ce_id kept
+
+        code, out = omni("dlq", "replay", TOPIC, "--reason", "unknown_sku", *where)
+        assert code == 0 and "3 replayed" in out, out
+        await wait_for(lambda: mender.duplicates == 3)  # a second replay is harmless
+        assert len(mender.applied) == 3
+
+        source = omni_env.reader(TOPIC)
+        async with source:
+            records = await source.collect(10, timeout=10)
+        replayed = [r for r in records if r.offset >= 0 and record_headers(r).get("ce_id")]
+        by_id = [record_headers(r)["ce_id"] for r in replayed]
+        assert by_id.count(sent[0].id) == 3  # the original and two replays
+        assert not any(k.startswith("dlq_") for r in replayed for k in record_headers(r))
+    finally:
+        await runtime.stop()
+
+
+async def test_failures_are_one_line_and_a_non_zero_exit(omni_env) -> None:
+    code, out = omni(
+        "dlq", "list", "nope.v1", "--bootstrap", omni_env.bootstrap, "--prefix", omni_env.prefix
+    )
+    assert code == 1
+    assert out.strip().splitlines() == [f"error: topic {omni_env.prefix}nope.v1.dlq does not exist"]
+    code, out = omni("dlq", "replay", TOPIC, "--bootstrap", f"127.0.0.1:{free_port()}")
+    assert code == 1
+    assert len(out.strip().splitlines()) == 1 and out.startswith("error: cannot reach"), out
+    code, out = omni("dlq", "list", TOPIC, "--since", "soon", "--bootstrap", omni_env.bootstrap)
+    assert code == 1 and "neither a duration" in out

@@ -1,0 +1,534 @@
+"""The loyalty service's SQL: accounts, the ledger, earnings, holds, cards, spend, offers.
+
+Every method runs on the caller's connection, inside the caller's transaction. Accounts are
+locked (``FOR UPDATE``) before their buckets change, so concurrent changes of one account
+queue up and every ledger entry's ``balance`` is exact.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from loyalty_service.domain.model import Account, Buckets, EarnedLine, EntryKind
+
+_ACCOUNT_COLUMNS = (
+    "account_id, customer_id, available, pending, held, lifetime, tier, tier_review_at,"
+    " preferred_store, last_activity_at, erased_at IS NOT NULL AS erased"
+)
+
+
+def _account(row: asyncpg.Record | None) -> Account | None:
+    return Account(**dict(row)) if row is not None else None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One ledger entry as written."""
+
+    entry_id: int
+    kind: EntryKind
+    points: int
+    balance: int
+    reason: str
+    order_id: str | None
+    occurred_at: datetime
+
+
+@dataclass
+class OrderRecord:
+    """An order as loyalty keeps it."""
+
+    order_id: str
+    account_id: int | None
+    channel: str
+    currency: str
+    gross: Decimal
+    lines: list[dict[str, Any]]
+    points_to_redeem: int | None
+    redeemed: int
+    given_back: int
+    returned_value: Decimal
+
+
+@dataclass
+class Earning:
+    """Points earned on one order."""
+
+    order_id: str
+    account_id: int
+    points: int
+    reversed: int
+    lines: list[EarnedLine]
+    returned: dict[str, int]
+    status: str
+
+
+class LoyaltyRepository:
+    """The loyalty tables, on one connection."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    # -- accounts ------------------------------------------------------------------------
+
+    async def account(self, account_id: int) -> Account:
+        """The account, locked until commit."""
+        row = await self.conn.fetchrow(
+            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE account_id = $1 FOR UPDATE",
+            account_id,
+        )
+        account = _account(row)
+        assert account is not None
+        return account
+
+    async def customer_account(self, customer_id: str, *, lock: bool = True) -> Account | None:
+        """The customer's account (locked unless ``lock`` is False), or None."""
+        return _account(
+            await self.conn.fetchrow(
+                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE customer_id = $1"
+                + (" FOR UPDATE" if lock else ""),
+                customer_id,
+            )
+        )
+
+    async def ensure_customer_account(self, customer_id: str) -> Account:
+        """The customer's account, opened with no points if there is none; locked."""
+        account = await self.customer_account(customer_id)
+        if account is not None:
+            return account
+        await self.conn.execute(
+            "INSERT INTO accounts (customer_id) VALUES ($1) ON CONFLICT (customer_id) DO NOTHING",
+            customer_id,
+        )
+        account = await self.customer_account(customer_id)
+        assert account is not None
+        return account
+
+    async def card_account(self, card: str) -> Account:
+        """The account a card collects on: its customer's once linked, else its own."""
+        account_id = await self.conn.fetchval("SELECT account_id FROM cards WHERE card = $1", card)
+        if account_id is None:
+            account_id = await self.conn.fetchval(
+                "INSERT INTO accounts (customer_id) VALUES (NULL) RETURNING account_id"
+            )
+            inserted = await self.conn.fetchval(
+                "INSERT INTO cards (card, account_id) VALUES ($1, $2)"
+                " ON CONFLICT (card) DO NOTHING RETURNING account_id",
+                card,
+                account_id,
+            )
+            if inserted is None:  # another transaction registered the card meanwhile
+                account_id = await self.conn.fetchval(
+                    "SELECT account_id FROM cards WHERE card = $1", card
+                )
+        return await self.account(account_id)
+
+    async def card(self, card: str) -> tuple[int, str | None] | None:
+        """``(account_id, customer_id)`` of a known card (locked), or None."""
+        row = await self.conn.fetchrow(
+            "SELECT c.account_id, a.customer_id FROM cards c"
+            " JOIN accounts a USING (account_id) WHERE c.card = $1 FOR UPDATE OF c",
+            card,
+        )
+        return (row["account_id"], row["customer_id"]) if row else None
+
+    async def claim_card(self, card: str, account_id: int) -> bool:
+        """Register a new card for ``account_id``; False if the card is known (the insert
+        waits for a concurrent one, so the caller can then read the winner's row)."""
+        return bool(
+            await self.conn.fetchval(
+                "INSERT INTO cards (card, account_id, linked_at) VALUES ($1, $2, now())"
+                " ON CONFLICT (card) DO NOTHING RETURNING true",
+                card,
+                account_id,
+            )
+        )
+
+    async def link_card(self, card: str, account_id: int) -> None:
+        """Point ``card`` at ``account_id`` from now on."""
+        await self.conn.execute(
+            "INSERT INTO cards (card, account_id, linked_at) VALUES ($1, $2, now())"
+            " ON CONFLICT (card) DO UPDATE SET account_id = EXCLUDED.account_id,"
+            " linked_at = now()",
+            card,
+            account_id,
+        )
+
+    async def move_belongings(self, source: int, target: int) -> None:
+        """Re-home what a card's account owns (earnings, orders, holds...) to ``target``."""
+        for table in ("earnings", "orders", "holds", "spend", "offers"):
+            await self.conn.execute(
+                f"UPDATE {table} SET account_id = $2 WHERE account_id = $1", source, target
+            )
+        await self.conn.execute(
+            "INSERT INTO purchases (account_id, sku) SELECT $2, sku FROM purchases"
+            " WHERE account_id = $1 ON CONFLICT DO NOTHING",
+            source,
+            target,
+        )
+        await self.conn.execute("DELETE FROM purchases WHERE account_id = $1", source)
+
+    async def set_preferred_store(self, account_id: int, store: str | None) -> None:
+        """Remember where the shopper likes to shop (offers check stock there)."""
+        await self.conn.execute(
+            "UPDATE accounts SET preferred_store = $2 WHERE account_id = $1", account_id, store
+        )
+
+    async def set_tier(self, account_id: int, tier: str, review_at: datetime | None) -> None:
+        """Move the account to ``tier``, next reviewed at ``review_at``."""
+        await self.conn.execute(
+            "UPDATE accounts SET tier = $2, tier_review_at = $3, updated_at = now()"
+            " WHERE account_id = $1",
+            account_id,
+            tier,
+            review_at,
+        )
+
+    async def touch(self, account_id: int, at: datetime) -> None:
+        """The shopper was active (expiry counts from here)."""
+        await self.conn.execute(
+            "UPDATE accounts SET last_activity_at = GREATEST(last_activity_at, $2)"
+            " WHERE account_id = $1",
+            account_id,
+            at,
+        )
+
+    async def retire(self, account_id: int, into: int) -> None:
+        """A merged account: its customer id is freed (the profile service now speaks of the
+        survivor only) and its cards collect for the survivor."""
+        old = await self.conn.fetchval(
+            "UPDATE accounts SET customer_id = 'merged:' || account_id, updated_at = now()"
+            " WHERE account_id = $1 RETURNING customer_id",
+            account_id,
+        )
+        if old is not None:
+            await self.conn.execute(
+                "UPDATE cards SET account_id = $2 WHERE account_id = $1", account_id, into
+            )
+
+    async def erase(self, customer_id: str) -> int | None:
+        """Pseudonymise a shopper: the account keeps its ledger, loses the name and cards."""
+        account_id = await self.conn.fetchval(
+            "UPDATE accounts SET customer_id = 'erased:' || account_id, preferred_store = NULL,"
+            " erased_at = now(), updated_at = now() WHERE customer_id = $1 RETURNING account_id",
+            customer_id,
+        )
+        if account_id is not None:
+            await self.conn.execute("DELETE FROM cards WHERE account_id = $1", account_id)
+        return account_id
+
+    # -- the ledger ----------------------------------------------------------------------
+
+    async def post(
+        self,
+        account: Account,
+        kind: EntryKind,
+        change: Buckets,
+        *,
+        points: int,
+        reason: str,
+        cause: str,
+        order_id: str | None = None,
+        at: datetime,
+    ) -> Entry | None:
+        """Append an entry and apply its change to the (locked) account; None when an entry
+        with this ``cause`` exists (a redelivery or resend: no second effect).
+
+        The account's CHECKs refuse any change that would make a bucket negative.
+        """
+        balance = account.available + change.available
+        row = await self.conn.fetchrow(
+            "INSERT INTO ledger (account_id, kind, points, available_delta, pending_delta,"
+            " held_delta, balance, reason, order_id, cause, occurred_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+            " ON CONFLICT (cause) DO NOTHING RETURNING entry_id",
+            account.account_id,
+            kind.value,
+            points,
+            change.available,
+            change.pending,
+            change.held,
+            balance,
+            reason,
+            order_id,
+            cause,
+            at,
+        )
+        if row is None:
+            return None
+        await self.conn.execute(
+            "UPDATE accounts SET available = available + $2, pending = pending + $3,"
+            " held = held + $4, lifetime = lifetime + $5, updated_at = now()"
+            " WHERE account_id = $1",
+            account.account_id,
+            change.available,
+            change.pending,
+            change.held,
+            change.lifetime,
+        )
+        account.available = balance
+        account.pending += change.pending
+        account.held += change.held
+        account.lifetime += change.lifetime
+        return Entry(row["entry_id"], kind, points, balance, reason, order_id, at)
+
+    async def entries(
+        self, account_id: int, *, limit: int, before: int | None
+    ) -> list[dict[str, Any]]:
+        """A page of an account's entries, newest first."""
+        rows = await self.conn.fetch(
+            "SELECT entry_id, kind, points, available_delta, pending_delta, held_delta, balance,"
+            " reason, order_id, occurred_at FROM ledger"
+            " WHERE account_id = $1 AND ($2::bigint IS NULL OR entry_id < $2)"
+            " ORDER BY entry_id DESC LIMIT $3",
+            account_id,
+            before,
+            limit,
+        )
+        return [dict(r) for r in rows]
+
+    # -- orders, earnings, holds ---------------------------------------------------------
+
+    async def add_order(self, order: OrderRecord) -> bool:
+        """Remember an order as placed; False if it was known already."""
+        inserted = await self.conn.fetchval(
+            "INSERT INTO orders (order_id, account_id, channel, currency, gross, lines,"
+            " points_to_redeem) VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7)"
+            " ON CONFLICT (order_id) DO NOTHING RETURNING true",
+            order.order_id,
+            order.account_id,
+            order.channel,
+            order.currency,
+            order.gross,
+            json.dumps(order.lines),
+            order.points_to_redeem,
+        )
+        return bool(inserted)
+
+    async def order(self, order_id: str) -> OrderRecord | None:
+        """An order loyalty saw placed (locked), or None."""
+        row = await self.conn.fetchrow(
+            "SELECT order_id, account_id, channel, currency, gross, lines, points_to_redeem,"
+            " redeemed, given_back, returned_value FROM orders WHERE order_id = $1 FOR UPDATE",
+            order_id,
+        )
+        if row is None:
+            return None
+        values = dict(row)
+        values["lines"] = json.loads(values["lines"])
+        return OrderRecord(**values)
+
+    async def save_order_returns(self, order: OrderRecord) -> None:
+        """Write back what was redeemed, given back and returned on an order."""
+        await self.conn.execute(
+            "UPDATE orders SET redeemed = $2, given_back = $3, returned_value = $4"
+            " WHERE order_id = $1",
+            order.order_id,
+            order.redeemed,
+            order.given_back,
+            order.returned_value,
+        )
+
+    async def add_earning(
+        self, order_id: str, account_id: int, lines: list[EarnedLine], available_at: datetime
+    ) -> bool:
+        """Record points earned on an order; False if it earned before."""
+        inserted = await self.conn.fetchval(
+            "INSERT INTO earnings (order_id, account_id, points, lines, status, available_at)"
+            " VALUES ($1, $2, $3, $4::jsonb, 'pending', $5)"
+            " ON CONFLICT (order_id) DO NOTHING RETURNING true",
+            order_id,
+            account_id,
+            sum(line.points for line in lines),
+            json.dumps(
+                [
+                    {"sku": ln.sku, "qty": ln.qty, "value": str(ln.value), "points": ln.points}
+                    for ln in lines
+                ]
+            ),
+            available_at,
+        )
+        return bool(inserted)
+
+    async def earning(self, order_id: str) -> Earning | None:
+        """The points earned on an order (locked), or None."""
+        row = await self.conn.fetchrow(
+            "SELECT order_id, account_id, points, reversed, lines, returned, status"
+            " FROM earnings WHERE order_id = $1 FOR UPDATE",
+            order_id,
+        )
+        if row is None:
+            return None
+        lines = [
+            EarnedLine(ln["sku"], ln["qty"], Decimal(ln["value"]), ln["points"])
+            for ln in json.loads(row["lines"])
+        ]
+        return Earning(
+            order_id=row["order_id"],
+            account_id=row["account_id"],
+            points=row["points"],
+            reversed=row["reversed"],
+            lines=lines,
+            returned=json.loads(row["returned"]),
+            status=row["status"],
+        )
+
+    async def save_earning(self, earning: Earning) -> None:
+        """Write back an earning's status and what of it was reversed."""
+        await self.conn.execute(
+            "UPDATE earnings SET reversed = $2, returned = $3::jsonb, status = $4"
+            " WHERE order_id = $1",
+            earning.order_id,
+            earning.reversed,
+            json.dumps(earning.returned),
+            earning.status,
+        )
+
+    async def add_hold(self, order_id: str, account_id: int, points: int) -> bool:
+        """Record a hold; False if the order held before."""
+        return bool(
+            await self.conn.fetchval(
+                "INSERT INTO holds (order_id, account_id, points, status)"
+                " VALUES ($1, $2, $3, 'held') ON CONFLICT (order_id) DO NOTHING RETURNING true",
+                order_id,
+                account_id,
+                points,
+            )
+        )
+
+    async def hold(self, order_id: str) -> asyncpg.Record | None:
+        """An order's hold (locked): account_id, points, status; or None."""
+        return await self.conn.fetchrow(
+            "SELECT order_id, account_id, points, status FROM holds WHERE order_id = $1 FOR UPDATE",
+            order_id,
+        )
+
+    async def settle_hold(self, order_id: str, status: str) -> None:
+        """Mark a hold redeemed or released."""
+        await self.conn.execute(
+            "UPDATE holds SET status = $2, settled_at = now() WHERE order_id = $1",
+            order_id,
+            status,
+        )
+
+    # -- spend and tiers -----------------------------------------------------------------
+
+    async def add_spend(self, account_id: int, cause: str, amount: Decimal, at: datetime) -> None:
+        """Count qualifying spend (negative for a return), once per cause."""
+        await self.conn.execute(
+            "INSERT INTO spend (account_id, cause, amount, at) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT (cause) DO NOTHING",
+            account_id,
+            cause,
+            amount,
+            at,
+        )
+
+    async def spend_since(self, account_id: int, since: datetime) -> Decimal:
+        """Qualifying spend since ``since``."""
+        total = await self.conn.fetchval(
+            "SELECT coalesce(sum(amount), 0) FROM spend WHERE account_id = $1 AND at >= $2",
+            account_id,
+            since,
+        )
+        return Decimal(total)
+
+    # -- offers --------------------------------------------------------------------------
+
+    async def record_basket(self, account_id: int | None, pairs: list[tuple[str, str]]) -> None:
+        """Count SKUs bought together."""
+        if pairs:
+            await self.conn.executemany(
+                "INSERT INTO cooccurrence (sku, other_sku, n) VALUES ($1, $2, 1)"
+                " ON CONFLICT (sku, other_sku) DO UPDATE SET n = cooccurrence.n + 1",
+                pairs,
+            )
+
+    async def record_purchases(self, account_id: int, skus: list[str]) -> None:
+        """Remember what the shopper bought."""
+        await self.conn.executemany(
+            "INSERT INTO purchases (account_id, sku) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            [(account_id, sku) for sku in sorted(set(skus))],
+        )
+
+    async def bought_together(self, skus: list[str], limit: int = 50) -> list[tuple[str, int]]:
+        """SKUs most often bought with ``skus`` (not among them), best first."""
+        rows = await self.conn.fetch(
+            "SELECT other_sku, sum(n)::int AS n FROM cooccurrence"
+            " WHERE sku = ANY($1::text[]) AND NOT other_sku = ANY($1::text[])"
+            " GROUP BY other_sku ORDER BY n DESC, other_sku LIMIT $2",
+            skus,
+            limit,
+        )
+        return [(r["other_sku"], r["n"]) for r in rows]
+
+    async def bought(self, account_id: int) -> list[str]:
+        """Every SKU the shopper bought."""
+        rows = await self.conn.fetch("SELECT sku FROM purchases WHERE account_id = $1", account_id)
+        return [r["sku"] for r in rows]
+
+    async def in_stock(self, skus: list[str], store: str | None) -> list[str]:
+        """Of ``skus``, those sellable online or available at ``store``."""
+        rows = await self.conn.fetch(
+            "SELECT DISTINCT ON (sku) sku FROM stock WHERE sku = ANY($1::text[])"
+            " AND (online_available > 0 OR ($2::text IS NOT NULL AND location_id = $2"
+            " AND available > 0)) ORDER BY sku",
+            skus,
+            store,
+        )
+        return [r["sku"] for r in rows]
+
+    async def record_stock(
+        self, sku: str, location_id: str, available: int, online: int, at: datetime
+    ) -> None:
+        """Keep the newest stock figure of ``sku`` at ``location_id``; ``online_available``
+        is per SKU, so every row of the SKU takes the newest one."""
+        await self.conn.execute(
+            "INSERT INTO stock (sku, location_id, available, online_available, changed_at)"
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (sku, location_id) DO UPDATE SET"
+            " available = EXCLUDED.available, online_available = EXCLUDED.online_available,"
+            " changed_at = EXCLUDED.changed_at WHERE stock.changed_at <= EXCLUDED.changed_at",
+            sku,
+            location_id,
+            available,
+            online,
+            at,
+        )
+        await self.conn.execute(
+            "UPDATE stock SET online_available = $2 WHERE sku = $1 AND changed_at <= $3",
+            sku,
+            online,
+            at,
+        )
+
+    async def open_offer(self, account_id: int, now: datetime) -> asyncpg.Record | None:
+        """The shopper's offer still valid at ``now``, if any."""
+        return await self.conn.fetchrow(
+            "SELECT offer_id, sku, reward, valid_until FROM offers"
+            " WHERE account_id = $1 AND valid_until > $2 ORDER BY valid_until DESC LIMIT 1",
+            account_id,
+            now,
+        )
+
+    async def add_offer(
+        self, offer_id: str, account_id: int, sku: str, reward: str, valid: timedelta, now: datetime
+    ) -> datetime:
+        """Issue an offer; returns until when it is valid."""
+        until = now + valid
+        await self.conn.execute(
+            "INSERT INTO offers (offer_id, account_id, sku, reward, valid_until, issued_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6)",
+            offer_id,
+            account_id,
+            sku,
+            reward,
+            until,
+            now,
+        )
+        return until

@@ -1,0 +1,914 @@
+"""The loyalty service's use cases: one method per thing that happens to points.
+
+Every change runs in one transaction (:class:`Work`): the inbox record of the event that
+caused it, the ledger entries, the account's buckets, the timers and the
+``loyalty.ledger.v1`` events (through the outbox) commit together or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from omni_common.service import ServiceRuntime, Tx
+from omni_common.timers import TimerWheel, cancel_timer, set_timer
+from omni_contracts import (
+    AvailabilityChanged,
+    LedgerEvent,
+    Money,
+    OfferIssued,
+    OrderCancelled,
+    OrderConfirmed,
+    OrderDelivered,
+    OrderPickedUp,
+    OrderPlaced,
+    OrderRejected,
+    OrderReturnReceived,
+    OrderShipped,
+    OrderStatus,
+    PointsAvailable,
+    PointsEarned,
+    PointsExpired,
+    PointsExpiring,
+    PointsHeld,
+    PointsPending,
+    PointsRedeemed,
+    PointsRefused,
+    PointsReleased,
+    PointsReversed,
+    ProfileErased,
+    ProfilesMerged,
+    ProfileUpdated,
+    TierChanged,
+    utcnow,
+)
+from omni_contracts.envelope import Envelope
+
+from loyalty_service.adapters.metrics import LoyaltyMetrics
+from loyalty_service.adapters.repository import Entry, LoyaltyRepository, OrderRecord
+from loyalty_service.domain.model import (
+    Account,
+    Buckets,
+    EntryKind,
+    give_back,
+    pairs,
+    pick_offer,
+    refusal,
+    reversal,
+    review,
+    upgrade,
+)
+from loyalty_service.settings import LoyaltySettings
+
+log = logging.getLogger(__name__)
+
+PENDING_TIMER = "loyalty.pending"
+"""Timer kind: an order's pending points become available (key: order_id)."""
+HOLD_TIMER = "loyalty.hold"
+"""Timer kind: a hold never settled is released (key: order_id)."""
+EXPIRY_TIMER = "loyalty.expiry"
+"""Timer kind: points expire after inactivity (key: account_id)."""
+EXPIRY_NOTICE_TIMER = "loyalty.expiry_notice"
+"""Timer kind: the notice before expiry (key: account_id)."""
+TIER_REVIEW_TIMER = "loyalty.tier_review"
+"""Timer kind: a tier's review date (key: account_id)."""
+
+YEAR = timedelta(days=365)
+LOYALTY = "loyalty"
+
+_EVENTS: dict[EntryKind, type[LedgerEvent]] = {
+    EntryKind.PENDING: PointsPending,
+    EntryKind.EARNED: PointsEarned,
+    EntryKind.AVAILABLE: PointsAvailable,
+    EntryKind.HELD: PointsHeld,
+    EntryKind.REDEEMED: PointsRedeemed,
+    EntryKind.RELEASED: PointsReleased,
+    EntryKind.REVERSED: PointsReversed,
+    EntryKind.EXPIRED: PointsExpired,
+}
+
+
+@dataclass
+class Work:
+    """One transaction of the loyalty service."""
+
+    tx: Tx
+    envelope: Envelope | None
+    repo: LoyaltyRepository = field(init=False)
+    written: list[tuple[str, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.repo = LoyaltyRepository(self.tx.conn)
+
+    @property
+    def conn(self) -> Any:
+        """The transaction's connection (timers are set on it)."""
+        return self.tx.conn
+
+    async def post(
+        self,
+        account: Account,
+        kind: EntryKind,
+        change: Buckets,
+        *,
+        points: int,
+        reason: str,
+        cause: str,
+        at: datetime,
+        order_id: str | None = None,
+        **extra: Any,
+    ) -> Entry | None:
+        """Append a ledger entry and publish it (when the account has a customer to tell)."""
+        entry = await self.repo.post(
+            account,
+            kind,
+            change,
+            points=points,
+            reason=reason,
+            cause=cause,
+            order_id=order_id,
+            at=at,
+        )
+        if entry is None:
+            return None
+        self.written.append((kind.value, points))
+        model = _EVENTS.get(kind)
+        if model is not None and account.announced:
+            assert account.customer_id is not None
+            await self.emit(
+                model(
+                    customer_id=account.customer_id,
+                    points=points,
+                    balance=entry.balance,
+                    reason=reason,
+                    order_id=order_id,
+                    entry_id=str(entry.entry_id),
+                    occurred_at=at,
+                    **extra,
+                )
+            )
+        return entry
+
+    async def emit(self, event: LedgerEvent) -> None:
+        """Publish a ledger event with the transaction (caused by the incoming event)."""
+        correlation = self.envelope.correlation_id if self.envelope else None
+        await self.tx.emit(event, caused_by=self.envelope, correlation_id=correlation)
+
+
+class UnknownAccount(LookupError):
+    """No (or an erased) loyalty account for a customer."""
+
+
+class NotEnoughPoints(ValueError):
+    """A correction would take the spendable balance below zero."""
+
+    def __init__(self, available: int) -> None:
+        super().__init__(f"only {available} points are available")
+        self.available = available
+
+
+class LoyaltyService:
+    """Applies orders, profiles, stock and timers to the points ledger."""
+
+    def __init__(
+        self,
+        runtime: ServiceRuntime,
+        settings: LoyaltySettings,
+        metrics: LoyaltyMetrics,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.runtime = runtime
+        self.settings = settings
+        self.rules = settings.rules
+        self.metrics = metrics
+        self.clock = clock
+
+    # -- units of work --------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def work(self, envelope: Envelope | None = None) -> AsyncIterator[Work | None]:
+        """A transaction; for an event, None when it was handled before (inbox)."""
+        transaction = (
+            self.runtime.handling(LOYALTY, envelope)
+            if envelope is not None
+            else self.runtime.transaction()
+        )
+        async with transaction as tx:
+            if tx is None:
+                yield None
+                return
+            work = Work(tx, envelope)
+            yield work
+        self.metrics.written(work.written)  # committed: now it is true
+
+    @contextlib.asynccontextmanager
+    async def _timer_transaction(self) -> AsyncIterator[Work]:
+        async with self.work() as work:
+            assert work is not None
+            yield work
+
+    def timer_wheel(self) -> TimerWheel:
+        """The durable timers: pending window, unsettled holds, expiry, tier reviews."""
+        return TimerWheel(
+            self._timer_transaction,
+            {
+                PENDING_TIMER: self._pending_closed,
+                HOLD_TIMER: self._hold_expired,
+                EXPIRY_TIMER: self._expire,
+                EXPIRY_NOTICE_TIMER: self._expiry_notice,
+                TIER_REVIEW_TIMER: self._tier_review,
+            },
+            poll_interval_s=self.settings.loyalty_timer_poll_s,
+        )
+
+    # -- order.lifecycle.v1 ---------------------------------------------------------------
+
+    async def on_order_placed(self, event: OrderPlaced, envelope: Envelope) -> None:
+        """Remember the order; hold its points if it awaits loyalty; a store sale earns."""
+        async with self.work(envelope) as w:
+            if w is None:
+                return
+            now = self.clock()
+            if event.points_to_redeem and LOYALTY in (event.awaiting or ()):
+                await self._hold(w, event, now)
+            account = await self._buyer(w, event)
+            lines = [
+                {"sku": ln.sku, "qty": ln.qty, "unit_price": str(ln.unit_price.amount)}
+                for ln in event.lines
+            ]
+            gross = sum((ln.unit_price.amount * ln.qty for ln in event.lines), Decimal(0))
+            record = OrderRecord(
+                order_id=event.order_id,
+                account_id=account.account_id if account else None,
+                channel=event.channel.value,
+                currency=event.lines[0].unit_price.currency,
+                gross=gross,
+                lines=lines,
+                points_to_redeem=event.points_to_redeem,
+                redeemed=0,
+                given_back=0,
+                returned_value=Decimal(0),
+            )
+            if not await w.repo.add_order(record):
+                return
+            if event.status is OrderStatus.COMPLETED:  # an in-store sale: bought now
+                await self._purchased(w, record, account, now)
+
+    async def on_order_confirmed(self, event: OrderConfirmed, envelope: Envelope) -> None:
+        """The order is confirmed: its held points are spent."""
+        async with self.work(envelope) as w:
+            if w is None:
+                return
+            hold = await w.repo.hold(event.order_id)
+            if hold is None:
+                return
+            now = self.clock()
+            account = await w.repo.account(hold["account_id"])
+            points = hold["points"]
+            if hold["status"] == "held":
+                await w.post(
+                    account,
+                    EntryKind.REDEEMED,
+                    Buckets(held=-points),
+                    points=0,
+                    reason="order_confirmed",
+                    cause=f"redeem:{event.order_id}",
+                    order_id=event.order_id,
+                    at=now,
+                )
+            elif hold["status"] == "released":
+                # The hold timed out before the order was confirmed: spend the points now
+                # if they are still there (the hold window is far longer than the saga's).
+                if account.available >= points:
+                    await w.post(
+                        account,
+                        EntryKind.REDEEMED,
+                        Buckets(available=-points),
+                        points=-points,
+                        reason="order_confirmed",
+                        cause=f"redeem:{event.order_id}",
+                        order_id=event.order_id,
+                        at=now,
+                    )
+                else:
+                    self.metrics.unrecovered.labels(self.metrics.service, "redemption").inc(points)
+                    log.error("order %s confirmed after its hold lapsed", event.order_id)
+                    return
+            else:
+                return
+            await w.repo.settle_hold(event.order_id, "redeemed")
+            await cancel_timer(w.conn, HOLD_TIMER, event.order_id)
+            order = await w.repo.order(event.order_id)
+            if order is not None:
+                order.redeemed = points
+                await w.repo.save_order_returns(order)
+            await self._active(w, account, now)
+
+    async def on_order_ended(
+        self, event: OrderRejected | OrderCancelled, envelope: Envelope
+    ) -> None:
+        """Rejected or cancelled: held points go back; points spent on it are given back."""
+        async with self.work(envelope) as w:
+            if w is None:
+                return
+            await self._release(w, event.order_id, event.ce_type.rsplit(".", 1)[-1], self.clock())
+
+    async def on_order_fulfilled(
+        self, event: OrderPickedUp | OrderShipped | OrderDelivered, envelope: Envelope
+    ) -> None:
+        """Picked up, shipped or delivered: the purchase earns (once)."""
+        async with self.work(envelope) as w:
+            if w is None:
+                return
+            order = await w.repo.order(event.order_id)
+            if order is None or order.account_id is None:
+                return  # not seen placed, or an anonymous shopper
+            account = await w.repo.account(order.account_id)
+            await self._purchased(w, order, account, self.clock())
+
+    async def on_return_received(self, event: OrderReturnReceived, envelope: Envelope) -> None:
+        """Items came back: reverse the points earned on them, give back points spent."""
+        async with self.work(envelope) as w:
+            if w is None:
+                return
+            order = await w.repo.order(event.order_id)
+            if order is None or order.account_id is None:
+                return
+            now = self.clock()
+            account = await w.repo.account(order.account_id)
+            returned: dict[str, int] = {}
+            for line in event.lines:
+                returned[line.sku] = returned.get(line.sku, 0) + line.qty
+            value = _returned_value(order, returned)
+            earning = await w.repo.earning(event.order_id)
+            if earning is not None:
+                points, after = reversal(earning.lines, earning.returned, returned)
+                points = min(points, earning.points - earning.reversed)
+                if points > 0:
+                    if earning.status == "pending":
+                        change = Buckets(pending=-points, lifetime=-points)
+                    else:
+                        # Points already spendable (a late return): take what is there; the
+                        # rest is counted as unrecovered, the balance never goes negative.
+                        taken = min(points, account.available)
+                        if taken < points:
+                            self.metrics.unrecovered.labels(self.metrics.service, "return").inc(
+                                points - taken
+                            )
+                        change = Buckets(available=-taken, lifetime=-points)
+                    await w.post(
+                        account,
+                        EntryKind.REVERSED,
+                        change,
+                        points=-points,
+                        reason="items_returned",
+                        cause=f"return:{event.return_id}:earned",
+                        order_id=event.order_id,
+                        at=now,
+                    )
+                earning.reversed += max(points, 0)
+                earning.returned = after
+                await w.repo.save_earning(earning)
+            back = min(
+                give_back(order.redeemed, order.gross, order.returned_value, value),
+                order.redeemed - order.given_back,
+            )
+            if back > 0:
+                await w.post(
+                    account,
+                    EntryKind.REVERSED,
+                    Buckets(available=back),
+                    points=back,
+                    reason="redeemed_on_returned_items",
+                    cause=f"return:{event.return_id}:redeemed",
+                    order_id=event.order_id,
+                    at=now,
+                )
+                order.given_back += back
+            order.returned_value += value
+            await w.repo.save_order_returns(order)
+            # Qualifying spend shrinks; the tier only follows at its review date.
+            await w.repo.add_spend(account.account_id, f"return:{event.return_id}", -value, now)
+
+    # -- customer.profile.v1 --------------------------------------------------------------
+
+    async def on_profile_updated(self, event: ProfileUpdated, envelope: Envelope) -> None:
+        """A profile: its cards now collect for the customer; points a card collected move."""
+        async with self.work(envelope) as w:
+            if w is None:
+                return
+            now = self.clock()
+            account = await w.repo.ensure_customer_account(event.customer_id)
+            if account.erased:
+                return
+            if event.preferred_store != account.preferred_store:
+                await w.repo.set_preferred_store(account.account_id, event.preferred_store)
+            cards = {*event.loyalty_cards, *([event.loyalty_card] if event.loyalty_card else [])}
+            for card in sorted(cards):
+                await self._link(w, card, account, now)
+
+    async def on_profile_erased(self, event: ProfileErased, envelope: Envelope) -> None:
+        """Erasure: pseudonymise the account (the ledger keeps only figures)."""
+        async with self.work(envelope) as w:
+            if w is None:
+                return
+            account_id = await w.repo.erase(event.customer_id)
+            if account_id is not None:
+                for kind in (EXPIRY_NOTICE_TIMER, TIER_REVIEW_TIMER):
+                    await cancel_timer(w.conn, kind, str(account_id))
+
+    # -- inventory.availability.v1 --------------------------------------------------------
+
+    async def on_availability(self, event: AvailabilityChanged, envelope: Envelope) -> None:
+        """Keep the stock that offers are filtered by."""
+        async with self.work(envelope) as w:
+            if w is None:
+                return
+            await w.repo.record_stock(
+                event.sku,
+                event.location_id,
+                event.available,
+                event.online_available,
+                event.changed_at,
+            )
+
+    # -- corrections ----------------------------------------------------------------------
+
+    async def adjust(
+        self, customer_id: str, *, adjustment_id: str, points: int, reason: str, by: str
+    ) -> Entry | None:
+        """A manual correction of a shopper's spendable points, once per ``adjustment_id``.
+
+        Published as ``loyalty.points.earned`` (added) or ``loyalty.points.reversed``
+        (taken). Raises :class:`UnknownAccount`, or :class:`NotEnoughPoints` when it would
+        take the balance below zero; returns None when this adjustment was applied before.
+        """
+        async with self.work() as w:
+            assert w is not None
+            account = await w.repo.customer_account(customer_id)
+            if account is None or account.erased:
+                raise UnknownAccount(customer_id)
+            if account.available + points < 0:
+                raise NotEnoughPoints(account.available)
+            kind = EntryKind.EARNED if points > 0 else EntryKind.REVERSED
+            now = self.clock()
+            entry = await w.post(
+                account,
+                kind,
+                Buckets(available=points, lifetime=max(points, 0)),
+                points=points,
+                reason=f"adjusted:{reason}",
+                cause=f"adjust:{adjustment_id}",
+                at=now,
+            )
+            if entry is not None:
+                log.info("points adjusted by %s (%+d)", by, points)
+                await self._active(w, account, now)
+            return entry
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def account_view(self, customer_id: str) -> dict[str, Any] | None:
+        """The account as the read API shows it, or None."""
+        async with self.runtime.pool.acquire() as conn:
+            repo = LoyaltyRepository(conn)
+            account = await repo.customer_account(customer_id, lock=False)
+            if account is None or account.erased:
+                return None
+            offer = await repo.open_offer(account.account_id, self.clock())
+        next_expiry = (
+            account.last_activity_at + self.settings.expiry_after
+            if account.available > 0 and account.last_activity_at
+            else None
+        )
+        return {
+            "customer_id": customer_id,
+            "available": account.available,
+            "pending": account.pending,
+            "held": account.held,
+            "lifetime": account.lifetime,
+            "tier": account.tier,
+            "tier_review_at": account.tier_review_at,
+            "next_expiry": next_expiry,
+            "points_value": str(self.rules.value_of(account.available)),
+            "open_offer": dict(offer) if offer else None,
+        }
+
+    async def ledger_page(
+        self, customer_id: str, *, limit: int, before: int | None
+    ) -> list[dict[str, Any]] | None:
+        """A page of the account's entries (newest first), or None for an unknown account."""
+        async with self.runtime.pool.acquire() as conn:
+            repo = LoyaltyRepository(conn)
+            account = await repo.customer_account(customer_id, lock=False)
+            if account is None or account.erased:
+                return None
+            return await repo.entries(account.account_id, limit=limit, before=before)
+
+    # -- the saga -------------------------------------------------------------------------
+
+    async def _hold(self, w: Work, event: OrderPlaced, now: datetime) -> None:
+        wanted = event.points_to_redeem or 0
+        if await w.repo.hold(event.order_id) is not None:
+            return  # the same order again (a resend): it holds already
+        account = await w.repo.customer_account(event.customer_id) if event.customer_id else None
+        if account is not None and account.erased:
+            account = None
+        reason = refusal(account is not None, account.available if account else 0, wanted)
+        if reason is None and account is not None:
+            entry = await w.post(
+                account,
+                EntryKind.HELD,
+                Buckets(available=-wanted, held=wanted),
+                points=-wanted,
+                reason="checkout",
+                cause=f"hold:{event.order_id}",
+                order_id=event.order_id,
+                at=now,
+                value=Money(
+                    amount=self.rules.value_of(wanted), currency=event.lines[0].unit_price.currency
+                ),
+            )
+            if entry is not None:
+                await w.repo.add_hold(event.order_id, account.account_id, wanted)
+                await set_timer(w.conn, HOLD_TIMER, event.order_id, now + self.settings.hold_ttl)
+                await self._active(w, account, now)
+            return
+        assert reason is not None
+        self.metrics.refusals.labels(self.metrics.service, reason.value).inc()
+        if event.customer_id is None:
+            return  # nobody to answer for: the order waits for its timers
+        await w.emit(
+            PointsRefused(
+                customer_id=event.customer_id,
+                balance=account.available if account else 0,
+                reason=reason,
+                requested=wanted,
+                order_id=event.order_id,
+                occurred_at=now,
+            )
+        )
+
+    async def _release(self, w: Work, order_id: str, why: str, now: datetime) -> None:
+        hold = await w.repo.hold(order_id)
+        if hold is None:
+            return
+        account = await w.repo.account(hold["account_id"])
+        points = hold["points"]
+        if hold["status"] == "held":
+            await w.post(
+                account,
+                EntryKind.RELEASED,
+                Buckets(available=points, held=-points),
+                points=points,
+                reason=f"order_{why}",
+                cause=f"release:{order_id}",
+                order_id=order_id,
+                at=now,
+            )
+            await w.repo.settle_hold(order_id, "released")
+            await cancel_timer(w.conn, HOLD_TIMER, order_id)
+        elif hold["status"] == "redeemed":
+            # Cancelled after confirmation: what was spent on it comes back.
+            order = await w.repo.order(order_id)
+            back = points if order is None else order.redeemed - order.given_back
+            if back > 0:
+                await w.post(
+                    account,
+                    EntryKind.RELEASED,
+                    Buckets(available=back),
+                    points=back,
+                    reason=f"order_{why}",
+                    cause=f"refund:{order_id}",
+                    order_id=order_id,
+                    at=now,
+                )
+                if order is not None:
+                    order.given_back = order.redeemed
+                    await w.repo.save_order_returns(order)
+
+    async def _hold_expired(self, w: Work, order_id: str, _payload: dict[str, Any]) -> None:
+        await self._release(w, order_id, "hold_expired", self.clock())
+
+    # -- earning --------------------------------------------------------------------------
+
+    async def _buyer(self, w: Work, event: OrderPlaced) -> Account | None:
+        """The account a purchase earns on: the customer's, else the till's card's."""
+        if event.customer_id:
+            account = await w.repo.ensure_customer_account(event.customer_id)
+            return None if account.erased else account
+        if event.loyalty_card:
+            return await w.repo.card_account(event.loyalty_card)
+        return None
+
+    async def _purchased(
+        self, w: Work, order: OrderRecord, account: Account | None, now: datetime
+    ) -> None:
+        """A purchase completed: learn the basket, earn (pending), tiers, an offer."""
+        skus = [line["sku"] for line in order.lines]
+        if account is None:
+            await w.repo.record_basket(None, pairs(skus))
+            return
+        share = self._paid_share(order)
+        lines = [(ln["sku"], ln["qty"], Decimal(ln["unit_price"]) * share) for ln in order.lines]
+        earned = self.rules.earn(lines, account.tier)
+        available_at = now + self.settings.pending_window
+        if not await w.repo.add_earning(order.order_id, account.account_id, earned, available_at):
+            return  # earned before (shipped, then delivered)
+        await w.repo.record_basket(account.account_id, pairs(skus))
+        points = sum(line.points for line in earned)
+        if points > 0:
+            await w.post(
+                account,
+                EntryKind.PENDING,
+                Buckets(pending=points, lifetime=points),
+                points=points,
+                reason="purchase",
+                cause=f"earn:{order.order_id}",
+                order_id=order.order_id,
+                at=now,
+            )
+        await set_timer(w.conn, PENDING_TIMER, order.order_id, available_at)
+        # Qualifying spend is money spent: what points paid for does not qualify.
+        spent = (order.gross * share).quantize(Decimal("0.01"))
+        await w.repo.add_spend(account.account_id, f"order:{order.order_id}", spent, now)
+        await self._maybe_upgrade(w, account, now)
+        await self._active(w, account, now)
+        await self._offer(w, account, skus, order.order_id, now)
+        await w.repo.record_purchases(account.account_id, skus)
+
+    def _paid_share(self, order: OrderRecord) -> Decimal:
+        # Points earn on what was paid in money, not on what redeemed points paid for.
+        if not order.redeemed or order.gross <= 0:
+            return Decimal(1)
+        value = self.rules.value_of(order.redeemed)
+        return max(order.gross - value, Decimal(0)) / order.gross
+
+    async def _pending_closed(self, w: Work, order_id: str, _payload: dict[str, Any]) -> None:
+        earning = await w.repo.earning(order_id)
+        if earning is None or earning.status != "pending":
+            return
+        account = await w.repo.account(earning.account_id)
+        remaining = earning.points - earning.reversed
+        if remaining > 0:
+            await w.post(
+                account,
+                EntryKind.AVAILABLE,
+                Buckets(available=remaining, pending=-remaining),
+                points=remaining,
+                reason="return_window_closed",
+                cause=f"available:{order_id}",
+                order_id=order_id,
+                at=self.clock(),
+            )
+        earning.status = "available"
+        await w.repo.save_earning(earning)
+
+    async def _link(self, w: Work, card: str, account: Account, now: datetime) -> None:
+        known = await w.repo.card(card)
+        if known is None:
+            if await w.repo.claim_card(card, account.account_id):
+                return  # a new card: it collects for the customer from now on
+            # A sale registered the card at the same moment (its insert won): move from it.
+            known = await w.repo.card(card)
+            assert known is not None
+        card_account_id, owner = known
+        if card_account_id == account.account_id:
+            return
+        if owner is not None:
+            log.warning("card already linked to another account; left as is")
+            return
+        source = await w.repo.account(card_account_id)
+        await self._absorb(w, source, account, f"link:{card}:{card_account_id}", "card_linked", now)
+        await w.repo.link_card(card, account.account_id)
+        await self._active(w, account, now)
+
+    async def _absorb(
+        self, w: Work, source: Account, target: Account, cause: str, reason: str, now: datetime
+    ) -> None:
+        """Move everything ``source`` holds (points, orders, holds, purchases) to ``target``.
+
+        The source gets one ``moved_out`` entry emptying its buckets; the target one entry
+        per bucket, published as earned (spendable) and pending points.
+        """
+        moved = Buckets(
+            available=source.available,
+            pending=source.pending,
+            held=source.held,
+            lifetime=source.lifetime,
+        )
+        out = await w.post(
+            source,
+            EntryKind.MOVED_OUT,
+            Buckets(
+                available=-moved.available,
+                pending=-moved.pending,
+                held=-moved.held,
+                lifetime=-moved.lifetime,
+            ),
+            points=-(moved.available + moved.pending + moved.held),
+            reason=reason,
+            cause=f"{cause}:out",
+            at=now,
+        )
+        if out is None:
+            return  # moved before
+        if moved.available > 0:
+            await w.post(
+                target,
+                EntryKind.EARNED,
+                Buckets(available=moved.available),
+                points=moved.available,
+                reason=reason,
+                cause=f"{cause}:available",
+                at=now,
+            )
+        if moved.pending > 0:
+            await w.post(
+                target,
+                EntryKind.PENDING,
+                Buckets(pending=moved.pending),
+                points=moved.pending,
+                reason=reason,
+                cause=f"{cause}:pending",
+                at=now,
+            )
+        if moved.held > 0 or moved.lifetime > 0:
+            # Held points stay held (their orders are settled on the target now); lifetime
+            # follows. Not a change of the spendable balance: recorded, not published.
+            await w.post(
+                target,
+                EntryKind.ADJUSTED,
+                Buckets(held=moved.held, lifetime=moved.lifetime),
+                points=0,
+                reason=reason,
+                cause=f"{cause}:rest",
+                at=now,
+            )
+        await w.repo.move_belongings(source.account_id, target.account_id)
+
+    async def on_profiles_merged(self, event: ProfilesMerged, envelope: Envelope) -> None:
+        """Profiles of one shopper were merged: the merged accounts move to the survivor."""
+        async with self.work(envelope) as w:
+            if w is None:
+                return
+            now = self.clock()
+            target = await w.repo.ensure_customer_account(event.surviving_id)
+            for merged_id in sorted(set(event.merged_ids)):
+                source = await w.repo.customer_account(merged_id)
+                if source is None or source.account_id == target.account_id:
+                    continue
+                await self._absorb(
+                    w, source, target, f"merge:{source.account_id}", "profiles_merged", now
+                )
+                await w.repo.retire(source.account_id, target.account_id)
+            await self._active(w, target, now)
+
+    # -- tiers ----------------------------------------------------------------------------
+
+    async def _maybe_upgrade(self, w: Work, account: Account, now: datetime) -> None:
+        spend = await w.repo.spend_since(account.account_id, now - YEAR)
+        tier = upgrade(self.rules, account.tier, spend)
+        if tier is None:
+            return
+        await self._change_tier(w, account, tier.name, now, reason="qualifying_spend")
+
+    async def _change_tier(
+        self, w: Work, account: Account, tier: str, now: datetime, *, reason: str
+    ) -> None:
+        previous = account.tier
+        review_at = now + YEAR if self.rules.rank(tier) > 0 else None
+        await w.repo.set_tier(account.account_id, tier, review_at)
+        account.tier, account.tier_review_at = tier, review_at
+        if review_at is not None:
+            await set_timer(w.conn, TIER_REVIEW_TIMER, str(account.account_id), review_at)
+        else:
+            await cancel_timer(w.conn, TIER_REVIEW_TIMER, str(account.account_id))
+        if account.announced:
+            assert account.customer_id is not None
+            await w.emit(
+                TierChanged(
+                    customer_id=account.customer_id,
+                    balance=account.available,
+                    reason=reason,
+                    tier=tier,
+                    previous_tier=previous,
+                    occurred_at=now,
+                )
+            )
+
+    async def _tier_review(self, w: Work, key: str, _payload: dict[str, Any]) -> None:
+        now = self.clock()
+        account = await w.repo.account(int(key))
+        spend = await w.repo.spend_since(account.account_id, now - YEAR)
+        tier = review(self.rules, account.tier, spend)
+        if tier is None:
+            # Kept: reviewed again in a year.
+            await w.repo.set_tier(account.account_id, account.tier, now + YEAR)
+            await set_timer(w.conn, TIER_REVIEW_TIMER, key, now + YEAR)
+            return
+        await self._change_tier(w, account, tier.name, now, reason="tier_review")
+
+    # -- expiry ---------------------------------------------------------------------------
+
+    async def _active(self, w: Work, account: Account, now: datetime) -> None:
+        """The shopper did something: expiry (and its notice) count from now."""
+        await w.repo.touch(account.account_id, now)
+        expires = now + self.settings.expiry_after
+        key = str(account.account_id)
+        await set_timer(w.conn, EXPIRY_TIMER, key, expires)
+        await set_timer(
+            w.conn,
+            EXPIRY_NOTICE_TIMER,
+            key,
+            max(now, expires - self.settings.expiry_notice),
+            {"expires_at": expires.isoformat()},
+        )
+
+    async def _expiry_notice(self, w: Work, key: str, payload: dict[str, Any]) -> None:
+        account = await w.repo.account(int(key))
+        if account.available <= 0 or not account.announced:
+            return
+        assert account.customer_id is not None
+        await w.emit(
+            PointsExpiring(
+                customer_id=account.customer_id,
+                balance=account.available,
+                reason="inactivity",
+                expiring_points=account.available,
+                expires_at=datetime.fromisoformat(payload["expires_at"]),
+                occurred_at=self.clock(),
+            )
+        )
+
+    async def _expire(self, w: Work, key: str, _payload: dict[str, Any]) -> None:
+        account = await w.repo.account(int(key))
+        if account.available <= 0:
+            return
+        assert account.last_activity_at is not None
+        await w.post(
+            account,
+            EntryKind.EXPIRED,
+            Buckets(available=-account.available),
+            points=-account.available,
+            reason="inactivity",
+            cause=f"expire:{key}:{account.last_activity_at.isoformat()}",
+            at=self.clock(),
+        )
+
+    # -- offers ---------------------------------------------------------------------------
+
+    async def _offer(
+        self, w: Work, account: Account, skus: list[str], order_id: str, now: datetime
+    ) -> None:
+        if not account.announced or await w.repo.open_offer(account.account_id, now):
+            return  # at most one open offer per shopper
+        together = await w.repo.bought_together(sorted(set(skus)))
+        if not together:
+            return
+        stocked = await w.repo.in_stock([sku for sku, _ in together], account.preferred_store)
+        bought = {*await w.repo.bought(account.account_id), *skus}
+        sku = pick_offer(together, bought=bought, in_stock=stocked)
+        if sku is None:
+            return
+        offer_id = f"offer_{uuid.uuid4().hex}"
+        reward = self.settings.loyalty_offer_reward
+        until = await w.repo.add_offer(
+            offer_id, account.account_id, sku, reward, self.settings.offer_validity, now
+        )
+        assert account.customer_id is not None
+        await w.emit(
+            OfferIssued(
+                customer_id=account.customer_id,
+                balance=account.available,
+                reason="bought_together",
+                order_id=order_id,
+                offer_id=offer_id,
+                sku=sku,
+                reward=reward,
+                valid_until=until,
+                expires_at=until,
+                occurred_at=now,
+            )
+        )
+        self.metrics.offers.labels(self.metrics.service).inc()
+
+
+def _returned_value(order: OrderRecord, returned: dict[str, int]) -> Decimal:
+    """The value at order prices of the returned units (never beyond what was bought)."""
+    value = Decimal(0)
+    for sku, qty in returned.items():
+        left = qty
+        for line in order.lines:
+            if line["sku"] != sku or left <= 0:
+                continue
+            take = min(left, line["qty"])
+            value += Decimal(line["unit_price"]) * take
+            left -= take
+    return value
