@@ -49,6 +49,9 @@ DEMO_TIMERS = {
     # A cart untouched for 5 s counts as abandoned (customer-profile; default one hour).
     "CART_ABANDONMENT_DELAY": "5",
     "CART_TIMER_POLL_S": "0.2",
+    # Points earned become spendable after about 4 s instead of the 14-day return window.
+    "LOYALTY_PENDING_DAYS": "0.00005",
+    "LOYALTY_TIMER_POLL_S": "0.2",
 }
 """Environment the dev stack gives its services so the stories' timers fire in seconds."""
 

@@ -183,11 +183,12 @@ async def dead_letters(
     await consumer.start()
     entries: list[dict[str, Any]] = []
     try:
-        await consumer.topics()
+        # Assigned, not subscribed: the client's metadata would not cover these topics.
+        cluster = await consumer._client.fetch_all_metadata()
         partitions = [
             TopicPartition(f"{prefix}{name}.dlq", p)
             for name in TOPICS
-            for p in sorted(consumer.partitions_for_topic(f"{prefix}{name}.dlq") or ())
+            for p in sorted(cluster.partitions_for_topic(f"{prefix}{name}.dlq") or ())
         ]
         if not partitions:
             return entries

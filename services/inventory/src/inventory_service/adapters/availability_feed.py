@@ -331,8 +331,10 @@ async def tailing(
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
     # The topic is created before the services start; a fresh broker may still be telling.
     for _ in range(100):
-        await consumer.topics()  # refreshes the metadata
-        partitions = consumer.partitions_for_topic(topic)
+        # The client's own metadata only covers subscribed topics, and this consumer assigns
+        # instead of subscribing: ask the cluster directly.
+        cluster = await consumer._client.fetch_all_metadata()
+        partitions = cluster.partitions_for_topic(topic)
         if partitions:
             return [TopicPartition(topic, p) for p in sorted(partitions)]
         await asyncio.sleep(0.1)
