@@ -354,6 +354,10 @@ class KafkaRuntime:
     ) -> None:
         """Validate one record and hand it to its handler; dead-letter what cannot be handled."""
         m = self.metrics
+        if record.value is None and record.key is not None:
+            # A tombstone on a compacted topic: the key was forgotten, there is no event.
+            m.events_handled.labels(m.service, topic, "tombstone", "ignored").inc()
+            return
         try:
             envelope = parse_envelope(record.headers or ())
         except EnvelopeError as exc:

@@ -44,7 +44,7 @@ class OutboxMessage:
     topic: str
     key: str | None
     headers: dict[str, str]
-    payload: bytes
+    payload: bytes | None  # None: a tombstone (a keyed null value)
 
 
 async def add_to_outbox(
@@ -68,6 +68,47 @@ async def add_to_outbox(
         event.partition_key(),
         json.dumps(headers),
         encode(event),
+    )
+
+
+async def add_all_to_outbox(
+    conn: asyncpg.Connection, items: Sequence[tuple[str, Event, Envelope]]
+) -> None:
+    """Queue many ``(topic, event, envelope)`` in the caller's transaction, pipelined in one
+    round trip (for handlers that emit a batch, e.g. timers decided together)."""
+    trace = current_trace_headers()
+    await conn.executemany(
+        "INSERT INTO outbox (ce_id, ce_type, topic, key, headers, payload)"
+        " VALUES ($1, $2, $3, $4, $5::jsonb, $6)",
+        [
+            (
+                envelope.id,
+                envelope.type,
+                topic,
+                event.partition_key(),
+                json.dumps(envelope.headers() | trace),
+                encode(event),
+            )
+            for topic, event, envelope in items
+        ],
+    )
+
+
+async def add_tombstone_to_outbox(
+    conn: asyncpg.Connection, *, topic: str, key: str, ce_id: str
+) -> None:
+    """Queue a tombstone (a null value for ``key``) on a compacted ``topic``.
+
+    Compaction then drops every earlier record of the key. The row carries no CloudEvents
+    headers (a tombstone is no event); consumers skip null values.
+    """
+    await conn.execute(
+        "INSERT INTO outbox (ce_id, ce_type, topic, key, headers, payload)"
+        " VALUES ($1, 'tombstone', $2, $3, $4::jsonb, NULL)",
+        ce_id,
+        topic,
+        key,
+        json.dumps(current_trace_headers()),
     )
 
 

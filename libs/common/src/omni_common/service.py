@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 
@@ -24,7 +25,12 @@ from omni_common.inbox import first_delivery
 from omni_common.kafka import KafkaRuntime, Subscription
 from omni_common.logging import configure_logging
 from omni_common.metrics import PlatformMetrics
-from omni_common.outbox import OutboxRelay, add_to_outbox
+from omni_common.outbox import (
+    OutboxRelay,
+    add_all_to_outbox,
+    add_to_outbox,
+    add_tombstone_to_outbox,
+)
 from omni_common.settings import ServiceSettings
 from omni_common.telemetry import configure_tracing
 
@@ -52,6 +58,32 @@ class Tx:
         )
         await add_to_outbox(self.conn, topic=event.topic, event=event, envelope=envelope)
         return envelope
+
+    async def emit_all(
+        self,
+        events: Sequence[Event],
+        *,
+        caused_by: Envelope | None = None,
+        correlation_ids: Sequence[str | None] | None = None,
+    ) -> list[Envelope]:
+        """Publish many events once this transaction commits, written in one round trip.
+
+        ``correlation_ids`` (one per event) name each event's journey.
+        """
+        rt = self._runtime
+        ids = correlation_ids if correlation_ids is not None else [None] * len(events)
+        envelopes = [
+            new_envelope(event, source=rt.source, caused_by=caused_by, correlation_id=cid)
+            for event, cid in zip(events, ids, strict=True)
+        ]
+        await add_all_to_outbox(
+            self.conn, [(e.topic, e, env) for e, env in zip(events, envelopes, strict=True)]
+        )
+        return envelopes
+
+    async def emit_tombstone(self, topic: str, key: str) -> None:
+        """Publish a tombstone for ``key`` on compacted ``topic`` once this transaction commits."""
+        await add_tombstone_to_outbox(self.conn, topic=topic, key=key, ce_id=str(uuid.uuid4()))
 
 
 class ServiceRuntime:

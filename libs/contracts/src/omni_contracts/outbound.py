@@ -675,6 +675,10 @@ class SuppressionReason(StrEnum):
     THROTTLED = "throttled"
     DUPLICATE = "duplicate"
     NO_CONTACT = "no_contact"
+    # A cart reminder with nothing left to remind of: every item bought meanwhile, or out
+    # of stock (the shopper is offered a back-in-stock alert instead).
+    ALREADY_BOUGHT = "already_bought"
+    OUT_OF_STOCK = "out_of_stock"
 
 
 class NotificationEvent(Event):

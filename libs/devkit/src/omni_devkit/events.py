@@ -156,10 +156,10 @@ async def tail(
     consumer = AIOKafkaConsumer(bootstrap_servers=target.bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
-        # A consumer knows only the topics it subscribed to: ask the cluster for all of them.
-        partitions = None
-        if physical in await consumer.topics():
-            partitions = consumer.partitions_for_topic(physical)
+        # Apache Kafka answers a metadata request for no topics with none (Tansu with all):
+        # ask for this one. aiokafka has no public call that adds a topic to its metadata.
+        await consumer._client.add_topic(physical)
+        partitions = consumer.partitions_for_topic(physical)
         if not partitions:
             raise DevStackError(f"topic {physical} does not exist on {target.bootstrap}")
         tps = [TopicPartition(physical, p) for p in sorted(partitions)]

@@ -66,3 +66,35 @@ def test_a_service_that_cannot_start_stops_everything(
     assert not config.pid_file.exists()
     assert port_is_free("127.0.0.1", config.kafka_port)
     assert port_is_free("127.0.0.1", config.pg_port)
+
+
+def test_the_dev_stack_runs_an_smtp_server_into_a_maildir_and_makes_vapid_keys(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mailbox
+    import smtplib
+    from email.message import EmailMessage
+    from urllib.parse import urlsplit
+
+    from cryptography.hazmat.primitives import serialization
+    from omni_devkit.devstack.vapid import public_key_of
+
+    monkeypatch.setenv("OMNI_SERVICES", f"notification={STANDIN}")
+    config = DevStackConfig.with_free_ports(state_dir, fast_postgres=True)
+    with DevStack(config, echo=lambda _: None):
+        env = read_kv_file(config.env_file)
+        smtp = urlsplit(env["SMTP_URL"])
+        message = EmailMessage()
+        message["From"], message["To"], message["Subject"] = "a@example.com", "b@example.com", "hi"
+        message.set_content("hello")
+        with smtplib.SMTP(smtp.hostname, smtp.port, timeout=5) as client:
+            client.send_message(message)
+        (stored,) = list(mailbox.Maildir(env["MAILDIR"], create=False))
+        assert stored["Subject"] == "hi"
+        key = serialization.load_pem_private_key(
+            Path(env["VAPID_PRIVATE_KEY_FILE"]).read_bytes(), password=None
+        )
+        assert public_key_of(key) == env["VAPID_PUBLIC_KEY"]  # type: ignore[arg-type]
+    # The key pair survives a restart: browsers subscribed with it keep receiving pushes.
+    with DevStack(config, echo=lambda _: None):
+        assert read_kv_file(config.env_file)["VAPID_PUBLIC_KEY"] == env["VAPID_PUBLIC_KEY"]

@@ -52,6 +52,8 @@ from omni_devkit.devstack.process import (
     stop_process,
     tail,
 )
+from omni_devkit.devstack.smtp import MaildirSmtpServer
+from omni_devkit.devstack.vapid import VapidKeys, ensure_vapid_keys
 
 ENTRY_POINT_GROUP = "omni.services"
 # Stable default ports: the n-th service of this list listens on http_base_port + n.
@@ -379,6 +381,8 @@ class DevStack:
         self.postgres: EmbeddedPostgres | None = None
         self.broker: TansuBroker | ApacheKafkaBroker | None = None
         self.broker_choice: BrokerChoice | None = None
+        self.smtp: MaildirSmtpServer | None = None
+        self.vapid: VapidKeys | None = None
         self.services: dict[str, ServiceProcess] = {}
         # Not one of the services: it has no /metrics, topics or schema of its own.
         self.console: ServiceProcess | None = None
@@ -446,6 +450,7 @@ class DevStack:
         try:
             self._start_postgres()
             self._start_broker()
+            self._start_mail_and_push()
             self.api_keys = {ch: secrets.token_urlsafe(24) for ch in CHANNELS}
             self._start_services(ports)
             self._write_env()
@@ -499,6 +504,33 @@ class DevStack:
         created = run_blocking(create_topics(cfg.bootstrap_servers))
         self.echo(f"  Kafka ready in {timer}, {len(created)} topics created")
 
+    def _start_mail_and_push(self) -> None:
+        cfg = self.config
+        timer = self._step("starting the SMTP server (Maildir) and the VAPID keys")
+        # Runs in this (the supervisor's) process, in a thread: it lives as long as the stack.
+        self.smtp = MaildirSmtpServer(cfg.state_dir / "maildir", host=cfg.host).start()
+        self.vapid = ensure_vapid_keys(cfg.state_dir)
+        self.echo(f"  SMTP on {self.smtp.url} into {self.smtp.path} ({timer})")
+
+    def _unsubscribe_secret(self) -> str:
+        # Kept in the state dir, so links in mails sent before a restart keep working.
+        path = self.config.state_dir / "unsubscribe.secret"
+        if not path.exists():
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_urlsafe(32))
+        return path.read_text().strip()
+
+    def _mail_and_push_env(self) -> dict[str, str]:
+        values: dict[str, str] = {}
+        if self.smtp is not None:
+            values.update(SMTP_URL=self.smtp.url, MAILDIR=str(self.smtp.path))
+        if self.vapid is not None:
+            values.update(
+                VAPID_PUBLIC_KEY=self.vapid.public_key,
+                VAPID_PRIVATE_KEY_FILE=str(self.vapid.private_key_file),
+            )
+        return values
+
     def _service_env(self, name: str, port: int) -> dict[str, str]:
         cfg = self.config
         env = dict(os.environ)
@@ -516,6 +548,11 @@ class DevStack:
         )
         # Kafka answers a fetch as soon as data arrives; only Tansu needs the short wait.
         env.setdefault("CONSUMER_FETCH_MAX_WAIT_MS", str(fetch_max_wait_ms(self._broker_kind)))
+        env.update(self._mail_and_push_env())
+        if name == "notification":
+            # Unsubscribe links in e-mails point back at this service.
+            env.setdefault("NOTIFY_PUBLIC_URL", f"http://{cfg.host}:{port}")
+            env.setdefault("UNSUBSCRIBE_SECRET", self._unsubscribe_secret())
         # A few demo stores, a warehouse and stock, so the platform is usable at once.
         env.setdefault("INVENTORY_SEED_FILE", "demo")
         # Timers of seconds, not days, so `omni demo` and the console's stories can be watched.
@@ -629,6 +666,7 @@ class DevStack:
         }
         for name, svc in self.services.items():
             values[env_var_name(name)] = svc.url
+        values.update(self._mail_and_push_env())
         values["API_KEY"] = self.api_keys[DEFAULT_CHANNEL]
         values["API_KEYS"] = self._api_keys_value()
         for channel, key in self.api_keys.items():
@@ -692,6 +730,9 @@ class DevStack:
             if self.services and not quiet:
                 self.echo("  services stopped")
             self.services.clear()
+            if self.smtp is not None:
+                self.smtp.stop()
+                self.smtp = None
             if self.broker is not None:
                 self.broker.stop()
                 self.broker = None

@@ -468,6 +468,39 @@ async def omni_env(kafka_bootstrap: str, postgres_url: str) -> AsyncIterator[Omn
         yield env
 
 
+# -- e-mail and push -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smtp_server() -> Iterator[Any]:
+    """A real SMTP server on loopback storing into a Maildir (``.url``, ``.path``,
+    ``.wait_for(address)``), for the session; tests use their own recipient addresses."""
+    from omni_devkit.devstack.smtp import MaildirSmtpServer
+
+    root = Path(tempfile.mkdtemp(prefix="omni-smtp-"))
+    with MaildirSmtpServer(root / "maildir") as server:
+        yield server
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def vapid_keys(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A VAPID key pair for the session (``.private_key_file``, ``.public_key``)."""
+    from omni_devkit.devstack.vapid import ensure_vapid_keys
+
+    return ensure_vapid_keys(tmp_path_factory.mktemp("vapid"))
+
+
+@pytest_asyncio.fixture
+async def push_endpoint(vapid_keys: Any) -> AsyncIterator[Any]:
+    """A Web Push (and FCM v1 look-alike) service on loopback that verifies VAPID with the
+    session's key and decrypts every message (:class:`omni_devkit.testing.push.PushEndpoint`)."""
+    from omni_devkit.testing.push import PushEndpoint
+
+    async with PushEndpoint(vapid_public_key=vapid_keys.public_key) as endpoint:
+        yield endpoint
+
+
 @pytest.fixture(scope="session")
 def dev_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The whole platform as ``omni dev up`` runs it (own broker, database, free ports).

@@ -6,10 +6,59 @@ from fastapi import FastAPI
 from omni_common.http import create_http_app
 from omni_common.service import ServiceRuntime
 from omni_common.settings import ServiceSettings
+from omni_common.timers import TimerWheel
+from omni_contracts import CART_ABANDONED, CUSTOMER_PROFILE
+
+from customer_profile_service.adapters.metrics import ProfileMetrics
+from customer_profile_service.domain import DEFAULT_BLOCKED, CartLimits, parse_limits
+from customer_profile_service.entrypoints.consumers import Deps, subscriptions, timer_handler
+from customer_profile_service.entrypoints.http import build_router
+from customer_profile_service.service.context import CART_ABANDONMENT, Profiles
+from customer_profile_service.settings import ProfileSettings
+
+DESCRIPTION = """One profile per shopper across every channel (identities, contact, consent,
+preferences), one purchase history, and carts that notice they were abandoned. Publishes
+`customer.profile.v1` (compacted snapshots, merges, erasures) and `cart.abandoned.v1`.
+Every endpoint needs `Authorization: Bearer <API key>`."""
 
 
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
-    """Build the customer-profile service (nothing connects until the app starts)."""
-    settings = settings or ServiceSettings(service_name="customer-profile")
-    runtime = ServiceRuntime(settings, migrations_package="customer_profile_service.migrations")
-    return create_http_app(runtime, title="Customer profile service")
+    """Build the customer-profile service (nothing connects until the app starts).
+
+    Plain ``ServiceSettings`` (as ``omni run`` and the test fixtures build them) are
+    extended with this service's settings from the environment.
+    """
+    config = ProfileSettings.from_settings(settings)
+    runtime = ServiceRuntime(config, migrations_package="customer_profile_service.migrations")
+    extra_blocked = {
+        v.strip().lower() for v in config.profile_blocked_identifiers.split(",") if v.strip()
+    }
+    profiles = Profiles(
+        limits=parse_limits(config.profile_identity_limits),
+        blocked=DEFAULT_BLOCKED | extra_blocked,
+        cart_limits=CartLimits(config.cart_max_lines, config.cart_max_qty),
+        abandonment_delay=config.cart_abandonment_delay,
+        lock_namespace=config.schema,
+    )
+    deps = Deps(runtime, profiles, ProfileMetrics(runtime.metrics))
+    for subscription in subscriptions(deps):
+        runtime.subscribe(subscription)
+    runtime.publishes(CUSTOMER_PROFILE, CART_ABANDONED)
+    runtime.run_alongside(
+        TimerWheel(
+            runtime.transaction,
+            {},
+            batch_handlers={CART_ABANDONMENT: timer_handler(deps)},
+            poll_interval_s=config.cart_timer_poll_s,
+            batch_size=config.cart_timer_batch,
+            per_transaction=config.cart_timer_per_transaction,
+        ).running()
+    )
+    app = create_http_app(
+        runtime,
+        title="Customer profile service",
+        description=DESCRIPTION,
+        routers=[build_router()],
+    )
+    app.state.profiles = profiles
+    return app

@@ -1,1 +1,1 @@
-"""notification service: domain."""
+"""The notification domain: kinds, routing, consent, quiet hours, the fatigue cap."""

@@ -2,14 +2,124 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import httpx
 from fastapi import FastAPI
 from omni_common.http import create_http_app
 from omni_common.service import ServiceRuntime
 from omni_common.settings import ServiceSettings
+from omni_common.timers import TimerWheel
+from omni_contracts import CUSTOMER_SIGNALS, NOTIFICATION_DISPATCHED
+
+from notification_service.adapters.metrics import NotificationMetrics
+from notification_service.adapters.providers import FcmPush, SmtpEmail, WebPush
+from notification_service.adapters.templates import Templates
+from notification_service.adapters.tokens import UnsubscribeTokens
+from notification_service.entrypoints.consumers import subscriptions
+from notification_service.entrypoints.http import build_router
+from notification_service.service.delivery import Dispatcher
+from notification_service.service.notify import CART_REMINDER_TIMER, DEFERRED_TIMER, Notifier
+from notification_service.settings import NotificationSettings, notification_settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Tells shoppers what matters on the channel they prefer, at a decent hour:
+abandoned carts, order updates (confirmed, ready for pickup, delayed, cancelled, refunded),
+back in stock, loyalty. E-mail over SMTP, Web Push (VAPID) and FCM. Publishes
+`notification.dispatched.v1`; `GET /customers/{id}/notifications` needs
+`Authorization: Bearer <API key>`; `POST /unsubscribe/{token}` is the one-click unsubscribe."""
 
 
-def create_app(settings: ServiceSettings | None = None) -> FastAPI:
-    """Build the notification service (nothing connects until the app starts)."""
-    settings = settings or ServiceSettings(service_name="notification")
-    runtime = ServiceRuntime(settings, migrations_package="notification_service.migrations")
-    return create_http_app(runtime, title="Notification service")
+def _tokens(settings: NotificationSettings) -> UnsubscribeTokens:
+    secret = settings.unsubscribe_secret.get_secret_value().encode()
+    if not secret:
+        log.warning("UNSUBSCRIBE_SECRET is not set: unsubscribe links die with this process")
+        secret = secrets.token_bytes(32)
+    return UnsubscribeTokens(secret)
+
+
+class Providers:
+    """The providers, whose HTTP sessions open and close with the service."""
+
+    def __init__(self, settings: NotificationSettings, dispatcher_ref: list[Dispatcher]) -> None:
+        self.settings = settings
+        self._ref = dispatcher_ref
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Open the push sessions, attach the providers, run the dispatcher."""
+        s = self.settings
+        dispatcher = self._ref[0]
+        async with (
+            aiohttp.ClientSession() as session,
+            httpx.AsyncClient(timeout=10) as client,
+        ):
+            vapid = WebPush.load_key(
+                pem_file=s.vapid_private_key_file,
+                pem=s.vapid_private_key.get_secret_value() if s.vapid_private_key else None,
+            )
+            dispatcher.webpush = (
+                WebPush(vapid, s.vapid_subject, s.push_ttl_s, session) if vapid else None
+            )
+            if s.fcm_project_id and s.fcm_access_token:
+                dispatcher.fcm = FcmPush(
+                    s.fcm_endpoint, s.fcm_project_id, s.fcm_access_token.get_secret_value(), client
+                )
+            async with dispatcher.running():
+                yield
+
+
+def create_app(settings: ServiceSettings | None = None, **overrides: Any) -> FastAPI:
+    """Build the notification service (nothing connects until the app starts).
+
+    Plain platform settings (``omni run``, the test fixtures) are extended with the
+    notification settings from the environment, then ``overrides``.
+    """
+    config = notification_settings(settings, **overrides)
+    runtime = ServiceRuntime(config, migrations_package="notification_service.migrations")
+    metrics = NotificationMetrics(runtime.metrics)
+    templates = Templates(config.notify_default_language, config.notify_templates_dir)
+    tokens = _tokens(config)
+    target = config.smtp_target()
+    email = (
+        SmtpEmail(
+            target[0], target[1], config.smtp_from, timeout=config.smtp_timeout_s, options=target[2]
+        )
+        if target
+        else None
+    )
+    dispatcher = Dispatcher(
+        runtime, config, metrics, templates, tokens, email=email, webpush=None, fcm=None
+    )
+    notifier = Notifier(config, metrics, wake=dispatcher.wake)
+
+    for subscription in subscriptions(runtime, notifier):
+        runtime.subscribe(subscription)
+    runtime.publishes(NOTIFICATION_DISPATCHED, CUSTOMER_SIGNALS)
+    runtime.run_alongside(
+        TimerWheel(
+            runtime.transaction,
+            {
+                DEFERRED_TIMER: notifier.deferred_due,
+                CART_REMINDER_TIMER: notifier.second_reminder_due,
+            },
+            poll_interval_s=config.notify_timer_poll_s,
+        ).running()
+    )
+    runtime.run_alongside(Providers(config, [dispatcher]).running())
+
+    app = create_http_app(
+        runtime,
+        title="Notification service",
+        description=DESCRIPTION,
+        routers=[build_router(notifier, tokens, config.max_page_size)],
+    )
+    app.state.notifier = notifier
+    app.state.dispatcher = dispatcher
+    return app

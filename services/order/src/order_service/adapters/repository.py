@@ -195,6 +195,40 @@ class OrderRepository:
                 rows,
             )
 
+    # -- erasure --------------------------------------------------------------------------
+
+    async def erase_customer(self, customer_id: str) -> int:
+        """Pseudonymise a shopper's orders after an erasure; returns how many orders.
+
+        Delivery addresses (with the recipient's name and phone) leave the orders, their
+        history and the published outbox rows; ids, lines, amounts and states stay, as the
+        accounts require.
+        """
+        order_ids = [
+            r["order_id"]
+            for r in await self.conn.fetch(
+                "SELECT order_id FROM orders WHERE customer_id = $1 FOR UPDATE", customer_id
+            )
+        ]
+        if order_ids:
+            await self.conn.execute(
+                "UPDATE orders SET fulfillment = fulfillment - 'address', updated_at = now()"
+                " WHERE order_id = ANY($1::text[])",
+                order_ids,
+            )
+            await self.conn.execute(
+                "UPDATE order_history SET detail = detail #- '{fulfillment,address}'"
+                " WHERE order_id = ANY($1::text[])",
+                order_ids,
+            )
+        # Unpublished rows are left to the relay (deleting them would lose order events).
+        await self.conn.execute(
+            "DELETE FROM outbox WHERE published_at IS NOT NULL AND payload IS NOT NULL"
+            " AND convert_from(payload, 'UTF8')::jsonb ->> 'customer_id' = $1",
+            customer_id,
+        )
+        return len(order_ids)
+
     # -- reads ----------------------------------------------------------------------------
 
     async def history(self, order_id: str) -> list[dict[str, Any]]:

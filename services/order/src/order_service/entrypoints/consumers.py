@@ -14,6 +14,7 @@ from typing import Any
 from omni_common.kafka import EventHandler, RejectedEvent, Subscription
 from omni_contracts import (
     CHECKOUT_SUBMITTED,
+    CUSTOMER_PROFILE,
     FULFILLMENT_EVENTS,
     INVENTORY_RESERVATIONS,
     LOYALTY_LEDGER,
@@ -27,6 +28,7 @@ from omni_contracts import (
     PickedUp,
     PointsHeld,
     PointsRefused,
+    ProfileErased,
     ReadyForPickup,
     ReservationConfirmed,
     ReservationRejected,
@@ -91,4 +93,5 @@ def subscriptions(service: OrderService) -> list[Subscription]:
             },
         ),
         Subscription(RETURNS_RECEIVED, {ReturnReceived: refusing(s.on_return_received)}),
+        Subscription(CUSTOMER_PROFILE, {ProfileErased: refusing(s.on_profile_erased)}),
     ]

@@ -25,6 +25,7 @@ from omni_contracts import (
     PickedUp,
     PointsHeld,
     PointsRefused,
+    ProfileErased,
     ReadyForPickup,
     ReservationConfirmed,
     ReservationRejected,
@@ -339,6 +340,14 @@ class OrderService:
                 await uow.commit(order)
 
     # -- returns --------------------------------------------------------------------------
+
+    async def on_profile_erased(self, event: ProfileErased, envelope: Envelope) -> None:
+        """A shopper was forgotten: their orders lose addresses and contacts, keep amounts."""
+        async with self.unit_of_work(envelope, self._consumer(envelope)) as uow:
+            if uow is None:
+                return
+            erased = await uow.repo.erase_customer(event.customer_id)
+        log.info("erased personal data of %d orders of customer %s", erased, event.customer_id)
 
     async def on_return_received(self, event: ReturnReceived, envelope: Envelope) -> None:
         """Goods handed back anywhere: announce where (inventory restocks) and refund them."""

@@ -1,0 +1,61 @@
+"""Customer-profile settings: the platform's settings plus what only this service needs."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated, Any
+
+from omni_common.settings import ServiceSettings
+from pydantic import BeforeValidator, Field
+
+
+def _duration(value: Any) -> Any:
+    # Seconds as a bare number ("3600", "0.5") besides ISO 8601 ("PT1H"), which pydantic reads.
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return value.strip()
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+"""A duration: seconds (``3600``) or ISO 8601 (``PT1H``)."""
+
+
+class ProfileSettings(ServiceSettings):
+    """Settings of the customer-profile service (environment variables in upper case).
+
+    - ``CART_ABANDONMENT_DELAY``: how long a cart with items sits untouched before it counts
+      as abandoned (seconds or ISO 8601; default one hour);
+    - ``CART_TIMER_POLL_S``: how often due abandonment timers are looked for;
+    - ``CART_TIMER_PER_TRANSACTION``: abandonments decided per transaction (one commit for
+      many: the wheel's main cost at scale);
+    - ``CART_MAX_LINES`` / ``CART_MAX_QTY``: carts beyond these are refused (DLQ
+      ``cart_too_large``);
+    - ``PROFILE_IDENTITY_LIMITS``: identifiers per kind a profile may hold, e.g.
+      ``email=1,phone=2,loyalty_card=2,anonymous_id=5`` (the defaults);
+    - ``PROFILE_BLOCKED_IDENTIFIERS``: extra placeholder values that identify nobody,
+      comma-separated (``anonymous``, ``-1``, ``0``, all zeros... are always blocked).
+    """
+
+    service_name: str = "customer-profile"
+    cart_abandonment_delay: Duration = timedelta(hours=1)
+    cart_timer_poll_s: float = Field(default=0.5, gt=0)
+    cart_timer_batch: int = Field(default=500, gt=0)
+    cart_timer_per_transaction: int = Field(default=50, gt=0)
+    cart_max_lines: int = Field(default=200, gt=0)
+    cart_max_qty: int = Field(default=999, gt=0)
+    profile_identity_limits: str = ""
+    profile_blocked_identifiers: str = ""
+
+    @classmethod
+    def from_settings(cls, settings: ServiceSettings | None = None, **overrides: Any) -> Any:
+        """``settings`` as :class:`ProfileSettings`; this service's fields come from the
+        environment unless given in ``overrides`` (``omni run`` and the test fixtures build
+        plain ``ServiceSettings``)."""
+        if isinstance(settings, cls) and not overrides:
+            return settings
+        if settings is None:
+            return cls(**overrides)
+        return cls(**(settings.model_dump() | overrides))

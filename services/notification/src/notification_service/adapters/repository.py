@@ -1,0 +1,507 @@
+"""The SQL of the notification service: contacts, trigger facts, notifications."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from omni_contracts import Preferences, ProfileUpdated
+
+from notification_service.domain.model import Contact
+
+
+@dataclass(frozen=True)
+class NotificationRow:
+    """One stored notification."""
+
+    notification_id: str
+    customer_id: str
+    dedup_key: str | None
+    kind: str
+    purpose: str
+    status: str
+    reason: str | None
+    channel: str | None
+    language: str | None
+    params: dict[str, Any]
+    provider_message_id: str | None
+    attempts: int
+    recovered: bool
+    deferred_until: datetime | None
+    correlation_id: str | None
+    caused_by: str | None
+    created_at: datetime
+    updated_at: datetime
+    subject: str | None = None
+
+    @classmethod
+    def of(cls, record: asyncpg.Record) -> NotificationRow:
+        """From a ``notifications`` row."""
+        params = record["params"]
+        return cls(
+            notification_id=record["notification_id"],
+            customer_id=record["customer_id"],
+            dedup_key=record["dedup_key"],
+            kind=record["kind"],
+            purpose=record["purpose"],
+            status=record["status"],
+            reason=record["reason"],
+            channel=record["channel"],
+            language=record["language"],
+            params=json.loads(params) if params else {},
+            provider_message_id=record["provider_message_id"],
+            attempts=record["attempts"],
+            recovered=record["recovered"],
+            deferred_until=record["deferred_until"],
+            correlation_id=record["correlation_id"],
+            caused_by=record["caused_by"],
+            created_at=record["created_at"],
+            updated_at=record["updated_at"],
+            subject=record["subject"],
+        )
+
+
+def _contact(record: asyncpg.Record) -> Contact:
+    return Contact(
+        customer_id=record["customer_id"],
+        email=record["email"],
+        phone=record["phone"],
+        push_tokens=tuple(json.loads(record["push_tokens"])),
+        push_subscriptions=tuple(json.loads(record["push_subscriptions"])),
+        preferences=Preferences.model_validate(json.loads(record["preferences"])),
+        preferred_store=record["preferred_store"],
+    )
+
+
+class NotificationRepository:
+    """Everything the service stores, on one connection (the caller's transaction)."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def lock_customer(self, customer_id: str) -> None:
+        """Serialise decisions for one shopper until commit (the daily cap and dedup)."""
+        await self.conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('notification:' || $1, 0))",
+            customer_id,
+        )
+
+    # -- contacts ------------------------------------------------------------------------
+
+    async def save_contact(self, snapshot: ProfileUpdated) -> bool:
+        """Replace the contact with ``snapshot`` unless a newer version is stored."""
+        result = await self.conn.execute(
+            """
+            INSERT INTO contacts (customer_id, version, email, phone, push_tokens,
+                                  push_subscriptions, preferences, preferred_store, updated_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())
+            ON CONFLICT (customer_id) DO UPDATE SET
+                version = EXCLUDED.version, email = EXCLUDED.email, phone = EXCLUDED.phone,
+                push_tokens = EXCLUDED.push_tokens,
+                push_subscriptions = EXCLUDED.push_subscriptions,
+                preferences = EXCLUDED.preferences, preferred_store = EXCLUDED.preferred_store,
+                updated_at = now()
+            WHERE contacts.version IS NULL OR EXCLUDED.version IS NULL
+               OR EXCLUDED.version >= contacts.version
+            """,
+            snapshot.customer_id,
+            snapshot.version,
+            snapshot.email,
+            snapshot.phone,
+            json.dumps(snapshot.push_tokens),
+            json.dumps([s.model_dump(mode="json") for s in snapshot.push_subscriptions]),
+            snapshot.preferences.model_dump_json(),
+            snapshot.preferred_store,
+        )
+        return result != "INSERT 0 0"
+
+    async def contact(self, customer_id: str) -> Contact | None:
+        """The shopper's contact details, None if unknown (or erased)."""
+        row = await self.conn.fetchrow("SELECT * FROM contacts WHERE customer_id = $1", customer_id)
+        return _contact(row) if row else None
+
+    async def withdraw_consent(self, customer_id: str, purpose: str, channel: str) -> None:
+        """Record a withdrawn consent locally until the profile's snapshot says it too."""
+        field = "consents" if purpose == "marketing" else "transactional_consents"
+        await self.conn.execute(
+            "UPDATE contacts SET preferences = jsonb_set(preferences, $2::text[], 'false'::jsonb),"
+            " updated_at = now() WHERE customer_id = $1",
+            customer_id,
+            [field, channel],
+        )
+
+    async def remove_push_addresses(
+        self, customer_id: str, endpoints: Iterable[str], tokens: Iterable[str]
+    ) -> None:
+        """Forget push subscriptions (by endpoint) and app tokens the push service said are
+        gone."""
+        await self.conn.execute(
+            """
+            UPDATE contacts SET
+              push_subscriptions = coalesce((SELECT jsonb_agg(s) FROM
+                  jsonb_array_elements(push_subscriptions) s
+                  WHERE NOT (s->>'endpoint' = ANY($2::text[]))), '[]'::jsonb),
+              push_tokens = coalesce((SELECT jsonb_agg(t) FROM jsonb_array_elements(push_tokens) t
+                  WHERE NOT (t #>> '{}' = ANY($3::text[]))), '[]'::jsonb),
+              updated_at = now()
+            WHERE customer_id = $1
+            """,
+            customer_id,
+            list(endpoints),
+            list(tokens),
+        )
+
+    # -- carts and purchases -------------------------------------------------------------
+
+    async def close_cart(self, cart_id: str, why: str) -> None:
+        """The cart was bought (checked out or ordered): never remind of it."""
+        await self.conn.execute(
+            "INSERT INTO closed_carts (cart_id, why) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            cart_id,
+            why,
+        )
+
+    async def cart_closed(self, cart_id: str) -> bool:
+        """Whether the cart was bought."""
+        return bool(
+            await self.conn.fetchval("SELECT 1 FROM closed_carts WHERE cart_id = $1", cart_id)
+        )
+
+    async def record_purchases(self, customer_id: str, skus: Iterable[str], at: datetime) -> None:
+        """The shopper bought ``skus`` at ``at`` (keeps the latest time per SKU)."""
+        await self.conn.execute(
+            """
+            INSERT INTO purchases (customer_id, sku, bought_at)
+            SELECT $1, sku, $3 FROM unnest($2::text[]) AS sku
+            ON CONFLICT (customer_id, sku) DO UPDATE
+              SET bought_at = greatest(purchases.bought_at, EXCLUDED.bought_at)
+            """,
+            customer_id,
+            sorted(set(skus)),
+            at,
+        )
+
+    async def bought_since(
+        self, customer_id: str, skus: Iterable[str], since: datetime
+    ) -> set[str]:
+        """Which of ``skus`` the shopper bought at or after ``since``."""
+        rows = await self.conn.fetch(
+            "SELECT sku FROM purchases WHERE customer_id = $1 AND sku = ANY($2::text[])"
+            " AND bought_at >= $3",
+            customer_id,
+            list(skus),
+            since,
+        )
+        return {r["sku"] for r in rows}
+
+    # -- availability and alerts ---------------------------------------------------------
+
+    async def save_availability(
+        self, sku: str, location_id: str, available: int, online: int, at: datetime
+    ) -> None:
+        """The latest availability of a SKU at a location (older news never wins)."""
+        await self.conn.execute(
+            """
+            INSERT INTO availability (sku, location_id, available, online_available, changed_at)
+            VALUES ($1, $2, $3, $4, $5)
+            ON CONFLICT (sku, location_id) DO UPDATE SET available = EXCLUDED.available,
+              online_available = EXCLUDED.online_available, changed_at = EXCLUDED.changed_at
+            WHERE availability.changed_at <= EXCLUDED.changed_at
+            """,
+            sku,
+            location_id,
+            available,
+            online,
+            at,
+        )
+
+    async def online_available(self, skus: Sequence[str]) -> dict[str, int]:
+        """The latest ``online_available`` per SKU (SKUs never seen are absent)."""
+        rows = await self.conn.fetch(
+            "SELECT DISTINCT ON (sku) sku, online_available FROM availability"
+            " WHERE sku = ANY($1::text[]) ORDER BY sku, changed_at DESC",
+            list(skus),
+        )
+        return {r["sku"]: r["online_available"] for r in rows}
+
+    async def add_stock_alert(
+        self, alert_id: str, customer_id: str, sku: str, location_id: str | None
+    ) -> bool:
+        """Sign the shopper up; False when the same alert is already open."""
+        result = await self.conn.execute(
+            "INSERT INTO stock_alerts (alert_id, customer_id, sku, location_id)"
+            " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            alert_id,
+            customer_id,
+            sku,
+            location_id,
+        )
+        return result == "INSERT 0 1"
+
+    async def take_alerts(
+        self, sku: str, location_id: str, store_available: bool, online_available: bool
+    ) -> list[asyncpg.Record]:
+        """Close and return the open alerts this availability satisfies (each fires once)."""
+        return await self.conn.fetch(
+            """
+            UPDATE stock_alerts SET done_at = now()
+            WHERE done_at IS NULL AND sku = $1
+              AND ((location_id = $2 AND $3) OR (location_id IS NULL AND $4))
+            RETURNING alert_id, customer_id, sku, location_id
+            """,
+            sku,
+            location_id,
+            store_available,
+            online_available,
+        )
+
+    # -- offers --------------------------------------------------------------------------
+
+    async def save_offer(
+        self,
+        offer_key: str,
+        customer_id: str,
+        *,
+        description: str | None,
+        sku: str | None,
+        reward: str | None,
+        valid_until: datetime | None,
+    ) -> None:
+        """Keep a loyalty offer for the shopper's next cart reminder."""
+        await self.conn.execute(
+            "INSERT INTO offers (offer_key, customer_id, description, sku, reward, valid_until)"
+            " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (offer_key) DO NOTHING",
+            offer_key,
+            customer_id,
+            description,
+            sku,
+            reward,
+            valid_until,
+        )
+
+    async def current_offer(self, customer_id: str, now: datetime) -> str | None:
+        """A short description of the shopper's latest valid offer, if any."""
+        row = await self.conn.fetchrow(
+            "SELECT description, reward, sku FROM offers WHERE customer_id = $1"
+            " AND (valid_until IS NULL OR valid_until > $2) ORDER BY issued_at DESC LIMIT 1",
+            customer_id,
+            now,
+        )
+        if row is None:
+            return None
+        parts = [row["description"] or row["reward"] or "a personal offer"]
+        if row["reward"] and row["description"]:
+            parts.append(f"({row['reward']})")
+        if row["sku"]:
+            parts.append(f"on {row['sku']}")
+        return " ".join(parts)
+
+    # -- notifications -------------------------------------------------------------------
+
+    async def by_dedup_key(self, dedup_key: str) -> NotificationRow | None:
+        """The notification decided for this trigger, if any."""
+        row = await self.conn.fetchrow(
+            "SELECT * FROM notifications WHERE dedup_key = $1", dedup_key
+        )
+        return NotificationRow.of(row) if row else None
+
+    async def get(self, notification_id: str, *, lock: bool = False) -> NotificationRow | None:
+        """One notification (locked until commit with ``lock``)."""
+        row = await self.conn.fetchrow(
+            "SELECT * FROM notifications WHERE notification_id = $1"
+            + (" FOR UPDATE" if lock else ""),
+            notification_id,
+        )
+        return NotificationRow.of(row) if row else None
+
+    async def insert(
+        self,
+        *,
+        notification_id: str,
+        customer_id: str,
+        dedup_key: str | None,
+        kind: str,
+        purpose: str,
+        status: str,
+        reason: str | None,
+        channel: str | None,
+        params: dict[str, Any],
+        deferred_until: datetime | None,
+        correlation_id: str | None,
+        caused_by: str | None,
+    ) -> None:
+        """Record a decided notification."""
+        await self.conn.execute(
+            """
+            INSERT INTO notifications (notification_id, customer_id, dedup_key, kind, purpose,
+                status, reason, channel, params, deferred_until, correlation_id, caused_by)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+            """,
+            notification_id,
+            customer_id,
+            dedup_key,
+            kind,
+            purpose,
+            status,
+            reason,
+            channel,
+            json.dumps(params),
+            deferred_until,
+            correlation_id,
+            caused_by,
+        )
+
+    async def decide(
+        self,
+        notification_id: str,
+        status: str,
+        *,
+        reason: str | None = None,
+        deferred_until: datetime | None = None,
+    ) -> None:
+        """A deferred notification's new decision (pending, deferred again, suppressed)."""
+        await self.conn.execute(
+            "UPDATE notifications SET status = $2, reason = $3, deferred_until = $4,"
+            " decided_at = now(), updated_at = now() WHERE notification_id = $1",
+            notification_id,
+            status,
+            reason,
+            deferred_until,
+        )
+
+    async def marketing_since(self, customer_id: str, since: datetime) -> int:
+        """Marketing messages sent or on their way to the shopper since ``since``."""
+        return int(
+            await self.conn.fetchval(
+                "SELECT count(*) FROM notifications WHERE customer_id = $1"
+                " AND purpose = 'marketing' AND status IN ('pending', 'sending', 'sent')"
+                " AND decided_at > $2",
+                customer_id,
+                since,
+            )
+        )
+
+    async def claim(self, lease_s: float) -> tuple[NotificationRow, bool, bool] | None:
+        """Take the next message to send and record the intent (committed by the caller).
+
+        Returns the row, whether it was taken over from an interrupted send (a ``sending``
+        row whose lease ran out: the process died between intent and outcome), and whether
+        it had been taken over before.
+        """
+        row = await self.conn.fetchrow(
+            """
+            WITH next AS (
+                SELECT notification_id, status AS was, recovered AS was_recovered
+                FROM notifications
+                WHERE status = 'pending'
+                   OR (status = 'sending' AND claimed_at < now() - make_interval(secs => $1))
+                ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED
+            )
+            UPDATE notifications n SET status = 'sending', attempts = n.attempts + 1,
+                claimed_at = now(), updated_at = now(),
+                recovered = n.recovered OR next.was = 'sending'
+            FROM next WHERE n.notification_id = next.notification_id
+            RETURNING n.*, next.was AS was, next.was_recovered AS was_recovered
+            """,
+            lease_s,
+        )
+        if row is None:
+            return None
+        return NotificationRow.of(row), row["was"] == "sending", bool(row["was_recovered"])
+
+    async def finish(
+        self,
+        notification_id: str,
+        status: str,
+        *,
+        channel: str | None,
+        reason: str | None = None,
+        provider_message_id: str | None = None,
+        language: str | None = None,
+        subject: str | None = None,
+        body: str | None = None,
+    ) -> None:
+        """Record a send's outcome."""
+        await self.conn.execute(
+            """
+            UPDATE notifications SET status = $2, channel = $3, reason = $4,
+                provider_message_id = $5, language = $6, subject = $7, body = $8,
+                updated_at = now()
+            WHERE notification_id = $1
+            """,
+            notification_id,
+            status,
+            channel,
+            reason,
+            provider_message_id,
+            language,
+            subject,
+            body,
+        )
+
+    async def list_for(self, customer_id: str, limit: int) -> list[NotificationRow]:
+        """The shopper's notifications, newest first."""
+        rows = await self.conn.fetch(
+            "SELECT * FROM notifications WHERE customer_id = $1"
+            " ORDER BY created_at DESC, notification_id LIMIT $2",
+            customer_id,
+            limit,
+        )
+        return [NotificationRow.of(r) for r in rows]
+
+    async def merge(self, surviving_id: str, merged_ids: Sequence[str]) -> None:
+        """Profiles were merged: alerts, offers, purchases and history move to the survivor;
+        the merged ids' contacts go (the survivor's snapshot follows)."""
+        merged = list(merged_ids)
+        await self.conn.execute(
+            "UPDATE stock_alerts SET customer_id = $1 WHERE customer_id = ANY($2::text[])"
+            " AND done_at IS NULL AND NOT EXISTS (SELECT 1 FROM stock_alerts s"
+            "  WHERE s.customer_id = $1 AND s.sku = stock_alerts.sku AND s.done_at IS NULL"
+            "  AND coalesce(s.location_id, '') = coalesce(stock_alerts.location_id, ''))",
+            surviving_id,
+            merged,
+        )
+        for table in ("offers", "notifications"):
+            await self.conn.execute(
+                f"UPDATE {table} SET customer_id = $1 WHERE customer_id = ANY($2::text[])",
+                surviving_id,
+                merged,
+            )
+        await self.conn.execute(
+            """
+            INSERT INTO purchases (customer_id, sku, bought_at)
+            SELECT $1, sku, max(bought_at) FROM purchases WHERE customer_id = ANY($2::text[])
+            GROUP BY sku
+            ON CONFLICT (customer_id, sku) DO UPDATE
+              SET bought_at = greatest(purchases.bought_at, EXCLUDED.bought_at)
+            """,
+            surviving_id,
+            merged,
+        )
+        await self.conn.execute("DELETE FROM purchases WHERE customer_id = ANY($1::text[])", merged)
+        await self.conn.execute("DELETE FROM contacts WHERE customer_id = ANY($1::text[])", merged)
+
+    async def erase(self, customer_id: str) -> list[str]:
+        """Drop the shopper's contacts, message bodies and trigger facts; returns the ids of
+        notifications that will now never go out (their timers are the caller's)."""
+        for table in ("contacts", "stock_alerts", "offers", "purchases"):
+            await self.conn.execute(f"DELETE FROM {table} WHERE customer_id = $1", customer_id)
+        await self.conn.execute(
+            "DELETE FROM timers WHERE payload->>'customer_id' = $1", customer_id
+        )
+        stopped = await self.conn.fetch(
+            "UPDATE notifications SET status = 'suppressed', reason = 'erased', updated_at = now()"
+            " WHERE customer_id = $1 AND status IN ('pending', 'deferred')"
+            " RETURNING notification_id",
+            customer_id,
+        )
+        await self.conn.execute(
+            "UPDATE notifications SET params = NULL, subject = NULL, body = NULL"
+            " WHERE customer_id = $1",
+            customer_id,
+        )
+        return [r["notification_id"] for r in stopped]

@@ -1,0 +1,420 @@
+"""The dispatcher: sends pending notifications through the providers, exactly once if it can,
+at most twice if the process dies mid-send.
+
+For each message: a transaction claims it and records the intent (``sending``, attempts+1);
+the provider is called outside any transaction; another transaction records the outcome and
+emits ``notification.sent`` / ``notification.failed`` through the outbox. A crash between
+intent and outcome leaves the row ``sending``; once its lease has run out another worker
+takes it over and sends it again, with the same Message-ID / push ``Topic`` so the receiver
+can tell; a second interruption fails it instead of sending a third time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+from omni_common.service import ServiceRuntime, Tx
+from omni_contracts import (
+    NotificationChannel,
+    NotificationFailed,
+    NotificationSent,
+    NotificationSuppressed,
+    SuppressionReason,
+)
+
+from notification_service.adapters.metrics import NotificationMetrics
+from notification_service.adapters.providers import (
+    EmailContent,
+    FcmPush,
+    GoneAddress,
+    InvalidAddress,
+    ProviderError,
+    PushContent,
+    SmtpEmail,
+    TransientError,
+    WebPush,
+)
+from notification_service.adapters.repository import NotificationRepository, NotificationRow
+from notification_service.adapters.templates import (
+    Rendered,
+    TemplateFailed,
+    Templates,
+    UnknownTemplate,
+)
+from notification_service.adapters.tokens import Unsubscribe, UnsubscribeTokens
+from notification_service.domain.model import (
+    Contact,
+    Purpose,
+    Reason,
+    Status,
+    push_topic,
+    route,
+    zone_of,
+)
+from notification_service.settings import NotificationSettings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Values shown to the shopper in their own zone rather than as UTC timestamps.
+_TIME_PARAMS = ("promised_by", "eta", "collect_by", "valid_until", "expires_at")
+
+
+@dataclass
+class Outcome:
+    """What one send produced."""
+
+    status: Status
+    channel: NotificationChannel | None = None
+    provider_message_id: str | None = None
+    error: str | None = None
+    reason: Reason | None = None
+    rendered: Rendered | None = None
+    body: str | None = None
+    gone_endpoints: list[str] = field(default_factory=list)
+    gone_tokens: list[str] = field(default_factory=list)
+
+
+def _being_cancelled() -> bool:
+    """Whether the current task is really being cancelled (vs. a stray CancelledError)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+class Dispatcher:
+    """Claims pending notifications and delivers them with ``concurrency`` workers."""
+
+    def __init__(
+        self,
+        runtime: ServiceRuntime,
+        settings: NotificationSettings,
+        metrics: NotificationMetrics,
+        templates: Templates,
+        tokens: UnsubscribeTokens,
+        *,
+        email: SmtpEmail | None,
+        webpush: WebPush | None,
+        fcm: FcmPush | None,
+    ) -> None:
+        self.runtime = runtime
+        self.settings = settings
+        self.metrics = metrics
+        self.templates = templates
+        self.tokens = tokens
+        self.email = email
+        self.webpush = webpush
+        self.fcm = fcm
+        self._wake = asyncio.Event()
+        domain = settings.smtp_from.rpartition("@")[2].strip(" >") or "omni.invalid"
+        self._message_id_domain = domain
+
+    def wake(self) -> None:
+        """A notification became pending: stop waiting."""
+        self._wake.set()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Dispatcher]:
+        """Run the workers while the context is open."""
+        tasks = [
+            asyncio.create_task(self._worker(), name=f"dispatcher-{n}")
+            for n in range(self.settings.notify_dispatch_concurrency)
+        ]
+        try:
+            yield self
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _worker(self) -> None:
+        while True:
+            try:
+                if not await self.dispatch_one():
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(
+                            self._wake.wait(), self.settings.notify_dispatch_poll_s
+                        )
+            except asyncio.CancelledError:
+                if _being_cancelled():
+                    raise
+                # A library's own timeout surfacing as a cancellation must not end the
+                # worker; a message left ``sending`` is taken over once its lease ends.
+                log.warning("dispatch round cancelled from inside; continuing", exc_info=True)
+            except Exception:
+                log.exception("dispatch round failed")
+                await asyncio.sleep(self.settings.notify_dispatch_poll_s)
+
+    # -- one message -----------------------------------------------------------------------
+
+    async def dispatch_one(self) -> bool:
+        """Send the next pending notification; False when there was none."""
+        async with self.runtime.transaction() as tx:
+            repo = NotificationRepository(tx.conn)
+            claimed = await repo.claim(self.settings.notify_send_lease_s)
+            if claimed is None:
+                return False
+            row, taken_over, taken_over_before = claimed
+            if taken_over and taken_over_before:
+                # Interrupted twice: a third send could reach the shopper a third time.
+                await self._finish(tx, row, Outcome(Status.FAILED, error="interrupted_twice"))
+                return True
+            contact = await repo.contact(row.customer_id)
+            refusal = route(contact, Purpose(row.purpose)).refusal
+            if (
+                refusal is None
+                and row.kind == "cart_reminder"
+                and await repo.cart_closed(str(row.params.get("cart_id")))
+            ):
+                refusal = Reason.ALREADY_BOUGHT
+            if refusal is not None:
+                await self._finish(tx, row, Outcome(Status.SUPPRESSED, reason=refusal))
+                return True
+        if taken_over:
+            log.warning("resending %s after an interrupted send", row.notification_id)
+        assert contact is not None
+        outcome = await self.deliver(row, contact)
+        async with self.runtime.transaction() as tx:
+            await self._finish(tx, row, outcome)
+        return True
+
+    async def _finish(self, tx: Tx, row: NotificationRow, outcome: Outcome) -> None:
+        repo = NotificationRepository(tx.conn)
+        channel = outcome.channel.value if outcome.channel else None
+        rendered = outcome.rendered
+        await repo.finish(
+            row.notification_id,
+            outcome.status.value,
+            channel=channel,
+            reason=outcome.reason.value if outcome.reason else outcome.error,
+            provider_message_id=outcome.provider_message_id,
+            language=rendered.language if rendered else None,
+            subject=rendered.subject if rendered else None,
+            body=outcome.body,
+        )
+        if outcome.gone_endpoints or outcome.gone_tokens:
+            await repo.remove_push_addresses(
+                row.customer_id, outcome.gone_endpoints, outcome.gone_tokens
+            )
+            self.metrics.addresses_removed.labels(self.metrics.service).inc(
+                len(outcome.gone_endpoints) + len(outcome.gone_tokens)
+            )
+        common: dict[str, Any] = {
+            "customer_id": row.customer_id,
+            "notification_id": row.notification_id,
+            "template": row.kind,
+        }
+        if outcome.status is Status.SENT:
+            assert outcome.channel and outcome.provider_message_id
+            await tx.emit(
+                NotificationSent(
+                    **common,
+                    channel=outcome.channel,
+                    provider_message_id=outcome.provider_message_id[:200],
+                ),
+                correlation_id=row.correlation_id,
+            )
+        elif outcome.status is Status.FAILED:
+            await tx.emit(
+                NotificationFailed(
+                    **common,
+                    error=(outcome.error or "failed")[:200],
+                    channel=outcome.channel,
+                    attempts=max(row.attempts, 1),
+                ),
+                correlation_id=row.correlation_id,
+            )
+        elif outcome.reason is not None:
+            try:
+                reason = SuppressionReason(outcome.reason.value)
+            except ValueError:
+                reason = None
+            if reason is not None:
+                await tx.emit(
+                    NotificationSuppressed(**common, reason=reason),
+                    correlation_id=row.correlation_id,
+                )
+        self.metrics.outcome(
+            row.kind,
+            outcome.status.value,
+            outcome.reason.value if outcome.reason else (outcome.error or "").split(":")[0],
+        )
+
+    # -- delivering ------------------------------------------------------------------------
+
+    def _values(self, row: NotificationRow, contact: Contact) -> dict[str, Any]:
+        zone = zone_of(contact.preferences, self.settings.notify_default_time_zone)
+        values = dict(row.params)
+        for name in _TIME_PARAMS:
+            if isinstance(values.get(name), str):
+                local = datetime.fromisoformat(values[name]).astimezone(zone)
+                values[name] = local.strftime("%Y-%m-%d %H:%M %Z")
+        values.setdefault("url", None)
+        return values
+
+    async def deliver(self, row: NotificationRow, contact: Contact) -> Outcome:
+        """Try the shopper's channels in order until one provider accepts the message."""
+        purpose = Purpose(row.purpose)
+        language = contact.preferences.language
+        errors: list[str] = []
+        gone_endpoints: list[str] = []
+        gone_tokens: list[str] = []
+        last_channel: NotificationChannel | None = None
+        for channel in route(contact, purpose).channels:
+            last_channel = channel
+            values = self._values(row, contact)
+            unsubscribe_url = None
+            if channel is NotificationChannel.EMAIL and purpose is Purpose.MARKETING:
+                token = self.tokens.sign(Unsubscribe(row.customer_id, "email", purpose.value))
+                unsubscribe_url = (
+                    f"{self.settings.notify_public_url.rstrip('/')}/unsubscribe/{token}"
+                )
+            values["unsubscribe_url"] = unsubscribe_url
+            try:
+                rendered = self.templates.render(row.kind, language, values)
+            except (UnknownTemplate, TemplateFailed) as exc:
+                # Not the channel's fault: no other channel can do better.
+                code = "unknown_template" if isinstance(exc, UnknownTemplate) else "template_error"
+                return Outcome(Status.FAILED, error=f"{code}: {exc}")
+            try:
+                if channel is NotificationChannel.EMAIL:
+                    message_id = await self._email(row, contact, rendered, unsubscribe_url)
+                    return Outcome(
+                        Status.SENT,
+                        channel,
+                        message_id,
+                        rendered=rendered,
+                        body=rendered.text,
+                        gone_endpoints=gone_endpoints,
+                        gone_tokens=gone_tokens,
+                    )
+                if channel is NotificationChannel.PUSH:
+                    message_id = await self._push(
+                        row, contact, rendered, values, purpose, gone_endpoints, gone_tokens
+                    )
+                    return Outcome(
+                        Status.SENT,
+                        channel,
+                        message_id,
+                        rendered=rendered,
+                        body=rendered.push,
+                        gone_endpoints=gone_endpoints,
+                        gone_tokens=gone_tokens,
+                    )
+                raise ProviderError("no SMS provider configured")
+            except ProviderError as exc:
+                kind = type(exc).__name__
+                self.metrics.provider_errors.labels(self.metrics.service, channel.value, kind).inc()
+                errors.append(f"{channel.value}: {exc}")
+                log.info(
+                    "%s for %s failed (%s); next channel", channel.value, row.notification_id, kind
+                )
+        return Outcome(
+            Status.FAILED,
+            last_channel,
+            error="; ".join(errors) or "no channel",
+            gone_endpoints=gone_endpoints,
+            gone_tokens=gone_tokens,
+        )
+
+    async def _email(
+        self, row: NotificationRow, contact: Contact, rendered: Rendered, unsubscribe: str | None
+    ) -> str:
+        if self.email is None:
+            raise ProviderError("no SMTP relay configured")
+        assert contact.email
+        content = EmailContent(
+            subject=rendered.subject,
+            text=rendered.text,
+            html=rendered.html,
+            message_id=f"<{row.notification_id}@{self._message_id_domain}>",
+            unsubscribe_url=unsubscribe,
+        )
+        email, to = self.email, contact.email
+        return await self._retrying("email", lambda: email.send(to, content))
+
+    async def _push(
+        self,
+        row: NotificationRow,
+        contact: Contact,
+        rendered: Rendered,
+        values: dict[str, Any],
+        purpose: Purpose,
+        gone_endpoints: list[str],
+        gone_tokens: list[str],
+    ) -> str:
+        content = PushContent(
+            title=rendered.subject,
+            body=rendered.push,
+            url=values.get("url"),
+            topic=push_topic(row.notification_id),
+            data={"notification_id": row.notification_id, "kind": row.kind},
+            urgency="high" if purpose is Purpose.TRANSACTIONAL else "normal",
+        )
+        delivered: list[str] = []
+        errors: list[str] = []
+        targets: list[tuple[Any, Any, list[str], str]] = []
+        for sub in contact.push_subscriptions:
+            targets.append((self.webpush, dict(sub), gone_endpoints, str(sub.get("endpoint"))))
+        for token in contact.push_tokens:
+            targets.append((self.fcm, token, gone_tokens, token))
+        # Every device the shopper registered gets the message.
+        for provider, address, gone, key in targets:
+            if provider is None:
+                errors.append("no provider configured")
+                continue
+            try:
+                delivered.append(
+                    await self._retrying("push", lambda p=provider, a=address: p.send(a, content))
+                )
+            except GoneAddress as exc:
+                gone.append(key)
+                errors.append(str(exc))
+            except ProviderError as exc:
+                errors.append(str(exc))
+        if not delivered:
+            if errors and all("gone" in e or "unregistered" in e.lower() for e in errors):
+                raise GoneAddress("; ".join(errors))
+            raise ProviderError("; ".join(errors) or "no push address")
+        return delivered[0]
+
+    async def _retrying(self, channel: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Call a provider; retry transient failures (429/5xx) with exponential backoff."""
+        s = self.settings
+        started = time.perf_counter()
+        try:
+            for attempt in range(1, s.notify_send_attempts + 1):
+                try:
+                    return await call()
+                except InvalidAddress:
+                    raise
+                except asyncio.CancelledError:
+                    if _being_cancelled():
+                        raise
+                    exc = TransientError(f"{channel} provider call cancelled (its timeout)")
+                    if attempt == s.notify_send_attempts:
+                        raise exc from None
+                    await asyncio.sleep(min(s.notify_retry_backoff_s, s.notify_retry_backoff_max_s))
+                except TransientError as exc:
+                    self.metrics.provider_errors.labels(
+                        self.metrics.service, channel, "TransientError"
+                    ).inc()
+                    if attempt == s.notify_send_attempts:
+                        raise
+                    backoff = s.notify_retry_backoff_s * 2 ** (attempt - 1)
+                    delay = exc.retry_after if exc.retry_after is not None else backoff
+                    await asyncio.sleep(min(delay, s.notify_retry_backoff_max_s))
+            raise AssertionError("unreachable")
+        finally:
+            self.metrics.provider_seconds.labels(self.metrics.service, channel).observe(
+                time.perf_counter() - started
+            )

@@ -1,0 +1,482 @@
+"""Use cases: turn triggers into decided notifications (the dispatcher sends them).
+
+Every use case takes the transaction (``Tx``) it runs in. A decision is one of: suppressed
+(with the reason), deferred to the end of quiet hours (a durable timer re-checks it then),
+or pending (the dispatcher records the intent, calls the provider, records the outcome).
+Decisions for one shopper are serialised by an advisory lock, so the daily cap and the
+duplicate check hold with several instances.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from omni_common.service import Tx
+from omni_common.timers import cancel_timer, set_timer
+from omni_contracts import (
+    AvailabilityChanged,
+    CartAbandoned,
+    Consents,
+    Line,
+    NotificationChannel,
+    NotificationDeferred,
+    NotificationSuppressed,
+    OfferIssued,
+    OrderCancelled,
+    OrderConfirmed,
+    OrderDelayed,
+    OrderEvent,
+    OrderPlaced,
+    OrderReadyForPickup,
+    PointsExpiring,
+    Preferences,
+    PreferencesUpdated,
+    RefundIssued,
+    StockAlertRequested,
+    SuppressionReason,
+    TierChanged,
+)
+from omni_contracts.envelope import Envelope
+
+from notification_service.adapters.metrics import NotificationMetrics
+from notification_service.adapters.repository import NotificationRepository, NotificationRow
+from notification_service.domain.model import (
+    KINDS,
+    Purpose,
+    Reason,
+    Status,
+    check_cart,
+    quiet_until,
+    route,
+    throttled,
+)
+from notification_service.settings import NotificationSettings
+
+log = logging.getLogger(__name__)
+
+DEFERRED_TIMER = "notification.deferred"
+CART_REMINDER_TIMER = "cart.reminder"
+
+
+def utcnow() -> datetime:
+    """The current time in UTC."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A reason to tell a shopper something."""
+
+    customer_id: str
+    kind: str
+    dedup_key: str | None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def purpose(self) -> Purpose:
+        """Transactional or marketing, from the kind."""
+        return KINDS[self.kind].purpose
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What was decided for one trigger."""
+
+    notification_id: str
+    status: Status
+    reason: Reason | None = None
+    until: datetime | None = None
+
+
+def _contract_reason(reason: Reason) -> SuppressionReason | None:
+    try:
+        return SuppressionReason(reason.value)
+    except ValueError:
+        return None
+
+
+class Notifier:
+    """Decides notifications; ``wake`` tells the dispatcher that one is pending."""
+
+    def __init__(
+        self,
+        settings: NotificationSettings,
+        metrics: NotificationMetrics,
+        wake: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.wake = wake
+
+    # -- deciding --------------------------------------------------------------------------
+
+    async def notify(
+        self,
+        tx: Tx,
+        trigger: Trigger,
+        envelope: Envelope | None,
+        *,
+        refusal: Reason | None = None,
+    ) -> Decision:
+        """Decide ``trigger``: duplicate, refused, suppressed, deferred or pending."""
+        repo = NotificationRepository(tx.conn)
+        await repo.lock_customer(trigger.customer_id)
+        notification_id = str(uuid.uuid4())
+        dedup_key = trigger.dedup_key
+        if dedup_key and await repo.by_dedup_key(dedup_key) is not None:
+            refusal, dedup_key = Reason.DUPLICATE, None
+        if refusal is None:
+            status, refusal, until = await self._evaluate(
+                repo, trigger.customer_id, trigger.purpose
+            )
+        else:
+            status, until = Status.SUPPRESSED, None
+        await repo.insert(
+            notification_id=notification_id,
+            customer_id=trigger.customer_id,
+            dedup_key=dedup_key,
+            kind=trigger.kind,
+            purpose=trigger.purpose.value,
+            status=status.value,
+            reason=refusal.value if refusal else None,
+            channel=None,
+            params=trigger.params,
+            deferred_until=until,
+            correlation_id=envelope.correlation_id if envelope else None,
+            caused_by=envelope.id if envelope else None,
+        )
+        decision = Decision(notification_id, status, refusal, until)
+        await self._announce(tx, trigger.customer_id, trigger.kind, decision, envelope)
+        return decision
+
+    async def _evaluate(
+        self, repo: NotificationRepository, customer_id: str, purpose: Purpose
+    ) -> tuple[Status, Reason | None, datetime | None]:
+        contact = await repo.contact(customer_id)
+        routed = route(contact, purpose)
+        if routed.refusal is not None:
+            return Status.SUPPRESSED, routed.refusal, None
+        assert contact is not None
+        if purpose is Purpose.MARKETING:
+            now = utcnow()
+            recent = await repo.marketing_since(customer_id, now - timedelta(hours=24))
+            if throttled(recent, self.settings.notify_marketing_per_day):
+                return Status.SUPPRESSED, Reason.THROTTLED, None
+            # Order updates go at once; what the shopper did not ask for waits for morning.
+            until = quiet_until(now, contact.preferences, self.settings.notify_default_time_zone)
+            if until is not None:
+                return Status.DEFERRED, Reason.QUIET_HOURS, until
+        return Status.PENDING, None, None
+
+    async def _announce(
+        self, tx: Tx, customer_id: str, kind: str, decision: Decision, envelope: Envelope | None
+    ) -> None:
+        """Tell the world what was decided (through the outbox) and arm what comes next."""
+        if decision.status is Status.SUPPRESSED:
+            assert decision.reason is not None
+            reason = _contract_reason(decision.reason)
+            if reason is not None:
+                await tx.emit(
+                    NotificationSuppressed(
+                        customer_id=customer_id,
+                        notification_id=decision.notification_id,
+                        reason=reason,
+                        template=kind,
+                    ),
+                    caused_by=envelope,
+                )
+            self.metrics.outcome(kind, "suppressed", decision.reason.value)
+        elif decision.status is Status.DEFERRED:
+            assert decision.until is not None
+            await set_timer(
+                tx.conn,
+                DEFERRED_TIMER,
+                decision.notification_id,
+                decision.until,
+                {"customer_id": customer_id},
+            )
+            await tx.emit(
+                NotificationDeferred(
+                    customer_id=customer_id,
+                    notification_id=decision.notification_id,
+                    until=decision.until,
+                    template=kind,
+                    reason=Reason.QUIET_HOURS.value,
+                ),
+                caused_by=envelope,
+            )
+            self.metrics.outcome(kind, "deferred", Reason.QUIET_HOURS.value)
+        else:
+            # The dispatcher polls anyway; this only saves it the wait.
+            self.wake()
+
+    async def deferred_due(self, tx: Tx, notification_id: str, _payload: dict[str, Any]) -> None:
+        """Timer: quiet hours are over; decide again (consent, cap, cart bought meanwhile)."""
+        repo = NotificationRepository(tx.conn)
+        row = await repo.get(notification_id, lock=True)
+        if row is None or row.status != Status.DEFERRED.value:
+            return
+        await repo.lock_customer(row.customer_id)
+        refusal: Reason | None = None
+        if row.kind == "cart_reminder":
+            params, refusal = await self._recheck_cart(repo, row)
+            if params != row.params:
+                await tx.conn.execute(
+                    "UPDATE notifications SET params = $2 WHERE notification_id = $1",
+                    notification_id,
+                    json.dumps(params),
+                )
+        if refusal is None:
+            status, refusal, until = await self._evaluate(
+                repo, row.customer_id, Purpose(row.purpose)
+            )
+        else:
+            status, until = Status.SUPPRESSED, None
+        await repo.decide(
+            notification_id,
+            status.value,
+            reason=refusal.value if refusal else None,
+            deferred_until=until,
+        )
+        await self._announce(
+            tx, row.customer_id, row.kind, Decision(notification_id, status, refusal, until), None
+        )
+
+    # -- carts -----------------------------------------------------------------------------
+
+    async def _recheck_cart(
+        self, repo: NotificationRepository, row: NotificationRow
+    ) -> tuple[dict[str, Any], Reason | None]:
+        params = dict(row.params)
+        items = [Line.model_validate(i) for i in params.get("all_items", [])]
+        check = check_cart(
+            items,
+            closed=await repo.cart_closed(params["cart_id"]),
+            bought_since=await repo.bought_since(
+                row.customer_id,
+                [i.sku for i in items],
+                datetime.fromisoformat(params["last_activity_at"]),
+            ),
+            online_available=await repo.online_available([i.sku for i in items]),
+        )
+        params["items"] = [_item(i) for i in check.remaining]
+        return params, check.refusal
+
+    async def cart_abandoned(
+        self, tx: Tx, cart: CartAbandoned, envelope: Envelope | None, step: int = 1
+    ) -> Decision:
+        """Remind the shopper of what is left of the cart (step 1 arms step 2)."""
+        repo = NotificationRepository(tx.conn)
+        skus = [i.sku for i in cart.items]
+        check = check_cart(
+            cart.items,
+            closed=await repo.cart_closed(cart.cart_id),
+            bought_since=await repo.bought_since(cart.customer_id, skus, cart.last_activity_at),
+            online_available=await repo.online_available(skus),
+        )
+        params = {
+            "cart_id": cart.cart_id,
+            "step": step,
+            "items": [_item(i) for i in check.remaining],
+            "all_items": [i.model_dump(mode="json") for i in cart.items],
+            "last_activity_at": cart.last_activity_at.isoformat(),
+            "cart_url": f"{self.settings.shop_url.rstrip('/')}/cart/{cart.cart_id}",
+            "url": f"{self.settings.shop_url.rstrip('/')}/cart/{cart.cart_id}",
+            "offer": await repo.current_offer(cart.customer_id, utcnow()),
+        }
+        # One reminder per step of one abandonment: a cart abandoned again after new activity
+        # is news again.
+        abandonment = f"cart:{cart.cart_id}:{cart.last_activity_at.isoformat()}"
+        trigger = Trigger(cart.customer_id, "cart_reminder", f"{abandonment}:{step}", params)
+        decision = await self.notify(tx, trigger, envelope, refusal=check.refusal)
+        alert_url = f"{self.settings.shop_url.rstrip('/')}/alerts?cart={cart.cart_id}"
+        if check.refusal is Reason.OUT_OF_STOCK and step == 1:
+            # Nothing left to buy: offer to say when it is back instead.
+            await self.notify(
+                tx,
+                Trigger(
+                    cart.customer_id,
+                    "stock_alert_offer",
+                    f"{abandonment}:stock_alert_offer",
+                    {
+                        "cart_id": cart.cart_id,
+                        "skus": list(check.out_of_stock),
+                        "alert_url": alert_url,
+                        "url": alert_url,
+                    },
+                ),
+                envelope,
+            )
+        if step == 1 and check.refusal is not Reason.ALREADY_BOUGHT:
+            await set_timer(
+                tx.conn,
+                CART_REMINDER_TIMER,
+                cart.cart_id,
+                utcnow() + self.settings.cart_reminder_second_after,
+                {"customer_id": cart.customer_id, "cart": cart.model_dump(mode="json")},
+            )
+        return decision
+
+    async def second_reminder_due(self, tx: Tx, cart_id: str, payload: dict[str, Any]) -> None:
+        """Timer: the cart is still abandoned a day later; re-check and remind again."""
+        cart = CartAbandoned.model_validate(payload["cart"])
+        await self.cart_abandoned(tx, cart, None, step=2)
+
+    async def cart_bought(self, tx: Tx, cart_id: str, why: str) -> None:
+        """A checkout or an order closed the cart: no reminder from now on."""
+        await NotificationRepository(tx.conn).close_cart(cart_id, why)
+        await cancel_timer(tx.conn, CART_REMINDER_TIMER, cart_id)
+
+    async def order_placed(self, tx: Tx, event: OrderPlaced) -> None:
+        """Remember what the shopper bought (a store sale too): carts holding it are done."""
+        if event.customer_id is None:
+            return
+        repo = NotificationRepository(tx.conn)
+        await repo.record_purchases(
+            event.customer_id, [line.sku for line in event.lines], event.occurred_at
+        )
+        if event.cart_id:
+            await self.cart_bought(tx, event.cart_id, "order_placed")
+
+    # -- orders ----------------------------------------------------------------------------
+
+    async def order_update(self, tx: Tx, event: OrderEvent, envelope: Envelope) -> Decision | None:
+        """Confirmed, ready for pickup, delayed, cancelled, refunded: tell the shopper."""
+        if event.customer_id is None:
+            return None  # an anonymous store sale: nobody to tell
+        params: dict[str, Any] = {"order_id": event.order_id, "channel": event.channel.value}
+        dedup = f"order:{event.order_id}:{event.ce_type}"
+        if isinstance(event, OrderConfirmed):
+            kind = "order_confirmed"
+            params["promised_by"] = _iso(event.promised_by)
+        elif isinstance(event, OrderReadyForPickup):
+            kind = "order_ready_for_pickup"
+            params |= {"store": event.location_id or "", "collect_by": _iso(event.collect_by)}
+        elif isinstance(event, OrderDelayed):
+            kind = "order_delayed"
+            params |= {"promised_by": _iso(event.promised_by), "eta": _iso(event.eta)}
+            dedup = f"{dedup}:{_iso(event.eta)}"  # a later ETA is news again
+        elif isinstance(event, OrderCancelled):
+            kind = "order_cancelled"
+            params["reason"] = event.reason
+        elif isinstance(event, RefundIssued):
+            kind = "order_refund_issued"
+            params |= {
+                "return_id": event.return_id,
+                "amount": f"{event.amount.amount} {event.amount.currency}",
+            }
+            dedup = f"{dedup}:{event.return_id}"
+        else:
+            return None
+        return await self.notify(tx, Trigger(event.customer_id, kind, dedup, params), envelope)
+
+    # -- back in stock ---------------------------------------------------------------------
+
+    async def stock_alert_requested(
+        self, tx: Tx, event: StockAlertRequested, envelope: Envelope
+    ) -> None:
+        """Sign the shopper up for one back-in-stock message."""
+        await NotificationRepository(tx.conn).add_stock_alert(
+            envelope.id, event.customer_id, event.sku, event.location_id
+        )
+
+    async def availability_changed(
+        self, tx: Tx, event: AvailabilityChanged, envelope: Envelope
+    ) -> list[Decision]:
+        """Keep the latest availability; fire the alerts it satisfies, once each."""
+        repo = NotificationRepository(tx.conn)
+        await repo.save_availability(
+            event.sku, event.location_id, event.available, event.online_available, event.changed_at
+        )
+        decisions = []
+        for alert in await repo.take_alerts(
+            event.sku, event.location_id, event.available > 0, event.online_available > 0
+        ):
+            params = {
+                "sku": alert["sku"],
+                "location_id": alert["location_id"],
+                "product_url": f"{self.settings.shop_url.rstrip('/')}/products/{alert['sku']}",
+                "url": f"{self.settings.shop_url.rstrip('/')}/products/{alert['sku']}",
+            }
+            trigger = Trigger(
+                alert["customer_id"], "back_in_stock", f"stock_alert:{alert['alert_id']}", params
+            )
+            decisions.append(await self.notify(tx, trigger, envelope))
+        return decisions
+
+    # -- loyalty ---------------------------------------------------------------------------
+
+    async def loyalty(
+        self, tx: Tx, event: TierChanged | OfferIssued | PointsExpiring, envelope: Envelope
+    ) -> Decision:
+        """Tier changed, offer issued, points about to expire."""
+        entry = event.entry_id or envelope.id
+        params: dict[str, Any] = {"balance": event.balance}
+        if isinstance(event, TierChanged):
+            kind = "loyalty_tier_changed"
+            params |= {"tier": event.tier or "", "previous_tier": event.previous_tier}
+        elif isinstance(event, OfferIssued):
+            kind = "loyalty_offer_issued"
+            entry = event.offer_id or entry
+            valid_until = event.valid_until or event.expires_at
+            await NotificationRepository(tx.conn).save_offer(
+                f"{event.customer_id}:{entry}",
+                event.customer_id,
+                description=event.description,
+                sku=event.sku,
+                reward=event.reward,
+                valid_until=valid_until,
+            )
+            params |= {
+                "description": event.description,
+                "reward": event.reward,
+                "sku": event.sku,
+                "valid_until": _iso(valid_until),
+            }
+        else:
+            kind = "loyalty_points_expiring"
+            params |= {
+                "expiring_points": event.expiring_points,
+                "expires_at": _iso(event.expires_at),
+            }
+        return await self.notify(
+            tx, Trigger(event.customer_id, kind, f"loyalty:{kind}:{entry}", params), envelope
+        )
+
+    # -- consent and erasure ---------------------------------------------------------------
+
+    async def unsubscribe(self, tx: Tx, customer_id: str, channel: str, purpose: str) -> None:
+        """One-click unsubscribe: stop here at once, and tell the profile (which owns consent)."""
+        await NotificationRepository(tx.conn).withdraw_consent(customer_id, purpose, channel)
+        no = Consents(**{NotificationChannel(channel).value: False})
+        prefs = (
+            Preferences(consents=no)
+            if purpose == Purpose.MARKETING.value
+            else Preferences(transactional_consents=no)
+        )
+        await tx.emit(PreferencesUpdated(customer_id=customer_id, preferences=prefs))
+
+    async def erase(self, tx: Tx, customer_id: str) -> int:
+        """Forget the shopper's contacts and message bodies; nothing more goes out to them."""
+        stopped = await NotificationRepository(tx.conn).erase(customer_id)
+        for notification_id in stopped:
+            await cancel_timer(tx.conn, DEFERRED_TIMER, notification_id)
+        return len(stopped)
+
+
+def _item(line: Line) -> dict[str, Any]:
+    return {
+        "sku": line.sku,
+        "qty": line.qty,
+        "unit_price": f"{line.unit_price.amount} {line.unit_price.currency}",
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None

@@ -1,0 +1,97 @@
+"""Settings of the notification service: the platform's plus its own (env vars, 12-factor)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from omni_common.settings import ServiceSettings
+from pydantic import Field, SecretStr
+
+
+class NotificationSettings(ServiceSettings):
+    """Notification-specific knobs; each is also an env var of the same name in upper case.
+
+    - ``SMTP_URL`` (``smtp://[user:pass@]host:port``, ``smtps://`` for implicit TLS,
+      ``?starttls=true``), or ``SMTP_HOST``/``SMTP_PORT``; ``SMTP_FROM`` the sender;
+    - ``VAPID_PRIVATE_KEY_FILE`` (PEM) or ``VAPID_PRIVATE_KEY``, ``VAPID_SUBJECT``: Web Push;
+    - ``FCM_PROJECT_ID``, ``FCM_ACCESS_TOKEN``, ``FCM_ENDPOINT``: native app push (FCM v1);
+    - ``NOTIFY_PUBLIC_URL``: where this service is reached from the outside (unsubscribe
+      links); ``SHOP_URL``: the web shop (links back to carts); ``UNSUBSCRIBE_SECRET``;
+    - ``CART_REMINDER_SECOND_AFTER`` (default 24 h; seconds or ISO 8601 duration),
+      ``NOTIFY_MARKETING_PER_DAY`` (default 2), ``NOTIFY_DEFAULT_TIME_ZONE``,
+      ``NOTIFY_DEFAULT_LANGUAGE``, ``NOTIFY_TEMPLATES_DIR`` (replaces the packaged templates).
+    """
+
+    service_name: str = "notification"
+
+    smtp_url: str | None = None
+    smtp_host: str | None = None
+    smtp_port: int = 25
+    smtp_from: str = "shop@omni.example"
+    smtp_timeout_s: float = Field(default=10.0, gt=0)
+
+    vapid_private_key_file: str | None = None
+    vapid_private_key: SecretStr | None = None
+    vapid_public_key: str | None = None
+    vapid_subject: str = "mailto:ops@omni.example"
+    push_ttl_s: int = Field(default=24 * 3600, ge=0)
+
+    fcm_project_id: str | None = None
+    fcm_access_token: SecretStr | None = None
+    fcm_endpoint: str = "https://fcm.googleapis.com"
+
+    notify_public_url: str = "http://127.0.0.1:8004"
+    shop_url: str = "http://127.0.0.1:3000"
+    # Empty: a random secret per process (links die with it); set one in every deployment.
+    unsubscribe_secret: SecretStr = SecretStr("")
+
+    cart_reminder_second_after: timedelta = timedelta(hours=24)
+    notify_marketing_per_day: int = Field(default=2, ge=0)
+    notify_default_time_zone: str = "UTC"
+    notify_default_language: str = "en"
+    notify_templates_dir: str | None = None
+
+    # Provider calls: attempts per channel on 429/5xx, with exponential backoff.
+    notify_send_attempts: int = Field(default=3, ge=1)
+    notify_retry_backoff_s: float = Field(default=0.2, gt=0)
+    notify_retry_backoff_max_s: float = Field(default=5.0, gt=0)
+    # A message claimed for sending longer ago than this is taken as interrupted by a crash.
+    notify_send_lease_s: float = Field(default=60.0, gt=0)
+    notify_dispatch_concurrency: int = Field(default=4, ge=1)
+    notify_dispatch_poll_s: float = Field(default=0.5, gt=0)
+    notify_timer_poll_s: float = Field(default=0.5, gt=0)
+    # The largest page of GET /customers/{id}/notifications.
+    max_page_size: int = Field(default=200, ge=1)
+
+    def smtp_target(self) -> tuple[str, int, dict[str, Any]] | None:
+        """``(host, port, aiosmtplib options)`` of the SMTP relay, None if not configured."""
+        if self.smtp_url:
+            url = urlsplit(self.smtp_url)
+            if url.scheme not in ("smtp", "smtps"):
+                raise ValueError(f"SMTP_URL scheme {url.scheme!r} is not smtp or smtps")
+            options: dict[str, Any] = {
+                "use_tls": url.scheme == "smtps",
+                "start_tls": "starttls=true" in url.query.lower() or None,
+            }
+            if url.username:
+                options.update(username=url.username, password=url.password or "")
+            default_port = 465 if url.scheme == "smtps" else 25
+            return url.hostname or "127.0.0.1", url.port or default_port, options
+        if self.smtp_host:
+            return self.smtp_host, self.smtp_port, {}
+        return None
+
+
+def notification_settings(
+    settings: ServiceSettings | None = None, **overrides: Any
+) -> NotificationSettings:
+    """``settings`` as :class:`NotificationSettings`; the service's own fields come from the
+    environment unless given in ``overrides`` (``omni run`` and tests build plain settings)."""
+    if isinstance(settings, NotificationSettings) and not overrides:
+        return settings
+    if settings is None:
+        return NotificationSettings(**overrides)
+    values = {name: getattr(settings, name) for name in type(settings).model_fields}
+    return NotificationSettings(**(values | overrides))

@@ -1,0 +1,159 @@
+"""Pure rules: routing and consent, quiet hours across zones and midnight, the cap, carts."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, time
+from decimal import Decimal
+
+import pytest
+from notification_service.adapters.templates import Templates, UnknownTemplate
+from notification_service.adapters.tokens import BadToken, Unsubscribe, UnsubscribeTokens
+from notification_service.domain.model import (
+    Contact,
+    Purpose,
+    Reason,
+    check_cart,
+    push_topic,
+    quiet_until,
+    route,
+    throttled,
+)
+from notification_service.settings import NotificationSettings
+from omni_contracts import Line, Money, NotificationChannel, Preferences
+
+EMAIL, PUSH, SMS = NotificationChannel.EMAIL, NotificationChannel.PUSH, NotificationChannel.SMS
+SUB = {"endpoint": "https://push.example/x", "keys": {"p256dh": "k", "auth": "a"}}
+
+
+def contact(**prefs: object) -> Contact:
+    return Contact(
+        "c1",
+        email="a@example.com",
+        phone="+33600000000",
+        push_subscriptions=(SUB,),
+        preferences=Preferences.model_validate(prefs),
+    )
+
+
+def test_marketing_goes_only_where_the_shopper_said_yes_push_first() -> None:
+    assert route(contact(), Purpose.MARKETING).refusal is Reason.NO_CONSENT
+    routed = route(contact(consents={"email": True, "push": True}), Purpose.MARKETING)
+    assert routed.channels == (PUSH, EMAIL)
+
+
+def test_transactional_goes_unless_the_shopper_said_no_preferred_channel_first() -> None:
+    routed = route(
+        contact(preferred_channel="sms", transactional_consents={"push": False}),
+        Purpose.TRANSACTIONAL,
+    )
+    assert routed.channels == (SMS, EMAIL)
+
+
+def test_no_address_at_all_is_no_contact() -> None:
+    assert route(None, Purpose.TRANSACTIONAL).refusal is Reason.NO_CONTACT
+    assert route(Contact("c1"), Purpose.TRANSACTIONAL).refusal is Reason.NO_CONTACT
+
+
+@pytest.mark.parametrize(
+    ("now_utc", "start", "end", "zone", "expected_utc"),
+    [
+        # 23:30 in Paris (CET, UTC+1) inside 22:00-07:00: until 07:00 Paris = 06:00 UTC.
+        ("2026-12-01T22:30:00", time(22), time(7), "Europe/Paris", "2026-12-02T06:00:00"),
+        # 03:00 Paris, after midnight: the same morning.
+        ("2026-12-02T02:00:00", time(22), time(7), "Europe/Paris", "2026-12-02T06:00:00"),
+        # 12:00 Paris: not quiet.
+        ("2026-12-02T11:00:00", time(22), time(7), "Europe/Paris", None),
+        # A daytime window in New York (EST, UTC-5): 13:00-15:00, now 14:00 local.
+        ("2026-12-02T19:00:00", time(13), time(15), "America/New_York", "2026-12-02T20:00:00"),
+        # Unknown zone: the platform default (UTC).
+        ("2026-12-02T23:00:00", time(22), time(7), "Mars/Olympus", "2026-12-03T07:00:00"),
+    ],
+)
+def test_quiet_hours_end_in_the_shoppers_zone(
+    now_utc: str, start: time, end: time, zone: str, expected_utc: str | None
+) -> None:
+    prefs = Preferences(time_zone=zone, quiet_hours_start=start, quiet_hours_end=end)
+    now = datetime.fromisoformat(now_utc).replace(tzinfo=UTC)
+    until = quiet_until(now, prefs, "UTC")
+    expected = datetime.fromisoformat(expected_utc).replace(tzinfo=UTC) if expected_utc else None
+    assert until == expected
+
+
+def test_quiet_hours_ending_in_a_skipped_dst_hour_end_after_the_jump() -> None:
+    # 2027-03-28 02:30 does not exist in Paris (02:00 -> 03:00).
+    prefs = Preferences(
+        time_zone="Europe/Paris", quiet_hours_start=time(22), quiet_hours_end=time(2, 30)
+    )
+    until = quiet_until(datetime(2027, 3, 27, 23, 0, tzinfo=UTC), prefs, "UTC")
+    assert until is not None and until > datetime(2027, 3, 28, 0, 0, tzinfo=UTC)
+
+
+def test_the_daily_cap() -> None:
+    assert not throttled(1, 2)
+    assert throttled(2, 2)
+    assert throttled(0, 0)
+
+
+def _line(sku: str) -> Line:
+    return Line(sku=sku, qty=1, unit_price=Money(amount=Decimal("1.00"), currency="EUR"))
+
+
+def test_a_cart_keeps_what_is_neither_bought_nor_sold_out() -> None:
+    items = [_line("A"), _line("B"), _line("C")]
+    check = check_cart(items, closed=False, bought_since={"A"}, online_available={"B": 0, "C": 4})
+    assert [i.sku for i in check.remaining] == ["C"] and check.refusal is None
+    gone = check_cart(items[1:2], closed=False, bought_since=(), online_available={"B": 0})
+    assert gone.refusal is Reason.OUT_OF_STOCK
+    bought = check_cart(items, closed=True, bought_since=(), online_available={})
+    assert bought.refusal is Reason.ALREADY_BOUGHT
+
+
+def test_push_topic_is_a_short_stable_url_safe_name() -> None:
+    topic = push_topic("0b9c3a52-8f0d-4b8e-9a39-2f3c1d2e4f5a")
+    assert len(topic) <= 32 and topic.isalnum()
+    assert topic == push_topic("0b9c3a52-8f0d-4b8e-9a39-2f3c1d2e4f5a")
+
+
+def test_unsubscribe_tokens_cannot_be_forged() -> None:
+    tokens = UnsubscribeTokens(b"0123456789abcdef0123")
+    token = tokens.sign(Unsubscribe("cust-1", "email", "marketing"))
+    assert tokens.verify(token) == Unsubscribe("cust-1", "email", "marketing")
+    other = UnsubscribeTokens(b"another-secret-of-20b").sign(
+        Unsubscribe("cust-1", "email", "marketing")
+    )
+    for bad in (other, token[:-2], "garbage", token.split(".")[0] + ".AAAA"):
+        with pytest.raises(BadToken):
+            tokens.verify(bad)
+
+
+def test_templates_escape_html_fall_back_to_the_default_language_and_name_unknown_kinds() -> None:
+    templates = Templates("en")
+    values = {
+        "cart_id": "c1",
+        "step": 1,
+        "items": [{"sku": "<script>x</script>", "qty": 1, "unit_price": "1.00 EUR"}],
+        "cart_url": "https://shop.example/cart/c1",
+        "offer": None,
+        "unsubscribe_url": None,
+    }
+    rendered = templates.render("cart_reminder", "de-CH", values)
+    assert rendered.language == "en"
+    assert "&lt;script&gt;" in rendered.html and "<script>" not in rendered.html
+    assert "<script>x</script>" in rendered.text  # plain text is not HTML
+    assert templates.render("cart_reminder", "fr-FR", values).language == "fr"
+    with pytest.raises(UnknownTemplate):
+        templates.render("no_such_kind", "en", {})
+
+
+def test_smtp_settings_from_an_url() -> None:
+    s = NotificationSettings(smtp_url="smtps://user:pw@relay.example:2465")
+    assert s.smtp_target() == (
+        "relay.example",
+        2465,
+        {"use_tls": True, "start_tls": None, "username": "user", "password": "pw"},
+    )
+    assert NotificationSettings(smtp_host="mailpit", smtp_port=1025).smtp_target() == (
+        "mailpit",
+        1025,
+        {},
+    )
