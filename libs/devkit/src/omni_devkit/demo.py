@@ -448,7 +448,7 @@ async def story_abandoned_cart(stack: Stack, say: Say) -> None:
             "no reminder within 60 s: this stack's cart timers are long (start it with "
             "CART_ABANDONMENT_DELAY=5, as `omni dev up` does)"
         ) from None
-    say(f"{shopper.name} is reminded by {shopper.prefers}")
+    say(f"the reminder: {await _newest_notice(stack, shopper)}")
 
     # The same cart, bought at a till instead: no reminder for it.
     second = CartItemAdded(
@@ -484,8 +484,22 @@ async def _notification_count(stack: Stack, shopper: Shopper) -> int:
         return 0  # nobody told yet
     data = response.json()
     items = data.get("items", data.get("notifications", [])) if isinstance(data, dict) else data
-    # Suppressed or deferred notices told nobody.
-    return sum(1 for item in items if item.get("status", "sent") == "sent")
+    return len(items)
+
+
+async def _newest_notice(stack: Stack, shopper: Shopper) -> str:
+    """The newest notice's outcome as the notification service tells it."""
+    response = await stack.http.get(
+        f"{stack.url('notification')}/customers/{shopper.customer_id}/notifications"
+    )
+    items = response.json() if response.status_code == 200 else []
+    if isinstance(items, dict):
+        items = items.get("items", items.get("notifications", []))
+    if not items:
+        return "nothing"
+    item = items[0]
+    reason = f" ({item['reason']})" if item.get("reason") else ""
+    return f"{item.get('channel') or 'no channel'}: {item.get('status')}{reason}"
 
 
 async def story_points(stack: Stack, say: Say) -> None:
@@ -549,6 +563,9 @@ async def story_eta_slips(stack: Stack, say: Say) -> None:
         "inventory", "order", ("notification", "/customers/{customer_id}/notifications")
     )
     shopper = SHOPPERS[0]
+    await stack.channel.publish(
+        ContactDetailsUpdated(customer_id=shopper.customer_id, email=shopper.email)
+    )
     order_id = await stack.checkout(shopper, "TSHIRT-BLUE-M", 1, "19.90")
 
     async def confirmed() -> bool:
@@ -569,7 +586,7 @@ async def story_eta_slips(stack: Stack, say: Say) -> None:
         return await _notification_count(stack, shopper) > before
 
     await until(told, "the delay notice", timeout=30, every=0.5)
-    say(f"{shopper.name} is told before asking")
+    say(f"{shopper.name} is told before asking: {await _newest_notice(stack, shopper)}")
 
 
 PLAYERS: dict[int, Callable[[Stack, Say], Awaitable[None]]] = {
