@@ -709,6 +709,27 @@ def bench_all() -> None:
         fail(f"benchmarks failed: {', '.join(failed)}")
 
 
+# -- demo ------------------------------------------------------------------------------------
+
+
+@app.command("demo")
+def demo_command(
+    start: Annotated[
+        bool, typer.Option("--start", help="Start a private stack for the demo (and stop it)")
+    ] = False,
+    story: Annotated[
+        list[int] | None, typer.Option("--story", help="Only these stories (repeatable)")
+    ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="Dev stack state dir [default: .omni]")
+    ] = None,
+) -> None:
+    """Play the omnichannel stories against the running stack, checking each outcome."""
+    from omni_devkit.demo_cli import run_demo
+
+    raise typer.Exit(run_demo(start=start, stories=tuple(story or ()), state_dir=state_dir))
+
+
 # -- entry point -----------------------------------------------------------------------------
 
 
