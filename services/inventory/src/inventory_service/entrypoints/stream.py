@@ -25,6 +25,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, status
 from fastapi.responses import StreamingResponse
+from omni_common.auth import public
 
 from inventory_service.adapters.availability_feed import (
     AvailabilityFeed,
@@ -121,6 +122,7 @@ def build_stream_router(feed: AvailabilityFeed, heartbeat_s: float) -> APIRouter
             400: {"description": "A Last-Event-ID this stream did not send"},
             503: {"description": "Too many clients connected, or the feed is starting"},
         },
+        dependencies=[Depends(public("what every shop page shows; EventSource sends no key"))],
     )
     async def availability_stream(
         _access: StreamAccess,
