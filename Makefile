@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # proven. TANSU_SUBSET= (empty) skips that second run.
 TANSU_SUBSET ?= -m tansu
 
-.PHONY: setup run test lint bench down clean contracts
+.PHONY: setup run test lint bench down clean contracts browser demo
 
 setup:
 	@if [ ! -x "$(UV)" ]; then \
@@ -29,7 +29,19 @@ setup:
 run: setup
 	$(RUN) omni dev up
 
+# Debian's chromium for the console's browser test (as root; never a downloaded browser).
+browser:
+	@if command -v chromium >/dev/null 2>&1; then chromium --version; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	else echo "install Debian's chromium (apt-get install chromium) for the browser test"; fi
+
+# The stories against the running stack (`make run` in another terminal).
+demo: setup
+	$(RUN) omni demo
+
 test: setup
+	@command -v chromium >/dev/null 2>&1 || $(MAKE) --no-print-directory browser || true
 	$(RUN) pytest $(PYTEST_ARGS)
 	@if [ -n "$(TANSU_SUBSET)" ]; then \
 		echo "== the tansu subset on Tansu"; \

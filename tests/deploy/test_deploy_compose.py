@@ -90,6 +90,21 @@ def test_secrets_come_from_the_environment(compose: dict[str, Any]) -> None:
                 assert "${" in str(value), f"{name}: {key} must come from the environment"
             if key == "DATABASE_URL":
                 assert "${POSTGRES_PASSWORD" in value, f"{name}: password inline in DATABASE_URL"
+            # No secret has a default in the repository: ${VAR:?...} or an empty default.
+            for default in re.findall(r"\$\{(\w+):-([^}]*)\}", str(value)):
+                if re.search(r"PASSWORD|API_KEYS|SECRET", default[0]):
+                    assert default[1] == "", f"{name}: {default[0]} has a default in the repo"
+
+
+def test_the_env_template_names_every_required_secret(compose: dict[str, Any]) -> None:
+    """Compose refuses to start without its secrets; .env.example says which they are."""
+    text = (REPO_ROOT / "docker-compose.yml").read_text()
+    required = set(re.findall(r"\$\{(\w+):\?", text))
+    assert {"API_KEYS", "POSTGRES_PASSWORD"} <= required
+    template = (REPO_ROOT / ".env.example").read_text()
+    named = set(re.findall(r"^(\w+)=", template, flags=re.MULTILINE))
+    assert required <= named, f"missing from .env.example: {required - named}"
+    assert ".env" in (REPO_ROOT / ".gitignore").read_text().split()
 
 
 def test_prometheus_scrapes_every_service_and_loads_the_rules(compose: dict[str, Any]) -> None:

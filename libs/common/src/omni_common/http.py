@@ -1,19 +1,27 @@
-"""The HTTP side of every service: probes, metrics, authentication, request metrics."""
+"""The HTTP side of every service: probes, metrics, authentication, request metrics.
+
+:func:`create_http_app` gives every service the same guards by construction: request
+bodies capped before they are read (413), database data errors answered 422, ``/docs``
+and ``/openapi.json`` off unless ``HTTP_DOCS_ENABLED``, and shopper-token verification
+for the route dependencies of :mod:`omni_common.auth` (``require``, ``require_shopper``).
+"""
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from omni_contracts.asyncapi import service_document, to_html, to_yaml
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from omni_common.auth import ShopperTokens, api_key_of
+from omni_common.kafka import UNSTORABLE
 from omni_common.service import ServiceRuntime
 
 _bearer = HTTPBearer(auto_error=False, description="A channel's API key")
@@ -23,23 +31,88 @@ def authenticated_channel(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
-    """The channel whose API key authenticates this request; 401 without a valid key."""
-    runtime: ServiceRuntime = request.app.state.runtime
-    if credentials is not None and credentials.scheme.lower() == "bearer":
-        given = credentials.credentials.encode()
-        for key, channel in runtime.settings.api_key_map.items():
-            # Constant-time comparison: no timing oracle on the keys.
-            if hmac.compare_digest(given, key.encode()):
-                return channel
-    raise HTTPException(
-        status_code=401,
-        detail="a valid API key is required (Authorization: Bearer <key>)",
-        headers={"WWW-Authenticate": "Bearer"},
-    )
+    """The channel whose API key authenticates this request; 401 without a valid key.
+
+    Any valid key passes: routes declare what they need with :func:`omni_common.auth.require`
+    instead (this stays for probes of who is calling).
+    """
+    return api_key_of(request, credentials).channel
 
 
 Channel = Annotated[str, Depends(authenticated_channel)]
-"""Route parameter type for endpoints that need authentication."""
+"""Route parameter type for the calling channel (any valid key; prefer ``require``)."""
+
+
+class BodyLimit:
+    """ASGI middleware refusing request bodies above ``max_bytes`` (413) before the app
+    parses them: by ``Content-Length`` up front, else by reading at most ``max_bytes`` of
+    the stream (a chunked body) before handing it on."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on whole, or answer 413 without passing it on."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.max_bytes
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await self._refuse(send)
+                    return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                # The client left: let the app see the disconnect as it would have.
+                await self.app(scope, _replay([message], receive), send)
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                await self._refuse(send)
+                return
+            if not message.get("more_body", False):
+                break
+        first: Message = {"type": "http.request", "body": bytes(body), "more_body": False}
+        await self.app(scope, _replay([first], receive), send)
+
+    async def _refuse(self, send: Send) -> None:
+        response = JSONResponse(
+            {"detail": f"request body larger than {self.max_bytes} bytes"}, status_code=413
+        )
+        await response({"type": "http"}, _no_receive, send)
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    pending = list(messages)
+
+    async def replaying() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replaying
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def _data_error(_: Request, exc: Exception) -> JSONResponse:
+    # What the database could never store (a number out of its column's range, a NUL in
+    # text, an over-long string) is the caller's error: 422 with the database's reason
+    # class, never the statement or the value.
+    reason = type(exc).__name__.removesuffix("Error") or "DataError"
+    return JSONResponse(
+        {"detail": {"reason": "invalid_value", "message": f"a value cannot be stored ({reason})"}},
+        status_code=422,
+    )
 
 
 def create_http_app(
@@ -59,9 +132,26 @@ def create_http_app(
         finally:
             await runtime.stop()
 
-    app = FastAPI(title=title, description=description, lifespan=lifespan, version="1.0.0")
+    settings = runtime.settings
+    docs = settings.http_docs_enabled
+    app = FastAPI(
+        title=title,
+        description=description,
+        lifespan=lifespan,
+        version="1.0.0",
+        # The schema stays available to code (app.openapi()) for tests and the fuzzer.
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.state.runtime = runtime
+    app.state.shopper_tokens = ShopperTokens.from_settings(settings)
     metrics = runtime.metrics
+    app.add_middleware(BodyLimit, max_bytes=settings.http_max_body_bytes)
+    # Server-side data errors (SQLSTATE class 22) and asyncpg's own refusal to encode an
+    # argument (e.g. an int beyond int32) both mean "this value does not fit".
+    for unstorable in UNSTORABLE:
+        app.add_exception_handler(unstorable, _data_error)
 
     @app.middleware("http")
     async def red_metrics(

@@ -29,6 +29,7 @@ from contextvars import Context
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from faststream import AckPolicy
@@ -58,6 +59,14 @@ log = logging.getLogger(__name__)
 
 EventHandler = Callable[[Any, Envelope], Awaitable[None]]
 """A handler: ``async def handle(event, envelope) -> None``."""
+
+
+UNSTORABLE: tuple[type[Exception], ...] = (
+    asyncpg.DataError,  # SQLSTATE class 22: out of range, NUL in text, too long, ...
+    asyncpg.exceptions._base.DataError,  # asyncpg refused to encode an argument
+    asyncpg.CheckViolationError,
+)
+"""Database errors that say the value itself is wrong (HTTP answers them 422)."""
 
 
 class RejectedEvent(Exception):
@@ -454,6 +463,14 @@ class KafkaRuntime:
         if workers:
             log.info("dropped %d revoked partition worker(s)", len(workers))
 
+    def handled_event_types(self) -> dict[str, frozenset[str]]:
+        """Contract topic -> the ``ce_type`` values this service handles there (all purposes)."""
+        handled: dict[str, set[str]] = {}
+        for routes in self._routes.values():
+            for topic, (_, handlers) in routes.items():
+                handled.setdefault(topic, set()).update(handlers)
+        return {topic: frozenset(types) for topic, types in handled.items()}
+
     def declare_output(self, topic: str) -> None:
         """Declare that this service publishes to ``topic`` (through its outbox)."""
         self.produces.add(topic)
@@ -522,6 +539,13 @@ class KafkaRuntime:
             except RejectedEvent as exc:
                 log.warning("rejected %s %s: %s", envelope.type, envelope.id, exc)
                 await self._dead_letter(record, topic, exc.reason, str(exc), envelope.type)
+                return
+            except UNSTORABLE as exc:
+                # A value no column can hold: retrying cannot help.
+                log.warning("unstorable %s %s: %s", envelope.type, envelope.id, type(exc).__name__)
+                await self._dead_letter(
+                    record, topic, "unstorable_value", type(exc).__name__, envelope.type
+                )
                 return
             except Exception as exc:
                 m.handler_retries.labels(m.service, topic).inc()

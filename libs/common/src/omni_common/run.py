@@ -94,10 +94,20 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(1) from None
         print(f"{len(created)} topics created (the others already existed)")
         raise SystemExit(0)
+    from pydantic import ValidationError
+
     try:
         code = serve(args[0])
     except ServiceNotFound as exc:
         print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ValidationError as exc:
+        # The settings hide their input in errors: this never prints a key or secret.
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])).upper() or 'settings'}: {e['msg']}"
+            for e in exc.errors(include_url=False, include_input=False, include_context=False)
+        )
+        print(f"error: service {args[0]} is misconfigured: {problems}", file=sys.stderr)
         raise SystemExit(2) from None
     if code:
         print(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from functools import cached_property
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from omni_common.auth import ApiKey, ShopperTokens, parse_api_keys
 
 
 class ServiceSettings(BaseSettings):
@@ -15,7 +17,10 @@ class ServiceSettings(BaseSettings):
     (``KAFKA_BOOTSTRAP_SERVERS``, ``DATABASE_URL``, ...).
     """
 
-    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+    # hide_input_in_errors: a refused API_KEYS or secret must never be echoed in the error.
+    model_config = SettingsConfigDict(
+        env_file=None, extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     service_name: str = "omni"
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
@@ -44,9 +49,26 @@ class ServiceSettings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = 8000
 
-    # Bearer API keys, one per channel: "web=KEY1,app=KEY2,pos=KEY3". No keys: every
-    # protected endpoint answers 401 (secure by default).
+    # Bearer API keys with their channel and scopes (see omni_common.auth):
+    # "ops:KEY1:admin,pos:KEY2:sales.write+stock.read,web:KEY3" (no scopes: the channel's
+    # defaults; the older "web=KEY3" works too). No keys: every protected endpoint answers
+    # 401 (secure by default). Checked when the settings are built: a bad entry stops the
+    # service with a message that never quotes a key.
     api_keys: SecretStr = SecretStr("")
+
+    # Shopper tokens (JWT, sub = customer_id) for web and app: one of an HS256 secret
+    # (development), a JWKS file or a JWKS URL (RS256/ES256, the identity provider's).
+    shopper_token_hs256_secret: SecretStr | None = None
+    shopper_token_jwks_file: str | None = None
+    shopper_token_jwks_url: str | None = None
+    shopper_token_issuer: str | None = None
+    shopper_token_audience: str | None = None
+    shopper_token_leeway_s: int = Field(default=30, ge=0, le=300)
+
+    # Request bodies above this size are refused (413) before they are read.
+    http_max_body_bytes: int = Field(default=256 * 1024, gt=0)
+    # FastAPI's /docs, /redoc and /openapi.json: off in production unless asked for.
+    http_docs_enabled: bool = False
 
     # Bounded attempts for a handler failing while the database answers, before the message
     # goes to the DLQ (failures during an outage wait for the database and are not counted).
@@ -86,16 +108,23 @@ class ServiceSettings(BaseSettings):
         """The consumer group of this service (one per purpose)."""
         return f"{self.topic_prefix}{self.service_name}.{purpose}"
 
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_are_well_formed(cls, value: SecretStr) -> SecretStr:
+        parse_api_keys(value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _shopper_tokens_are_consistent(self) -> ServiceSettings:
+        ShopperTokens.from_settings(self)
+        return self
+
+    @cached_property
+    def api_key_table(self) -> dict[str, ApiKey]:
+        """Map of API key -> its channel and scopes."""
+        return parse_api_keys(self.api_keys.get_secret_value())
+
     @cached_property
     def api_key_map(self) -> dict[str, str]:
         """Map of API key -> channel name."""
-        keys: dict[str, str] = {}
-        for item in self.api_keys.get_secret_value().split(","):
-            item = item.strip()
-            if not item:
-                continue
-            channel, sep, key = item.partition("=")
-            if not sep or not key.strip():
-                raise ValueError(f"API_KEYS entry {channel!r} is not CHANNEL=KEY")
-            keys[key.strip()] = channel.strip()
-        return keys
+        return {key: entry.channel for key, entry in self.api_key_table.items()}

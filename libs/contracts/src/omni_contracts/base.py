@@ -13,7 +13,15 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    model_validator,
+)
 
 
 def _utc(value: datetime) -> datetime:
@@ -31,14 +39,31 @@ UtcDatetime = Annotated[
 ]
 """An RFC 3339 timestamp, normalised to UTC."""
 
-NonEmptyStr = Annotated[str, Field(min_length=1, max_length=200)]
+INT4_MAX = 2**31 - 1
+"""The largest integer a PostgreSQL ``integer`` column holds: the bound of counts and points."""
+
+MAX_LINES = 100
+"""Lines per sale, cart, checkout, order or return."""
+
+MAX_TEXT = 4000
+"""The longest free text any contract string may be (identifiers: 200)."""
+
+NO_NUL = r"^[^\x00]*$"
+
+NonEmptyStr = Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL)]
 """An opaque identifier (sku, location_id, customer_id, ...)."""
 
-Quantity = Annotated[int, Field(ge=0)]
+Quantity = Annotated[int, Field(ge=0, le=INT4_MAX)]
 """A non-negative whole number of units."""
 
-PositiveQuantity = Annotated[int, Field(gt=0)]
+PositiveQuantity = Annotated[int, Field(gt=0, le=INT4_MAX)]
 """A whole number of units, at least one."""
+
+SignedCount = Annotated[int, Field(ge=-INT4_MAX, le=INT4_MAX)]
+"""A signed whole number (points, deltas) that an ``integer`` column holds."""
+
+Text = Annotated[str, Field(max_length=MAX_TEXT, pattern=NO_NUL)]
+"""Free text (a reason, a description): bounded, never a NUL character."""
 
 DecimalAmount = Annotated[
     Decimal,
@@ -65,10 +90,40 @@ class Channel(StrEnum):
     CALL_CENTER = "call_center"
 
 
-class ContractModel(BaseModel):
+def _find_nul(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if depth > 32:
+        return False  # pydantic refuses what is nested this deep anyway
+    if isinstance(value, dict):
+        return any(_find_nul(k, depth + 1) or _find_nul(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_find_nul(v, depth + 1) for v in value)
+    return False
+
+
+class BoundedModel(BaseModel):
+    """A model whose text PostgreSQL can always store: no NUL character anywhere (unknown
+    fields included), no string longer than :data:`MAX_TEXT`. Request bodies derive from it
+    too."""
+
+    model_config = ConfigDict(str_max_length=MAX_TEXT)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_nul(cls, data: Any) -> Any:
+        # PostgreSQL text and jsonb cannot hold U+0000: refuse it at the border.
+        if _find_nul(data):
+            raise ValueError("text must not contain NUL (U+0000) characters")
+        return data
+
+
+class ContractModel(BoundedModel):
     """Base of every contract model: unknown fields are kept (adding fields is allowed)."""
 
-    model_config = ConfigDict(extra="allow", frozen=True, str_strip_whitespace=True)
+    model_config = ConfigDict(
+        extra="allow", frozen=True, str_strip_whitespace=True, str_max_length=MAX_TEXT
+    )
 
 
 class Money(ContractModel):

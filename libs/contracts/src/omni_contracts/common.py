@@ -13,7 +13,14 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field, model_validator
 
-from omni_contracts.base import ContractModel, Money, NonEmptyStr, PositiveQuantity, Quantity
+from omni_contracts.base import (
+    INT4_MAX,
+    ContractModel,
+    Money,
+    NonEmptyStr,
+    PositiveQuantity,
+    Quantity,
+)
 
 # --- topic names -------------------------------------------------------------------------
 # Inbound: channels produce, the platform consumes.
@@ -43,7 +50,7 @@ def _non_zero(value: int) -> int:
     return value
 
 
-NonZeroDelta = Annotated[int, AfterValidator(_non_zero)]
+NonZeroDelta = Annotated[int, Field(ge=-INT4_MAX, le=INT4_MAX), AfterValidator(_non_zero)]
 """A signed change in a number of units, never zero."""
 
 CountryCode = Annotated[str, Field(pattern=r"^[A-Z]{2}$")]

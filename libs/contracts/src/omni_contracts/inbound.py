@@ -12,6 +12,7 @@ from enum import StrEnum
 from pydantic import Field, model_validator
 
 from omni_contracts.base import (
+    MAX_LINES,
     Channel,
     Event,
     Money,
@@ -56,7 +57,7 @@ class SaleRecorded(Event):
 
     sale_id: NonEmptyStr
     location_id: NonEmptyStr
-    lines: list[Line] = Field(min_length=1)
+    lines: list[Line] = Field(min_length=1, max_length=MAX_LINES)
     occurred_at: UtcDatetime
     customer_id: NonEmptyStr | None = None
     loyalty_card: NonEmptyStr | None = None
@@ -151,7 +152,7 @@ class CartEvent(Event):
     customer_id: NonEmptyStr | None = None
     anonymous_id: NonEmptyStr | None = None
     # The whole cart after the change (empty once the last item is removed).
-    items: list[Line]
+    items: list[Line] = Field(max_length=MAX_LINES)
     occurred_at: UtcDatetime
 
     @model_validator(mode="after")
@@ -225,7 +226,7 @@ class CheckoutSubmitted(Event):
     checkout_id: NonEmptyStr
     customer_id: NonEmptyStr
     channel: Channel
-    lines: list[Line] = Field(min_length=1)
+    lines: list[Line] = Field(min_length=1, max_length=MAX_LINES)
     fulfillment: Fulfillment
     payment: Payment
     cart_id: NonEmptyStr | None = None
@@ -491,7 +492,7 @@ class ReturnReceived(Event):
     order_id: NonEmptyStr
     location_id: NonEmptyStr
     channel: Channel
-    lines: list[ReturnLine] = Field(min_length=1)
+    lines: list[ReturnLine] = Field(min_length=1, max_length=MAX_LINES)
     occurred_at: UtcDatetime
     customer_id: NonEmptyStr | None = None
 

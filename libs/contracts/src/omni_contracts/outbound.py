@@ -12,11 +12,14 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from omni_contracts.base import (
+    INT4_MAX,
+    MAX_LINES,
     Channel,
     Event,
     Money,
     NonEmptyStr,
     Quantity,
+    SignedCount,
     UtcDatetime,
     utcnow,
 )
@@ -122,7 +125,7 @@ class ReservationConfirmed(ReservationEvent):
 
     ce_type = "inventory.reservation.confirmed"
 
-    allocations: list[Allocation] = Field(min_length=1)
+    allocations: list[Allocation] = Field(min_length=1, max_length=10 * MAX_LINES)
     expires_at: UtcDatetime
 
 
@@ -136,7 +139,7 @@ class ReservationRejected(ReservationEvent):
     ce_type = "inventory.reservation.rejected"
 
     reason: NonEmptyStr
-    shortages: list[Shortage]
+    shortages: list[Shortage] = Field(max_length=MAX_LINES)
 
 
 class ReservationReleased(ReservationEvent):
@@ -149,7 +152,7 @@ class ReservationReleased(ReservationEvent):
     ce_type = "inventory.reservation.released"
 
     reason: NonEmptyStr
-    allocations: list[Allocation] | None = None
+    allocations: list[Allocation] | None = Field(default=None, max_length=10 * MAX_LINES)
 
 
 # --- order.lifecycle.v1 ------------------------------------------------------------------
@@ -198,7 +201,7 @@ class OrderPlaced(OrderEvent):
     ce_type = "order.placed"
     status: Literal[OrderStatus.PLACED, OrderStatus.COMPLETED] = OrderStatus.PLACED
 
-    lines: list[Line] = Field(min_length=1)
+    lines: list[Line] = Field(min_length=1, max_length=MAX_LINES)
     fulfillment: Fulfillment
     total: Money | None = None
     checkout_id: NonEmptyStr | None = None
@@ -240,7 +243,7 @@ class OrderRejected(OrderEvent):
     status: Literal[OrderStatus.REJECTED] = OrderStatus.REJECTED
 
     reason: NonEmptyStr
-    shortages: list[Shortage] | None = None
+    shortages: list[Shortage] | None = Field(default=None, max_length=MAX_LINES)
 
 
 class OrderReadyForPickup(OrderEvent):
@@ -340,7 +343,7 @@ class OrderReturnReceived(OrderEvent):
 
     return_id: NonEmptyStr
     location_id: NonEmptyStr
-    lines: list[ReturnLine] = Field(min_length=1)
+    lines: list[ReturnLine] = Field(min_length=1, max_length=MAX_LINES)
 
 
 class RefundIssued(OrderEvent):
@@ -460,7 +463,7 @@ class CartAbandoned(Event):
     cart_id: NonEmptyStr
     customer_id: NonEmptyStr
     channel: Channel
-    items: list[Line] = Field(min_length=1)
+    items: list[Line] = Field(min_length=1, max_length=MAX_LINES)
     value: Money
     last_activity_at: UtcDatetime
     occurred_at: UtcDatetime = Field(default_factory=utcnow)
@@ -484,9 +487,9 @@ class LedgerEvent(Event):
     points_sign: ClassVar[int] = 0
 
     customer_id: NonEmptyStr
-    points: int
+    points: SignedCount
     # Signed: reversing points already spent can take a balance below zero.
-    balance: int
+    balance: SignedCount
     reason: NonEmptyStr
     order_id: NonEmptyStr | None = None
     entry_id: NonEmptyStr | None = None
@@ -631,8 +634,8 @@ class PointsExpiring(LedgerEvent):
 
     ce_type = "loyalty.points.expiring"
 
-    points: int = 0
-    expiring_points: int = Field(default=0, ge=0)
+    points: SignedCount = 0
+    expiring_points: int = Field(default=0, ge=0, le=INT4_MAX)
     expires_at: UtcDatetime | None = None
 
 
@@ -645,7 +648,7 @@ class TierChanged(LedgerEvent):
 
     ce_type = "loyalty.tier.changed"
 
-    points: int = 0
+    points: SignedCount = 0
     tier: NonEmptyStr | None = None
     previous_tier: NonEmptyStr | None = None
 
@@ -659,7 +662,7 @@ class OfferIssued(LedgerEvent):
 
     ce_type = "loyalty.offer.issued"
 
-    points: int = 0
+    points: SignedCount = 0
     offer_id: NonEmptyStr | None = None
     description: str | None = None
     expires_at: UtcDatetime | None = None

@@ -238,6 +238,35 @@ def dev_status(state_dir: StateDirOption = None) -> None:
         fail("the dev stack is not healthy")
 
 
+@dev_app.command("token")
+def dev_token(
+    customer_id: Annotated[str, typer.Argument(help="The shopper the token is for (its sub)")],
+    ttl: Annotated[int, typer.Option(help="Seconds the token is valid")] = 3600,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Print a shopper token for CUSTOMER_ID that the running dev stack accepts.
+
+    Send it as ``X-Shopper-Token`` with a web or app key to read that shopper's orders.
+    """
+    from omni_devkit.devstack.stack import read_kv_file
+    from omni_devkit.tokens import mint_shopper_token
+
+    config = _config(state_dir)
+    env = read_kv_file(config.env_file) if config.env_file.exists() else {}
+    secret = env.get("SHOPPER_TOKEN_HS256_SECRET")
+    if not secret:
+        fail(f"no shopper token secret in {config.env_file}: start the stack with `omni dev up`")
+    typer.echo(
+        mint_shopper_token(
+            secret,
+            customer_id,
+            ttl_s=ttl,
+            issuer=env.get("SHOPPER_TOKEN_ISSUER") or None,
+            audience=env.get("SHOPPER_TOKEN_AUDIENCE") or None,
+        )
+    )
+
+
 # -- services --------------------------------------------------------------------------------
 
 
@@ -678,6 +707,27 @@ def bench_all() -> None:
             failed.append(name)
     if failed:
         fail(f"benchmarks failed: {', '.join(failed)}")
+
+
+# -- demo ------------------------------------------------------------------------------------
+
+
+@app.command("demo")
+def demo_command(
+    start: Annotated[
+        bool, typer.Option("--start", help="Start a private stack for the demo (and stop it)")
+    ] = False,
+    story: Annotated[
+        list[int] | None, typer.Option("--story", help="Only these stories (repeatable)")
+    ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="Dev stack state dir [default: .omni]")
+    ] = None,
+) -> None:
+    """Play the omnichannel stories against the running stack, checking each outcome."""
+    from omni_devkit.demo_cli import run_demo
+
+    raise typer.Exit(run_demo(start=start, stories=tuple(story or ()), state_dir=state_dir))
 
 
 # -- entry point -----------------------------------------------------------------------------

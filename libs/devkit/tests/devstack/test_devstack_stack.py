@@ -36,9 +36,13 @@ def test_devstack_runs_and_stops_in_process(
         assert env["INVENTORY_URL"] == f"http://127.0.0.1:{config.http_base_port}"
         assert httpx.get(env["INVENTORY_URL"] + "/readyz", timeout=5).status_code == 200
         pids = read_pids(config)
-        assert set(pids) == {"supervisor", "postgres", "kafka", "inventory"}
+        assert set(pids) == {"supervisor", "postgres", "kafka", "inventory", "console"}
         assert all(pid_alive(pid) for pid in pids.values())
         assert any("inventory ready" in line for line in lines)
+        # The console: one more port, in dev.env and in the summary.
+        assert env["CONSOLE_URL"] == f"http://127.0.0.1:{config.console_port}"
+        assert httpx.get(env["CONSOLE_URL"] + "/readyz", timeout=5).status_code == 200
+        assert any(env["CONSOLE_URL"] in line for line in stack.summary())
         # A second stack on the same state dir refuses to start, before starting anything.
         with pytest.raises(DevStackError, match="already running"):
             DevStack(config).check_can_start()
@@ -47,6 +51,7 @@ def test_devstack_runs_and_stops_in_process(
     assert not any(pid_alive(pid) for name, pid in pids.items() if name != "supervisor")
     assert port_is_free("127.0.0.1", config.kafka_port)
     assert port_is_free("127.0.0.1", config.pg_port)
+    assert port_is_free("127.0.0.1", config.console_port)
 
 
 def test_a_service_that_cannot_start_stops_everything(

@@ -22,7 +22,9 @@ async def test_omni_env_gives_a_prefix_topics_a_database_and_settings(
     assert settings.topic("store.sales.v1") == omni_env.topic("store.sales.v1")
     assert settings.kafka_bootstrap_servers == omni_env.bootstrap
     assert settings.db_pool_max == 3
-    assert settings.api_key_map == {"test-key": "test"}
+    assert settings.api_key_map["test-key"] == "test"
+    assert settings.api_key_table["test-key"].scopes == {"admin"}
+    assert settings.api_key_map["test-web-key"] == "web"
 
     conn = await asyncpg.connect(settings.database_url.get_secret_value())
     try:

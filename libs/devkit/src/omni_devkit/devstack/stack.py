@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
+from omni_common.auth import DEFAULT_SCOPES, ApiKey, format_api_keys
 from omni_common.topics import create_topics
 
 from omni_devkit.devstack.kafka import (
@@ -54,11 +55,12 @@ from omni_devkit.devstack.process import (
 )
 from omni_devkit.devstack.smtp import MaildirSmtpServer
 from omni_devkit.devstack.vapid import VapidKeys, ensure_vapid_keys
+from omni_devkit.tokens import DEV_AUDIENCE, DEV_ISSUER, new_hs256_secret
 
 ENTRY_POINT_GROUP = "omni.services"
 # Stable default ports: the n-th service of this list listens on http_base_port + n.
 DEFAULT_SERVICE_ORDER = ("order", "inventory", "customer-profile", "notification", "loyalty")
-CHANNELS = ("web", "app", "pos", "ops")
+CHANNELS = ("web", "app", "pos", "call_center", "ops")
 # The key written as API_KEY in dev.env: the operator's, for curl and scripts.
 DEFAULT_CHANNEL = "ops"
 SERVICES_ENV = "OMNI_SERVICES"
@@ -187,6 +189,8 @@ class DevStackConfig:
     kafka_port: int = 9092
     pg_port: int = 5432
     http_base_port: int = 8001
+    # The console (the page a newcomer opens first): CONSOLE_URL in dev.env.
+    console_port: int = 8000
     database: str = "omni"
     ready_timeout: float = 60.0
     log_json: bool = False
@@ -201,6 +205,7 @@ class DevStackConfig:
             kafka_port=_env_int("OMNI_KAFKA_PORT", cls.kafka_port),
             pg_port=_env_int("OMNI_PG_PORT", cls.pg_port),
             http_base_port=_env_int("OMNI_HTTP_BASE_PORT", cls.http_base_port),
+            console_port=_env_int("OMNI_CONSOLE_PORT", cls.console_port),
             ready_timeout=float(_env_int("OMNI_READY_TIMEOUT", int(cls.ready_timeout))),
         )
         given = {k: v for k, v in overrides.items() if v is not None}
@@ -219,6 +224,7 @@ class DevStackConfig:
             kafka_port=free_port(host),
             pg_port=free_port(host),
             http_base_port=_free_port_range(host, max(services, len(DEFAULT_SERVICE_ORDER))),
+            console_port=free_port(host),
             **overrides,
         )
 
@@ -380,7 +386,10 @@ class DevStack:
         self.smtp: MaildirSmtpServer | None = None
         self.vapid: VapidKeys | None = None
         self.services: dict[str, ServiceProcess] = {}
+        # Not one of the services: it has no /metrics, topics or schema of its own.
+        self.console: ServiceProcess | None = None
         self.api_keys: dict[str, str] = {}
+        self.shopper_secret = ""
         self._pids: dict[str, int] = {}
 
     def __enter__(self) -> DevStack:
@@ -421,6 +430,7 @@ class DevStack:
         wanted = [
             ("Kafka", cfg.kafka_port, "--kafka-port / OMNI_KAFKA_PORT"),
             ("PostgreSQL", cfg.pg_port, "--pg-port / OMNI_PG_PORT"),
+            ("the console", cfg.console_port, "OMNI_CONSOLE_PORT"),
             *(
                 (f"service {s}", p, "--http-base-port / OMNI_HTTP_BASE_PORT")
                 for s, p in ports.items()
@@ -445,7 +455,10 @@ class DevStack:
             self._start_broker()
             self._start_mail_and_push()
             self.api_keys = {ch: secrets.token_urlsafe(24) for ch in CHANNELS}
+            self.shopper_secret = new_hs256_secret()
             self._start_services(ports)
+            self._write_env()
+            self._start_console()
             self._write_env()
         except BaseException:
             self.stop(quiet=True)
@@ -534,6 +547,7 @@ class DevStack:
             HTTP_HOST=cfg.host,
             HTTP_PORT=str(port),
             API_KEYS=self._api_keys_value(),
+            **self._shopper_token_env(),
             LOG_JSON="true" if cfg.log_json else "false",
             PYTHONUNBUFFERED="1",
         )
@@ -546,14 +560,66 @@ class DevStack:
             env.setdefault("UNSUBSCRIBE_SECRET", self._unsubscribe_secret())
         # A few demo stores, a warehouse and stock, so the platform is usable at once.
         env.setdefault("INVENTORY_SEED_FILE", "demo")
+        # Timers of seconds, not days, so `omni demo` and the console's stories can be watched.
+        from omni_devkit.demo import DEMO_TIMERS
+
+        for key, value in DEMO_TIMERS.items():
+            env.setdefault(key, value)
         return env
+
+    def _start_console(self) -> None:
+        cfg = self.config
+        timer = self._step(f"starting the console on {cfg.host}:{cfg.console_port}")
+        log_path = cfg.logs_dir / "console.log"
+        rotate_log(log_path)
+        log_fh = log_path.open("ab")
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "omni_devkit.console",
+                "--env-file",
+                str(cfg.env_file),
+                "--host",
+                cfg.host,
+                "--port",
+                str(cfg.console_port),
+            ],
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            stdin=subprocess.DEVNULL,
+            stdout=log_fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        url = f"http://{cfg.host}:{cfg.console_port}"
+        self.console = ServiceProcess("console", cfg.console_port, url, log_path, proc, log_fh)
+        self._record("console", proc.pid)
+        deadline = time.monotonic() + self.config.ready_timeout
+        with httpx.Client(timeout=2.0) as client:
+            while _readiness(client, url) != "ready":
+                if proc.poll() is not None:
+                    self._fail_service(self.console, f"exited with code {proc.returncode}")
+                if time.monotonic() > deadline:
+                    self._fail_service(self.console, "did not answer /readyz in time")
+                time.sleep(0.1)
+        self.echo(f"  console ready on {url} ({timer})")
 
     @property
     def _broker_kind(self) -> str:
         return self.broker_choice.kind if self.broker_choice else "kafka"
 
     def _api_keys_value(self) -> str:
-        return ",".join(f"{ch}={key}" for ch, key in self.api_keys.items())
+        # Scopes spelled out (each channel's defaults), so dev.env shows who may do what.
+        return format_api_keys(
+            {key: ApiKey(ch, DEFAULT_SCOPES[ch]) for ch, key in self.api_keys.items()}
+        )
+
+    def _shopper_token_env(self) -> dict[str, str]:
+        return {
+            "SHOPPER_TOKEN_HS256_SECRET": self.shopper_secret,
+            "SHOPPER_TOKEN_ISSUER": DEV_ISSUER,
+            "SHOPPER_TOKEN_AUDIENCE": DEV_AUDIENCE,
+        }
 
     def _start_services(self, ports: dict[str, int]) -> None:
         cfg = self.config
@@ -620,6 +686,9 @@ class DevStack:
         values["API_KEYS"] = self._api_keys_value()
         for channel, key in self.api_keys.items():
             values[f"API_KEY_{channel.upper()}"] = key
+        values.update(self._shopper_token_env())
+        if self.console is not None:
+            values["CONSOLE_URL"] = self.console.url
         _write_kv_file(
             cfg.env_file,
             values,
@@ -649,7 +718,7 @@ class DevStack:
                 self.stop()
 
     def _report_deaths(self) -> None:
-        for svc in self.services.values():
+        for svc in [*self.services.values(), *([self.console] if self.console else [])]:
             code = svc.proc.poll()
             if code is not None and not svc.reported_exit:
                 svc.reported_exit = True
@@ -660,6 +729,13 @@ class DevStack:
     def stop(self, quiet: bool = False) -> None:
         """Stop services (SIGTERM, then SIGKILL), broker, PostgreSQL; remove dev.env/dev.pid."""
         with _signals_ignored():
+            if self.console is not None:
+                if self.console.proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        self.console.proc.terminate()
+                stop_process(self.console.proc, timeout=5)
+                self.console.log_fh.close()
+                self.console = None
             for svc in self.services.values():
                 if svc.proc.poll() is None:
                     with contextlib.suppress(ProcessLookupError):
@@ -762,6 +838,8 @@ def format_summary(config: DevStackConfig, env: Mapping[str, str]) -> list[str]:
     width = max(len(name) for name, _ in rows) + 2
     lines = ["omni dev stack is up"]
     lines += [f"  {name:<{width}}{value}" for name, value in rows]
+    if "CONSOLE_URL" in env:
+        lines.append(f"open {env['CONSOLE_URL']} in a browser; `omni demo` plays the stories")
     return lines
 
 

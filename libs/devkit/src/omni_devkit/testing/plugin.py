@@ -55,8 +55,17 @@ from omni_devkit.devstack.kafka import (
 )
 from omni_devkit.devstack.postgres import EmbeddedPostgres, create_database, drop_database
 from omni_devkit.devstack.process import DevStackError, free_port
+from omni_devkit.tokens import DEV_AUDIENCE, DEV_ISSUER, mint_shopper_token
 
 TEST_API_KEY = "test-key"
+# Keys of the real channels with their default scopes, for tests of who may do what.
+TEST_CHANNEL_KEYS = {
+    "web": "test-web-key",
+    "app": "test-app-key",
+    "pos": "test-pos-key",
+    "call_center": "test-call-center-key",
+}
+TEST_SHOPPER_SECRET = "test-shopper-token-secret-of-32-bytes-or-more"
 BACKEND_ENV = "OMNI_TEST_BACKEND"
 KAFKA_IMAGE = os.environ.get("OMNI_TEST_KAFKA_IMAGE", "confluentinc/cp-kafka:7.6.0")
 POSTGRES_IMAGE = os.environ.get("OMNI_TEST_POSTGRES_IMAGE", "postgres:18")
@@ -401,7 +410,13 @@ class OmniTestEnv:
             "kafka_bootstrap_servers": self.bootstrap,
             "database_url": self.database_url,
             "topic_prefix": self.prefix,
-            "api_keys": f"test={TEST_API_KEY}",
+            "api_keys": ",".join(
+                [f"test:{TEST_API_KEY}:admin"]
+                + [f"{channel}:{key}" for channel, key in TEST_CHANNEL_KEYS.items()]
+            ),
+            "shopper_token_hs256_secret": TEST_SHOPPER_SECRET,
+            "shopper_token_issuer": DEV_ISSUER,
+            "shopper_token_audience": DEV_AUDIENCE,
             # Retries with backoff are exercised, not waited for.
             "handler_backoff_initial_s": 0.01,
             "handler_backoff_max_s": 0.05,
@@ -412,6 +427,10 @@ class OmniTestEnv:
         }
         values.update(overrides)
         return ServiceSettings(**values)
+
+    def shopper_token(self, customer_id: str, **kwargs: Any) -> str:
+        """A shopper token for ``customer_id`` that services of this test accept."""
+        return mint_shopper_token(TEST_SHOPPER_SECRET, customer_id, **kwargs)
 
     def reader(self, topic: str, **kwargs: Any) -> TopicReader:
         """A reader of a contract topic (from its beginning); stopped after the test."""

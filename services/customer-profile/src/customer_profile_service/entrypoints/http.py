@@ -14,7 +14,8 @@ from decimal import Decimal
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
-from omni_common.http import Runtime, authenticated_channel
+from omni_common.auth import require_shopper
+from omni_common.http import Runtime
 from omni_contracts import Money, Preferences, PushSubscription
 from pydantic import BaseModel, Field
 
@@ -22,10 +23,11 @@ from customer_profile_service.adapters.repository import HistoryCursor, ProfileR
 from customer_profile_service.domain import IdKind, normalise
 from customer_profile_service.service.profiles import resolve
 
-Identifier = Annotated[str, Path(min_length=1, max_length=200)]
+Identifier = Annotated[str, Path(min_length=1, max_length=200, pattern=r"^[^\x00]+$")]
 
-# The one place the routes' authentication is declared.
-ROUTE_DEPENDENCIES = [Depends(authenticated_channel)]
+# The one place the routes' authorisation is declared: customers.read reaches any shopper;
+# web and app keys reach only their token's shopper (and never the lookup by e-mail/phone).
+ROUTE_DEPENDENCIES = [Depends(require_shopper("customers.read"))]
 
 
 class Identifiers(BaseModel):

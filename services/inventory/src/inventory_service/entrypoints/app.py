@@ -31,11 +31,13 @@ from omni_contracts import (
     StockAdjusted,
 )
 
+from inventory_service.adapters.availability_feed import AvailabilityFeed, StreamMetrics, tailing
 from inventory_service.adapters.metrics import InventoryMetrics
 from inventory_service.adapters.seed import load_seed
 from inventory_service.entrypoints import consumers
 from inventory_service.entrypoints.consumers import Deps
 from inventory_service.entrypoints.http import build_router
+from inventory_service.entrypoints.stream import build_stream_router
 from inventory_service.service import handlers
 from inventory_service.service.handlers import RESERVATION_EXPIRY, Inventory
 from inventory_service.settings import InventorySettings, inventory_settings
@@ -92,14 +94,27 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             metrics=runtime.metrics,
         ).running()
     )
+    feed = AvailabilityFeed(
+        StreamMetrics(config.service_name, runtime.metrics.registry),
+        ring_size=config.inventory_stream_ring,
+        queue_size=config.inventory_stream_queue,
+        max_clients=config.inventory_stream_max_clients,
+    )
+    # The stream reads the topic the outbox writes (see availability_feed: why).
+    runtime.run_alongside(tailing(feed, config, warm=config.inventory_stream_warm))
     return create_http_app(
         runtime,
         title="Inventory service",
         description=(
             "Stock per SKU and location, reservations for online orders, and what web and app "
-            "may sell. Every endpoint needs `Authorization: Bearer <API key>`."
+            "may sell. Every endpoint needs `Authorization: Bearer <API key>`, except the public "
+            "availability stream."
         ),
-        routers=[build_router(inventory, deps.metrics, config.inventory_low_stock_threshold)],
+        routers=[
+            # Before /availability/{sku}, which would take "stream" for a SKU.
+            build_stream_router(feed, config.inventory_stream_heartbeat_s),
+            build_router(inventory, deps.metrics, config.inventory_low_stock_threshold),
+        ],
     )
 
 

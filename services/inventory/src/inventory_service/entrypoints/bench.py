@@ -453,6 +453,10 @@ def propagation(
     state_dir: Annotated[
         Path | None, typer.Option(help="Dev stack state dir [default: .omni]")
     ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(help="Write propagation.png and propagation.json (figures) into DIR"),
+    ] = None,
 ) -> None:
     """Store sale -> web/app availability latency, against the raw broker two-hop."""
 
@@ -500,5 +504,20 @@ def propagation(
             f"{figures['raw_p50_ms']} ms, p99 {figures['raw_p99_ms']} ms "
             f"(p99 {ratio:.2f}x raw; targets: <= 1.5x and < 25 ms)"
         )
+    if report is not None:
+        from omni_devkit.report import write_report
+
+        png, _ = write_report(
+            report,
+            "propagation",
+            figures,
+            {
+                "POS sale -> web/app consumer": result.service.samples,
+                "raw broker two-hop (baseline)": result.raw.samples,
+            },
+            title=f"omni bench propagation: {rate:g} sales/s",
+        )
+        if not as_json:
+            typer.echo(f"report: {png} (and propagation.json)")
     if lost:
         typer.echo(f"warning: {lost} sales had no availability change within 10 s", err=True)

@@ -1,7 +1,8 @@
 """Inventory's HTTP API: locations, availability, lost demand and discrepancies.
 
-Every endpoint needs a channel's API key (``Authorization: Bearer <key>``): the reads show
-business data, the writes change what shoppers can buy.
+Every endpoint needs a channel's API key (``Authorization: Bearer <key>``) holding its
+scope: ``stock.read`` for locations and availability, ``locations.write`` to change what is
+sold where, ``reports.read`` for lost demand and discrepancies.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query, Response, status
-from omni_common.http import Channel, Runtime
-from omni_contracts import AvailabilityStatus, Money
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, status
+from omni_common.auth import Caller, require
+from omni_common.http import Runtime
+from omni_contracts import AvailabilityStatus, BoundedModel, Money
 from pydantic import BaseModel, ConfigDict, Field
 
 from inventory_service.adapters.metrics import InventoryMetrics
@@ -28,13 +30,20 @@ from inventory_service.domain import (
 from inventory_service.service import handlers
 from inventory_service.service.handlers import Inventory
 
-Identifier = Annotated[str, Path(min_length=1, max_length=200)]
+Identifier = Annotated[str, Path(min_length=1, max_length=200, pattern=r"^[^\x00]+$")]
+
+# Far above any shelf, far below what an integer column holds.
+MAX_SAFETY_STOCK = 1_000_000
+
+StockReader = Annotated[Caller, Depends(require("stock.read"))]
+LocationWriter = Annotated[Caller, Depends(require("locations.write"))]
+ReportReader = Annotated[Caller, Depends(require("reports.read"))]
 
 
 # -- bodies ------------------------------------------------------------------------------------
 
 
-class LocationBody(BaseModel):
+class LocationBody(BoundedModel):
     """A store or warehouse as ``PUT /locations/{location_id}`` takes it."""
 
     model_config = ConfigDict(extra="forbid")
@@ -43,9 +52,14 @@ class LocationBody(BaseModel):
     kind: LocationKind
     ships_online: bool = Field(default=False, description="Fulfils delivery orders")
     offers_pickup: bool = Field(default=False, description="Shoppers can collect orders here")
-    safety_stock: int = Field(default=0, ge=0, description="Units held back from online sale")
+    safety_stock: int = Field(
+        default=0, ge=0, le=MAX_SAFETY_STOCK, description="Units held back from online sale"
+    )
     low_stock_threshold: int | None = Field(
-        default=None, ge=0, description="At or below this many available units: low_stock"
+        default=None,
+        ge=0,
+        le=MAX_SAFETY_STOCK,
+        description="At or below this many available units: low_stock",
     )
 
 
@@ -169,7 +183,7 @@ def build_router(
         body: LocationBody,
         response: Response,
         runtime: Runtime,
-        _channel: Channel,
+        _caller: LocationWriter,
     ) -> LocationView:
         """Create or update a store or warehouse (201 when created, 200 when updated)."""
         location = Location(
@@ -190,7 +204,7 @@ def build_router(
         return LocationView.of(location)
 
     @router.get("/locations", response_model=list[LocationView])
-    async def list_locations(runtime: Runtime, _channel: Channel) -> list[LocationView]:
+    async def list_locations(runtime: Runtime, _caller: StockReader) -> list[LocationView]:
         """Every store and warehouse."""
         async with runtime.pool.acquire() as conn:
             locations = await InventoryRepository(conn).all_locations()
@@ -198,7 +212,7 @@ def build_router(
 
     @router.get("/locations/{location_id}", response_model=LocationView)
     async def get_location(
-        location_id: Identifier, runtime: Runtime, _channel: Channel
+        location_id: Identifier, runtime: Runtime, _caller: StockReader
     ) -> LocationView:
         """One store or warehouse (404 if unknown)."""
         async with runtime.pool.acquire() as conn:
@@ -209,7 +223,7 @@ def build_router(
 
     @router.get("/availability/{sku}", response_model=SkuAvailability)
     async def sku_availability(
-        sku: Identifier, runtime: Runtime, _channel: Channel
+        sku: Identifier, runtime: Runtime, _caller: StockReader
     ) -> SkuAvailability:
         """A SKU at every location, and ``online_available`` (what may be sold for delivery).
 
@@ -250,9 +264,11 @@ def build_router(
     async def location_availability(
         location_id: Identifier,
         runtime: Runtime,
-        _channel: Channel,
+        _caller: StockReader,
         limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
-        after: Annotated[str | None, Query(max_length=200, description="Last SKU seen")] = None,
+        after: Annotated[
+            str | None, Query(max_length=200, pattern=r"^[^\x00]*$", description="Last SKU seen")
+        ] = None,
     ) -> LocationAvailability:
         """Every SKU at a location, by SKU, ``limit`` at a time (404 if unknown)."""
         async with runtime.pool.acquire() as conn:
@@ -270,7 +286,7 @@ def build_router(
     @router.get("/lost-demand", response_model=list[LostDemand])
     async def lost_demand(
         runtime: Runtime,
-        _channel: Channel,
+        _caller: ReportReader,
         limit: Annotated[int, Query(ge=1, le=1000)] = 20,
     ) -> list[LostDemand]:
         """The biggest losses: orders we could not serve, by estimated revenue (highest first)."""
@@ -292,7 +308,7 @@ def build_router(
     @router.get("/discrepancies", response_model=list[Discrepancy])
     async def discrepancies(
         runtime: Runtime,
-        _channel: Channel,
+        _caller: ReportReader,
         open_only: Annotated[
             bool, Query(alias="open", description="Only those no count has settled yet")
         ] = True,

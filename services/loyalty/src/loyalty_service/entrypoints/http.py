@@ -1,6 +1,8 @@
 """Loyalty's read API: an account's balances and its ledger.
 
-Every endpoint needs a channel's API key (``Authorization: Bearer <key>``).
+Every endpoint declares its scope (:mod:`omni_common.auth`): ``loyalty.read`` to read an
+account (web and app only their own shopper's, with the shopper's token), ``loyalty.write``
+to correct one.
 """
 
 from __future__ import annotations
@@ -8,16 +10,19 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
-from omni_common.http import Channel
+from omni_common.auth import Caller, require, require_shopper
+from omni_contracts import BoundedModel, SignedCount
 from pydantic import BaseModel, ConfigDict, Field
 
 from loyalty_service.service.ledger import LoyaltyService, NotEnoughPoints, UnknownAccount
 
 router = APIRouter(tags=["loyalty"])
 
-Identifier = Annotated[str, Path(min_length=1, max_length=200)]
+Identifier = Annotated[str, Path(min_length=1, max_length=200, pattern=r"^[^\x00]+$")]
+AccountReader = Annotated[Caller, Depends(require_shopper("loyalty.read"))]
+AccountWriter = Annotated[Caller, Depends(require("loyalty.write"))]
 
 
 class OfferView(BaseModel):
@@ -72,7 +77,7 @@ def _service(request: Request) -> LoyaltyService:
 
 
 @router.get("/accounts/{customer_id}", response_model=AccountView)
-async def get_account(customer_id: Identifier, request: Request, _: Channel) -> Any:
+async def get_account(customer_id: Identifier, request: Request, _: AccountReader) -> Any:
     """Available, pending, held and lifetime points, tier, next expiry, the open offer."""
     view = await _service(request).account_view(customer_id)
     if view is None:
@@ -84,7 +89,7 @@ async def get_account(customer_id: Identifier, request: Request, _: Channel) -> 
 async def get_ledger(
     customer_id: Identifier,
     request: Request,
-    _: Channel,
+    _: AccountReader,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     before: Annotated[int | None, Query(ge=1)] = None,
 ) -> Any:
@@ -98,13 +103,13 @@ async def get_ledger(
     return {"entries": entries, "next_before": next_before}
 
 
-class AdjustmentBody(BaseModel):
+class AdjustmentBody(BoundedModel):
     """A manual correction: points added (positive) or taken (negative)."""
 
     model_config = ConfigDict(extra="forbid")
 
     adjustment_id: str = Field(min_length=1, max_length=200, description="Idempotency key")
-    points: int = Field(description="Signed, not zero")
+    points: SignedCount = Field(description="Signed, not zero")
     reason: str = Field(min_length=1, max_length=100, examples=["goodwill", "fraud"])
 
 
@@ -119,7 +124,7 @@ class AdjustmentBody(BaseModel):
     },
 )
 async def post_adjustment(
-    customer_id: Identifier, body: AdjustmentBody, request: Request, channel: Channel
+    customer_id: Identifier, body: AdjustmentBody, request: Request, caller: AccountWriter
 ) -> Any:
     """Correct a shopper's spendable points, once per ``adjustment_id``."""
     if body.points == 0:
@@ -131,7 +136,7 @@ async def post_adjustment(
             adjustment_id=body.adjustment_id,
             points=body.points,
             reason=body.reason,
-            by=channel,
+            by=caller.channel,
         )
     except UnknownAccount:
         raise HTTPException(

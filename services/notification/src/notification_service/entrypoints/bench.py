@@ -93,7 +93,7 @@ async def _service(
         kafka_bootstrap_servers=bootstrap,
         database_url=database,
         topic_prefix=_prefix(database),
-        api_keys="bench=bench-key",
+        api_keys="bench:bench-key:admin",
         consumer_session_timeout_ms=2_000,
         consumer_heartbeat_interval_ms=300,
         log_level="WARNING",

@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import HTMLResponse
-from omni_common.http import Channel, Runtime
+from omni_common.auth import Caller, public, require_shopper
+from omni_common.http import Runtime
 from pydantic import BaseModel
 
 from notification_service.adapters.repository import NotificationRepository
@@ -53,7 +54,7 @@ def build_router(notifier: Notifier, tokens: UnsubscribeTokens, max_page: int) -
     async def list_notifications(
         customer_id: Annotated[str, Path(min_length=1, max_length=200)],
         runtime: Runtime,
-        _channel: Channel,
+        _caller: Annotated[Caller, Depends(require_shopper("notifications.read"))],
         limit: Annotated[int, Query(ge=1)] = 50,
     ) -> list[NotificationView]:
         """What was sent, deferred, suppressed or failed for the shopper, newest first."""
@@ -92,7 +93,12 @@ def build_router(notifier: Notifier, tokens: UnsubscribeTokens, max_page: int) -
             raise HTTPException(status_code=400, detail="invalid unsubscribe link")
         return what.customer_id, what.channel, what.purpose
 
-    @router.post("/unsubscribe/{token}", response_model=UnsubscribeResult, tags=["consent"])
+    @router.post(
+        "/unsubscribe/{token}",
+        response_model=UnsubscribeResult,
+        tags=["consent"],
+        dependencies=[Depends(public("the signed token in the link is the authorisation"))],
+    )
     async def unsubscribe(token: str, request: Request, runtime: Runtime) -> UnsubscribeResult:
         """One-click unsubscribe (RFC 8058): the signed token is the authorisation.
 
@@ -104,7 +110,12 @@ def build_router(notifier: Notifier, tokens: UnsubscribeTokens, max_page: int) -
             await notifier.unsubscribe(tx, customer_id, channel, purpose)
         return UnsubscribeResult(status="unsubscribed", channel=channel, purpose=purpose)
 
-    @router.get("/unsubscribe/{token}", response_class=HTMLResponse, tags=["consent"])
+    @router.get(
+        "/unsubscribe/{token}",
+        response_class=HTMLResponse,
+        tags=["consent"],
+        dependencies=[Depends(public("the signed token in the link is the authorisation"))],
+    )
     async def unsubscribe_page(token: str) -> HTMLResponse:
         """A page with a button: a GET never unsubscribes (link scanners follow links)."""
         _verify(token)

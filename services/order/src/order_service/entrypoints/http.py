@@ -1,13 +1,21 @@
-"""The order service's HTTP API: place, read and cancel orders (every endpoint authenticated)."""
+"""The order service's HTTP API: place, read and cancel orders.
+
+Every route declares its scope (:mod:`omni_common.auth`): ``checkout.write`` to place,
+``orders.read`` to read, ``orders.cancel`` to cancel. Web and app keys act for one shopper
+only, with that shopper's token: their checkouts must name the token's ``customer_id``, and
+another shopper's order does not exist for them (404).
+"""
 
 from __future__ import annotations
 
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
-from omni_common.http import Channel as ApiChannel
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
+from omni_common.auth import Caller, require, require_shopper
 from omni_contracts import (
+    MAX_LINES,
+    BoundedModel,
     Channel,
     CheckoutSubmitted,
     Fulfillment,
@@ -18,7 +26,7 @@ from omni_contracts import (
     Quantity,
     UtcDatetime,
 )
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from order_service.domain.errors import (
     IdempotencyConflict,
@@ -44,16 +52,21 @@ def order_service(request: Request) -> OrderService:
 
 
 Orders = Annotated[OrderService, Depends(order_service)]
+Checkout = Annotated[Caller, Depends(require("checkout.write", shopper=True))]
+OrderReader = Annotated[Caller, Depends(require("orders.read", shopper=True))]
+OrderCanceller = Annotated[Caller, Depends(require("orders.cancel", shopper=True))]
+CustomerOrders = Annotated[Caller, Depends(require_shopper("orders.read"))]
+Identifier = Annotated[str, Path(min_length=1, max_length=200, pattern=r"^[^\x00]+$")]
 
 
-class CheckoutRequest(BaseModel):
+class CheckoutRequest(BoundedModel):
     """A checkout, as on ``checkout.submitted.v1``; ``checkout_id`` may come as the
     ``Idempotency-Key`` header instead, ``channel`` defaults to the API key's channel."""
 
     checkout_id: NonEmptyStr | None = None
     customer_id: NonEmptyStr
     channel: Channel | None = None
-    lines: list[Line] = Field(min_length=1)
+    lines: list[Line] = Field(min_length=1, max_length=MAX_LINES)
     fulfillment: Fulfillment
     payment: Payment
     cart_id: NonEmptyStr | None = None
@@ -62,7 +75,7 @@ class CheckoutRequest(BaseModel):
     occurred_at: UtcDatetime | None = None
 
 
-class CancelRequest(BaseModel):
+class CancelRequest(BoundedModel):
     """Why an order is cancelled."""
 
     reason: NonEmptyStr = "requested"
@@ -88,9 +101,11 @@ router = APIRouter(tags=["orders"])
 async def place_order(
     body: CheckoutRequest,
     response: Response,
-    api_channel: ApiChannel,
+    caller: Checkout,
     orders: Orders,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    idempotency_key: Annotated[
+        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
+    ] = None,
 ) -> OrderView:
     """Place an order (same path and rules as ``checkout.submitted.v1``).
 
@@ -99,8 +114,12 @@ async def place_order(
     """
     if idempotency_key and body.checkout_id and idempotency_key != body.checkout_id:
         raise _problem(422, "invalid_order", "Idempotency-Key and checkout_id differ")
+    caller.check_shopper(body.customer_id)
+    if caller.shopper_id is not None and body.channel and body.channel.value != caller.channel:
+        # A shopper's key places orders of its own channel only (no posing as a store).
+        raise _problem(403, "wrong_channel", f"the {caller.channel} key places only its orders")
     checkout_id = idempotency_key or body.checkout_id or f"http-{uuid.uuid4().hex}"
-    channel = body.channel or _channel_of_key(api_channel)
+    channel = body.channel or _channel_of_key(caller.channel)
     fields = body.model_dump(exclude_none=True, exclude={"checkout_id", "channel"})
     try:
         checkout = CheckoutSubmitted(**fields, checkout_id=checkout_id, channel=channel)
@@ -120,10 +139,12 @@ async def place_order(
 
 
 @router.get("/orders/{order_id}", response_model=OrderDetail, responses={404: {}})
-async def get_order(order_id: str, _: ApiChannel, orders: Orders) -> OrderDetail:
+async def get_order(order_id: Identifier, caller: OrderReader, orders: Orders) -> OrderDetail:
     """One order with its status history and returns."""
     try:
         order, history, returns = await orders.get(order_id)
+        if not caller.acts_for(order.customer_id):
+            raise OrderNotFound(f"no order {order_id}")
     except OrderNotFound as exc:
         raise _problem(404, exc.reason, exc.message) from exc
     return OrderDetail(
@@ -139,8 +160,8 @@ async def get_order(order_id: str, _: ApiChannel, orders: Orders) -> OrderDetail
     responses={404: {}, 409: {"description": "Too late: the order is fulfilled or closed"}},
 )
 async def cancel_order(
-    order_id: str,
-    _: ApiChannel,
+    order_id: Identifier,
+    caller: OrderCanceller,
     orders: Orders,
     body: CancelRequest | None = None,
 ) -> OrderView:
@@ -148,6 +169,10 @@ async def cancel_order(
     collected. Cancelling a cancelled order again is harmless."""
     reason = body.reason if body is not None else "requested"
     try:
+        if caller.shopper_id is not None:
+            mine, _, _ = await orders.get(order_id)
+            if not caller.acts_for(mine.customer_id):
+                raise OrderNotFound(f"no order {order_id}")
         order = await orders.cancel(order_id, reason)
     except OrderNotFound as exc:
         raise _problem(404, exc.reason, exc.message) from exc
@@ -158,11 +183,11 @@ async def cancel_order(
 
 @router.get("/customers/{customer_id}/orders", response_model=OrderPage)
 async def customer_orders(
-    customer_id: str,
-    _: ApiChannel,
+    customer_id: Identifier,
+    _: CustomerOrders,
     orders: Orders,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: str | None = None,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
 ) -> OrderPage:
     """A shopper's orders of every channel (in-store sales included), newest first."""
     try:
