@@ -32,13 +32,13 @@ def test_health_is_summarised_from_the_services_metrics() -> None:
 
 
 def test_emails_are_read_from_the_maildir_for_one_recipient(tmp_path) -> None:
-    for n, to in enumerate(["alice@demo.omni.test", "bob@demo.omni.test"]):
+    for n, to in enumerate(["alice@example.com", "bob@example.com"]):
         message = EmailMessage()
         message["To"], message["Subject"] = to, f"Your cart {n}"
         message.set_content("You left 2 items")
         (tmp_path / "new").mkdir(exist_ok=True)
         (tmp_path / "new" / f"{n}.eml").write_bytes(message.as_bytes())
-    found = read_maildir(tmp_path, "alice@demo.omni.test")
+    found = read_maildir(tmp_path, "alice@example.com")
     assert [m["subject"] for m in found] == ["Your cart 0"]
     assert "2 items" in found[0]["text"]
 
