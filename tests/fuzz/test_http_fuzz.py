@@ -21,6 +21,7 @@ import hypothesis
 import pytest
 import requests
 import schemathesis
+import schemathesis.specs.openapi.schemas  # imported in the main thread: see below
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -31,6 +32,11 @@ from omni_devkit.testing.services import running
 from pydantic import BaseModel
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error, response_schema_conformance
+
+# schemathesis is a pytest plugin, so pytest rewrites its modules as they are imported; one
+# imported lazily from the worker thread below once failed in CPython 3.11's AST bookkeeping
+# ("AST constructor recursion depth mismatch"). Importing it above, in the main thread at
+# collection, keeps that out of the threads.
 
 pytestmark = [
     pytest.mark.integration,
