@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
@@ -42,6 +42,7 @@ from omni_contracts.base import Event
 from omni_contracts.catalogue import EVENT_TYPES
 from omni_contracts.envelope import Envelope, EnvelopeError, PayloadError, decode, parse_envelope
 from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
 
 from omni_common.faults import (
     Backoff,
@@ -56,9 +57,14 @@ from omni_common.producer import PRODUCER_MAX_REQUEST_SIZE, ProducerOptions, pro
 from omni_common.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("omni_common.kafka")
 
 EventHandler = Callable[[Any, Envelope], Awaitable[None]]
 """A handler: ``async def handle(event, envelope) -> None``."""
+
+# Fetch waits per broker (see ``KafkaRuntime.fetch_max_wait_ms``).
+KAFKA_FETCH_MAX_WAIT_MS = 500
+TANSU_FETCH_MAX_WAIT_MS = 5
 
 
 UNSTORABLE: tuple[type[Exception], ...] = (
@@ -83,11 +89,34 @@ class RejectedEvent(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Subscription:
-    """What one service consumes from one topic: a handler per event type."""
+    """What one service consumes from one topic: a handler per event type.
+
+    ``together``: a partition's waiting events may be handled in one transaction. Say False
+    when handlers lock shared rows whose order the partitioning does not follow (stock of
+    the SKUs an order names): two partitions' runs could lock them in opposite orders and
+    deadlock, each waiting a second for PostgreSQL to notice.
+    """
 
     topic: str
     handlers: Mapping[type[Event], EventHandler]
     purpose: str = "main"
+    together: bool = True
+
+
+@dataclass(slots=True)
+class Parsed:
+    """A fetched record that holds a valid event, with the handler it goes to."""
+
+    record: ConsumerRecord[Any, Any]
+    topic: str
+    event: Event
+    envelope: Envelope
+    handler: EventHandler
+    trace_context: otel_context.Context
+
+
+BatchTransaction = Callable[[], contextlib.AbstractAsyncContextManager[object]]
+"""Opens the one transaction in which a partition's waiting events are handled together."""
 
 
 def dlq_headers(
@@ -111,9 +140,15 @@ def dlq_headers(
     return headers
 
 
-async def _raw_body(message: KafkaMessage) -> bytes:
-    """Hand the value over undecoded: validation (and the DLQ on failure) happens here."""
-    return message.body
+def _encoded(headers: Mapping[str, str]) -> list[tuple[str, bytes]]:
+    return [(key, value.encode()) for key, value in headers.items()]
+
+
+async def _whole_message(message: KafkaMessage) -> KafkaMessage:
+    """Hand the message over as the body, undecoded: validation (and the DLQ on failure)
+    happens here. Taken as the body rather than asked for from FastStream's context, whose
+    resolution runs in a worker thread for every message."""
+    return message
 
 
 def broker_security(settings: ServiceSettings) -> BaseSecurity | None:
@@ -157,11 +192,13 @@ class OffsetCommitter:
         self.interval_s = interval_s
         self._pending: dict[Any, dict[TopicPartition, int]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._has_pending = asyncio.Event()
 
     def handled(self, consumer: Any, record: ConsumerRecord[Any, Any]) -> None:
         """Note that ``record`` (and everything before it in its partition) is done."""
         offsets = self._pending.setdefault(consumer, {})
         offsets[TopicPartition(record.topic, record.partition)] = record.offset + 1
+        self._has_pending.set()
 
     async def flush(
         self, only_consumer: Any = None, only: set[TopicPartition] | None = None
@@ -207,8 +244,12 @@ class OffsetCommitter:
 
     async def _run(self) -> None:
         while True:
+            await self._has_pending.wait()  # idle: no wake-ups
             await asyncio.sleep(self.interval_s)
+            self._has_pending.clear()
             await self.flush()
+            if self._pending:  # a failed commit put offsets back
+                self._has_pending.set()
 
 
 class PartitionWorker:
@@ -268,9 +309,19 @@ class PartitionWorker:
     async def _run(self) -> None:
         while not self.stopping:
             self.busy = False
-            message, trace_context = await self.queue.get()
+            first = await self.queue.get()
             self.busy = True
+            # What is already waiting is handled with it: one transaction for the lot.
+            taken = [first]
+            while len(taken) < self.runtime.settings.consumer_batch_max and not self.queue.empty():
+                taken.append(self.queue.get_nowait())
             self._maybe_resume()
+            await self._handle(taken)
+
+    async def _handle(self, taken: list[tuple[KafkaMessage, otel_context.Context]]) -> None:
+        """Handle fetched messages in order: runs of valid events together, the rest alone."""
+        run: list[Parsed] = []
+        for message, trace_context in taken:
             record = message.raw_message
             assert isinstance(record, ConsumerRecord)
             if self.resume_at is not None:
@@ -278,24 +329,66 @@ class PartitionWorker:
                     continue  # fetched before the rewind: it comes again
                 self.resume_at = None
             topic, consumer_name, handlers = self.by_physical[record.topic]
-            token = otel_context.attach(trace_context)
-            try:
-                await self.runtime.consume_record(record, topic, consumer_name, handlers)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception(
-                    "could not handle or dead-letter %s[%d]@%d; rewinding",
-                    record.topic,
-                    record.partition,
-                    record.offset,
-                )
-                self._rewind(record)
-                await asyncio.sleep(self.runtime.settings.handler_backoff_max_s)
+            parsed = self.runtime.parse(record, topic, handlers, trace_context)
+            if parsed is not None:
+                run.append(parsed)
                 continue
-            finally:
-                otel_context.detach(token)
-            self.runtime.committer.handled(self.consumer, record)
+            # Not a valid event for a handler (tombstone, skipped, to dead-letter): what
+            # came before it goes first, then it alone.
+            if not await self._handle_run(run):
+                return
+            run = []
+            if not await self._guarded(
+                record,
+                trace_context,
+                self.runtime.consume_record(record, topic, consumer_name, handlers),
+            ):
+                return
+        await self._handle_run(run)
+
+    async def _handle_run(self, run: list[Parsed]) -> bool:
+        """Handle valid events, together when there are several; False after a rewind."""
+        if not run:
+            return True
+        if len(run) > 1 and await self.runtime.handle_together(run):
+            self.runtime.committer.handled(self.consumer, run[-1].record)
+            return True
+        # Alone (or the lot failed and rolled back): each with its own retries and DLQ.
+        for parsed in run:
+            if self.resume_at is not None:
+                return False
+            handled = self.runtime.handle_parsed(parsed)
+            if not await self._guarded(parsed.record, parsed.trace_context, handled):
+                return False
+        return True
+
+    async def _guarded(
+        self,
+        record: ConsumerRecord[Any, Any],
+        trace_context: otel_context.Context,
+        work: Awaitable[None],
+    ) -> bool:
+        """Run ``work`` for ``record`` in its trace; rewind to it if it could not even be
+        dead-lettered (False: what was fetched after it comes again)."""
+        token = otel_context.attach(trace_context)
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(
+                "could not handle or dead-letter %s[%d]@%d; rewinding",
+                record.topic,
+                record.partition,
+                record.offset,
+            )
+            self._rewind(record)
+            await asyncio.sleep(self.runtime.settings.handler_backoff_max_s)
+            return False
+        finally:
+            otel_context.detach(token)
+        self.runtime.committer.handled(self.consumer, record)
+        return True
 
     def _rewind(self, record: ConsumerRecord[Any, Any]) -> None:
         # No await between dropping the queue and the seek: nothing slips in between.
@@ -378,8 +471,13 @@ class KafkaRuntime:
         # Set by the service runtime: probes the database, to tell an outage (wait and
         # retry) from a message that fails on a healthy world (dead-letter it).
         self.health_check: HealthCheck | None = None
+        # Contract topics whose events are never handled together (``Subscription.together``).
+        self.one_at_a_time: set[str] = set()
+        # Set by the service runtime: the transaction a run of events is handled in together.
+        self.batch_transaction: BatchTransaction | None = None
         self._draining = False
         self.producer_options: ProducerOptions | None = None
+        self._producer: AIOKafkaProducer | None = None
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -392,6 +490,8 @@ class KafkaRuntime:
         self.consumes.add(topic)
         self.produces.add(f"{topic}.dlq")
         handlers = {model.ce_type: (model, h) for model, h in subscription.handlers.items()}
+        if not subscription.together:
+            self.one_at_a_time.add(topic)
         consumer_name = f"{self.settings.service_name}.{subscription.purpose}:{topic}"
         routes[topic] = (consumer_name, handlers)
 
@@ -413,9 +513,9 @@ class KafkaRuntime:
                 listener=listener,
                 group_id=s.group_id(purpose),
                 ack_policy=AckPolicy.MANUAL,
-                decoder=_raw_body,
+                decoder=_whole_message,
                 auto_offset_reset="earliest",
-                fetch_max_wait_ms=s.consumer_fetch_max_wait_ms,
+                fetch_max_wait_ms=self.fetch_max_wait_ms(),
                 session_timeout_ms=s.consumer_session_timeout_ms,
                 heartbeat_interval_ms=s.consumer_heartbeat_interval_ms,
                 title=f"{s.service_name}:{purpose}",
@@ -424,11 +524,25 @@ class KafkaRuntime:
             subscriber(consume)
             listener.subscriber = subscriber
 
+    def fetch_max_wait_ms(self) -> int:
+        """The consumers' fetch wait: as configured, else chosen for the broker connected to.
+
+        Apache Kafka answers a fetch as soon as data arrives, so its long wait costs no
+        latency and spares the CPU of empty fetches; Tansu holds an empty fetch for the whole
+        wait, so it gets a short one. A broker that hands out producer ids is taken for
+        Apache Kafka (Tansu does not).
+        """
+        if self.settings.consumer_fetch_max_wait_ms is not None:
+            return self.settings.consumer_fetch_max_wait_ms
+        options = self.producer_options
+        kafka = options is not None and options.enable_idempotence
+        return KAFKA_FETCH_MAX_WAIT_MS if kafka else TANSU_FETCH_MAX_WAIT_MS
+
     def _dispatcher(
         self, by_physical: Mapping[str, tuple[str, str, Mapping[str, Any]]]
     ) -> Callable[[KafkaMessage], Awaitable[None]]:
         # A closure, not a default argument: FastStream would take one for a body field.
-        async def consume(message: KafkaMessage) -> None:
+        async def consume(message: Any) -> None:
             if self._draining:
                 return  # shutting down: not handled, not committed, so it comes again
             record = message.raw_message
@@ -476,6 +590,72 @@ class KafkaRuntime:
         self.produces.add(topic)
 
     # -- consuming ------------------------------------------------------------------------
+
+    def parse(
+        self,
+        record: ConsumerRecord[Any, Any],
+        topic: str,
+        handlers: Mapping[str, tuple[type[Event], EventHandler]],
+        trace_context: otel_context.Context,
+    ) -> Parsed | None:
+        """The valid event in ``record`` and its handler; None for anything else (a
+        tombstone, an event skipped or to dead-letter), which :meth:`consume_record` takes."""
+        if record.value is None:
+            return None
+        try:
+            envelope = parse_envelope(record.headers or ())
+        except EnvelopeError:
+            return None
+        entry = handlers.get(envelope.type)
+        if entry is None:
+            return None
+        model, handler = entry
+        try:
+            event = decode(model, record.value)
+        except PayloadError:
+            return None
+        return Parsed(record, topic, event, envelope, handler, trace_context)
+
+    async def handle_parsed(self, parsed: Parsed) -> None:
+        """Handle one valid event alone, with retries, waits and the DLQ."""
+        await self._handle_with_retries(
+            parsed.record, parsed.topic, parsed.event, parsed.envelope, parsed.handler
+        )
+
+    async def handle_together(self, run: list[Parsed]) -> bool:
+        """Handle a partition's waiting events in one transaction; False if the lot failed.
+
+        One commit (and one outbox write) for the lot instead of one per event. If any
+        handler fails, the whole transaction rolls back and the caller handles them one by
+        one, so a failure stays with its own event (retried, waited out, or dead-lettered).
+        """
+        if self.batch_transaction is None or run[0].topic in self.one_at_a_time:
+            return False
+        m = self.metrics
+        try:
+            async with self.batch_transaction():
+                for parsed in run:
+                    token = otel_context.attach(parsed.trace_context)
+                    try:
+                        await parsed.handler(parsed.event, parsed.envelope)
+                    finally:
+                        otel_context.detach(token)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            m.batches_split.labels(m.service, run[0].topic).inc()
+            log.info(
+                "%d events of %s[%d] could not be handled together (%s); one by one",
+                len(run),
+                run[0].record.topic,
+                run[0].record.partition,
+                type(exc).__name__,
+            )
+            return False
+        m.batch_size.labels(m.service, run[0].topic).observe(len(run))
+        for parsed in run:
+            m.events_handled.labels(m.service, parsed.topic, parsed.envelope.type, "handled").inc()
+        return True
 
     async def consume_record(
         self,
@@ -627,27 +807,57 @@ class KafkaRuntime:
         )
         # Awaited: if the DLQ write fails, the exception nacks the message (the partition
         # rewinds and it is tried again) rather than committing past it.
-        await self.broker.publish(
-            record.value or b"",
+        sent = await self.producer.send(
             self.settings.topic(f"{topic}.dlq"),
+            value=record.value or b"",
             key=record.key,
-            headers=dlq_headers(record, reason=reason, error=error, service=m.service),
+            headers=_encoded(dlq_headers(record, reason=reason, error=error, service=m.service)),
         )
+        await sent
         m.dlq_messages.labels(m.service, topic, reason).inc()
         m.events_handled.labels(m.service, topic, ce_type, "dead_lettered").inc()
 
     # -- publishing (the outbox relay's side) ---------------------------------------------
 
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        """The service's one producer (outbox relay and DLQ alike), once connected."""
+        if self._producer is None:
+            raise RuntimeError("the Kafka runtime is not connected")
+        return self._producer
+
     async def publish_outbox_message(self, message: OutboxMessage) -> Awaitable[object]:
-        """Send one outbox row; returns the broker acknowledgement to await."""
-        future = await self.broker.publish(
-            message.payload,
-            self.settings.topic(message.topic),
-            key=message.key.encode() if message.key is not None else None,
-            headers=message.headers,
-            no_confirm=True,
+        """Send one outbox row; returns the broker acknowledgement to await.
+
+        Straight to aiokafka: the row already carries its trace context and CloudEvents
+        headers, and FastStream's per-message publish middlewares cost more than the send
+        itself (``omni_outbox_published`` counts what left).
+        """
+        destination = self.settings.topic(message.topic)
+        # A producer span of our own, child of the row's trace: the consumer's span continues
+        # from this one, as with FastStream's middleware (started and ended by hand, which
+        # costs a fraction of a current-span context manager per message).
+        span = _tracer.start_span(
+            f"{destination} publish",
+            context=propagate.extract(message.headers),
+            kind=trace.SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.operation": "publish",
+                "messaging.destination.name": destination,
+            },
         )
-        return future  # type: ignore[no-any-return]
+        headers = dict(message.headers)
+        propagate.inject(headers, context=trace.set_span_in_context(span))
+        try:
+            return await self.producer.send(
+                destination,
+                value=message.payload,
+                key=message.key.encode() if message.key is not None else None,
+                headers=_encoded(headers),
+            )
+        finally:
+            span.end()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -655,6 +865,20 @@ class KafkaRuntime:
         """Connect the producer only (e.g. a process that runs just the outbox relay)."""
         await self._configure_producer()
         await self.broker.connect()
+        await self._start_producer()
+
+    async def _start_producer(self) -> None:
+        if self._producer is not None:
+            return
+        assert self.producer_options is not None
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            client_id=self.settings.service_name,
+            **self.producer_options.as_kwargs(),
+            **parse_security(self._security),
+        )
+        await producer.start()
+        self._producer = producer
 
     async def start(self) -> None:
         """Connect the broker, start the subscribers and the lag sampler."""
@@ -662,6 +886,7 @@ class KafkaRuntime:
         await self._configure_producer()
         self._register_consumers()
         await self.broker.start()
+        await self._start_producer()
         self.committer.start()
         self._lag_task = asyncio.create_task(self._sample_lag(), name="consumer-lag")
 
@@ -694,6 +919,9 @@ class KafkaRuntime:
         """Drain (if not yet done), then leave the groups and disconnect."""
         await self.drain()
         await self.broker.stop()
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            await producer.stop()
 
     async def _configure_producer(self) -> None:
         # The one producer (outbox relay and DLQ alike) is built from the broker's connection

@@ -97,6 +97,19 @@ class PlatformMetrics:
             ["service", "topic"],
             registry=r,
         )
+        self.batch_size = Histogram(
+            "omni_consumer_batch_size",
+            "Events of one partition handled together in one transaction",
+            ["service", "topic"],
+            buckets=(2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.batches_split = Counter(
+            "omni_consumer_batches_split",
+            "Runs of events that failed together and were handled one by one instead",
+            ["service", "topic"],
+            registry=r,
+        )
         self.timers_failed = Counter(
             "omni_timer_failures",
             "Durable timers whose handler failed: retried later, or dead after the last try",

@@ -1,7 +1,10 @@
 """The transactional outbox: write events with the state change, publish them afterwards.
 
-``add_to_outbox`` inserts the event in the caller's transaction; a trigger notifies the relay
-(``pg_notify`` is delivered on commit, so the relay never sees uncommitted rows).
+``add_to_outbox`` inserts the event in the caller's transaction. Once it commits, the writer
+wakes the relay: in-process when this instance's relay leads (``OutboxRelay.wake``), else
+with a ``pg_notify`` sent in the transaction (delivered on commit, so the relay never sees
+uncommitted rows). NOTIFY takes a cluster-wide lock at commit, which is why it is not on
+every commit; the relay also polls, which bounds the delay of any writer it did not hear.
 
 ``OutboxRelay`` publishes unpublished rows in id order. Only one relay per service schema
 is active at a time (a PostgreSQL advisory lock elects it), which keeps per-key order even
@@ -82,6 +85,45 @@ class OutboxMessage:
     payload: bytes | None  # None: a tombstone (a keyed null value)
 
 
+_INSERT = (
+    "INSERT INTO outbox (ce_id, ce_type, topic, key, headers, payload)"
+    " VALUES ($1, $2, $3, $4, $5::jsonb, $6)"
+)
+
+OutboxRow = tuple[str, str, str, str | None, str, bytes | None]
+"""An outbox row to insert: ``(ce_id, ce_type, topic, key, headers JSON, payload)``."""
+
+
+def outbox_row(topic: str, event: Event, envelope: Envelope) -> OutboxRow:
+    """The row for ``event``, carrying the current trace context so the publish joins it."""
+    headers = envelope.headers() | current_trace_headers()
+    return (
+        envelope.id,
+        envelope.type,
+        topic,
+        event.partition_key(),
+        json.dumps(headers),
+        encode(event),
+    )
+
+
+def tombstone_row(topic: str, key: str, ce_id: str) -> OutboxRow:
+    """The row of a tombstone (a null value for ``key``) on a compacted ``topic``.
+
+    Compaction then drops every earlier record of the key. The row carries no CloudEvents
+    headers (a tombstone is no event); consumers skip null values.
+    """
+    return (ce_id, "tombstone", topic, key, json.dumps(current_trace_headers()), None)
+
+
+async def insert_outbox_rows(conn: asyncpg.Connection, rows: Sequence[OutboxRow]) -> None:
+    """Insert rows in the caller's transaction, in order, pipelined in one round trip."""
+    if len(rows) == 1:
+        await conn.execute(_INSERT, *rows[0])
+    elif rows:
+        await conn.executemany(_INSERT, rows)
+
+
 async def add_to_outbox(
     conn: asyncpg.Connection,
     *,
@@ -93,17 +135,7 @@ async def add_to_outbox(
 
     The current trace context is stored with the row so the publish joins the same trace.
     """
-    headers = envelope.headers() | current_trace_headers()
-    await conn.execute(
-        "INSERT INTO outbox (ce_id, ce_type, topic, key, headers, payload)"
-        " VALUES ($1, $2, $3, $4, $5::jsonb, $6)",
-        envelope.id,
-        envelope.type,
-        topic,
-        event.partition_key(),
-        json.dumps(headers),
-        encode(event),
-    )
+    await conn.execute(_INSERT, *outbox_row(topic, event, envelope))
 
 
 async def add_all_to_outbox(
@@ -111,40 +143,14 @@ async def add_all_to_outbox(
 ) -> None:
     """Queue many ``(topic, event, envelope)`` in the caller's transaction, pipelined in one
     round trip (for handlers that emit a batch, e.g. timers decided together)."""
-    trace = current_trace_headers()
-    await conn.executemany(
-        "INSERT INTO outbox (ce_id, ce_type, topic, key, headers, payload)"
-        " VALUES ($1, $2, $3, $4, $5::jsonb, $6)",
-        [
-            (
-                envelope.id,
-                envelope.type,
-                topic,
-                event.partition_key(),
-                json.dumps(envelope.headers() | trace),
-                encode(event),
-            )
-            for topic, event, envelope in items
-        ],
-    )
+    await insert_outbox_rows(conn, [outbox_row(t, e, env) for t, e, env in items])
 
 
 async def add_tombstone_to_outbox(
     conn: asyncpg.Connection, *, topic: str, key: str, ce_id: str
 ) -> None:
-    """Queue a tombstone (a null value for ``key``) on a compacted ``topic``.
-
-    Compaction then drops every earlier record of the key. The row carries no CloudEvents
-    headers (a tombstone is no event); consumers skip null values.
-    """
-    await conn.execute(
-        "INSERT INTO outbox (ce_id, ce_type, topic, key, headers, payload)"
-        " VALUES ($1, 'tombstone', $2, $3, $4::jsonb, NULL)",
-        ce_id,
-        topic,
-        key,
-        json.dumps(current_trace_headers()),
-    )
+    """Queue a tombstone for ``key`` on compacted ``topic`` (see :func:`tombstone_row`)."""
+    await conn.execute(_INSERT, *tombstone_row(topic, key, ce_id))
 
 
 # publish(message) -> an awaitable that completes once the broker acknowledged the write.
@@ -203,6 +209,7 @@ class OutboxRelay:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self.leading = False
 
     def retain(self, table: str, column: str, retention: timedelta) -> None:
         """Purge rows of ``table`` older than ``retention`` (by ``column``) with the outbox's.
@@ -211,6 +218,10 @@ class OutboxRelay:
         resend they could catch is older. Names come from code, never from input.
         """
         self._retained.append((table, column, retention))
+
+    def wake(self) -> None:
+        """Rows were committed in this process: relay them now rather than at the next poll."""
+        self._wakeup.set()
 
     async def start(self) -> None:
         """Start relaying in the background."""
@@ -251,6 +262,7 @@ class OutboxRelay:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
+                self.leading = False
                 if conn is not None and not conn.is_closed():
                     with contextlib.suppress(Exception):
                         await asyncio.shield(conn.close(timeout=2))
@@ -264,7 +276,9 @@ class OutboxRelay:
         ):
             await self._evict_stale_leader(conn, lock)
             await asyncio.sleep(self._poll_interval_s)
+        # Writers in this process wake the relay directly (``wake``); other instances NOTIFY.
         await conn.add_listener(notify_channel(self._schema), self._on_notify)
+        self.leading = True
         log.info("outbox relay for %s is active", self._schema)
         last_purge = last_observed = 0.0
         while not self._stopping:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
@@ -28,9 +29,11 @@ from omni_common.logging import configure_logging
 from omni_common.metrics import PlatformMetrics
 from omni_common.outbox import (
     OutboxRelay,
-    add_all_to_outbox,
-    add_to_outbox,
-    add_tombstone_to_outbox,
+    OutboxRow,
+    insert_outbox_rows,
+    notify_channel,
+    outbox_row,
+    tombstone_row,
 )
 from omni_common.settings import ServiceSettings
 from omni_common.telemetry import configure_tracing
@@ -41,9 +44,21 @@ log = logging.getLogger(__name__)
 class Tx:
     """One database transaction of a service, able to emit events through the outbox."""
 
-    def __init__(self, conn: asyncpg.Connection, runtime: ServiceRuntime) -> None:
+    def __init__(
+        self, conn: asyncpg.Connection, runtime: ServiceRuntime, batch: _Batch | None = None
+    ) -> None:
         self.conn = conn
         self._runtime = runtime
+        self._batch = batch
+        self.emitted = False
+
+    async def _write(self, rows: list[OutboxRow]) -> None:
+        self.emitted = True
+        if self._batch is not None:
+            # Handled together with other events: one outbox write for the lot, in order.
+            self._batch.rows.extend(rows)
+        else:
+            await insert_outbox_rows(self.conn, rows)
 
     async def emit(
         self,
@@ -57,7 +72,7 @@ class Tx:
         envelope = new_envelope(
             event, source=rt.source, caused_by=caused_by, correlation_id=correlation_id
         )
-        await add_to_outbox(self.conn, topic=event.topic, event=event, envelope=envelope)
+        await self._write([outbox_row(event.topic, event, envelope)])
         return envelope
 
     async def emit_all(
@@ -77,14 +92,26 @@ class Tx:
             new_envelope(event, source=rt.source, caused_by=caused_by, correlation_id=cid)
             for event, cid in zip(events, ids, strict=True)
         ]
-        await add_all_to_outbox(
-            self.conn, [(e.topic, e, env) for e, env in zip(events, envelopes, strict=True)]
+        await self._write(
+            [outbox_row(e.topic, e, env) for e, env in zip(events, envelopes, strict=True)]
         )
         return envelopes
 
     async def emit_tombstone(self, topic: str, key: str) -> None:
         """Publish a tombstone for ``key`` on compacted ``topic`` once this transaction commits."""
-        await add_tombstone_to_outbox(self.conn, topic=topic, key=key, ce_id=str(uuid.uuid4()))
+        await self._write([tombstone_row(topic, key, str(uuid.uuid4()))])
+
+
+@dataclass
+class _Batch:
+    """The transaction a partition's waiting events are handled in together."""
+
+    conn: asyncpg.Connection
+    rows: list[OutboxRow] = field(default_factory=list)
+
+
+# Set while a run of events is handled together: ``handling()`` joins its transaction.
+_BATCH: contextvars.ContextVar[_Batch | None] = contextvars.ContextVar("omni_batch", default=None)
 
 
 class ServiceRuntime:
@@ -97,6 +124,7 @@ class ServiceRuntime:
         self.metrics = PlatformMetrics(settings.service_name)
         self.kafka = KafkaRuntime(settings, self.metrics)
         self.kafka.health_check = self.database_problem
+        self.kafka.batch_transaction = self.handling_together
         self._pool: asyncpg.Pool | None = None
         self.relay = OutboxRelay(
             dsn=settings.database_url.get_secret_value(),
@@ -142,21 +170,66 @@ class ServiceRuntime:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:
         """A transaction for a state change that does not come from an event (HTTP, timers)."""
-        async with self._acquire() as conn, conn.transaction():
-            yield Tx(conn, self)
+        async with self._acquire() as conn:
+            async with conn.transaction():
+                tx = Tx(conn, self)
+                yield tx
+                await self._before_commit(conn, tx.emitted)
+            self._after_commit(tx.emitted)
 
     @contextlib.asynccontextmanager
     async def handling(self, consumer: str, envelope: Envelope) -> AsyncIterator[Tx | None]:
         """A transaction for handling one event; yields None when it was handled before.
 
-        The inbox record, the effect and the events it causes commit together.
+        The inbox record, the effect and the events it causes commit together. While the
+        Kafka runtime handles a partition's waiting events together, this joins their one
+        transaction instead (which commits, or rolls back, for the lot).
         """
-        async with self._acquire() as conn, conn.transaction():
-            if not await first_delivery(conn, consumer, envelope):
+        batch = _BATCH.get()
+        if batch is not None:
+            if not await first_delivery(batch.conn, consumer, envelope):
                 log.info("duplicate %s %s ignored", envelope.type, envelope.id)
                 yield None
                 return
-            yield Tx(conn, self)
+            yield Tx(batch.conn, self, batch)
+            return
+        async with self._acquire() as conn:
+            async with conn.transaction():
+                if not await first_delivery(conn, consumer, envelope):
+                    log.info("duplicate %s %s ignored", envelope.type, envelope.id)
+                    yield None
+                    return
+                tx = Tx(conn, self)
+                yield tx
+                await self._before_commit(conn, tx.emitted)
+            self._after_commit(tx.emitted)
+
+    @contextlib.asynccontextmanager
+    async def handling_together(self) -> AsyncIterator[None]:
+        """One transaction for several events: each ``handling()`` inside joins it."""
+        if _BATCH.get() is not None:
+            raise RuntimeError("already handling events together")
+        async with self._acquire() as conn:
+            async with conn.transaction():
+                batch = _Batch(conn)
+                token = _BATCH.set(batch)
+                try:
+                    yield
+                finally:
+                    _BATCH.reset(token)
+                await insert_outbox_rows(conn, batch.rows)
+                await self._before_commit(conn, bool(batch.rows))
+            self._after_commit(bool(batch.rows))
+
+    async def _before_commit(self, conn: asyncpg.Connection, emitted: bool) -> None:
+        # The relay of this process is woken in-process; only when another instance leads is
+        # a NOTIFY needed (it takes a cluster-wide lock at commit, so not on every commit).
+        if emitted and not self.relay.leading:
+            await conn.execute("SELECT pg_notify($1, '')", notify_channel(self.settings.schema))
+
+    def _after_commit(self, emitted: bool) -> None:
+        if emitted:
+            self.relay.wake()
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """OpenTelemetry tracing: one trace per shopper journey, across Kafka hops.
 
-Producer and consumer spans are made by FastStream's ``KafkaTelemetryMiddleware``, which
-injects and extracts W3C ``traceparent`` headers. The outbox stores the writer's
-``traceparent`` with each row, so the relay's publish span joins the same trace.
+Consumer spans are made by FastStream's ``KafkaTelemetryMiddleware``, which extracts W3C
+``traceparent`` headers. The outbox stores the writer's ``traceparent`` with each row; the
+relay's publish span (``KafkaRuntime.publish_outbox_message``) is its child and injects its
+own ``traceparent``, so the consumer's span continues the same trace.
 """
 
 from __future__ import annotations

@@ -63,7 +63,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     def bound(handler: consumers.Handler) -> consumers.BoundHandler:
         return functools.partial(handler, deps)
 
-    runtime.subscribe(Subscription(STORE_SALES, {SaleRecorded: bound(consumers.sale_recorded)}))
+    # A sale or an order locks the stock of every SKU it names, in an order the partitioning
+    # (by sale, by order) does not follow: each is handled in a transaction of its own.
+    runtime.subscribe(
+        Subscription(STORE_SALES, {SaleRecorded: bound(consumers.sale_recorded)}, together=False)
+    )
     runtime.subscribe(
         Subscription(INVENTORY_ADJUSTMENTS, {StockAdjusted: bound(consumers.stock_adjusted)})
     )
@@ -79,6 +83,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 OrderShipped: bound(consumers.order_fulfilled),
                 OrderReturnReceived: bound(consumers.return_received),
             },
+            together=False,
         )
     )
     runtime.publishes(INVENTORY_AVAILABILITY, INVENTORY_RESERVATIONS)
