@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
+from omni_common.kafka import KAFKA_FETCH_MAX_WAIT_MS, TANSU_FETCH_MAX_WAIT_MS
 from omni_common.producer import idempotence_supported
 from omni_common.topics import wait_for_broker, wait_for_group_coordinator
 
@@ -166,7 +167,10 @@ BrokerKind = Literal["kafka", "tansu"]
 
 # Kafka answers a fetch as soon as data arrives, so a long wait costs no latency (only Tansu
 # holds an empty fetch for the whole wait); a short one only burns CPU on both sides.
-FETCH_MAX_WAIT_MS: dict[str, int] = {"kafka": 100, "tansu": 5}
+FETCH_MAX_WAIT_MS: dict[str, int] = {
+    "kafka": KAFKA_FETCH_MAX_WAIT_MS,
+    "tansu": TANSU_FETCH_MAX_WAIT_MS,
+}
 
 
 def fetch_max_wait_ms(kind: str) -> int:
