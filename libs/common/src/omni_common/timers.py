@@ -28,6 +28,10 @@ from omni_common.telemetry import attach_trace_headers, current_trace_headers, d
 
 log = logging.getLogger(__name__)
 
+# The wheels running in this process: set_timer tells them of a deadline they must not
+# sleep past (the row is not visible yet, only once the caller commits).
+_WHEELS: list[TimerWheel] = []
+
 
 async def set_timer(
     conn: asyncpg.Connection,
@@ -48,6 +52,8 @@ async def set_timer(
         json.dumps(dict(payload or {})),
         json.dumps(current_trace_headers()),
     )
+    for wheel in _WHEELS:
+        wheel.armed(kind, due_at)
 
 
 async def cancel_timer(conn: asyncpg.Connection, kind: str, key: str) -> bool:
@@ -89,6 +95,8 @@ class TimerWheel:
         retry_initial_s: float = 1.0,
         retry_max_s: float = 300.0,
         metrics: PlatformMetrics | None = None,
+        idle_poll_s: float = 2.0,
+        concurrency: int = 1,
     ) -> None:
         self._transaction = transaction
         self._handlers = dict(handlers)
@@ -100,17 +108,42 @@ class TimerWheel:
         # locks are held until the whole batch commits).
         self._per_transaction = max(1, per_transaction)
         self._max_attempts = max_attempts
+        # Transactions fired at once when many timers are due (each holds a connection).
+        self._concurrency = max(1, concurrency)
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
         self._metrics = metrics
+        # With nothing due soon the wheel sleeps until the next deadline, at most this long:
+        # timers this process arms wake it earlier (``armed``); this bounds the delay for
+        # timers armed by other instances (or written by hand) meanwhile.
+        self._idle_poll_s = max(idle_poll_s, poll_interval_s)
+        self._wake_at = 0.0
+        self._woken = asyncio.Event()
+
+    def armed(self, kind: str, due_at: datetime) -> None:
+        """A timer of ``kind`` was armed in this process: do not sleep past its deadline.
+
+        It is polled for no sooner than one poll interval from now, by when the arming
+        transaction has normally committed (if not, the next round finds it).
+        """
+        if kind not in self._kinds:
+            return
+        loop = asyncio.get_running_loop()
+        due_in = (due_at - datetime.now(due_at.tzinfo)).total_seconds()
+        at = loop.time() + max(due_in, self._poll_interval_s)
+        if at < self._wake_at:
+            self._wake_at = at
+            self._woken.set()
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[TimerWheel]:
         """Poll in the background while the context is open."""
         task = asyncio.create_task(self._run(), name="timer-wheel")
+        _WHEELS.append(self)
         try:
             yield self
         finally:
+            _WHEELS.remove(self)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -129,7 +162,31 @@ class TimerWheel:
                 await outage.sleep()
                 continue
             if fired < self._batch_size:
-                await asyncio.sleep(self._poll_interval_s)
+                try:
+                    await self._sleep_until_due()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("timer wheel could not look ahead: %s: %s", type(exc).__name__, exc)
+                    await outage.sleep()
+
+    async def _sleep_until_due(self) -> None:
+        """Sleep until the next deadline known to the database or armed here meanwhile,
+        at least a poll interval and at most ``idle_poll_s``."""
+        loop = asyncio.get_running_loop()
+        async with self._transaction() as tx:
+            due_in = await tx.conn.fetchval(
+                "SELECT extract(epoch FROM coalesce(next_attempt_at, due_at) - now())"
+                " FROM timers WHERE kind = ANY($1)"
+                " ORDER BY coalesce(next_attempt_at, due_at) LIMIT 1",
+                self._kinds,
+            )
+        delay = self._idle_poll_s if due_in is None else float(due_in)
+        self._wake_at = loop.time() + min(max(delay, self._poll_interval_s), self._idle_poll_s)
+        while (remaining := self._wake_at - loop.time()) > 0:
+            self._woken.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), remaining)
 
     async def fire_due(self) -> int:
         """Fire due timers (up to ``batch_size``); returns how many were tried.
@@ -143,25 +200,41 @@ class TimerWheel:
         fired = 0
         while fired < self._batch_size:
             want = min(self._per_transaction, self._batch_size - fired)
-            if want == 1:
-                n = await self._fire_single()
+            lanes = max(1, min(self._concurrency, (self._batch_size - fired) // want))
+            if lanes == 1:
+                n = await self._fire_some(want)
             else:
-                try:
-                    n = await self._fire(want)
-                except _TimerFailed as failed:
-                    if is_infrastructure_error(failed.error):
-                        raise failed.error from None
-                    log.warning("a timer batch failed; firing it one timer at a time")
-                    n = 0
-                    for _ in range(want):
-                        one = await self._fire_single()
-                        n += one
-                        if not one:
-                            break
+                # Several transactions at once (SKIP LOCKED keeps them apart): one waits on
+                # the database while another decides.
+                results = await asyncio.gather(
+                    *(self._fire_some(want) for _ in range(lanes)), return_exceptions=True
+                )
+                for result in results:
+                    if isinstance(result, BaseException):
+                        raise result
+                n = sum(r for r in results if isinstance(r, int))
             fired += n
-            if n < want:
+            if n < want * lanes:
                 break
         return fired
+
+    async def _fire_some(self, want: int) -> int:
+        """Fire up to ``want`` due timers in one transaction (one by one if it fails)."""
+        if want == 1:
+            return await self._fire_single()
+        try:
+            return await self._fire(want)
+        except _TimerFailed as failed:
+            if is_infrastructure_error(failed.error):
+                raise failed.error from None
+            log.warning("a timer batch failed; firing it one timer at a time")
+            n = 0
+            for _ in range(want):
+                one = await self._fire_single()
+                n += one
+                if not one:
+                    break
+            return n
 
     async def _fire_single(self) -> int:
         try:

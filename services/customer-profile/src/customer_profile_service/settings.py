@@ -44,6 +44,8 @@ class ProfileSettings(ServiceSettings):
     cart_timer_poll_s: float = Field(default=0.5, gt=0)
     cart_timer_batch: int = Field(default=500, gt=0)
     cart_timer_per_transaction: int = Field(default=50, gt=0)
+    # Abandonment transactions fired at once when many carts are due.
+    cart_timer_concurrency: int = Field(default=3, gt=0)
     cart_max_lines: int = Field(default=200, gt=0)
     cart_max_qty: int = Field(default=999, gt=0)
     profile_identity_limits: str = ""

@@ -52,6 +52,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             poll_interval_s=config.cart_timer_poll_s,
             batch_size=config.cart_timer_batch,
             per_transaction=config.cart_timer_per_transaction,
+            concurrency=config.cart_timer_concurrency,
         ).running()
     )
     app = create_http_app(

@@ -245,7 +245,7 @@ async def _service_phase(
         # Nothing reaches the service's inputs here: Kafka's default fetch wait instead of the
         # 5 ms that buys consumer latency on Tansu with a busy poll.
         "CONSUMER_FETCH_MAX_WAIT_MS": "500",
-        "API_KEYS": "bench=bench",
+        "API_KEYS": "bench:bench-carts-key:admin",
     }
     env.pop("DB_SCHEMA", None)
     log = tempfile.NamedTemporaryFile(prefix="omni-bench-carts-", suffix=".log", delete=False)  # noqa: SIM115
