@@ -56,6 +56,7 @@ class ServiceProcess:
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
     _log: IO[bytes] | None = None
+    _log_offset: int = 0
 
     @property
     def url(self) -> str:
@@ -66,6 +67,8 @@ class ServiceProcess:
         """Start the process (its output is appended to ``log_path``)."""
         if self._log is None:
             self._log = self.log_path.open("ab")
+        self._log.flush()
+        self._log_offset = self.log_path.stat().st_size
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "omni_common.run", self.name],
             env=dict(os.environ)
@@ -104,6 +107,20 @@ class ServiceProcess:
         within ``timeout`` and was killed)."""
         assert self.proc is not None
         return await asyncio.to_thread(stop_process, self.proc, timeout, signal.SIGTERM)
+
+    def log_since_start(self) -> str:
+        """What the process logged since its latest start."""
+        with self.log_path.open("rb") as fh:
+            fh.seek(self._log_offset)
+            return fh.read().decode(errors="replace")
+
+    def stopped_cleanly(self, code: int) -> bool:
+        """Whether exit ``code`` and the log tell of a clean stop: the lifespan's shutdown ran
+        to its end. uvicorn re-raises the SIGTERM it handled once it has shut down, so a
+        clean stop exits with -15 (143 in a shell), not 0."""
+        return code in (0, -signal.SIGTERM) and (
+            "Application shutdown complete" in self.log_since_start()
+        )
 
     def kill(self) -> None:
         """Stop at once, whatever it is doing (cleanup)."""
