@@ -11,6 +11,7 @@ store's stock, nothing on any ``*.dlq`` topic.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -273,6 +274,27 @@ async def test_rolling_sigterm_restart_of_every_service_under_load(
                 "SELECT sku, on_hand, reserved FROM inventory.stock WHERE location_id = $1",
                 WAREHOUSE,
             )
+
+            # Customer-profile and loyalty saw each order and sale once too (their keys forbid
+            # twice, so only a lost one can show): a purchase per order, points per sale.
+            async def others_caught_up() -> bool:
+                seen = await db.fetchrow(
+                    "SELECT (SELECT count(*) FROM customer_profile.purchases"
+                    "        WHERE customer_id LIKE $1) AS web,"
+                    " (SELECT count(*) FROM customer_profile.purchases"
+                    "  WHERE customer_id LIKE $2) AS store,"
+                    " (SELECT count(*) FROM loyalty.earnings e JOIN loyalty.orders o"
+                    "  USING (order_id) WHERE o.channel = 'store') AS earned",
+                    f"cust-{run}-%",
+                    f"shopper-{run}-%",
+                )
+                assert seen is not None
+                others.update(seen)
+                return tuple(seen) == (sent["checkouts"], sent["sales"], sent["sales"])
+
+            others: dict[str, int] = {}
+            with contextlib.suppress(TimeoutError):
+                await wait_for(others_caught_up, timeout=30)
             figures.applied = sum(len(ids) for ids in outcomes.values()) + int(store_sold)
             figures.duplicates = (
                 doubled_orders + doubled_outcomes + max(0, int(store_sold) - sent["sales"])
@@ -289,6 +311,8 @@ async def test_rolling_sigterm_restart_of_every_service_under_load(
                 oversold_skus=len(oversold),
                 sale_orders=len(sale_orders),
                 republished=sum(n - 1 for n in records_seen.values()),
+                profile_purchases=others.get("web", 0) + others.get("store", 0),
+                loyalty_earnings=others.get("earned", 0),
             )
             figures.report()
             assert doubled_orders == 0, "a checkout made two orders"
@@ -299,6 +323,11 @@ async def test_rolling_sigterm_restart_of_every_service_under_load(
             assert store_sold == sent["sales"], "a sale was lost or applied twice"
             assert len(sale_orders) == sent["sales"]
             assert figures.dead_lettered == 0, dlq
+            assert others == {
+                "web": sent["checkouts"],
+                "store": sent["sales"],
+                "earned": sent["sales"],
+            }, "customer-profile or loyalty missed an order or a sale"
     finally:
         await db.close()
         for proc in procs.values():
