@@ -76,7 +76,7 @@ class MemberProcess:
         async for line in self.proc.stdout:
             self.handled = int(line)
 
-    async def kill_when_busy(self, timeout: float = 15.0) -> int:  # noqa: ASYNC109
+    async def kill_when_busy(self, timeout: float = 60.0) -> int:  # noqa: ASYNC109
         """Once it has handled messages, kill it -9; returns how many it had handled."""
         await wait_for(self._busy, timeout=timeout, every=0.05)
         self.proc.send_signal(signal.SIGKILL)  # mid-work: no drain, no commit, no leave
@@ -150,7 +150,8 @@ async def test_rebalance_storm_applies_every_event_once(omni_env, monkeypatch) -
                     )
                     changes["joined"] += 1
                 else:
-                    handled_when_killed.append(await processes.pop(name).kill_when_busy())
+                    handled_when_killed.append(await processes[name].kill_when_busy())
+                    del processes[name]
                     changes["killed"] += 1
                 timeline.append(f"{time.monotonic() - started:.1f}s {action} {name}")
             storm_s = time.monotonic() - started
