@@ -262,8 +262,14 @@ class OutboxRelay:
         while not await conn.fetchval(
             f"SELECT pg_try_advisory_lock({advisory_key_sql('$1')})", lock
         ):
+            if self._stopping:
+                return
             await self._evict_stale_leader(conn, lock)
-            await asyncio.sleep(self._poll_interval_s)
+            # Woken by stop(): a standby must not hold its service's shutdown for the grace.
+            self._wakeup.clear()
+            if not self._stopping:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), self._poll_interval_s)
         await conn.add_listener(notify_channel(self._schema), self._on_notify)
         log.info("outbox relay for %s is active", self._schema)
         last_purge = last_observed = 0.0
