@@ -220,8 +220,12 @@ class OutboxRelay:
         self._retained.append((table, column, retention))
 
     def wake(self) -> None:
-        """Rows were committed in this process: relay them now rather than at the next poll."""
-        self._wakeup.set()
+        """Rows were committed in this process: relay them now rather than at the next poll.
+
+        A standby ignores it (it waits for the leadership, not for rows).
+        """
+        if self.leading:
+            self._wakeup.set()
 
     async def start(self) -> None:
         """Start relaying in the background."""
@@ -274,8 +278,14 @@ class OutboxRelay:
         while not await conn.fetchval(
             f"SELECT pg_try_advisory_lock({advisory_key_sql('$1')})", lock
         ):
+            if self._stopping:
+                return
             await self._evict_stale_leader(conn, lock)
-            await asyncio.sleep(self._poll_interval_s)
+            # Woken by stop(): a standby must not hold its service's shutdown for the grace.
+            self._wakeup.clear()
+            if not self._stopping:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), self._poll_interval_s)
         # Writers in this process wake the relay directly (``wake``); other instances NOTIFY.
         await conn.add_listener(notify_channel(self._schema), self._on_notify)
         self.leading = True

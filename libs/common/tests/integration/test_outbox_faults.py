@@ -137,3 +137,20 @@ async def test_a_frozen_relay_leader_loses_leadership_within_seconds(omni_env) -
         leader.send_signal(signal.SIGKILL)
         await leader.wait()
         await writer.stop()
+
+
+async def test_a_standby_relay_stops_at_once(omni_env) -> None:
+    """A relay waiting for the leadership stops when asked, not after the stop grace (every
+    replica but one is a standby: each shutdown of theirs waited 5 s)."""
+    leader = ServiceRuntime(omni_env.settings("writer"))
+    standby = ServiceRuntime(omni_env.settings("writer"))
+    await leader.start()
+    try:
+        await standby.start()
+        await asyncio.sleep(0.5)  # the standby has tried the lock and waits for the next try
+        started = time.monotonic()
+        await standby.relay.stop()
+        assert time.monotonic() - started < 1.0
+    finally:
+        await standby.stop()
+        await leader.stop()
