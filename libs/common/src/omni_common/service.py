@@ -13,7 +13,7 @@ import contextlib
 import contextvars
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -51,6 +51,19 @@ class Tx:
         self._runtime = runtime
         self._batch = batch
         self.emitted = False
+        self._after: list[Callable[[], None]] = batch.after if batch is not None else []
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once this transaction has committed (never if it rolls back).
+
+        For what must only happen once the change is visible: waking a worker that will
+        read it, counting what is now true.
+        """
+        self._after.append(callback)
+
+    def _committed(self) -> None:
+        for callback in self._after:
+            callback()
 
     async def _write(self, rows: list[OutboxRow]) -> None:
         self.emitted = True
@@ -108,6 +121,7 @@ class _Batch:
 
     conn: asyncpg.Connection
     rows: list[OutboxRow] = field(default_factory=list)
+    after: list[Callable[[], None]] = field(default_factory=list)
 
 
 # Set while a run of events is handled together: ``handling()`` joins its transaction.
@@ -176,6 +190,7 @@ class ServiceRuntime:
                 yield tx
                 await self._before_commit(conn, tx.emitted)
             self._after_commit(tx.emitted)
+            tx._committed()
 
     @contextlib.asynccontextmanager
     async def handling(self, consumer: str, envelope: Envelope) -> AsyncIterator[Tx | None]:
@@ -203,6 +218,7 @@ class ServiceRuntime:
                 yield tx
                 await self._before_commit(conn, tx.emitted)
             self._after_commit(tx.emitted)
+            tx._committed()
 
     @contextlib.asynccontextmanager
     async def handling_together(self) -> AsyncIterator[None]:
@@ -220,6 +236,8 @@ class ServiceRuntime:
                 await insert_outbox_rows(conn, batch.rows)
                 await self._before_commit(conn, bool(batch.rows))
             self._after_commit(bool(batch.rows))
+            for callback in batch.after:
+                callback()
 
     async def _before_commit(self, conn: asyncpg.Connection, emitted: bool) -> None:
         # The relay of this process is woken in-process; only when another instance leads is

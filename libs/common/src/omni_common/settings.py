@@ -88,8 +88,10 @@ class ServiceSettings(BaseSettings):
     # which the inbox absorbs) instead of one broker round trip per message.
     consumer_commit_interval_ms: int = Field(default=100, gt=0)
     # Messages fetched ahead per partition while its worker is busy; beyond it that
-    # partition (alone) is paused at the consumer until its queue drains to half.
-    consumer_queue_size: int = Field(default=64, gt=1)
+    # partition (alone) is paused at the consumer until its queue drains to half. Large
+    # enough that a busy partition is rarely paused: a resumed one waits for the fetch in
+    # flight to the broker (up to the fetch wait) before it gets data again.
+    consumer_queue_size: int = Field(default=512, gt=1)
     # How long a revoked partition's in-flight message may finish before the rebalance goes
     # on without it (it is then redelivered to the new owner; the inbox absorbs it).
     consumer_revoke_grace_s: float = Field(default=5.0, gt=0)

@@ -60,7 +60,9 @@ class NotificationSettings(ServiceSettings):
     # A message claimed for sending longer ago than this is taken as interrupted by a crash.
     notify_send_lease_s: float = Field(default=60.0, gt=0)
     notify_dispatch_concurrency: int = Field(default=4, ge=1)
-    notify_dispatch_poll_s: float = Field(default=0.5, gt=0)
+    # New messages wake the dispatcher once committed; the poll finds retries come due and
+    # messages queued by other instances.
+    notify_dispatch_poll_s: float = Field(default=2.0, gt=0)
     notify_timer_poll_s: float = Field(default=0.5, gt=0)
     # The largest page of GET /customers/{id}/notifications.
     max_page_size: int = Field(default=200, ge=1)

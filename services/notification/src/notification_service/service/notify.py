@@ -213,8 +213,8 @@ class Notifier:
             )
             self.metrics.outcome(kind, "deferred", Reason.QUIET_HOURS.value)
         else:
-            # The dispatcher polls anyway; this only saves it the wait.
-            self.wake()
+            # Once committed the dispatcher can see it: wake it rather than wait for its poll.
+            tx.after_commit(self.wake)
 
     async def deferred_due(self, tx: Tx, notification_id: str, _payload: dict[str, Any]) -> None:
         """Timer: quiet hours are over; decide again (consent, cap, cart bought meanwhile)."""
