@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import Context
 from dataclasses import dataclass
 from typing import Any
@@ -87,6 +87,10 @@ class RejectedEvent(Exception):
         self.detail = detail
 
 
+Prepare = Callable[[asyncpg.Connection, Sequence[Event]], Awaitable[None]]
+"""``async def prepare(conn, events)``: see :attr:`Subscription.prepare`."""
+
+
 @dataclass(frozen=True, slots=True)
 class Subscription:
     """What one service consumes from one topic: a handler per event type.
@@ -101,6 +105,10 @@ class Subscription:
     handlers: Mapping[type[Event], EventHandler]
     purpose: str = "main"
     together: bool = True
+    prepare: Prepare | None = None
+    """Called first in the transaction of a run handled together, with the run's events:
+    take there, in one global order, every lock the handlers will take (stock of the SKUs
+    the events name), so runs of different partitions cannot deadlock."""
 
 
 @dataclass(slots=True)
@@ -115,7 +123,7 @@ class Parsed:
     trace_context: otel_context.Context
 
 
-BatchTransaction = Callable[[], contextlib.AbstractAsyncContextManager[object]]
+BatchTransaction = Callable[[], contextlib.AbstractAsyncContextManager[asyncpg.Connection]]
 """Opens the one transaction in which a partition's waiting events are handled together."""
 
 
@@ -473,6 +481,7 @@ class KafkaRuntime:
         self.health_check: HealthCheck | None = None
         # Contract topics whose events are never handled together (``Subscription.together``).
         self.one_at_a_time: set[str] = set()
+        self._prepare: dict[str, Prepare] = {}
         # Set by the service runtime: the transaction a run of events is handled in together.
         self.batch_transaction: BatchTransaction | None = None
         self._draining = False
@@ -492,6 +501,8 @@ class KafkaRuntime:
         handlers = {model.ce_type: (model, h) for model, h in subscription.handlers.items()}
         if not subscription.together:
             self.one_at_a_time.add(topic)
+        if subscription.prepare is not None:
+            self._prepare[topic] = subscription.prepare
         consumer_name = f"{self.settings.service_name}.{subscription.purpose}:{topic}"
         routes[topic] = (consumer_name, handlers)
 
@@ -633,7 +644,9 @@ class KafkaRuntime:
             return False
         m = self.metrics
         try:
-            async with self.batch_transaction():
+            async with self.batch_transaction() as conn:
+                if (prepare := self._prepare.get(run[0].topic)) is not None:
+                    await prepare(conn, [parsed.event for parsed in run])
                 for parsed in run:
                     token = otel_context.attach(parsed.trace_context)
                     try:

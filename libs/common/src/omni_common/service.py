@@ -221,7 +221,7 @@ class ServiceRuntime:
             tx._committed()
 
     @contextlib.asynccontextmanager
-    async def handling_together(self) -> AsyncIterator[None]:
+    async def handling_together(self) -> AsyncIterator[asyncpg.Connection]:
         """One transaction for several events: each ``handling()`` inside joins it."""
         if _BATCH.get() is not None:
             raise RuntimeError("already handling events together")
@@ -230,7 +230,7 @@ class ServiceRuntime:
                 batch = _Batch(conn)
                 token = _BATCH.set(batch)
                 try:
-                    yield
+                    yield conn
                 finally:
                     _BATCH.reset(token)
                 await insert_outbox_rows(conn, batch.rows)

@@ -63,13 +63,18 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     def bound(handler: consumers.Handler) -> consumers.BoundHandler:
         return functools.partial(handler, deps)
 
-    # A sale or an order locks the stock of every SKU it names, in an order the partitioning
-    # (by sale, by order) does not follow: each is handled in a transaction of its own.
+    # Sales and adjustments lock the stock of the SKUs they name, which the partitioning (by
+    # store) does not follow: a run handled together takes all its locks first, in order.
+    locks = consumers.stock_locks(deps)
     runtime.subscribe(
-        Subscription(STORE_SALES, {SaleRecorded: bound(consumers.sale_recorded)}, together=False)
+        Subscription(STORE_SALES, {SaleRecorded: bound(consumers.sale_recorded)}, prepare=locks)
     )
     runtime.subscribe(
-        Subscription(INVENTORY_ADJUSTMENTS, {StockAdjusted: bound(consumers.stock_adjusted)})
+        Subscription(
+            INVENTORY_ADJUSTMENTS,
+            {StockAdjusted: bound(consumers.stock_adjusted)},
+            prepare=locks,
+        )
     )
     runtime.subscribe(
         Subscription(
@@ -83,6 +88,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 OrderShipped: bound(consumers.order_fulfilled),
                 OrderReturnReceived: bound(consumers.return_received),
             },
+            # An order's SKUs are read from its reservation by the handler: one at a time.
             together=False,
         )
     )

@@ -9,11 +9,12 @@ anything else is a transient failure that the runtime retries.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from omni_common.kafka import EventHandler, RejectedEvent
+import asyncpg
+from omni_common.kafka import EventHandler, Prepare, RejectedEvent
 from omni_common.service import ServiceRuntime, Tx
 from omni_contracts import (
     OrderCancelled,
@@ -26,9 +27,11 @@ from omni_contracts import (
     SaleRecorded,
     StockAdjusted,
 )
+from omni_contracts.base import Event
 from omni_contracts.envelope import Envelope
 
 from inventory_service.adapters.metrics import InventoryMetrics
+from inventory_service.adapters.repository import InventoryRepository
 from inventory_service.domain import ImpossibleAdjustment
 from inventory_service.service import handlers
 from inventory_service.service.handlers import Inventory
@@ -167,3 +170,24 @@ async def return_received(deps: Deps, event: OrderReturnReceived, envelope: Enve
 async def reservation_expired(deps: Deps, tx: Tx, order_id: str, _payload: dict[str, Any]) -> None:
     """Timer: a held reservation's time ran out (runs in the timer's transaction)."""
     await handlers.expire_reservation(deps.inventory, tx, order_id)
+
+
+def stock_locks(deps: Deps) -> Prepare:
+    """Lock, in one sorted sweep, the stock of every SKU a run of sales or adjustments names.
+
+    Handled together, a run's events would otherwise lock SKUs event by event, and two runs
+    of different partitions (the same SKU sells in several stores) could deadlock. The
+    handlers' own locks are then already held (advisory locks are re-entrant).
+    """
+
+    async def prepare(conn: asyncpg.Connection, events: Sequence[Event]) -> None:
+        skus: set[str] = set()
+        for event in events:
+            if isinstance(event, SaleRecorded):
+                skus.update(line.sku for line in event.lines)
+            elif isinstance(event, StockAdjusted):
+                skus.add(event.sku)
+        if skus:
+            await InventoryRepository(conn, deps.inventory.lock_namespace).lock_and_read(skus)
+
+    return prepare
