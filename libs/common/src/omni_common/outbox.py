@@ -1,10 +1,11 @@
 """The transactional outbox: write events with the state change, publish them afterwards.
 
-``add_to_outbox`` inserts the event in the caller's transaction. Once it commits, the writer
-wakes the relay: in-process when this instance's relay leads (``OutboxRelay.wake``), else
-with a ``pg_notify`` sent in the transaction (delivered on commit, so the relay never sees
-uncommitted rows). NOTIFY takes a cluster-wide lock at commit, which is why it is not on
-every commit; the relay also polls, which bounds the delay of any writer it did not hear.
+``Tx.emit`` (``omni_common.service``) inserts the event's row in the caller's transaction.
+Once it commits, the writer wakes the relay: in-process when this instance's relay leads
+(``OutboxRelay.wake``), else with a ``pg_notify`` sent in the transaction (delivered on
+commit, so the relay never sees uncommitted rows). NOTIFY takes a cluster-wide lock at
+commit, which is why it is not on every commit; the relay also polls, which bounds the
+delay of any writer it did not hear.
 
 ``OutboxRelay`` publishes unpublished rows in id order. Only one relay per service schema
 is active at a time (a PostgreSQL advisory lock elects it), which keeps per-key order even
@@ -122,35 +123,6 @@ async def insert_outbox_rows(conn: asyncpg.Connection, rows: Sequence[OutboxRow]
         await conn.execute(_INSERT, *rows[0])
     elif rows:
         await conn.executemany(_INSERT, rows)
-
-
-async def add_to_outbox(
-    conn: asyncpg.Connection,
-    *,
-    topic: str,
-    event: Event,
-    envelope: Envelope,
-) -> None:
-    """Queue ``event`` for publication to ``topic`` within the caller's transaction.
-
-    The current trace context is stored with the row so the publish joins the same trace.
-    """
-    await conn.execute(_INSERT, *outbox_row(topic, event, envelope))
-
-
-async def add_all_to_outbox(
-    conn: asyncpg.Connection, items: Sequence[tuple[str, Event, Envelope]]
-) -> None:
-    """Queue many ``(topic, event, envelope)`` in the caller's transaction, pipelined in one
-    round trip (for handlers that emit a batch, e.g. timers decided together)."""
-    await insert_outbox_rows(conn, [outbox_row(t, e, env) for t, e, env in items])
-
-
-async def add_tombstone_to_outbox(
-    conn: asyncpg.Connection, *, topic: str, key: str, ce_id: str
-) -> None:
-    """Queue a tombstone for ``key`` on compacted ``topic`` (see :func:`tombstone_row`)."""
-    await conn.execute(_INSERT, *tombstone_row(topic, key, ce_id))
 
 
 # publish(message) -> an awaitable that completes once the broker acknowledged the write.
