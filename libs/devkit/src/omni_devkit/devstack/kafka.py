@@ -529,7 +529,11 @@ class ApacheKafkaBroker:
         return config
 
     def _format(self, java: str, libs: Path, config: Path) -> None:
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        # One in 64 url-safe ids starts with "-", which kafka-storage takes for an option
+        # (Kafka's own Uuid.randomUuid() skips those for the same reason).
+        cluster_id = "-"
+        while cluster_id.startswith("-"):
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         cmd = [
             *self._java_cmd(java, libs),
             "-Dlog4j2.level=WARN",
