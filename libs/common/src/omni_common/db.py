@@ -54,6 +54,16 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release a pooled connection as it is (asyncpg still rolls back an open transaction).
+
+    Pooled sessions never change session state: advisory locks are transaction-level
+    (``pg_advisory_xact_lock``), nothing runs ``SET`` or ``LISTEN`` (the relay and the
+    migrations use connections of their own). asyncpg's default reset (``RESET ALL``,
+    ``UNLISTEN *``, ``pg_advisory_unlock_all()``) would cost a round trip per transaction.
+    """
+
+
 async def create_pool(settings: ServiceSettings) -> asyncpg.Pool:
     """A connection pool whose ``search_path`` is the service's schema.
 
@@ -65,6 +75,7 @@ async def create_pool(settings: ServiceSettings) -> asyncpg.Pool:
         min_size=settings.db_pool_min,
         max_size=settings.db_pool_max,
         timeout=settings.db_connect_timeout_s,
+        reset=_keep_session,
         server_settings={
             "search_path": f"{quote_ident(settings.schema)},public",
             "application_name": settings.service_name,

@@ -65,6 +65,10 @@ EventHandler = Callable[[Any, Envelope], Awaitable[None]]
 # Fetch waits per broker (see ``KafkaRuntime.fetch_max_wait_ms``).
 KAFKA_FETCH_MAX_WAIT_MS = 500
 TANSU_FETCH_MAX_WAIT_MS = 5
+# How often aiokafka's fetch loop wakes when nothing happens (its default, 200 ms, is an
+# idle consumer's main cost). Fetch answers, consumed records, resumed partitions and
+# rebalances wake it anyway.
+CONSUMER_IDLE_WAKE_MS = 1000
 
 
 UNSTORABLE: tuple[type[Exception], ...] = (
@@ -527,6 +531,7 @@ class KafkaRuntime:
                 decoder=_whole_message,
                 auto_offset_reset="earliest",
                 fetch_max_wait_ms=self.fetch_max_wait_ms(),
+                consumer_timeout_ms=CONSUMER_IDLE_WAKE_MS,
                 session_timeout_ms=s.consumer_session_timeout_ms,
                 heartbeat_interval_ms=s.consumer_heartbeat_interval_ms,
                 title=f"{s.service_name}:{purpose}",

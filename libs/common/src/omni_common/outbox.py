@@ -263,11 +263,18 @@ class OutboxRelay:
         self.leading = True
         log.info("outbox relay for %s is active", self._schema)
         last_purge = last_observed = 0.0
+        woken = True
         while not self._stopping:
             self._wakeup.clear()
+            pending = True
+            if not woken:
+                # A poll nobody woke: one statement tells whether rows of writers not heard
+                # from wait, before a transaction looks for them.
+                pending = await self._observe_backlog(conn) > 0
+                last_observed = time.monotonic()
             # A full batch means there may be more now; a partial one drained the outbox
             # (anything committed meanwhile has notified and set the wake-up again).
-            published = await self.relay_once(conn)
+            published = await self.relay_once(conn) if pending else 0
             now = time.monotonic()
             if now - last_observed >= 1.0:  # also under load, when the backlog matters
                 await self._observe_backlog(conn)
@@ -290,8 +297,10 @@ class OutboxRelay:
                         retention,
                     )
                 last_purge = now
+            woken = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self._poll_interval_s)
+                woken = True
 
     async def _evict_stale_leader(self, conn: asyncpg.Connection, lock: str) -> None:
         """End the leader's session if it has not moved for a lease: a frozen process.
@@ -410,7 +419,8 @@ class OutboxRelay:
                 outcomes[index] = result
         return outcomes
 
-    async def _observe_backlog(self, conn: asyncpg.Connection) -> None:
+    async def _observe_backlog(self, conn: asyncpg.Connection) -> int:
+        """Set the backlog gauges; returns how many rows wait to be published."""
         row = await conn.fetchrow(
             "SELECT count(*) FILTER (WHERE parked_at IS NULL) AS n,"
             " extract(epoch FROM now() - min(created_at) FILTER (WHERE parked_at IS NULL)) AS age,"
@@ -421,6 +431,7 @@ class OutboxRelay:
         self._metrics.outbox_backlog.labels(service).set(row["n"] if row else 0)
         self._metrics.outbox_oldest_age.labels(service).set(float(row["age"] or 0) if row else 0)
         self._metrics.outbox_parked.labels(service).set(row["parked"] if row else 0)
+        return int(row["n"]) if row else 0
 
 
 class OutboxPublishError(RuntimeError):

@@ -95,7 +95,7 @@ class TimerWheel:
         retry_initial_s: float = 1.0,
         retry_max_s: float = 300.0,
         metrics: PlatformMetrics | None = None,
-        idle_poll_s: float = 2.0,
+        idle_poll_s: float = 5.0,
         concurrency: int = 1,
     ) -> None:
         self._transaction = transaction

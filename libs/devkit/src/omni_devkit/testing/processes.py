@@ -116,11 +116,8 @@ class ServiceProcess:
 
     def stopped_cleanly(self, code: int) -> bool:
         """Whether exit ``code`` and the log tell of a clean stop: the lifespan's shutdown ran
-        to its end. uvicorn re-raises the SIGTERM it handled once it has shut down, so a
-        clean stop exits with -15 (143 in a shell), not 0."""
-        return code in (0, -signal.SIGTERM) and (
-            "Application shutdown complete" in self.log_since_start()
-        )
+        to its end, and the process exited 0 (``omni_common.run.ServiceServer``)."""
+        return code == 0 and ("Application shutdown complete" in self.log_since_start())
 
     def kill(self) -> None:
         """Stop at once, whatever it is doing (cleanup)."""

@@ -30,7 +30,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faststream.kafka.security import parse_security
-from omni_common.kafka import broker_security
+from omni_common.kafka import CONSUMER_IDLE_WAKE_MS, KafkaRuntime, broker_security
 from omni_common.settings import ServiceSettings
 from omni_contracts import INVENTORY_AVAILABILITY
 from omni_contracts.envelope import header_map
@@ -291,7 +291,7 @@ def to_change(record: Any) -> Change | None:
 
 @contextlib.asynccontextmanager
 async def tailing(
-    feed: AvailabilityFeed, settings: ServiceSettings, warm: int = 1000
+    feed: AvailabilityFeed, settings: ServiceSettings, kafka: KafkaRuntime, warm: int = 1000
 ) -> AsyncIterator[None]:
     """Read every partition of the availability topic into ``feed`` while the service runs.
 
@@ -304,7 +304,9 @@ async def tailing(
         client_id=f"{settings.service_name}-stream",
         group_id=None,
         enable_auto_commit=False,
-        fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
+        # The service's consumers' wait (chosen for the broker when not configured).
+        fetch_max_wait_ms=kafka.fetch_max_wait_ms(),
+        consumer_timeout_ms=CONSUMER_IDLE_WAKE_MS,
         **parse_security(broker_security(settings)),
     )
     await consumer.start()
