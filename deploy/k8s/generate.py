@@ -102,6 +102,7 @@ class Service:
     consumes: frozenset[str]
     produces: frozenset[str]
     group_id: str
+    reads: frozenset[str] = frozenset()
 
 
 # -- reading the code ----------------------------------------------------------------------------
@@ -155,6 +156,7 @@ def load_services() -> list[Service]:
                     consumes=frozenset(desc.consumes),
                     produces=frozenset(desc.produces),
                     group_id=desc.group_id,
+                    reads=frozenset(desc.reads),
                 )
             )
     return services
@@ -273,9 +275,9 @@ def render_user(service: Service) -> dict[str, Any]:
             }
         )
     # Read and Write each imply Describe in Kafka's authorizer.
-    for topic in sorted(service.consumes | service.produces):
+    for topic in sorted(service.consumes | service.produces | service.reads):
         operations = []
-        if topic in service.consumes:
+        if topic in service.consumes or topic in service.reads:
             operations.append("Read")
         if topic in service.produces:
             operations.append("Write")

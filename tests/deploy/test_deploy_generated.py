@@ -73,13 +73,14 @@ def test_every_contract_topic_and_its_dlq_has_a_kafka_topic(overlay: str) -> Non
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_kafka_user_acls_equal_what_the_code_declares(overlay: str) -> None:
-    """Each service reads exactly what it consumes, writes exactly what it produces."""
+    """Each service reads exactly what it consumes (or tails), writes exactly what it
+    produces."""
     users = by_kind(render_overlay(overlay), "KafkaUser")
     assert set(users) == set(service_names())
     for name in service_names():
         desc = describe_service(name)
         read, written, groups = acl_sets(users[name])
-        assert read == set(desc.consumes), name
+        assert read == set(desc.consumes | desc.reads), name
         assert written == set(desc.produces), name
         assert groups == ({desc.group_id} if desc.consumes else set()), name
         assert users[name]["spec"]["authentication"]["type"] == "scram-sha-512"

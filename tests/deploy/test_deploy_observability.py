@@ -120,8 +120,8 @@ def test_dashboards_show_what_sre_and_the_business_need() -> None:
         # per-service RED
         "omni_http_requests_total",
         "omni_http_request_duration_seconds_bucket",
-        "faststream_received_processed_messages_total",
-        "faststream_received_processed_messages_duration_seconds_bucket",
+        "omni_events_handled_total",
+        "omni_event_handling_seconds_bucket",
         # Kafka pipeline
         "omni_consumer_lag",
         "omni_dlq_messages_total",

@@ -37,6 +37,19 @@ class PlatformMetrics:
             ["service", "topic", "ce_type", "outcome"],
             registry=r,
         )
+        self.event_handling = Histogram(
+            "omni_event_handling_seconds",
+            "Time from taking an event (or a lot handled together) to its commit",
+            ["service", "topic"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.consumer_rewinds = Counter(
+            "omni_consumer_rewinds",
+            "Times a partition rewound to an event it could neither handle nor dead-letter",
+            ["service", "topic"],
+            registry=r,
+        )
         self.handler_retries = Counter(
             "omni_handler_retries",
             "Retries of transiently failing handlers",

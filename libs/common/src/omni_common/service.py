@@ -317,6 +317,8 @@ class ServiceDescription:
     consumes: frozenset[str]
     produces: frozenset[str]
     group_id: str
+    # Read without a consumer group (a feed tailing a topic): Read ACLs, no group, no scaling.
+    reads: frozenset[str] = frozenset()
 
 
 def service_factories() -> dict[str, EntryPoint]:
@@ -339,4 +341,5 @@ def describe_service(name: str) -> ServiceDescription:
         consumes=frozenset(runtime.kafka.consumes),
         produces=frozenset(runtime.kafka.produces),
         group_id=settings.group_id(),
+        reads=frozenset(runtime.kafka.reads),
     )

@@ -112,6 +112,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         max_clients=config.inventory_stream_max_clients,
     )
     # The stream reads the topic the outbox writes (see availability_feed: why).
+    runtime.kafka.declare_read(INVENTORY_AVAILABILITY)
     runtime.run_alongside(tailing(feed, config, runtime.kafka, warm=config.inventory_stream_warm))
     return create_http_app(
         runtime,

@@ -160,6 +160,12 @@ def _allocations(plan: ReservationPlan) -> list[Allocation]:
     return [Allocation(sku=h.sku, location_id=h.location_id, qty=h.qty) for h in plan.holds]
 
 
+def needs_reservation(order: OrderPlaced) -> bool:
+    """Whether a placed order asks inventory for stock: in-store sales (orders born
+    completed) took theirs at the till."""
+    return order.status is not OrderStatus.COMPLETED
+
+
 async def reserve(
     inv: Inventory,
     tx: Tx,
@@ -175,7 +181,7 @@ async def reserve(
     after the TTL unless the order is confirmed; a rejection records the lost demand.
     In-store sales (orders born completed) took their stock at the till: nothing to do.
     """
-    if order.status is OrderStatus.COMPLETED:
+    if not needs_reservation(order):
         return Outcome()
     repo = inv.repo(tx)
     if await repo.reservation(order.order_id) is not None:
