@@ -77,7 +77,7 @@ class ServiceSettings(BaseSettings):
     handler_backoff_max_s: float = Field(default=2.0, gt=0)
     # How long the broker may hold an empty fetch. Unset: chosen per broker at start-up.
     # Apache Kafka answers as soon as data arrives, so a long wait costs no latency and
-    # spares idle CPU (500 ms); Tansu waits the full time, so it gets 5 ms.
+    # spares idle CPU (1 s); Tansu waits the full time, so it gets 5 ms.
     consumer_fetch_max_wait_ms: int | None = Field(default=None, ge=0)
     # Messages of one partition handled in one transaction when they are waiting together
     # (one commit, one outbox write for the lot); 1 handles each alone.
