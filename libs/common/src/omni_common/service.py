@@ -122,6 +122,34 @@ class _Batch:
     conn: asyncpg.Connection
     rows: list[OutboxRow] = field(default_factory=list)
     after: list[Callable[[], None]] = field(default_factory=list)
+    # (consumer, ce_id) -> ce_type of each event handled in the lot: its inbox records,
+    # written in one statement before the commit (see ``ServiceRuntime.handling``).
+    inbox: dict[tuple[str, str], str] = field(default_factory=dict)
+
+
+class HandledBefore(Exception):
+    """Some events of a lot handled together were already in the inbox (a redelivery).
+
+    The lot rolls back and its events are handled one by one, where each duplicate is
+    recognised before its effect.
+    """
+
+
+async def _record_deliveries(conn: asyncpg.Connection, inbox: dict[tuple[str, str], str]) -> None:
+    """Write a lot's inbox records in one statement; HandledBefore if any was there."""
+    if not inbox:
+        return
+    consumers, ids = zip(*inbox, strict=True)
+    inserted = await conn.fetchval(
+        "WITH new AS (INSERT INTO inbox (consumer, ce_id, ce_type)"
+        " SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[])"
+        " ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM new",
+        list(consumers),
+        list(ids),
+        list(inbox.values()),
+    )
+    if inserted != len(inbox):
+        raise HandledBefore(f"{len(inbox) - inserted} of {len(inbox)} events handled before")
 
 
 # Set while a run of events is handled together: ``handling()`` joins its transaction.
@@ -202,10 +230,14 @@ class ServiceRuntime:
         """
         batch = _BATCH.get()
         if batch is not None:
-            if not await first_delivery(batch.conn, consumer, envelope):
+            # Optimistic: redeliveries are rare, so the lot's inbox records are written
+            # together at its end, and any already there roll the lot back (HandledBefore).
+            key = (consumer, envelope.id)
+            if key in batch.inbox:
                 log.info("duplicate %s %s ignored", envelope.type, envelope.id)
                 yield None
                 return
+            batch.inbox[key] = envelope.type
             yield Tx(batch.conn, self, batch)
             return
         async with self._acquire() as conn:
@@ -233,6 +265,7 @@ class ServiceRuntime:
                     yield conn
                 finally:
                     _BATCH.reset(token)
+                await _record_deliveries(conn, batch.inbox)
                 await insert_outbox_rows(conn, batch.rows)
                 await self._before_commit(conn, bool(batch.rows))
             self._after_commit(bool(batch.rows))

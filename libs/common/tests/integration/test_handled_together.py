@@ -66,3 +66,40 @@ async def test_waiting_events_are_handled_together_and_a_refused_one_alone(omni_
             assert rows == 0
         finally:
             await service.runtime.stop()
+
+
+async def test_a_redelivered_lot_has_no_second_effect(omni_env) -> None:
+    # Handled together, the lot's inbox records are written at its end: events handled
+    # before (a replay, a redelivery after a crash) roll the lot back, and one by one each
+    # is recognised as a duplicate before its effect.
+    events = [adjustment("SKU-REDELIVERED") for _ in range(40)]
+    async with ChannelPublisher(omni_env.bootstrap, omni_env.prefix) as channel:
+        envelopes = [await channel.publish(event) for event in events[:20]]
+        service = await EffectCounter(ServiceRuntime(omni_env.settings("redelivered"))).start()
+        try:
+
+            async def first_half_applied() -> bool:
+                return (await service.effects())[0] >= 20
+
+            await wait_for(first_half_applied, timeout=60)
+            rt = service.runtime
+            splits_before = _sum(rt, "omni_consumer_batches_split_total")
+            # Stop consuming so that the redeliveries and the new events wait together.
+            await rt.stop()
+            for event, envelope in zip(events[:20], envelopes, strict=True):
+                await channel.publish(event, envelope=envelope)
+            for event in events[20:]:
+                await channel.publish(event)
+            service = await EffectCounter(ServiceRuntime(omni_env.settings("redelivered"))).start()
+
+            async def all_applied() -> bool:
+                return (await service.effects())[0] >= len(events)
+
+            await wait_for(all_applied, timeout=60)
+            applied, duplicates = await service.effects()
+            assert (applied, duplicates) == (len(events), 0)
+            assert service.calls  # the second instance saw the lot
+            assert _sum(service.runtime, "omni_consumer_batches_split_total") >= 1
+            assert splits_before == 0
+        finally:
+            await service.runtime.stop()
