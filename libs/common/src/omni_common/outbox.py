@@ -421,11 +421,15 @@ class OutboxRelay:
 
     async def _observe_backlog(self, conn: asyncpg.Connection) -> int:
         """Set the backlog gauges; returns how many rows wait to be published."""
+        # Each part matches a partial index (outbox_pending, outbox_parked): published rows,
+        # kept for a day, are never scanned (a filtered count over the table read them all,
+        # every second: 10 ms at 14,000 rows, and growing with the retention).
         row = await conn.fetchrow(
-            "SELECT count(*) FILTER (WHERE parked_at IS NULL) AS n,"
-            " extract(epoch FROM now() - min(created_at) FILTER (WHERE parked_at IS NULL)) AS age,"
-            " count(*) FILTER (WHERE parked_at IS NOT NULL) AS parked"
-            " FROM outbox WHERE published_at IS NULL"
+            "SELECT p.n, extract(epoch FROM now() - p.oldest) AS age,"
+            " (SELECT count(*) FROM outbox WHERE parked_at IS NOT NULL"
+            "   AND published_at IS NULL) AS parked"
+            " FROM (SELECT count(*) AS n, min(created_at) AS oldest FROM outbox"
+            "  WHERE published_at IS NULL AND parked_at IS NULL) p"
         )
         service = self._metrics.service
         self._metrics.outbox_backlog.labels(service).set(row["n"] if row else 0)
