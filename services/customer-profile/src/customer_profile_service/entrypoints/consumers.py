@@ -89,8 +89,12 @@ async def _refusals() -> AsyncIterator[None]:
         raise RejectedEvent(exc.reason, exc.detail) from exc
 
 
-def _bound(deps: Deps, use_case: UseCase) -> EventHandler:
+def _bound(
+    deps: Deps, use_case: UseCase, relevant: Callable[[Any], bool] | None = None
+) -> EventHandler:
     async def handle(event: Any, envelope: Envelope) -> None:
+        if relevant is not None and not relevant(event):
+            return  # no effect, so no transaction and nothing to remember (a resend is the same)
         async with _refusals(), deps.runtime.handling(deps.consumer(event.topic), envelope) as tx:
             if tx is None:
                 return  # handled before: no second effect
@@ -105,8 +109,8 @@ def _bound(deps: Deps, use_case: UseCase) -> EventHandler:
 def subscriptions(deps: Deps) -> list[Subscription]:
     """Every topic customer-profile consumes, with its handlers."""
 
-    def h(use_case: UseCase) -> EventHandler:
-        return _bound(deps, use_case)
+    def h(use_case: UseCase, relevant: Callable[[Any], bool] | None = None) -> EventHandler:
+        return _bound(deps, use_case, relevant)
 
     order_moved = h(profiles.order_moved)
     return [
@@ -119,7 +123,9 @@ def subscriptions(deps: Deps) -> list[Subscription]:
                 ErasureRequested: h(profiles.erasure_requested),
             },
         ),
-        Subscription(STORE_SALES, {SaleRecorded: h(profiles.sale_recorded)}),
+        Subscription(
+            STORE_SALES, {SaleRecorded: h(profiles.sale_recorded, profiles.names_a_shopper)}
+        ),
         Subscription(CHECKOUT_SUBMITTED, {CheckoutSubmitted: h(profiles.checkout_submitted)}),
         Subscription(
             ORDER_LIFECYCLE,

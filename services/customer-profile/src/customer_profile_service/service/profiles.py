@@ -429,6 +429,12 @@ async def checked_out(
         out.cart_skips.append("checked_out")
 
 
+def names_a_shopper(sale: SaleRecorded) -> bool:
+    """Whether a till sale can join anyone's history: an anonymous one (no customer id, no
+    loyalty card) has nothing to change here."""
+    return bool(sale.customer_id or sale.loyalty_card)
+
+
 async def sale_recorded(
     profiles: Profiles, tx: Tx, sale: SaleRecorded, envelope: Envelope | None = None
 ) -> Outcome:

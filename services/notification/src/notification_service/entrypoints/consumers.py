@@ -42,10 +42,16 @@ from notification_service.service.notify import Notifier
 def subscriptions(runtime: ServiceRuntime, notifier: Notifier) -> list[Subscription]:
     """Every topic the service consumes, with its handlers."""
 
-    def handler(topic: str, work: Callable[[Tx, Any, Envelope], Awaitable[Any]]) -> EventHandler:
+    def handler(
+        topic: str,
+        work: Callable[[Tx, Any, Envelope], Awaitable[Any]],
+        relevant: Callable[[Any], bool] | None = None,
+    ) -> EventHandler:
         consumer = f"{runtime.settings.service_name}:{topic}"
 
         async def handle(event: Any, envelope: Envelope) -> None:
+            if relevant is not None and not relevant(event):
+                return  # no effect, so no transaction and nothing to remember
             async with runtime.handling(consumer, envelope) as tx:
                 if tx is None:
                     return  # handled before: no second effect
@@ -94,7 +100,10 @@ def subscriptions(runtime: ServiceRuntime, notifier: Notifier) -> list[Subscript
         Subscription(
             ORDER_LIFECYCLE,
             {
-                OrderPlaced: handler(ORDER_LIFECYCLE, order_placed),
+                # An anonymous store sale has nobody whose purchases to remember.
+                OrderPlaced: handler(
+                    ORDER_LIFECYCLE, order_placed, lambda e: e.customer_id is not None
+                ),
                 OrderConfirmed: order,
                 OrderReadyForPickup: order,
                 OrderDelayed: order,
