@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import httpx
 import pytest
 from omni_common.auth import parse_api_keys
 from omni_devkit.cli import app, bench_app
-from omni_devkit.devstack.process import free_port, port_is_free
+from omni_devkit.devstack.process import free_port, free_port_range, port_is_free
 from omni_devkit.devstack.stack import DEFAULT_SERVICE_ORDER, discover_services, read_kv_file
 from typer.testing import CliRunner
 
@@ -36,15 +35,6 @@ def omni(
         stdin=subprocess.DEVNULL,
         check=False,
     )
-
-
-def free_port_range(n: int) -> int:
-    """A base port with ``n`` consecutive free ports."""
-    for _ in range(200):
-        base = random.randint(20000, 60000)
-        if all(port_is_free("127.0.0.1", base + i) for i in range(n)):
-            return base
-    raise RuntimeError("no free port range")
 
 
 def test_unknown_service_is_a_one_line_error() -> None:
@@ -108,7 +98,11 @@ def state_dir() -> Iterator[Path]:
 def _up_status_down(
     state_dir: Path, services: list[str], env: dict[str, str], real: bool = False
 ) -> None:
-    kafka, pg, base = free_port(), free_port(), free_port_range(len(DEFAULT_SERVICE_ORDER) + 2)
+    kafka, pg, base = (
+        free_port(),
+        free_port(),
+        free_port_range("127.0.0.1", len(DEFAULT_SERVICE_ORDER) + 2),
+    )
     ports = ["--kafka-port", str(kafka), "--pg-port", str(pg), "--http-base-port", str(base)]
     where = ["--state-dir", str(state_dir)]
 

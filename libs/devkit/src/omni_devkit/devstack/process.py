@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -48,6 +49,32 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel draws outgoing connections' local ports from."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_port_range(host: str, n: int) -> int:
+    """A base port with ``n`` consecutive free ports, outside the ephemeral range.
+
+    Ports are picked before the services bind them, one after the other: inside the
+    ephemeral range, an outgoing connection of a service already started (to Kafka, to
+    PostgreSQL) could take the port of one starting later.
+    """
+    low, high = _ephemeral_ports()
+    lo, hi = (10000, low - n) if low - n > 10000 else (high + 1, 65535 - n)
+    rng = random.Random()
+    for _ in range(500):
+        base = rng.randint(lo, hi)
+        if all(port_is_free(host, base + i) for i in range(n)):
+            return base
+    raise DevStackError(f"found no {n} consecutive free ports on {host}")
 
 
 def port_accepts(host: str, port: int, timeout: float = 0.2) -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import random
 import secrets
 import signal
 import subprocess
@@ -46,6 +45,7 @@ from omni_devkit.devstack.process import (
     PortInUseError,
     cmdline,
     free_port,
+    free_port_range,
     pid_alive,
     port_is_free,
     run_blocking,
@@ -161,15 +161,6 @@ def default_state_dir() -> Path:
     return cwd / ".omni"
 
 
-def _free_port_range(host: str, n: int) -> int:
-    rng = random.Random()
-    for _ in range(500):
-        base = rng.randint(20000, 60000 - n)
-        if all(port_is_free(host, base + i) for i in range(n)):
-            return base
-    raise DevStackError(f"found no {n} consecutive free ports on {host}")
-
-
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if not raw:
@@ -223,7 +214,7 @@ class DevStackConfig:
             state_dir=Path(state_dir),
             kafka_port=free_port(host),
             pg_port=free_port(host),
-            http_base_port=_free_port_range(host, max(services, len(DEFAULT_SERVICE_ORDER))),
+            http_base_port=free_port_range(host, max(services, len(DEFAULT_SERVICE_ORDER))),
             console_port=free_port(host),
             **overrides,
         )
