@@ -62,6 +62,23 @@ _tracer = trace.get_tracer("omni_common.kafka")
 EventHandler = Callable[[Any, Envelope], Awaitable[None]]
 """A handler: ``async def handle(event, envelope) -> None``."""
 
+
+def only_when(relevant: Callable[[Any], bool], handler: EventHandler) -> EventHandler:
+    """``handler`` for the events ``relevant`` accepts; the others are consumed untouched.
+
+    For events that change nothing in this service (an anonymous store sale, an order born
+    completed): no transaction and no inbox record, which a resend cannot change either.
+    """
+
+    async def handle(event: Any, envelope: Envelope) -> None:
+        if relevant(event):
+            await handler(event, envelope)
+
+    handle.__name__ = getattr(handler, "__name__", "handle")
+    handle.__doc__ = handler.__doc__
+    return handle
+
+
 # Fetch waits per broker (see ``KafkaRuntime.fetch_max_wait_ms``). Kafka's own client waits
 # 500 ms, but it keeps fetch sessions (an empty answer names no partition); aiokafka sends
 # and parses every partition each time, so it waits longer: 1 s halved the idle stack's CPU.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from omni_common.kafka import EventHandler, RejectedEvent, Subscription
+from omni_common.kafka import EventHandler, RejectedEvent, Subscription, only_when
 from omni_common.service import ServiceRuntime, Tx
 from omni_contracts import (
     CART_EVENTS,
@@ -89,12 +89,8 @@ async def _refusals() -> AsyncIterator[None]:
         raise RejectedEvent(exc.reason, exc.detail) from exc
 
 
-def _bound(
-    deps: Deps, use_case: UseCase, relevant: Callable[[Any], bool] | None = None
-) -> EventHandler:
+def _bound(deps: Deps, use_case: UseCase) -> EventHandler:
     async def handle(event: Any, envelope: Envelope) -> None:
-        if relevant is not None and not relevant(event):
-            return  # no effect, so no transaction and nothing to remember (a resend is the same)
         async with _refusals(), deps.runtime.handling(deps.consumer(event.topic), envelope) as tx:
             if tx is None:
                 return  # handled before: no second effect
@@ -109,8 +105,8 @@ def _bound(
 def subscriptions(deps: Deps) -> list[Subscription]:
     """Every topic customer-profile consumes, with its handlers."""
 
-    def h(use_case: UseCase, relevant: Callable[[Any], bool] | None = None) -> EventHandler:
-        return _bound(deps, use_case, relevant)
+    def h(use_case: UseCase) -> EventHandler:
+        return _bound(deps, use_case)
 
     order_moved = h(profiles.order_moved)
     return [
@@ -124,7 +120,8 @@ def subscriptions(deps: Deps) -> list[Subscription]:
             },
         ),
         Subscription(
-            STORE_SALES, {SaleRecorded: h(profiles.sale_recorded, profiles.names_a_shopper)}
+            STORE_SALES,
+            {SaleRecorded: only_when(profiles.names_a_shopper, h(profiles.sale_recorded))},
         ),
         Subscription(CHECKOUT_SUBMITTED, {CheckoutSubmitted: h(profiles.checkout_submitted)}),
         Subscription(

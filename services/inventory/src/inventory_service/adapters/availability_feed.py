@@ -31,7 +31,6 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faststream.kafka.security import parse_security
 from omni_common.kafka import CONSUMER_IDLE_WAKE_MS, KafkaRuntime, broker_security
-from omni_common.settings import ServiceSettings
 from omni_contracts import INVENTORY_AVAILABILITY
 from omni_contracts.envelope import header_map
 from prometheus_client import Counter, Gauge, Histogram
@@ -291,13 +290,14 @@ def to_change(record: Any) -> Change | None:
 
 @contextlib.asynccontextmanager
 async def tailing(
-    feed: AvailabilityFeed, settings: ServiceSettings, kafka: KafkaRuntime, warm: int = 1000
+    feed: AvailabilityFeed, kafka: KafkaRuntime, warm: int = 1000
 ) -> AsyncIterator[None]:
     """Read every partition of the availability topic into ``feed`` while the service runs.
 
     Starts ``warm`` changes back per partition, so clients reconnecting after a restart
     still find recent history.
     """
+    settings = kafka.settings
     topic = settings.topic(INVENTORY_AVAILABILITY)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap_servers,

@@ -10,7 +10,7 @@ from datetime import timedelta
 
 from fastapi import FastAPI
 from omni_common.http import create_http_app
-from omni_common.kafka import Subscription
+from omni_common.kafka import Subscription, only_when
 from omni_common.service import ServiceRuntime
 from omni_common.settings import ServiceSettings
 from omni_common.timers import TimerWheel
@@ -80,7 +80,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         Subscription(
             ORDER_LIFECYCLE,
             {
-                OrderPlaced: bound(consumers.order_placed),
+                # In-store sales (orders born completed) took their stock at the till.
+                OrderPlaced: only_when(handlers.needs_reservation, bound(consumers.order_placed)),
                 OrderConfirmed: bound(consumers.order_confirmed),
                 OrderCancelled: bound(consumers.order_cancelled),
                 OrderRejected: bound(consumers.order_rejected),
@@ -113,7 +114,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     )
     # The stream reads the topic the outbox writes (see availability_feed: why).
     runtime.kafka.declare_read(INVENTORY_AVAILABILITY)
-    runtime.run_alongside(tailing(feed, config, runtime.kafka, warm=config.inventory_stream_warm))
+    runtime.run_alongside(tailing(feed, runtime.kafka, warm=config.inventory_stream_warm))
     return create_http_app(
         runtime,
         title="Inventory service",

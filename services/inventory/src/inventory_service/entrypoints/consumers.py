@@ -104,8 +104,6 @@ async def stock_adjusted(deps: Deps, event: StockAdjusted, envelope: Envelope) -
 
 async def order_placed(deps: Deps, event: OrderPlaced, envelope: Envelope) -> None:
     """A placed order gets its stock reserved (or rejected)."""
-    if not handlers.needs_reservation(event):
-        return  # no effect, so no transaction and nothing to remember (a resend is the same)
     await _handle(
         deps,
         event.topic,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from omni_common.kafka import EventHandler, Subscription
+from omni_common.kafka import EventHandler, Subscription, only_when
 from omni_common.service import ServiceRuntime, Tx
 from omni_contracts import (
     CART_ABANDONED,
@@ -42,16 +42,10 @@ from notification_service.service.notify import Notifier
 def subscriptions(runtime: ServiceRuntime, notifier: Notifier) -> list[Subscription]:
     """Every topic the service consumes, with its handlers."""
 
-    def handler(
-        topic: str,
-        work: Callable[[Tx, Any, Envelope], Awaitable[Any]],
-        relevant: Callable[[Any], bool] | None = None,
-    ) -> EventHandler:
+    def handler(topic: str, work: Callable[[Tx, Any, Envelope], Awaitable[Any]]) -> EventHandler:
         consumer = f"{runtime.settings.service_name}:{topic}"
 
         async def handle(event: Any, envelope: Envelope) -> None:
-            if relevant is not None and not relevant(event):
-                return  # no effect, so no transaction and nothing to remember
             async with runtime.handling(consumer, envelope) as tx:
                 if tx is None:
                     return  # handled before: no second effect
@@ -101,8 +95,8 @@ def subscriptions(runtime: ServiceRuntime, notifier: Notifier) -> list[Subscript
             ORDER_LIFECYCLE,
             {
                 # An anonymous store sale has nobody whose purchases to remember.
-                OrderPlaced: handler(
-                    ORDER_LIFECYCLE, order_placed, lambda e: e.customer_id is not None
+                OrderPlaced: only_when(
+                    lambda e: e.customer_id is not None, handler(ORDER_LIFECYCLE, order_placed)
                 ),
                 OrderConfirmed: order,
                 OrderReadyForPickup: order,
