@@ -21,6 +21,7 @@ Messages of one partition are handled one after the other, which keeps per-key o
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import ssl
@@ -35,8 +36,8 @@ from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
-from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
 from faststream.kafka.security import parse_security
+from faststream.kafka.subscriber.usecase import BatchSubscriber
 from faststream.security import BaseSecurity, SASLScram256, SASLScram512
 from omni_contracts.base import Event
 from omni_contracts.catalogue import EVENT_TYPES
@@ -89,6 +90,48 @@ TANSU_FETCH_MAX_WAIT_MS = 5
 # idle consumer's main cost). Fetch answers, consumed records, resumed partitions and
 # rebalances wake it anyway.
 CONSUMER_IDLE_WAKE_MS = 1000
+
+
+class _FetchingSubscriber(BatchSubscriber):
+    """FastStream's batch subscriber, without its sleep after an empty poll.
+
+    Its poll already waits (up to ``CONSUMER_IDLE_WAKE_MS``) for records and returns as soon
+    as some arrive; the sleep it adds after an empty one would hold back the first record
+    after a quiet spell. One call of the consume path per fetch instead of per record.
+    """
+
+    __slots__ = ()
+
+    async def get_msg(self, consumer: Any) -> tuple[ConsumerRecord[Any, Any], ...]:
+        """Everything fetched so far, waiting up to ``CONSUMER_IDLE_WAKE_MS`` for some."""
+        fetched = await consumer.getmany(timeout_ms=CONSUMER_IDLE_WAKE_MS)
+        return tuple(record for records in fetched.values() for record in records)
+
+
+def _consumer_span_context(record: ConsumerRecord[Any, Any]) -> otel_context.Context:
+    """A context holding this record's consumer span, child of its producer's trace."""
+    carrier: dict[str, str] = {}
+    for key, value in record.headers or ():
+        if key in ("traceparent", "tracestate") and isinstance(value, bytes):
+            with contextlib.suppress(UnicodeDecodeError):
+                carrier[key] = value.decode()
+    parent = propagate.extract(carrier)
+    span = _tracer.start_span(
+        f"{record.topic} process",
+        context=parent,
+        kind=trace.SpanKind.CONSUMER,
+        attributes={
+            "messaging.system": "kafka",
+            "messaging.operation": "process",
+            "messaging.destination.name": record.topic,
+            "messaging.kafka.destination.partition": record.partition,
+            "messaging.kafka.message.offset": record.offset,
+        },
+    )
+    # Ended at once, like the producer's: it marks the hand-over, and the handling's spans
+    # are its children.
+    span.end()
+    return trace.set_span_in_context(span, parent)
 
 
 UNSTORABLE: tuple[type[Exception], ...] = (
@@ -284,6 +327,17 @@ class OffsetCommitter:
                 self._has_pending.set()
 
 
+@dataclass(slots=True)
+class _Waiting:
+    """A fetched message waiting in its partition's queue."""
+
+    record: ConsumerRecord[Any, Any]
+    trace_context: otel_context.Context
+    # Put back after a lot it was in rolled back: handled alone from now on, so a failure
+    # stays with its own event.
+    alone: bool = False
+
+
 class PartitionWorker:
     """Handles one partition's messages one after the other (per-key order).
 
@@ -294,6 +348,13 @@ class PartitionWorker:
     its queue has drained to half. If a message cannot even be dead-lettered, the worker
     drops what it has queued and rewinds the partition to that message, so nothing is
     skipped.
+
+    A worker about to handle its valid events also takes those waiting in idle partitions of
+    the same topic (its ``neighbours``): one transaction for all of them. Under load the lots
+    grow with the backlog, so the cost of a transaction is shared by more events the busier
+    the service is. A partition lent to a lot is not handled by its own worker until the
+    lot is done; if the lot rolls back, its events go back to the front of their own queue,
+    to be handled alone.
     """
 
     def __init__(
@@ -303,6 +364,7 @@ class PartitionWorker:
         tp: TopicPartition,
         by_physical: Mapping[str, tuple[str, str, Mapping[str, Any]]],
         queue_size: int,
+        neighbours: list[PartitionWorker] | None = None,
     ) -> None:
         self.runtime = runtime
         self.consumer = consumer
@@ -311,12 +373,19 @@ class PartitionWorker:
         self.queue_size = queue_size
         # Unbounded on purpose: the bound is kept by pausing the partition, never by making
         # the shared fetch loop wait. Each message keeps the trace context it arrived in.
-        self.queue: asyncio.Queue[tuple[KafkaMessage, otel_context.Context]] = asyncio.Queue()
+        self.queue: collections.deque[_Waiting] = collections.deque()
+        self._wake = asyncio.Event()
         self.paused = False
         self.resume_at: int | None = None
-        self.busy = False
+        self.busy = False  # handling its own messages
+        self.lent = False  # its messages are in another worker's lot
+        self._free = asyncio.Event()  # neither busy nor lent
+        self._free.set()
         self.stopping = False
+        self.neighbours = neighbours if neighbours is not None else []
+        self.neighbours.append(self)
         service, topic = runtime.metrics.service, by_physical[tp.topic][0]
+        self.topic = topic
         self._handling_seconds = runtime.metrics.event_handling.labels(service, topic)
         self._rewinds = runtime.metrics.consumer_rewinds.labels(service, topic)
         # A fresh context: the worker must not inherit the first message's trace.
@@ -324,10 +393,11 @@ class PartitionWorker:
             self._run(), name=f"partition-worker-{tp.topic}-{tp.partition}", context=Context()
         )
 
-    def offer(self, message: KafkaMessage) -> None:
-        """Queue a fetched message (never blocks); pause the partition when full."""
-        self.queue.put_nowait((message, otel_context.get_current()))
-        if not self.paused and self.queue.qsize() >= self.queue_size:
+    def offer(self, record: ConsumerRecord[Any, Any], trace_context: otel_context.Context) -> None:
+        """Queue a fetched record (never blocks); pause the partition when full."""
+        self.queue.append(_Waiting(record, trace_context))
+        self._wake.set()
+        if not self.paused and len(self.queue) >= self.queue_size:
             with contextlib.suppress(IllegalStateError):  # revoked meanwhile
                 self.consumer.pause(self.tp)
                 self.paused = True
@@ -336,60 +406,101 @@ class PartitionWorker:
                 ).inc()
 
     def _maybe_resume(self) -> None:
-        if self.paused and self.queue.qsize() <= self.queue_size // 2:
+        if self.paused and len(self.queue) <= self.queue_size // 2:
             self.paused = False
             with contextlib.suppress(IllegalStateError):
                 self.consumer.resume(self.tp)
 
+    def _set_free(self) -> None:
+        if self.busy or self.lent:
+            self._free.clear()
+        else:
+            self._free.set()
+
     async def _run(self) -> None:
         while not self.stopping:
-            self.busy = False
-            first = await self.queue.get()
+            if not self.queue or self.lent:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
             self.busy = True
-            # What is already waiting is handled with it: one transaction for the lot.
-            taken = [first]
-            while len(taken) < self.runtime.settings.consumer_batch_max and not self.queue.empty():
-                taken.append(self.queue.get_nowait())
-            self._maybe_resume()
-            await self._handle(taken)
+            self._set_free()
+            try:
+                await self._handle(self._take())
+            finally:
+                self.busy = False
+                self._set_free()
 
-    async def _handle(self, taken: list[tuple[KafkaMessage, otel_context.Context]]) -> None:
+    def _take(self) -> list[_Waiting]:
+        # What is already waiting is handled with the first: one transaction for the lot.
+        # Messages put back alone are taken alone.
+        first = self.queue.popleft()
+        taken = [first]
+        if not first.alone:
+            limit = self.runtime.settings.consumer_batch_max
+            while len(taken) < limit and self.queue and not self.queue[0].alone:
+                taken.append(self.queue.popleft())
+        self._maybe_resume()
+        return taken
+
+    async def _handle(self, taken: list[_Waiting]) -> None:
         """Handle fetched messages in order: runs of valid events together, the rest alone."""
         run: list[Parsed] = []
-        for message, trace_context in taken:
-            record = message.raw_message
-            assert isinstance(record, ConsumerRecord)
+        alone = taken[0].alone
+        for waiting in taken:
+            record = waiting.record
             if self.resume_at is not None:
                 if record.offset != self.resume_at:
                     continue  # fetched before the rewind: it comes again
                 self.resume_at = None
-            topic, consumer_name, handlers = self.by_physical[record.topic]
-            parsed = self.runtime.parse(record, topic, handlers, trace_context)
+            parsed = self._parse(record, waiting.trace_context)
             if parsed is not None:
                 run.append(parsed)
                 continue
             # Not a valid event for a handler (tombstone, skipped, to dead-letter): what
             # came before it goes first, then it alone.
-            if not await self._handle_run(run):
+            if not await self._handle_run(run, alone):
                 return
             run = []
+            topic, consumer_name, handlers = self.by_physical[record.topic]
             if not await self._guarded(
                 record,
-                trace_context,
+                waiting.trace_context,
                 self.runtime.consume_record(record, topic, consumer_name, handlers),
             ):
                 return
-        await self._handle_run(run)
+        await self._handle_run(run, alone)
 
-    async def _handle_run(self, run: list[Parsed]) -> bool:
+    def _parse(
+        self, record: ConsumerRecord[Any, Any], trace_context: otel_context.Context
+    ) -> Parsed | None:
+        topic, _, handlers = self.by_physical[record.topic]
+        return self.runtime.parse(record, topic, handlers, trace_context)
+
+    async def _handle_run(self, run: list[Parsed], alone: bool = False) -> bool:
         """Handle valid events, together when there are several; False after a rewind."""
         if not run:
             return True
         started = time.perf_counter()
-        if len(run) > 1 and await self.runtime.handle_together(run):
-            self._handling_seconds.observe(time.perf_counter() - started)
-            self.runtime.committer.handled(self.consumer, run[-1].record)
-            return True
+        if not alone and self.runtime.can_handle_together(self.topic):
+            lenders = self._borrow(self.runtime.settings.consumer_batch_max - len(run))
+            lot = run + [parsed for _, taken in lenders for _, parsed in taken]
+            together = False
+            try:
+                together = len(lot) > 1 and await self.runtime.handle_together(lot)
+            finally:
+                for lender, taken in lenders:
+                    if together:
+                        self.runtime.committer.handled(lender.consumer, taken[-1][1].record)
+                    else:  # back to the front of its own queue, to be handled alone
+                        for waiting, _ in reversed(taken):
+                            waiting.alone = True
+                            lender.queue.appendleft(waiting)
+                    lender._give_back()
+            if together:
+                self._handling_seconds.observe(time.perf_counter() - started)
+                self.runtime.committer.handled(self.consumer, run[-1].record)
+                return True
         # Alone (or the lot failed and rolled back): each with its own retries and DLQ.
         for parsed in run:
             if self.resume_at is not None:
@@ -400,6 +511,44 @@ class PartitionWorker:
                 return False
             self._handling_seconds.observe(time.perf_counter() - started)
         return True
+
+    def _borrow(self, room: int) -> list[tuple[PartitionWorker, list[tuple[_Waiting, Parsed]]]]:
+        """Take the valid events waiting in idle neighbours, up to ``room`` of them.
+
+        No await in here: a neighbour seen idle stays idle until it is marked lent.
+        """
+        lenders: list[tuple[PartitionWorker, list[tuple[_Waiting, Parsed]]]] = []
+        for other in self.neighbours:
+            if room <= 0:
+                break
+            if (
+                other is self
+                or other.busy
+                or other.lent
+                or other.stopping
+                or other.resume_at is not None
+                or not other.queue
+            ):
+                continue
+            taken: list[tuple[_Waiting, Parsed]] = []
+            while other.queue and len(taken) < room and not other.queue[0].alone:
+                waiting = other.queue[0]
+                parsed = other._parse(waiting.record, waiting.trace_context)
+                if parsed is None:
+                    break  # its own worker dead-letters or skips it, in order
+                taken.append((other.queue.popleft(), parsed))
+            if taken:
+                other.lent = True
+                other._set_free()
+                other._maybe_resume()
+                lenders.append((other, taken))
+                room -= len(taken)
+        return lenders
+
+    def _give_back(self) -> None:
+        self.lent = False
+        self._set_free()
+        self._wake.set()
 
     async def _guarded(
         self,
@@ -432,24 +581,25 @@ class PartitionWorker:
 
     def _rewind(self, record: ConsumerRecord[Any, Any]) -> None:
         # No await between dropping the queue and the seek: nothing slips in between.
-        while not self.queue.empty():
-            self.queue.get_nowait()
+        self.queue.clear()
         self.resume_at = record.offset
         with contextlib.suppress(IllegalStateError):  # revoked meanwhile: the new owner has it
             self.consumer.seek(self.tp, record.offset)
         self._maybe_resume()
 
     async def stop(self, grace_s: float) -> None:
-        """Finish the message in hand (up to ``grace_s``); what is queued comes again."""
+        """Finish the messages in hand, its own or lent (up to ``grace_s``); what is
+        queued comes again."""
         self.stopping = True
-        if self.busy:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self.task), grace_s)
+        with contextlib.suppress(ValueError):
+            self.neighbours.remove(self)
+        if not self._free.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._free.wait(), grace_s)
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
-        while not self.queue.empty():
-            self.queue.get_nowait()
+        self.queue.clear()
 
 
 class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -490,10 +640,9 @@ class KafkaRuntime:
             acks="all",
             enable_idempotence=False,
             max_request_size=PRODUCER_MAX_REQUEST_SIZE,
-            # No Prometheus middleware: it timed the hand-over to the partition worker, not
-            # the handling, and cost a sixth of a consumer's CPU; the workers count
+            # No middlewares: per fetched batch they would see a batch, not an event. The
+            # dispatcher makes each record's consumer span; the partition workers count
             # (omni_events_handled, omni_event_handling_seconds, omni_consumer_rewinds).
-            middlewares=[KafkaTelemetryMiddleware()],
             logger=logging.getLogger(f"faststream.{settings.service_name}"),
         )
         # Contract topic names (unprefixed), for the ACLs and the AsyncAPI document.
@@ -507,6 +656,9 @@ class KafkaRuntime:
         self._lag_task: asyncio.Task[None] | None = None
         self.committer = OffsetCommitter(settings.consumer_commit_interval_ms / 1000)
         self._workers: dict[tuple[int, str, int], PartitionWorker] = {}
+        # The workers of one consumer's partitions of one topic, which lend each other
+        # their waiting events (see PartitionWorker).
+        self._neighbours: dict[tuple[int, str], list[PartitionWorker]] = {}
         # Set by the service runtime: probes the database, to tell an outage (wait and
         # retry) from a message that fails on a healthy world (dead-letter it).
         self.health_check: HealthCheck | None = None
@@ -553,6 +705,7 @@ class KafkaRuntime:
             subscriber = self.broker.subscriber(
                 *by_physical,
                 listener=listener,
+                batch=True,
                 group_id=s.group_id(purpose),
                 ack_policy=AckPolicy.MANUAL,
                 decoder=_whole_message,
@@ -564,6 +717,8 @@ class KafkaRuntime:
                 title=f"{s.service_name}:{purpose}",
                 description=consume.__doc__,
             )
+            # Same layout, one method overridden (FastStream offers no subscriber class hook).
+            subscriber.__class__ = _FetchingSubscriber
             subscriber(consume)
             listener.subscriber = subscriber
 
@@ -584,26 +739,47 @@ class KafkaRuntime:
     def _dispatcher(
         self, by_physical: Mapping[str, tuple[str, str, Mapping[str, Any]]]
     ) -> Callable[[KafkaMessage], Awaitable[None]]:
+        linger_s = self.settings.consumer_linger_ms / 1000
+
         # A closure, not a default argument: FastStream would take one for a body field.
         async def consume(message: Any) -> None:
             if self._draining:
                 return  # shutting down: not handled, not committed, so it comes again
-            record = message.raw_message
-            assert isinstance(record, ConsumerRecord)
-            key = (id(message.consumer), record.topic, record.partition)
-            worker = self._workers.get(key)
-            if worker is None:
-                worker = self._workers[key] = PartitionWorker(
-                    self,
-                    message.consumer,
-                    TopicPartition(record.topic, record.partition),
-                    by_physical,
-                    self.settings.consumer_queue_size,
-                )
-            # Never waits: a busy partition is paused alone, the others keep flowing.
-            worker.offer(message)
+            consumer = message.consumer
+            for record in message.raw_message:
+                key = (id(consumer), record.topic, record.partition)
+                worker = self._workers.get(key)
+                if worker is None:
+                    worker = self._workers[key] = PartitionWorker(
+                        self,
+                        consumer,
+                        TopicPartition(record.topic, record.partition),
+                        by_physical,
+                        self.settings.consumer_queue_size,
+                        self._neighbours.setdefault((id(consumer), record.topic), []),
+                    )
+                # Never waits: a busy partition is paused alone, the others keep flowing.
+                worker.offer(record, _consumer_span_context(record))
+            if linger_s:
+                await self._linger(consumer, linger_s)
 
         return consume
+
+    async def _linger(self, consumer: Any, seconds: float) -> None:
+        """Fetch nothing for ``seconds``: what arrives meanwhile comes in one fetch, to be
+        handled as one lot. Only after records came, so a quiet consumer never waits."""
+        held = consumer.assignment() - consumer.paused()
+        with contextlib.suppress(IllegalStateError):  # a rebalance took some meanwhile
+            consumer.pause(*held)
+        await asyncio.sleep(seconds)
+        if self._draining:
+            return  # stays paused: the drain stops fetching
+        for tp in held:
+            worker = self._workers.get((id(consumer), tp.topic, tp.partition))
+            if worker is not None and worker.paused:
+                continue  # its worker resumes it once its queue has drained
+            with contextlib.suppress(IllegalStateError):
+                consumer.resume(tp)
 
     async def drop_partitions(self, consumer: Any, revoked: set[TopicPartition]) -> None:
         """Stop the workers of ``revoked`` partitions and commit what they handled."""
@@ -669,14 +845,18 @@ class KafkaRuntime:
             parsed.record, parsed.topic, parsed.event, parsed.envelope, parsed.handler
         )
 
+    def can_handle_together(self, topic: str) -> bool:
+        """Whether waiting events of ``topic`` may be handled in one transaction."""
+        return self.batch_transaction is not None and topic not in self.one_at_a_time
+
     async def handle_together(self, run: list[Parsed]) -> bool:
-        """Handle a partition's waiting events in one transaction; False if the lot failed.
+        """Handle waiting events of one topic in one transaction; False if the lot failed.
 
         One commit (and one outbox write) for the lot instead of one per event. If any
         handler fails, the whole transaction rolls back and the caller handles them one by
         one, so a failure stays with its own event (retried, waited out, or dead-lettered).
         """
-        if self.batch_transaction is None or run[0].topic in self.one_at_a_time:
+        if self.batch_transaction is None or not self.can_handle_together(run[0].topic):
             return False
         m = self.metrics
         try:
@@ -962,6 +1142,7 @@ class KafkaRuntime:
         # the consumers are still members; queued messages come again to the next owner.
         await asyncio.gather(*(w.stop(grace_s=grace_s) for w in self._workers.values()))
         self._workers.clear()
+        self._neighbours.clear()
         await self.committer.stop()
 
     async def stop(self) -> None:

@@ -10,6 +10,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 from omni_common.kafka import OffsetCommitter, PartitionWorker
 from omni_common.metrics import PlatformMetrics
 from omni_common.settings import ServiceSettings
+from opentelemetry.context import Context
 
 
 class FakeConsumer:
@@ -45,8 +46,7 @@ class FakeRuntime:
 
 
 def message(offset: int) -> Any:
-    record = ConsumerRecord("t", 0, offset, 0, 0, None, b"{}", None, 2, 0, [])
-    return SimpleNamespace(raw_message=record)
+    return ConsumerRecord("t", 0, offset, 0, 0, None, b"{}", None, 2, 0, [])
 
 
 async def test_a_full_queue_pauses_its_partition_and_a_drained_one_resumes_it() -> None:
@@ -60,7 +60,7 @@ async def test_a_full_queue_pauses_its_partition_and_a_drained_one_resumes_it() 
     )
     try:
         for offset in range(10):
-            worker.offer(message(offset))  # never waits, even past the bound
+            worker.offer(message(offset), Context())  # never waits, even past the bound
         assert consumer.calls == ["pause"]
         runtime.release.set()
         for _ in range(100):
@@ -72,3 +72,101 @@ async def test_a_full_queue_pauses_its_partition_and_a_drained_one_resumes_it() 
         assert runtime.committer._pending[consumer] == {TopicPartition("t", 0): 10}
     finally:
         await worker.stop(grace_s=0.1)
+
+
+class LotRuntime(FakeRuntime):
+    """Every record is a valid event; lots are recorded, and fail while ``lots_fail``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lots: list[list[tuple[int, int]]] = []
+        self.alone: list[tuple[int, int]] = []
+        self.lots_fail = False
+
+    def parse(self, record: Any, *_: Any) -> Any:
+        return SimpleNamespace(record=record, trace_context=None)
+
+    def can_handle_together(self, topic: str) -> bool:
+        return True
+
+    async def handle_together(self, lot: list[Any]) -> bool:
+        await asyncio.sleep(0)
+        if self.lots_fail:
+            return False
+        self.lots.append([(p.record.partition, p.record.offset) for p in lot])
+        return True
+
+    async def handle_parsed(self, parsed: Any) -> None:
+        self.alone.append((parsed.record.partition, parsed.record.offset))
+
+
+def record_at(partition: int, offset: int) -> Any:
+    return ConsumerRecord("t", partition, offset, 0, 0, None, b"{}", None, 2, 0, [])
+
+
+async def _settle(runtime: LotRuntime, events: int) -> None:
+    for _ in range(200):
+        if sum(map(len, runtime.lots)) + len(runtime.alone) >= events:
+            return
+        await asyncio.sleep(0.005)
+
+
+async def test_a_worker_takes_the_events_waiting_in_idle_neighbours_into_its_lot() -> None:
+    runtime, consumer = LotRuntime(), FakeConsumer()
+    neighbours: list[PartitionWorker] = []
+    workers = [
+        PartitionWorker(
+            runtime,  # type: ignore[arg-type]
+            consumer,
+            TopicPartition("t", p),
+            {"t": ("t", "c", {})},
+            queue_size=100,
+            neighbours=neighbours,
+        )
+        for p in range(3)
+    ]
+    try:
+        for offset in range(4):
+            for p in range(3):
+                workers[p].offer(record_at(p, offset), Context())
+        await _settle(runtime, 12)
+        # One transaction for the three partitions, each in its own order.
+        assert len(runtime.lots) == 1
+        lot = runtime.lots[0]
+        assert sorted(lot) == [(p, o) for p in range(3) for o in range(4)]
+        for p in range(3):
+            assert [o for q, o in lot if q == p] == [0, 1, 2, 3]
+        assert runtime.committer._pending[consumer] == {TopicPartition("t", p): 4 for p in range(3)}
+    finally:
+        for worker in workers:
+            await worker.stop(grace_s=0.1)
+    assert neighbours == []
+
+
+async def test_a_lot_that_rolls_back_gives_each_partition_its_events_back_to_handle_alone() -> None:
+    runtime, consumer = LotRuntime(), FakeConsumer()
+    runtime.lots_fail = True
+    neighbours: list[PartitionWorker] = []
+    workers = [
+        PartitionWorker(
+            runtime,  # type: ignore[arg-type]
+            consumer,
+            TopicPartition("t", p),
+            {"t": ("t", "c", {})},
+            queue_size=100,
+            neighbours=neighbours,
+        )
+        for p in range(2)
+    ]
+    try:
+        for offset in range(3):
+            for p in range(2):
+                workers[p].offer(record_at(p, offset), Context())
+        await _settle(runtime, 6)
+        assert runtime.lots == []
+        for p in range(2):
+            assert [o for q, o in runtime.alone if q == p] == [0, 1, 2]
+        assert runtime.committer._pending[consumer] == {TopicPartition("t", p): 3 for p in range(2)}
+    finally:
+        for worker in workers:
+            await worker.stop(grace_s=0.1)

@@ -93,3 +93,27 @@ def test_kafka_security_follows_the_listener() -> None:
         broker_security(ServiceSettings(kafka_security_protocol="SASL_SSL"))
     with pytest.raises(ValueError, match="PLAINTEXT, SSL or SASL_SSL"):
         broker_security(ServiceSettings(kafka_security_protocol="SASL_PLAINTEXT"))
+
+
+class _LingeringSettings(ServiceSettings):
+    service_name: str = "lingering"
+    consumer_linger_ms: int = 100
+    own_field: int = 1
+
+
+def test_a_service_keeps_what_the_platform_settings_set_and_its_own_defaults_otherwise(
+    monkeypatch,
+) -> None:
+    monkeypatch.setenv("HANDLER_MAX_ATTEMPTS", "7")
+    monkeypatch.setenv("OWN_FIELD", "3")
+    plain = ServiceSettings(service_name="given", consumer_batch_max=5)
+    mine = _LingeringSettings.from_settings(plain, consumer_queue_size=9)
+    assert (mine.service_name, mine.consumer_batch_max, mine.handler_max_attempts) == (
+        "given",
+        5,
+        7,
+    )
+    assert mine.consumer_queue_size == 9  # overrides win
+    assert mine.own_field == 3  # its own fields from the environment
+    assert mine.consumer_linger_ms == 100  # not the platform's default of 0
+    assert _LingeringSettings.from_settings(mine) is mine
