@@ -16,7 +16,7 @@ from decimal import Decimal
 
 import pytest
 from inventory_service.entrypoints.app import create_app
-from inventory_service.settings import inventory_settings
+from inventory_service.settings import InventorySettings
 from omni_contracts import Line, Money, SaleRecorded, StockAdjusted
 from omni_devkit.testing.chaos import Figures, database_refusing, wait_for
 from omni_devkit.testing.events import ChannelPublisher, record_headers
@@ -65,7 +65,9 @@ async def test_database_refusing_connections_for_10s_loses_and_dead_letters_noth
     omni_env,
 ) -> None:
     figures = Figures("database refusing connections 10s")
-    settings = inventory_settings(omni_env.settings("inventory"), inventory_timer_poll_s=0.1)
+    settings = InventorySettings.from_settings(
+        omni_env.settings("inventory"), inventory_timer_poll_s=0.1
+    )
     dlq = omni_env.reader("store.sales.v1.dlq")
     out = omni_env.reader("inventory.availability.v1")
     async with (

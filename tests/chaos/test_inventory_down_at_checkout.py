@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 import pytest
 from inventory_service.entrypoints.app import create_app as create_inventory
-from inventory_service.settings import inventory_settings
+from inventory_service.settings import InventorySettings
 from omni_contracts import CheckoutSubmitted, StockAdjusted
 from omni_devkit.testing.chaos import Figures, wait_for
 from omni_devkit.testing.events import ChannelPublisher, record_headers
@@ -55,7 +55,9 @@ async def test_inventory_down_at_checkout_times_the_order_out_and_releases_the_l
     omni_env,
 ) -> None:
     figures = Figures("inventory down at checkout")
-    inv_settings = inventory_settings(omni_env.settings("inventory"), inventory_timer_poll_s=0.1)
+    inv_settings = InventorySettings.from_settings(
+        omni_env.settings("inventory"), inventory_timer_poll_s=0.1
+    )
     order_settings = OrderSettings.from_settings(
         omni_env.settings("order"), timer_poll_interval_s=0.1, order_reservation_timeout_s=2
     )

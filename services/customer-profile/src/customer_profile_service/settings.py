@@ -40,6 +40,9 @@ class ProfileSettings(ServiceSettings):
     """
 
     service_name: str = "customer-profile"
+    # No shopper waits on its consumers: under load, events gather for a moment and are
+    # handled in lots (see ServiceSettings.consumer_linger_ms).
+    consumer_linger_ms: int = Field(default=100, ge=0, le=1000)
     cart_abandonment_delay: Duration = timedelta(hours=1)
     cart_timer_poll_s: float = Field(default=0.5, gt=0)
     cart_timer_batch: int = Field(default=500, gt=0)
@@ -50,14 +53,3 @@ class ProfileSettings(ServiceSettings):
     cart_max_qty: int = Field(default=999, gt=0)
     profile_identity_limits: str = ""
     profile_blocked_identifiers: str = ""
-
-    @classmethod
-    def from_settings(cls, settings: ServiceSettings | None = None, **overrides: Any) -> Any:
-        """``settings`` as :class:`ProfileSettings`; this service's fields come from the
-        environment unless given in ``overrides`` (``omni run`` and the test fixtures build
-        plain ``ServiceSettings``)."""
-        if isinstance(settings, cls) and not overrides:
-            return settings
-        if settings is None:
-            return cls(**overrides)
-        return cls(**(settings.model_dump() | overrides))

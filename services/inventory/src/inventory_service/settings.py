@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from omni_common.settings import ServiceSettings
 from pydantic import Field
 
@@ -34,19 +32,3 @@ class InventorySettings(ServiceSettings):
     inventory_stream_queue: int = Field(default=256, ge=1)
     inventory_stream_max_clients: int = Field(default=10_000, ge=1)
     inventory_stream_heartbeat_s: float = Field(default=15.0, gt=0)
-
-
-def inventory_settings(
-    settings: ServiceSettings | None = None, **overrides: Any
-) -> InventorySettings:
-    """``settings`` as :class:`InventorySettings`; inventory-only fields come from the
-    environment unless given in ``overrides``.
-
-    ``omni run`` and the test fixtures build plain ``ServiceSettings``: this keeps every value
-    they set and adds what inventory needs.
-    """
-    if isinstance(settings, InventorySettings) and not overrides:
-        return settings
-    if settings is None:
-        return InventorySettings(**overrides)
-    return InventorySettings(**(settings.model_dump() | overrides))

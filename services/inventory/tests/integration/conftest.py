@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from inventory_service.entrypoints.app import create_app
-from inventory_service.settings import inventory_settings
+from inventory_service.settings import InventorySettings
 from omni_contracts import (
     Channel,
     Fulfillment,
@@ -156,7 +156,7 @@ def start_inventory(omni_env: Any) -> StartInventory:
 
     @contextlib.asynccontextmanager
     async def start(**overrides: Any) -> AsyncIterator[RunningService]:
-        settings = inventory_settings(
+        settings = InventorySettings.from_settings(
             omni_env.settings("inventory"), inventory_timer_poll_s=0.1, **overrides
         )
         async with running(create_app(settings)) as svc:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import uvicorn
 from inventory_service.entrypoints.app import create_app
-from inventory_service.settings import inventory_settings
+from inventory_service.settings import InventorySettings
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,7 @@ class Served:
 @contextlib.asynccontextmanager
 async def serving(omni_env: Any, **overrides: Any) -> AsyncIterator[Served]:
     """Run inventory under uvicorn on a free port until the block ends."""
-    settings = inventory_settings(
+    settings = InventorySettings.from_settings(
         omni_env.settings("inventory"), inventory_timer_poll_s=0.1, **overrides
     )
     app = create_app(settings)

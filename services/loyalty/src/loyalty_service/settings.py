@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from datetime import timedelta
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Literal
 
 from omni_common.settings import ServiceSettings
 from pydantic import Field, field_validator
@@ -40,6 +40,9 @@ class LoyaltySettings(ServiceSettings):
     """
 
     service_name: str = "loyalty"
+    # No shopper waits on its consumers: under load, events gather for a moment and are
+    # handled in lots (see ServiceSettings.consumer_linger_ms).
+    consumer_linger_ms: int = Field(default=100, ge=0, le=1000)
 
     loyalty_points_per_unit: Decimal = Field(default=Decimal(1), ge=0)
     loyalty_point_value: Decimal = Field(default=Decimal("0.01"), gt=0)
@@ -99,16 +102,6 @@ class LoyaltySettings(ServiceSettings):
     def offer_validity(self) -> timedelta:
         """How long an offer can be used."""
         return timedelta(days=self.loyalty_offer_days)
-
-    @classmethod
-    def from_settings(cls, settings: ServiceSettings | None, **overrides: Any) -> LoyaltySettings:
-        """Loyalty settings from platform settings (e.g. a test's), keeping every value."""
-        if settings is None:
-            return cls(**overrides)
-        if isinstance(settings, cls) and not overrides:
-            return settings
-        values = {name: getattr(settings, name) for name in type(settings).model_fields}
-        return cls(**(values | overrides))
 
 
 def parse_tiers(text: str) -> tuple[Tier, ...]:

@@ -25,6 +25,9 @@ class NotificationSettings(ServiceSettings):
     """
 
     service_name: str = "notification"
+    # No shopper waits on its consumers: under load, events gather for a moment and are
+    # handled in lots (see ServiceSettings.consumer_linger_ms).
+    consumer_linger_ms: int = Field(default=100, ge=0, le=1000)
 
     smtp_url: str | None = None
     smtp_host: str | None = None
@@ -84,16 +87,3 @@ class NotificationSettings(ServiceSettings):
         if self.smtp_host:
             return self.smtp_host, self.smtp_port, {}
         return None
-
-
-def notification_settings(
-    settings: ServiceSettings | None = None, **overrides: Any
-) -> NotificationSettings:
-    """``settings`` as :class:`NotificationSettings`; the service's own fields come from the
-    environment unless given in ``overrides`` (``omni run`` and tests build plain settings)."""
-    if isinstance(settings, NotificationSettings) and not overrides:
-        return settings
-    if settings is None:
-        return NotificationSettings(**overrides)
-    values = {name: getattr(settings, name) for name in type(settings).model_fields}
-    return NotificationSettings(**(values | overrides))

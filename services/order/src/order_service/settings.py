@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
 from omni_common.settings import ServiceSettings
 from pydantic import Field
@@ -13,6 +12,9 @@ class OrderSettings(ServiceSettings):
     """Order-specific knobs; each is also an env var of the same name in upper case."""
 
     service_name: str = "order"
+    # A shopper waits on a checkout's confirmation, but not for a few tens of milliseconds:
+    # under load, events gather that long and are handled in lots (consumer_linger_ms).
+    consumer_linger_ms: int = Field(default=50, ge=0, le=1000)
 
     # A pickup not collected within this many days is cancelled and its stock released.
     pickup_collect_days: float = Field(default=7.0, gt=0)
@@ -47,13 +49,3 @@ class OrderSettings(ServiceSettings):
     def overdue_eta_extension(self) -> timedelta:
         """The estimated lateness announced when a promise passes without a carrier ETA."""
         return timedelta(hours=self.overdue_eta_extension_hours)
-
-    @classmethod
-    def from_settings(cls, settings: ServiceSettings | None, **overrides: Any) -> OrderSettings:
-        """Order settings from platform settings (e.g. a test's), keeping every value."""
-        if settings is None:
-            return cls(**overrides)
-        if isinstance(settings, cls) and not overrides:
-            return settings
-        values = {name: getattr(settings, name) for name in type(settings).model_fields}
-        return cls(**(values | overrides))

@@ -40,7 +40,7 @@ from inventory_service.entrypoints.http import build_router
 from inventory_service.entrypoints.stream import build_stream_router
 from inventory_service.service import handlers
 from inventory_service.service.handlers import RESERVATION_EXPIRY, Inventory
-from inventory_service.settings import InventorySettings, inventory_settings
+from inventory_service.settings import InventorySettings
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     Plain ``ServiceSettings`` (as ``omni run`` and the test fixtures build them) are
     extended with the inventory settings from the environment.
     """
-    config = inventory_settings(settings)
+    config = InventorySettings.from_settings(settings)
     runtime = ServiceRuntime(config, migrations_package="inventory_service.migrations")
     inventory = Inventory(
         # Advisory locks are database-wide: name them after the schema they guard.

@@ -25,7 +25,7 @@ from notification_service.entrypoints.consumers import subscriptions
 from notification_service.entrypoints.http import build_router
 from notification_service.service.delivery import Dispatcher
 from notification_service.service.notify import CART_REMINDER_TIMER, DEFERRED_TIMER, Notifier
-from notification_service.settings import NotificationSettings, notification_settings
+from notification_service.settings import NotificationSettings
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def create_app(settings: ServiceSettings | None = None, **overrides: Any) -> Fas
     Plain platform settings (``omni run``, the test fixtures) are extended with the
     notification settings from the environment, then ``overrides``.
     """
-    config = notification_settings(settings, **overrides)
+    config = NotificationSettings.from_settings(settings, **overrides)
     runtime = ServiceRuntime(config, migrations_package="notification_service.migrations")
     metrics = NotificationMetrics(runtime.metrics)
     templates = Templates(config.notify_default_language, config.notify_templates_dir)
