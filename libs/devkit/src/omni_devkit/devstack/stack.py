@@ -235,6 +235,11 @@ class DevStackConfig:
         return self.state_dir / "pgdata"
 
     @property
+    def pg_socket_dir(self) -> Path:
+        """Where PostgreSQL's Unix socket is, for the services (see ``service_database_url``)."""
+        return self.state_dir / "pgsock"
+
+    @property
     def env_file(self) -> Path:
         """``KEY=value`` lines describing the running stack."""
         return self.state_dir / "dev.env"
@@ -469,6 +474,7 @@ class DevStack:
             cfg.host,
             fast=cfg.fast_postgres,
             log_path=cfg.logs_dir / "postgres.log",
+            socket_dir=cfg.pg_socket_dir,
         )
         self.postgres.start()
         assert self.postgres.pid is not None
@@ -526,6 +532,13 @@ class DevStack:
             )
         return values
 
+    def _service_database_url(self) -> str:
+        # The services run beside the server: its Unix socket halves the CPU of a statement's
+        # round trip. dev.env keeps the TCP address, which any tool can use.
+        if self.postgres is None:
+            return self.config.database_url
+        return self.postgres.local_url(self.config.database)
+
     def _service_env(self, name: str, port: int) -> dict[str, str]:
         cfg = self.config
         env = dict(os.environ)
@@ -533,7 +546,7 @@ class DevStack:
         env.update(
             SERVICE_NAME=name,
             KAFKA_BOOTSTRAP_SERVERS=cfg.bootstrap_servers,
-            DATABASE_URL=cfg.database_url,
+            DATABASE_URL=self._service_database_url(),
             TOPIC_PREFIX="",
             HTTP_HOST=cfg.host,
             HTTP_PORT=str(port),
