@@ -166,7 +166,7 @@ class OutboxRelay:
         # A leader runs a statement at least every poll interval; one frozen between two (or
         # in the middle of a batch, whose broker wait is bounded by publish_timeout_s) loses
         # its session, and so the lock, a few seconds later.
-        idle_ms = int(max(5.0, 5 * poll_interval_s) * 1000)
+        idle_ms = int(max(5.0, 5 * poll_interval_s, publish_timeout_s + 3) * 1000)
         self._publish_timeout_s = publish_timeout_s
         in_tx_ms = int((publish_timeout_s + 3) * 1000)
         self._server_settings = {
@@ -336,43 +336,45 @@ class OutboxRelay:
         """Publish one batch of pending rows in id order; returns how many were taken.
 
         Rows the broker refuses for good are parked with their error; any other failure
-        leaves the whole batch pending (the transaction rolls back) for the next round.
+        leaves the whole batch pending (nothing is marked) for the next round.
+
+        No transaction and no row locks: only the leader relays (its advisory lock), and a
+        row published twice (a leader dying before its mark) is deduplicated by consumers
+        anyway. Two round trips a batch instead of four.
         """
-        async with conn.transaction():
-            rows = await conn.fetch(
-                "SELECT id, ce_type, topic, key, headers, payload FROM outbox"
-                " WHERE published_at IS NULL AND parked_at IS NULL"
-                " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-                self._batch_size,
+        rows = await conn.fetch(
+            "SELECT id, ce_type, topic, key, headers, payload FROM outbox"
+            " WHERE published_at IS NULL AND parked_at IS NULL"
+            " ORDER BY id LIMIT $1",
+            self._batch_size,
+        )
+        if not rows:
+            return 0
+        messages = [
+            OutboxMessage(r["id"], r["topic"], r["key"], json.loads(r["headers"]), r["payload"])
+            for r in rows
+        ]
+        try:
+            # Bounded: a frozen broker must not keep the session (and its leadership)
+            # idle past idle_session_timeout.
+            async with asyncio.timeout(self._publish_timeout_s):
+                outcomes = await self._publish_all(messages)
+        except TimeoutError as exc:
+            raise OutboxPublishError("the broker did not acknowledge in time") from exc
+        failures = [(m, e) for m, e in zip(messages, outcomes, strict=True) if e is not None]
+        for _, exc in failures:
+            if not is_unpublishable(exc):
+                # Leave the rows pending (none is marked) and note why.
+                raise OutboxPublishError(f"{type(exc).__name__}: {exc}") from exc
+        published = [m for m, e in zip(messages, outcomes, strict=True) if e is None]
+        if published:
+            await conn.execute(
+                "UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1::bigint[])",
+                [m.id for m in published],
             )
-            if not rows:
-                return 0
-            messages = [
-                OutboxMessage(r["id"], r["topic"], r["key"], json.loads(r["headers"]), r["payload"])
-                for r in rows
-            ]
-            try:
-                # Bounded: a frozen broker must not keep this transaction (and its session's
-                # leadership) open past idle_in_transaction_session_timeout.
-                async with asyncio.timeout(self._publish_timeout_s):
-                    outcomes = await self._publish_all(messages)
-            except TimeoutError as exc:
-                raise OutboxPublishError("the broker did not acknowledge in time") from exc
-            failures = [(m, e) for m, e in zip(messages, outcomes, strict=True) if e is not None]
-            for _, exc in failures:
-                if not is_unpublishable(exc):
-                    # Leave the rows pending (the transaction rolls back) and note why.
-                    raise OutboxPublishError(f"{type(exc).__name__}: {exc}") from exc
-            published = [m for m, e in zip(messages, outcomes, strict=True) if e is None]
-            if published:
-                await conn.execute(
-                    "UPDATE outbox SET published_at = clock_timestamp()"
-                    " WHERE id = ANY($1::bigint[])",
-                    [m.id for m in published],
-                )
-            types = {r["id"]: r["ce_type"] for r in rows}
-            for message, exc in failures:
-                await self._park(conn, message, types[message.id], exc)
+        types = {r["id"]: r["ce_type"] for r in rows}
+        for message, exc in failures:
+            await self._park(conn, message, types[message.id], exc)
         for m in published:
             self._metrics.outbox_published.labels(self._metrics.service, m.topic).inc()
         return len(messages)
