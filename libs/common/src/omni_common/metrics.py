@@ -112,7 +112,7 @@ class PlatformMetrics:
         )
         self.batch_size = Histogram(
             "omni_consumer_batch_size",
-            "Events of one partition handled together in one transaction",
+            "Events of one topic handled together in one transaction (a lot)",
             ["service", "topic"],
             buckets=(2, 4, 8, 16, 32, 64, 128, 256),
             registry=r,

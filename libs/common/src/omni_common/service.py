@@ -53,6 +53,12 @@ class Tx:
         self.emitted = False
         self._after: list[Callable[[], None]] = batch.after if batch is not None else []
 
+    @property
+    def in_lot(self) -> bool:
+        """Whether this is part of a lot handled together, which may still roll back and
+        come again event by event: count a refusal only when it is not."""
+        return self._batch is not None
+
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once this transaction has committed (never if it rolls back).
 
@@ -135,18 +141,30 @@ class HandledBefore(Exception):
     """
 
 
-async def _record_deliveries(conn: asyncpg.Connection, inbox: dict[tuple[str, str], str]) -> None:
-    """Write a lot's inbox records in one statement; HandledBefore if any was there."""
+_RECORD_LOT = (
+    "WITH new AS (INSERT INTO inbox (consumer, ce_id, ce_type)"
+    " SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[])"
+    " ON CONFLICT DO NOTHING RETURNING 1),"
+    " emitted AS (INSERT INTO outbox (ce_id, ce_type, topic, key, headers, payload)"
+    " SELECT ce_id, ce_type, topic, key, headers::jsonb, payload FROM unnest("
+    "$4::uuid[], $5::text[], $6::text[], $7::text[], $8::text[], $9::bytea[])"
+    " WITH ORDINALITY AS r(ce_id, ce_type, topic, key, headers, payload, n) ORDER BY n)"
+    " SELECT count(*) FROM new"
+)
+
+
+async def _record_lot(
+    conn: asyncpg.Connection, inbox: dict[tuple[str, str], str], rows: Sequence[OutboxRow]
+) -> None:
+    """Write a lot's inbox records and the events it emits (in order) in one statement;
+    HandledBefore if any inbox record was there already."""
     if not inbox:
+        await insert_outbox_rows(conn, rows)
         return
     consumers, ids = zip(*inbox, strict=True)
+    columns: list[list[Any]] = [list(c) for c in zip(*rows, strict=True)] or [[]] * 6
     inserted = await conn.fetchval(
-        "WITH new AS (INSERT INTO inbox (consumer, ce_id, ce_type)"
-        " SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[])"
-        " ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM new",
-        list(consumers),
-        list(ids),
-        list(inbox.values()),
+        _RECORD_LOT, list(consumers), list(ids), list(inbox.values()), *columns
     )
     if inserted != len(inbox):
         raise HandledBefore(f"{len(inbox) - inserted} of {len(inbox)} events handled before")
@@ -265,8 +283,7 @@ class ServiceRuntime:
                     yield conn
                 finally:
                     _BATCH.reset(token)
-                await _record_deliveries(conn, batch.inbox)
-                await insert_outbox_rows(conn, batch.rows)
+                await _record_lot(conn, batch.inbox, batch.rows)
                 await self._before_commit(conn, bool(batch.rows))
             self._after_commit(bool(batch.rows))
             for callback in batch.after:
