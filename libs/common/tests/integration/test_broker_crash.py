@@ -73,6 +73,9 @@ class Applier:
                 event.sku,
                 event.on_hand,
             )
+            tx.after_commit(self._counted)
+
+    def _counted(self) -> None:
         self.applied += 1
         if self.applied >= SENT:
             self.all_applied.set()

@@ -49,7 +49,7 @@ class Mender:
             if tx is None:
                 self.duplicates += 1
                 return
-        self.applied.append(envelope.id)
+            tx.after_commit(lambda: self.applied.append(envelope.id))
 
 
 def omni(*args: str) -> tuple[int, str]:

@@ -95,7 +95,7 @@ def _bound(deps: Deps, use_case: UseCase) -> EventHandler:
             if tx is None:
                 return  # handled before: no second effect
             outcome = await use_case(deps.profiles, tx, event, envelope)
-        deps.observe(outcome)  # committed: now it is true
+            tx.after_commit(lambda: deps.observe(outcome))  # committed: now it is true
 
     handle.__name__ = use_case.__name__
     handle.__doc__ = use_case.__doc__

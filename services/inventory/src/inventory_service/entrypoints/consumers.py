@@ -77,9 +77,12 @@ async def _handle(
         if tx is None:
             return  # handled before: no second effect
         outcome = await work(tx)
-    # Committed: now it is true, count it.
-    deps.metrics.availability_written(outcome.updates, envelope.time)
-    deps.metrics.demand_lost(outcome.shortfalls)
+
+        def count() -> None:  # committed: now it is true
+            deps.metrics.availability_written(outcome.updates, envelope.time)
+            deps.metrics.demand_lost(outcome.shortfalls)
+
+        tx.after_commit(count)
 
 
 async def sale_recorded(deps: Deps, event: SaleRecorded, envelope: Envelope) -> None:

@@ -205,7 +205,7 @@ class LoyaltyService:
                 return
             work = Work(tx, envelope)
             yield work
-        self.metrics.written(work.written)  # committed: now it is true
+            tx.after_commit(lambda: self.metrics.written(work.written))  # now it is true
 
     @contextlib.asynccontextmanager
     async def _timer_transaction(self) -> AsyncIterator[Work]:
@@ -541,7 +541,8 @@ class LoyaltyService:
                 await self._active(w, account, now)
             return
         assert reason is not None
-        self.metrics.refusals.labels(self.metrics.service, reason.value).inc()
+        # Counted once committed: a lot that rolls back is handled again, one by one.
+        w.tx.after_commit(self.metrics.refusals.labels(self.metrics.service, reason.value).inc)
         if event.customer_id is None:
             return  # nobody to answer for: the order waits for its timers
         await w.emit(
@@ -897,7 +898,7 @@ class LoyaltyService:
                 occurred_at=now,
             )
         )
-        self.metrics.offers.labels(self.metrics.service).inc()
+        w.tx.after_commit(self.metrics.offers.labels(self.metrics.service).inc)
 
 
 def _returned_value(order: OrderRecord, returned: dict[str, int]) -> Decimal:

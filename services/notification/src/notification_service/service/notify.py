@@ -191,7 +191,8 @@ class Notifier:
                     ),
                     caused_by=envelope,
                 )
-            self.metrics.outcome(kind, "suppressed", decision.reason.value)
+            reason_value = decision.reason.value
+            tx.after_commit(lambda: self.metrics.outcome(kind, "suppressed", reason_value))
         elif decision.status is Status.DEFERRED:
             assert decision.until is not None
             await set_timer(
@@ -211,7 +212,9 @@ class Notifier:
                 ),
                 caused_by=envelope,
             )
-            self.metrics.outcome(kind, "deferred", Reason.QUIET_HOURS.value)
+            tx.after_commit(
+                lambda: self.metrics.outcome(kind, "deferred", Reason.QUIET_HOURS.value)
+            )
         else:
             # Once committed the dispatcher can see it: wake it rather than wait for its poll.
             tx.after_commit(self.wake)

@@ -286,7 +286,7 @@ class OrderService:
             try:
                 changed = order.cancel(event.reason, self.clock())
             except IllegalTransition as exc:
-                self.metrics.refused()
+                uow.tx.after_commit(self.metrics.refused)
                 log.info("cancellation of %s refused: %s", order.order_id, exc)
                 order.note(
                     "cancellation_refused",

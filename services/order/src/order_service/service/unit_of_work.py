@@ -83,19 +83,26 @@ async def unit_of_work(
         if envelope is not None and consumer is not None
         else runtime.transaction()
     )
+    in_lot = False
     try:
         async with transaction as tx:
             if tx is None:
                 yield None
                 return
+            in_lot = tx.in_lot
             uow = UnitOfWork(tx, envelope)
             yield uow
+
+            def count() -> None:
+                # Committed: now it is true that these transitions happened.
+                for statuses, channel in uow.committed:
+                    metrics.transitioned(statuses, channel)
+
+            tx.after_commit(count)
     except IllegalTransition:
-        metrics.refused()
+        if not in_lot:  # a refused event rolls its lot back and comes again alone
+            metrics.refused()
         raise
-    # Committed: now it is true that these transitions happened.
-    for statuses, channel in uow.committed:
-        metrics.transitioned(statuses, channel)
 
 
 # -- workaround: keep customer_id null on the wire --------------------------------------------
