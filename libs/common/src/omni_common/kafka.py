@@ -162,16 +162,17 @@ Prepare = Callable[[asyncpg.Connection, Sequence[Event]], Awaitable[None]]
 class Subscription:
     """What one service consumes from one topic: a handler per event type.
 
-    ``together``: a partition's waiting events may be handled in one transaction. Say False
-    when handlers lock shared rows whose order the partitioning does not follow (stock of
-    the SKUs an order names): two partitions' runs could lock them in opposite orders and
-    deadlock, each waiting a second for PostgreSQL to notice.
+    ``together``: waiting events may be handled in one transaction. Say False (or, per
+    event, a predicate) when handlers lock shared rows in an order that ``prepare`` cannot
+    take first (stock of the SKUs an order's reservation holds, read by the handler): two
+    runs could lock them in opposite orders and deadlock, each waiting a second for
+    PostgreSQL to notice. An event the predicate refuses is handled alone, in its order.
     """
 
     topic: str
     handlers: Mapping[type[Event], EventHandler]
     purpose: str = "main"
-    together: bool = True
+    together: bool | Callable[[Event], bool] = True
     prepare: Prepare | None = None
     """Called first in the transaction of a run handled together, with the run's events:
     take there, in one global order, every lock the handlers will take (stock of the SKUs
@@ -188,6 +189,7 @@ class Parsed:
     envelope: Envelope
     handler: EventHandler
     trace_context: otel_context.Context
+    together: bool = True  # may join a lot (``Subscription.together``)
 
 
 BatchTransaction = Callable[[], contextlib.AbstractAsyncContextManager[asyncpg.Connection]]
@@ -454,14 +456,18 @@ class PartitionWorker:
                     continue  # fetched before the rewind: it comes again
                 self.resume_at = None
             parsed = self._parse(record, waiting.trace_context)
-            if parsed is not None:
+            if parsed is not None and parsed.together:
                 run.append(parsed)
                 continue
-            # Not a valid event for a handler (tombstone, skipped, to dead-letter): what
-            # came before it goes first, then it alone.
             if not await self._handle_run(run, alone):
                 return
             run = []
+            if parsed is not None:  # a valid event that is handled alone
+                if not await self._handle_run([parsed], alone=True):
+                    return
+                continue
+            # Not a valid event for a handler (tombstone, skipped, to dead-letter): what
+            # came before it went first, then it alone.
             topic, consumer_name, handlers = self.by_physical[record.topic]
             if not await self._guarded(
                 record,
@@ -534,8 +540,8 @@ class PartitionWorker:
             while other.queue and len(taken) < room and not other.queue[0].alone:
                 waiting = other.queue[0]
                 parsed = other._parse(waiting.record, waiting.trace_context)
-                if parsed is None:
-                    break  # its own worker dead-letters or skips it, in order
+                if parsed is None or not parsed.together:
+                    break  # its own worker handles it alone, in order
                 taken.append((other.queue.popleft(), parsed))
             if taken:
                 other.lent = True
@@ -665,6 +671,7 @@ class KafkaRuntime:
         # Contract topics whose events are never handled together (``Subscription.together``).
         self.one_at_a_time: set[str] = set()
         self._prepare: dict[str, Prepare] = {}
+        self._joins_lot: dict[str, Callable[[Event], bool]] = {}
         # Set by the service runtime: the transaction a run of events is handled in together.
         self.batch_transaction: BatchTransaction | None = None
         self._draining = False
@@ -682,8 +689,10 @@ class KafkaRuntime:
         self.consumes.add(topic)
         self.produces.add(f"{topic}.dlq")
         handlers = {model.ce_type: (model, h) for model, h in subscription.handlers.items()}
-        if not subscription.together:
+        if subscription.together is False:
             self.one_at_a_time.add(topic)
+        elif callable(subscription.together):
+            self._joins_lot[topic] = subscription.together
         if subscription.prepare is not None:
             self._prepare[topic] = subscription.prepare
         consumer_name = f"{self.settings.service_name}.{subscription.purpose}:{topic}"
@@ -837,7 +846,9 @@ class KafkaRuntime:
             event = decode(model, record.value)
         except PayloadError:
             return None
-        return Parsed(record, topic, event, envelope, handler, trace_context)
+        joins = self._joins_lot.get(topic)
+        together = joins is None or joins(event)
+        return Parsed(record, topic, event, envelope, handler, trace_context, together)
 
     async def handle_parsed(self, parsed: Parsed) -> None:
         """Handle one valid event alone, with retries, waits and the DLQ."""

@@ -84,7 +84,7 @@ class LotRuntime(FakeRuntime):
         self.lots_fail = False
 
     def parse(self, record: Any, *_: Any) -> Any:
-        return SimpleNamespace(record=record, trace_context=None)
+        return SimpleNamespace(record=record, trace_context=None, together=True)
 
     def can_handle_together(self, topic: str) -> bool:
         return True
@@ -170,3 +170,38 @@ async def test_a_lot_that_rolls_back_gives_each_partition_its_events_back_to_han
     finally:
         for worker in workers:
             await worker.stop(grace_s=0.1)
+
+
+async def test_an_event_that_may_not_join_a_lot_is_handled_alone_in_its_order() -> None:
+    runtime, consumer = LotRuntime(), FakeConsumer()
+    order: list[tuple[str, int]] = []
+    runtime.parse = lambda record, *_: SimpleNamespace(  # type: ignore[method-assign]
+        record=record, trace_context=None, together=record.offset != 2
+    )
+    together = runtime.handle_together
+    alone = runtime.handle_parsed
+
+    async def lot(parsed: list[Any]) -> bool:
+        order.extend(("lot", p.record.offset) for p in parsed)
+        return await together(parsed)
+
+    async def single(parsed: Any) -> None:
+        order.append(("alone", parsed.record.offset))
+        await alone(parsed)
+
+    runtime.handle_together = lot  # type: ignore[method-assign]
+    runtime.handle_parsed = single  # type: ignore[method-assign]
+    worker = PartitionWorker(
+        runtime,  # type: ignore[arg-type]
+        consumer,
+        TopicPartition("t", 0),
+        {"t": ("t", "c", {})},
+        queue_size=100,
+    )
+    try:
+        for offset in range(5):
+            worker.offer(record_at(0, offset), Context())
+        await _settle(runtime, 5)
+        assert order == [("lot", 0), ("lot", 1), ("alone", 2), ("lot", 3), ("lot", 4)]
+    finally:
+        await worker.stop(grace_s=0.1)

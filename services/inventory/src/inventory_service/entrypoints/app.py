@@ -89,8 +89,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 OrderShipped: bound(consumers.order_fulfilled),
                 OrderReturnReceived: bound(consumers.return_received),
             },
-            # An order's SKUs are read from its reservation by the handler: one at a time.
-            together=False,
+            # Placed orders together (their SKUs locked first); the rest alone.
+            together=consumers.joins_lot,
+            prepare=locks,
         )
     )
     runtime.publishes(INVENTORY_AVAILABILITY, INVENTORY_RESERVATIONS)
