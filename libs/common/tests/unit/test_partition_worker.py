@@ -111,8 +111,10 @@ async def _settle(runtime: LotRuntime, events: int) -> None:
         await asyncio.sleep(0.005)
 
 
-async def test_a_worker_takes_the_events_waiting_in_idle_neighbours_into_its_lot() -> None:
-    runtime, consumer = LotRuntime(), FakeConsumer()
+def _neighbours(
+    runtime: LotRuntime, consumer: FakeConsumer, partitions: int
+) -> tuple[list[PartitionWorker], list[PartitionWorker]]:
+    """Workers of ``partitions`` partitions of topic ``t``, neighbours of each other."""
     neighbours: list[PartitionWorker] = []
     workers = [
         PartitionWorker(
@@ -123,8 +125,14 @@ async def test_a_worker_takes_the_events_waiting_in_idle_neighbours_into_its_lot
             queue_size=100,
             neighbours=neighbours,
         )
-        for p in range(3)
+        for p in range(partitions)
     ]
+    return workers, neighbours
+
+
+async def test_a_worker_takes_the_events_waiting_in_idle_neighbours_into_its_lot() -> None:
+    runtime, consumer = LotRuntime(), FakeConsumer()
+    workers, neighbours = _neighbours(runtime, consumer, 3)
     try:
         for offset in range(4):
             for p in range(3):
@@ -146,18 +154,7 @@ async def test_a_worker_takes_the_events_waiting_in_idle_neighbours_into_its_lot
 async def test_a_lot_that_rolls_back_gives_each_partition_its_events_back_to_handle_alone() -> None:
     runtime, consumer = LotRuntime(), FakeConsumer()
     runtime.lots_fail = True
-    neighbours: list[PartitionWorker] = []
-    workers = [
-        PartitionWorker(
-            runtime,  # type: ignore[arg-type]
-            consumer,
-            TopicPartition("t", p),
-            {"t": ("t", "c", {})},
-            queue_size=100,
-            neighbours=neighbours,
-        )
-        for p in range(2)
-    ]
+    workers, _ = _neighbours(runtime, consumer, 2)
     try:
         for offset in range(3):
             for p in range(2):
