@@ -83,7 +83,6 @@ async def test_a_redelivered_lot_has_no_second_effect(omni_env) -> None:
 
             await wait_for(first_half_applied, timeout=60)
             rt = service.runtime
-            splits_before = _sum(rt, "omni_consumer_batches_split_total")
             # Stop consuming so that the redeliveries and the new events wait together.
             await rt.stop()
             for event, envelope in zip(events[:20], envelopes, strict=True):
@@ -100,6 +99,5 @@ async def test_a_redelivered_lot_has_no_second_effect(omni_env) -> None:
             assert (applied, duplicates) == (len(events), 0)
             assert service.calls  # the second instance saw the lot
             assert _sum(service.runtime, "omni_consumer_batches_split_total") >= 1
-            assert splits_before == 0
         finally:
             await service.runtime.stop()
