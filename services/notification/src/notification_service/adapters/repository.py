@@ -391,14 +391,22 @@ class NotificationRepository:
         Returns the row, whether it was taken over from an interrupted send (a ``sending``
         row whose lease ran out: the process died between intent and outcome), and whether
         it had been taken over before.
+
+        A shopper's messages go out one at a time, oldest first: one waits while an older
+        one of the same shopper is pending or being sent (the dispatcher's workers would
+        otherwise race, and a refund could arrive before its ready-for-pickup).
         """
         row = await self.conn.fetchrow(
             """
             WITH next AS (
                 SELECT notification_id, status AS was, recovered AS was_recovered
-                FROM notifications
-                WHERE status = 'pending'
-                   OR (status = 'sending' AND claimed_at < now() - make_interval(secs => $1))
+                FROM notifications c
+                WHERE (status = 'pending'
+                       OR (status = 'sending' AND claimed_at < now() - make_interval(secs => $1)))
+                  AND NOT EXISTS (
+                      SELECT 1 FROM notifications o
+                      WHERE o.customer_id = c.customer_id AND o.created_at < c.created_at
+                        AND o.status IN ('pending', 'sending'))
                 ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED
             )
             UPDATE notifications n SET status = 'sending', attempts = n.attempts + 1,
