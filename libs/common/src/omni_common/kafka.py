@@ -192,6 +192,11 @@ class Parsed:
     together: bool = True  # may join a lot (``Subscription.together``)
 
 
+def _alone(event: Event) -> bool:
+    """``Subscription.together=False``: no event of the topic joins a lot."""
+    return False
+
+
 BatchTransaction = Callable[[], contextlib.AbstractAsyncContextManager[asyncpg.Connection]]
 """Opens the one transaction in which a partition's waiting events are handled together."""
 
@@ -668,9 +673,8 @@ class KafkaRuntime:
         # Set by the service runtime: probes the database, to tell an outage (wait and
         # retry) from a message that fails on a healthy world (dead-letter it).
         self.health_check: HealthCheck | None = None
-        # Contract topics whose events are never handled together (``Subscription.together``).
-        self.one_at_a_time: set[str] = set()
         self._prepare: dict[str, Prepare] = {}
+        # Per topic, which events may join a lot (``Subscription.together``); absent: all.
         self._joins_lot: dict[str, Callable[[Event], bool]] = {}
         # Set by the service runtime: the transaction a run of events is handled in together.
         self.batch_transaction: BatchTransaction | None = None
@@ -690,7 +694,7 @@ class KafkaRuntime:
         self.produces.add(f"{topic}.dlq")
         handlers = {model.ce_type: (model, h) for model, h in subscription.handlers.items()}
         if subscription.together is False:
-            self.one_at_a_time.add(topic)
+            self._joins_lot[topic] = _alone
         elif callable(subscription.together):
             self._joins_lot[topic] = subscription.together
         if subscription.prepare is not None:
@@ -857,8 +861,12 @@ class KafkaRuntime:
         )
 
     def can_handle_together(self, topic: str) -> bool:
-        """Whether waiting events of ``topic`` may be handled in one transaction."""
-        return self.batch_transaction is not None and topic not in self.one_at_a_time
+        """Whether waiting events of ``topic`` may be handled in one transaction.
+
+        Which of them may is each event's ``Parsed.together``; this says whether this
+        service handles lots at all.
+        """
+        return self.batch_transaction is not None
 
     async def handle_together(self, run: list[Parsed]) -> bool:
         """Handle waiting events of one topic in one transaction; False if the lot failed.
@@ -867,7 +875,7 @@ class KafkaRuntime:
         handler fails, the whole transaction rolls back and the caller handles them one by
         one, so a failure stays with its own event (retried, waited out, or dead-lettered).
         """
-        if self.batch_transaction is None or not self.can_handle_together(run[0].topic):
+        if self.batch_transaction is None:
             return False
         m = self.metrics
         try:
