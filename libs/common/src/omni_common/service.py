@@ -258,17 +258,12 @@ class ServiceRuntime:
             batch.inbox[key] = envelope.type
             yield Tx(batch.conn, self, batch)
             return
-        async with self._acquire() as conn:
-            async with conn.transaction():
-                if not await first_delivery(conn, consumer, envelope):
-                    log.info("duplicate %s %s ignored", envelope.type, envelope.id)
-                    yield None
-                    return
-                tx = Tx(conn, self)
-                yield tx
-                await self._before_commit(conn, tx.emitted)
-            self._after_commit(tx.emitted)
-            tx._committed()
+        async with self.transaction() as tx:
+            if not await first_delivery(tx.conn, consumer, envelope):
+                log.info("duplicate %s %s ignored", envelope.type, envelope.id)
+                yield None
+                return
+            yield tx
 
     @contextlib.asynccontextmanager
     async def handling_together(self) -> AsyncIterator[asyncpg.Connection]:
