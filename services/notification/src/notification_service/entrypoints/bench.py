@@ -2,11 +2,12 @@
 
 Starts an SMTP server (Maildir) and a Web Push endpoint (VAPID-verifying, decrypting) on
 loopback, runs the notification service in-process against a real broker and PostgreSQL
-(``KAFKA_BOOTSTRAP_SERVERS`` + ``DATABASE_URL``, else embedded ones), gives half the
-shoppers e-mail and half a browser push subscription, publishes one ``order.confirmed`` per
-shopper and times until every message arrived at the SMTP server or the push endpoint. The
-baseline, measured in the same run: plain aiosmtplib sends to the same SMTP server with the
-same concurrency (one connection per message, as the service does).
+(``KAFKA_BOOTSTRAP_SERVERS`` + ``DATABASE_URL``, else embedded ones: Apache Kafka when Java
+is here, as the dev stack chooses), gives half the shoppers e-mail and half a browser push
+subscription, publishes one ``order.confirmed`` per shopper and times until every message
+arrived at the SMTP server or the push endpoint. The baseline, measured in the same run:
+plain aiosmtplib sends to the same SMTP server with the same concurrency (one connection per
+message, as the service does).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -46,13 +48,22 @@ def _infrastructure() -> Iterator[tuple[str, str]]:
     if bootstrap and database:
         yield bootstrap, database
         return
-    from omni_devkit.devstack.kafka import TansuBroker
+    from omni_devkit.devstack.kafka import choose_broker, make_broker
     from omni_devkit.devstack.postgres import EmbeddedPostgres
 
     root = Path(tempfile.mkdtemp(prefix="omni-bench-notify-"))
-    broker = TansuBroker(free_port(), log_path=root / "tansu.log")
+    # The broker the dev stack and the tests choose: Apache Kafka when Java is here.
+    choice = choose_broker()
+
+    def progress(line: str) -> None:  # on stderr: --json keeps stdout to its one line
+        typer.echo(line, err=True)
+
+    progress(f"starting {choice.kind} ({choice.reason}) and PostgreSQL ...")
+    broker = make_broker(
+        choice, free_port(), data_dir=root / "kafka", log_path=root / "broker.log", echo=progress
+    )
     postgres = EmbeddedPostgres(root / "pgdata", free_port(), fast=True)
-    broker.start()
+    broker.start(timeout=90.0)
     postgres.start()
     try:
         yield broker.bootstrap_servers, postgres.url()
@@ -211,6 +222,8 @@ def bench_notify(
         database = await create_database(server, name)
         return await measure(bootstrap, database, messages=messages, say=typer.echo)
 
+    # The in-process service's FastStream logs (every fetched batch) would bury the figures.
+    logging.getLogger("faststream").setLevel(logging.WARNING)
     try:
         with _infrastructure() as (bootstrap, server):
             result = asyncio.run(run(bootstrap, server))
