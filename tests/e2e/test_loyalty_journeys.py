@@ -461,6 +461,21 @@ async def test_an_offer_goes_only_to_an_item_bought_together_that_is_in_stock(
     for _ in range(3):  # other shoppers buy the tent with the lamp more often than with pegs
         await shop.sale([(tent, 1, "80.00"), (lamp, 1, "15.00")])
     await shop.sale([(tent, 1, "80.00"), (pegs, 1, "4.00")])
+
+    # Sales and stock arrive on different topics and partitions: wait until loyalty has
+    # learnt all four baskets and the pegs' stock before the shopper's sale asks for an offer.
+    async def learnt() -> tuple[int, int]:
+        async with shop.loyalty.runtime.pool.acquire() as conn:
+            baskets = await conn.fetchval(
+                "SELECT coalesce(sum(n), 0)::int FROM cooccurrence WHERE sku = $1", tent
+            )
+            stocked = await conn.fetchval(
+                "SELECT count(*)::int FROM stock WHERE sku = $1 AND online_available > 0", pegs
+            )
+        return baskets, stocked
+
+    baskets, stocked = await eventually(learnt, lambda v: v[0] == 4 and v[1] > 0)
+    assert baskets == 4 and stocked > 0, (baskets, stocked)
     customer = uid("cust")
     await shop.sale([(tent, 1, "80.00")], customer_id=customer)
     offer = await shop.entry(customer, "loyalty.offer.issued")
