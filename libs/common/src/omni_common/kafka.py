@@ -493,7 +493,7 @@ class PartitionWorker:
         if not run:
             return True
         started = time.perf_counter()
-        if not alone and self.runtime.can_handle_together(self.topic):
+        if not alone and self.runtime.can_handle_together():
             lenders = self._borrow(self.runtime.settings.consumer_batch_max - len(run))
             lot = run + [parsed for _, taken in lenders for _, parsed in taken]
             together = False
@@ -860,12 +860,9 @@ class KafkaRuntime:
             parsed.record, parsed.topic, parsed.event, parsed.envelope, parsed.handler
         )
 
-    def can_handle_together(self, topic: str) -> bool:
-        """Whether waiting events of ``topic`` may be handled in one transaction.
-
-        Which of them may is each event's ``Parsed.together``; this says whether this
-        service handles lots at all.
-        """
+    def can_handle_together(self) -> bool:
+        """Whether this service handles waiting events in one transaction at all (which of
+        them may join a lot is each event's ``Parsed.together``)."""
         return self.batch_transaction is not None
 
     async def handle_together(self, run: list[Parsed]) -> bool:

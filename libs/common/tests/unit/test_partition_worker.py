@@ -86,7 +86,7 @@ class LotRuntime(FakeRuntime):
     def parse(self, record: Any, *_: Any) -> Any:
         return SimpleNamespace(record=record, trace_context=None, together=True)
 
-    def can_handle_together(self, topic: str) -> bool:
+    def can_handle_together(self) -> bool:
         return True
 
     async def handle_together(self, lot: list[Any]) -> bool:

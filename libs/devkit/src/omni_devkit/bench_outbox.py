@@ -15,12 +15,10 @@ import asyncio
 import contextlib
 import json
 import statistics
-import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -32,8 +30,9 @@ from omni_common.topics import create_topics
 from omni_contracts import AvailabilityChanged
 from omni_contracts.envelope import new_envelope
 
+from omni_devkit.benchkit import infrastructure
 from omni_devkit.cli import bench_app, fail
-from omni_devkit.devstack.process import DevStackError, free_port
+from omni_devkit.devstack.process import DevStackError
 
 TOPIC = "inventory.availability.v1"
 
@@ -56,29 +55,6 @@ def _event(seq: int) -> AvailabilityChanged:
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-@contextlib.contextmanager
-def _infrastructure() -> Iterator[tuple[str, str]]:
-    import os
-
-    bootstrap, database = os.environ.get("KAFKA_BOOTSTRAP_SERVERS"), os.environ.get("DATABASE_URL")
-    if bootstrap and database:
-        yield bootstrap, database
-        return
-    from omni_devkit.devstack.kafka import TansuBroker
-    from omni_devkit.devstack.postgres import EmbeddedPostgres
-
-    root = Path(tempfile.mkdtemp(prefix="omni-bench-"))
-    broker = TansuBroker(free_port(), log_path=root / "tansu.log")
-    postgres = EmbeddedPostgres(root / "pgdata", free_port(), fast=False)
-    broker.start()
-    postgres.start()
-    try:
-        yield broker.bootstrap_servers, postgres.url()
-    finally:
-        postgres.stop()
-        broker.stop()
 
 
 @contextlib.asynccontextmanager
@@ -195,6 +171,10 @@ async def _measure(bootstrap: str, database: str, events: int, samples: int) -> 
     }
 
 
+def _progress(line: str) -> None:  # on stderr: --json keeps stdout to its one line
+    typer.echo(line, err=True)
+
+
 @bench_app.command("outbox")
 def bench_outbox(
     events: int = typer.Option(20_000, min=100, help="events for the throughput figures"),
@@ -203,7 +183,7 @@ def bench_outbox(
 ) -> None:
     """Outbox relay throughput and commit-to-consumer latency vs. publishing directly."""
     try:
-        with _infrastructure() as (bootstrap, database):
+        with infrastructure(_progress, name="outbox", durable=True) as (bootstrap, database):
             result = asyncio.run(_measure(bootstrap, database, events, samples))
     except (DevStackError, OSError) as exc:
         fail(f"bench outbox: {exc}")

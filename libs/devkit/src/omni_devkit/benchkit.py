@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -90,6 +91,45 @@ def private_stack(services: Sequence[str], say: Callable[[str], None]) -> Iterat
             os.environ.pop("OMNI_SERVICES", None)
         else:
             os.environ["OMNI_SERVICES"] = previous
+
+
+@contextlib.contextmanager
+def infrastructure(
+    say: Callable[[str], None], *, name: str, durable: bool = False
+) -> Iterator[tuple[str, str]]:
+    """``(bootstrap, PostgreSQL server URL)`` for a bench that runs services in-process.
+
+    ``KAFKA_BOOTSTRAP_SERVERS`` and ``DATABASE_URL`` when both are set; else an embedded
+    broker (the one the dev stack and the tests choose: Apache Kafka when Java is here) and
+    an embedded PostgreSQL (with fsync only when ``durable``) in a temporary directory.
+    """
+    bootstrap, database = os.environ.get("KAFKA_BOOTSTRAP_SERVERS"), os.environ.get("DATABASE_URL")
+    if bootstrap and database:
+        yield bootstrap, database
+        return
+    from omni_devkit.devstack.kafka import choose_broker, make_broker
+    from omni_devkit.devstack.postgres import EmbeddedPostgres
+    from omni_devkit.devstack.process import free_port
+
+    root = Path(tempfile.mkdtemp(prefix=f"omni-bench-{name}-"))
+    choice = choose_broker()
+    say(f"starting an embedded {choice.kind} ({choice.reason}) and PostgreSQL ...")
+    broker = make_broker(
+        choice, free_port(), data_dir=root / "kafka", log_path=root / "broker.log", echo=say
+    )
+    postgres = EmbeddedPostgres(
+        root / "pgdata", free_port(), fast=not durable, log_path=root / "pg.log"
+    )
+    broker.start(timeout=90.0)
+    try:
+        postgres.start()
+        try:
+            yield broker.bootstrap_servers, postgres.url()
+        finally:
+            postgres.stop()
+    finally:
+        broker.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -28,10 +28,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Annotated, Any
 
 import asyncpg
@@ -43,6 +41,7 @@ from omni_common.settings import ServiceSettings
 from omni_common.timers import TimerWheel
 from omni_common.topics import create_topics
 from omni_contracts import CART_ABANDONED
+from omni_devkit.benchkit import infrastructure
 from omni_devkit.cli import bench_app, fail
 from omni_devkit.devstack.process import DevStackError, free_port
 
@@ -81,28 +80,6 @@ class Phase:
             "within_1s": round(sum(1 for lag in ordered if lag <= 1.0) / max(len(ordered), 1), 4),
             "rate_per_s": round(len(ordered) / span, 1),
         }
-
-
-@contextlib.contextmanager
-def _infrastructure(say: Any) -> Iterator[tuple[str, str]]:
-    bootstrap, database = os.environ.get("KAFKA_BOOTSTRAP_SERVERS"), os.environ.get("DATABASE_URL")
-    if bootstrap and database:
-        yield bootstrap, database
-        return
-    from omni_devkit.devstack.kafka import TansuBroker
-    from omni_devkit.devstack.postgres import EmbeddedPostgres
-
-    root = Path(tempfile.mkdtemp(prefix="omni-bench-carts-"))
-    broker = TansuBroker(free_port(), log_path=root / "tansu.log")
-    postgres = EmbeddedPostgres(root / "pgdata", free_port(), fast=True, log_path=root / "pg.log")
-    say("starting an embedded Tansu and PostgreSQL ...")
-    broker.start()
-    postgres.start()
-    try:
-        yield broker.bootstrap_servers, postgres.url()
-    finally:
-        postgres.stop()
-        broker.stop()
 
 
 async def _seed_timers(
@@ -374,7 +351,7 @@ def bench_carts(
     # Seeding runs ahead of the deadlines: give it time in proportion to the carts.
     lead_s = lead if lead is not None else 5 + carts / 25_000
     try:
-        with _infrastructure(say) as (bootstrap, database):
+        with infrastructure(say, name="carts") as (bootstrap, database):
             figures = asyncio.run(
                 measure(bootstrap, database, carts=carts, window_s=window, lead_s=lead_s, say=say)
             )

@@ -16,12 +16,11 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -30,9 +29,10 @@ import aiosmtplib
 import typer
 from omni_common.topics import create_topics
 from omni_contracts import Channel, OrderConfirmed, Preferences, ProfileUpdated
+from omni_devkit.benchkit import infrastructure
 from omni_devkit.cli import bench_app, fail
 from omni_devkit.devstack.postgres import create_database
-from omni_devkit.devstack.process import DevStackError, free_port
+from omni_devkit.devstack.process import DevStackError
 from omni_devkit.devstack.smtp import MaildirSmtpServer
 from omni_devkit.devstack.vapid import ensure_vapid_keys
 from omni_devkit.testing.events import ChannelPublisher
@@ -40,37 +40,6 @@ from omni_devkit.testing.push import PushEndpoint
 from omni_devkit.testing.services import running
 
 from notification_service.entrypoints.app import create_app
-
-
-@contextlib.contextmanager
-def _infrastructure() -> Iterator[tuple[str, str]]:
-    bootstrap, database = os.environ.get("KAFKA_BOOTSTRAP_SERVERS"), os.environ.get("DATABASE_URL")
-    if bootstrap and database:
-        yield bootstrap, database
-        return
-    from omni_devkit.devstack.kafka import choose_broker, make_broker
-    from omni_devkit.devstack.postgres import EmbeddedPostgres
-
-    root = Path(tempfile.mkdtemp(prefix="omni-bench-notify-"))
-    # The broker the dev stack and the tests choose: Apache Kafka when Java is here.
-    choice = choose_broker()
-
-    def progress(line: str) -> None:  # on stderr: --json keeps stdout to its one line
-        typer.echo(line, err=True)
-
-    progress(f"starting {choice.kind} ({choice.reason}) and PostgreSQL ...")
-    broker = make_broker(
-        choice, free_port(), data_dir=root / "kafka", log_path=root / "broker.log", echo=progress
-    )
-    postgres = EmbeddedPostgres(root / "pgdata", free_port(), fast=True)
-    broker.start(timeout=90.0)
-    postgres.start()
-    try:
-        yield broker.bootstrap_servers, postgres.url()
-    finally:
-        postgres.stop()
-        broker.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 async def _raw_smtp_rate(smtp: MaildirSmtpServer, count: int, concurrency: int) -> float:
@@ -222,10 +191,13 @@ def bench_notify(
         database = await create_database(server, name)
         return await measure(bootstrap, database, messages=messages, say=typer.echo)
 
+    def progress(line: str) -> None:  # on stderr: --json keeps stdout to its one line
+        typer.echo(line, err=True)
+
     # The in-process service's FastStream logs (every fetched batch) would bury the figures.
     logging.getLogger("faststream").setLevel(logging.WARNING)
     try:
-        with _infrastructure() as (bootstrap, server):
+        with infrastructure(progress, name="notify") as (bootstrap, server):
             result = asyncio.run(run(bootstrap, server))
     except (DevStackError, OSError, TimeoutError) as exc:
         fail(f"bench notify: {exc}")
