@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from omni_common.auth import ShopperTokens, api_key_of
-from omni_common.kafka import UNSTORABLE
+from omni_common.dispatch import UNSTORABLE
 from omni_common.service import ServiceRuntime
 
 _bearer = HTTPBearer(auto_error=False, description="A channel's API key")

@@ -28,7 +28,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -95,9 +95,13 @@ OutboxRow = tuple[str, str, str, str | None, str, bytes | None]
 """An outbox row to insert: ``(ce_id, ce_type, topic, key, headers JSON, payload)``."""
 
 
-def outbox_row(topic: str, event: Event, envelope: Envelope) -> OutboxRow:
-    """The row for ``event``, carrying the current trace context so the publish joins it."""
-    headers = envelope.headers() | current_trace_headers()
+def outbox_row(
+    topic: str, event: Event, envelope: Envelope, trace_headers: Mapping[str, str] | None = None
+) -> OutboxRow:
+    """The row for ``event``, carrying the trace it was caused in (by default the current
+    one) so the publish joins it."""
+    trace = current_trace_headers() if trace_headers is None else trace_headers
+    headers = envelope.headers() | dict(trace)
     return (
         envelope.id,
         envelope.type,

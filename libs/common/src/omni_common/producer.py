@@ -55,16 +55,14 @@ class ProducerOptions:
         }
 
 
-async def idempotence_supported(
+async def ask_idempotence(
     bootstrap: str, timeout_s: float = 10.0, **client_kwargs: Any
-) -> tuple[bool, str]:
-    """Whether the broker hands out producer ids (``InitProducerId``), and why not.
+) -> tuple[bool | None, str]:
+    """Whether the broker hands out producer ids (``InitProducerId``), and why (not).
 
     ``client_kwargs`` are the connection's security options (``security_protocol``,
     ``ssl_context``, ``sasl_*``). Asks again while the broker cannot be reached or its
-    coordinator is still loading, up to ``timeout_s``. A broker that never answered counts
-    as "not supported": an idempotent producer on a broker without producer ids never
-    sends anything, a plain one only risks duplicates, which the inbox absorbs.
+    coordinator is still loading, up to ``timeout_s``; None when no answer came by then.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -96,15 +94,36 @@ async def idempotence_supported(
             with contextlib.suppress(Exception):
                 await client.close()
         if loop.time() >= deadline:
-            return False, f"{why} within {timeout_s:g}s"
+            return None, f"{why} within {timeout_s:g}s"
         await asyncio.sleep(0.2)
 
 
-async def producer_options(
+async def idempotence_supported(
     bootstrap: str, timeout_s: float = 10.0, **client_kwargs: Any
+) -> tuple[bool, str]:
+    """Whether the broker hands out producer ids within ``timeout_s`` (no answer: False).
+
+    For tools that must decide now (which broker a test runs on); a service asks until the
+    broker answers (:func:`producer_options`).
+    """
+    supported, why = await ask_idempotence(bootstrap, timeout_s, **client_kwargs)
+    return bool(supported), why
+
+
+async def producer_options(
+    bootstrap: str, timeout_s: float | None = None, **client_kwargs: Any
 ) -> ProducerOptions:
-    """``acks=all``, idempotence where the broker supports it, and the size limit."""
-    supported, why = await idempotence_supported(bootstrap, timeout_s, **client_kwargs)
+    """``acks=all``, idempotence where the broker supports it, and the size limit.
+
+    Asks until the broker gives an answer (``timeout_s`` None), so a broker that is late at
+    start-up still gets an idempotent producer: no answer is not a "no". With ``timeout_s``,
+    no answer by then means no idempotence (the inbox absorbs what a retry doubles).
+    """
+    while True:
+        supported, why = await ask_idempotence(bootstrap, timeout_s or 10.0, **client_kwargs)
+        if supported is not None or timeout_s is not None:
+            break
+        log.warning("producer: waiting for the broker at %s to answer (%s)", bootstrap, why)
     if supported:
         log.info("producer: acks=all, idempotent (%s)", why)
     else:
@@ -114,4 +133,4 @@ async def producer_options(
             bootstrap,
             why,
         )
-    return ProducerOptions("all", supported, PRODUCER_MAX_REQUEST_SIZE, why)
+    return ProducerOptions("all", bool(supported), PRODUCER_MAX_REQUEST_SIZE, why)

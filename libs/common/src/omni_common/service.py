@@ -1,30 +1,50 @@
-"""The runtime every service is composed from: settings, database, Kafka, outbox, metrics.
+"""The runtime every service is composed from: settings, database, Kafka, outbox, timers.
 
-A service's ``create_app()`` builds one :class:`ServiceRuntime`, registers its
-subscriptions and outputs on it, and hands it to :func:`omni_common.http.create_http_app`.
+A service's ``create_app()`` builds one :class:`ServiceRuntime`, provides its dependencies,
+registers its subscriptions, timers and outputs on it, and hands it to
+:func:`omni_common.http.create_http_app`::
+
+    runtime = ServiceRuntime(settings, migrations_package="inventory_service.migrations")
+    runtime.provide(inventory=inventory, metrics=metrics)
+    runtime.subscribe(*subscriptions())
+    runtime.timers({RESERVATION_EXPIRY: reservations_expired}, poll_interval_s=0.5)
+    runtime.publishes(INVENTORY_AVAILABILITY)
+
 Nothing connects until the app starts, so building an app is cheap and side-effect free
-(``describe_service`` relies on that to derive ACLs from the code).
+(``describe_service`` relies on that to derive ACLs from the code). The handler shape is
+in :mod:`omni_common.handlers`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 import asyncpg
+from omni_contracts import utcnow
 from omni_contracts.base import Event
-from omni_contracts.envelope import Envelope, new_envelope
+from omni_contracts.envelope import Envelope, PayloadError, decode, new_envelope
+from opentelemetry import context as otel_context
 
 from omni_common.db import create_pool, migrate
+from omni_common.dispatch import Dispatcher, Handling, InvalidOutgoingEvent, Route, Valid
+from omni_common.handlers import (
+    BoundHandler,
+    Clock,
+    Handle,
+    Handler,
+    Refusal,
+    Subscription,
+    bind,
+)
 from omni_common.inbox import first_delivery
-from omni_common.kafka import KafkaRuntime, Subscription
+from omni_common.kafka import KafkaRuntime
 from omni_common.logging import configure_logging
 from omni_common.metrics import PlatformMetrics
 from omni_common.outbox import (
@@ -36,28 +56,34 @@ from omni_common.outbox import (
     tombstone_row,
 )
 from omni_common.settings import ServiceSettings
-from omni_common.telemetry import configure_tracing
+from omni_common.telemetry import configure_tracing, trace_headers_of
+from omni_common.timers import TimerWheel
 
 log = logging.getLogger(__name__)
 
 
 class Tx:
-    """One database transaction of a service, able to emit events through the outbox."""
+    """One database transaction of a service, able to emit events through the outbox.
+
+    What it emits is written when it commits, in one statement with the inbox records of
+    the events it handles; never if it rolls back.
+    """
+
+    __slots__ = ("_after", "_runtime", "_traces", "conn", "origin", "rows")
 
     def __init__(
-        self, conn: asyncpg.Connection, runtime: ServiceRuntime, batch: _Batch | None = None
+        self,
+        conn: asyncpg.Connection,
+        runtime: ServiceRuntime,
+        traces: Mapping[str, otel_context.Context] | None = None,
     ) -> None:
         self.conn = conn
+        self.origin: str | None = None
+        """Who is writing (a handler's or timer's name): named when it emits a bad event."""
+        self.rows: list[OutboxRow] = []
         self._runtime = runtime
-        self._batch = batch
-        self.emitted = False
-        self._after: list[Callable[[], None]] = batch.after if batch is not None else []
-
-    @property
-    def in_lot(self) -> bool:
-        """Whether this is part of a lot handled together, which may still roll back and
-        come again event by event: count a refusal only when it is not."""
-        return self._batch is not None
+        self._traces = traces or {}
+        self._after: list[Callable[[], None]] = []
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once this transaction has committed (never if it rolls back).
@@ -67,18 +93,6 @@ class Tx:
         """
         self._after.append(callback)
 
-    def _committed(self) -> None:
-        for callback in self._after:
-            callback()
-
-    async def _write(self, rows: list[OutboxRow]) -> None:
-        self.emitted = True
-        if self._batch is not None:
-            # Handled together with other events: one outbox write for the lot, in order.
-            self._batch.rows.extend(rows)
-        else:
-            await insert_outbox_rows(self.conn, rows)
-
     async def emit(
         self,
         event: Event,
@@ -86,12 +100,14 @@ class Tx:
         caused_by: Envelope | None = None,
         correlation_id: str | None = None,
     ) -> Envelope:
-        """Publish ``event`` once this transaction commits (never if it rolls back)."""
-        rt = self._runtime
+        """Publish ``event`` once this transaction commits (never if it rolls back).
+
+        ``caused_by`` links it into the journey (and the trace) of the event that caused it.
+        """
         envelope = new_envelope(
-            event, source=rt.source, caused_by=caused_by, correlation_id=correlation_id
+            event, source=self._runtime.source, caused_by=caused_by, correlation_id=correlation_id
         )
-        await self._write([outbox_row(event.topic, event, envelope)])
+        self.rows.append(self._row(event, envelope, caused_by))
         return envelope
 
     async def emit_all(
@@ -101,49 +117,45 @@ class Tx:
         caused_by: Envelope | None = None,
         correlation_ids: Sequence[str | None] | None = None,
     ) -> list[Envelope]:
-        """Publish many events once this transaction commits, written in one round trip.
-
-        ``correlation_ids`` (one per event) name each event's journey.
-        """
-        rt = self._runtime
+        """Publish many events once this transaction commits (``correlation_ids``: one per
+        event, each event's journey)."""
         ids = correlation_ids if correlation_ids is not None else [None] * len(events)
-        envelopes = [
-            new_envelope(event, source=rt.source, caused_by=caused_by, correlation_id=cid)
-            for event, cid in zip(events, ids, strict=True)
-        ]
-        await self._write(
-            [outbox_row(e.topic, e, env) for e, env in zip(events, envelopes, strict=True)]
-        )
+        envelopes = []
+        for event, cid in zip(events, ids, strict=True):
+            envelopes.append(await self.emit(event, caused_by=caused_by, correlation_id=cid))
         return envelopes
 
     async def emit_tombstone(self, topic: str, key: str) -> None:
         """Publish a tombstone for ``key`` on compacted ``topic`` once this transaction commits."""
-        await self._write([tombstone_row(topic, key, str(uuid.uuid4()))])
+        self.rows.append(tombstone_row(topic, key, str(uuid.uuid4())))
 
-
-@dataclass
-class _Batch:
-    """The transaction a partition's waiting events are handled in together."""
-
-    conn: asyncpg.Connection
-    rows: list[OutboxRow] = field(default_factory=list)
-    after: list[Callable[[], None]] = field(default_factory=list)
-    # (consumer, ce_id) -> ce_type of each event handled in the lot: its inbox records,
-    # written in one statement before the commit (see ``ServiceRuntime.handling``).
-    inbox: dict[tuple[str, str], str] = field(default_factory=dict)
+    def _row(self, event: Event, envelope: Envelope, caused_by: Envelope | None) -> OutboxRow:
+        trace = self._traces.get(caused_by.id) if caused_by is not None else None
+        row = outbox_row(
+            event.topic, event, envelope, None if trace is None else trace_headers_of(trace)
+        )
+        # What leaves must be what the contract says: checked on the bytes that will be sent,
+        # so a handler that built a bad event is named here, not by every consumer.
+        try:
+            decode(type(event), row[5])
+        except PayloadError as exc:
+            raise InvalidOutgoingEvent(
+                f"{self.origin or 'a transaction'} emitted an invalid {event.ce_type}: {exc}"
+            ) from exc
+        return row
 
 
 class HandledBefore(Exception):
-    """Some events of a lot handled together were already in the inbox (a redelivery).
+    """Some events of a lot were already in the inbox (a redelivery).
 
     The lot rolls back and its events are handled one by one, where each duplicate is
     recognised before its effect.
     """
 
 
-_RECORD_LOT = (
+_RECORD = (
     "WITH new AS (INSERT INTO inbox (consumer, ce_id, ce_type)"
-    " SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[])"
+    " SELECT $1, * FROM unnest($2::uuid[], $3::text[])"
     " ON CONFLICT DO NOTHING RETURNING 1),"
     " emitted AS (INSERT INTO outbox (ce_id, ce_type, topic, key, headers, payload)"
     " SELECT ce_id, ce_type, topic, key, headers::jsonb, payload FROM unnest("
@@ -153,39 +165,34 @@ _RECORD_LOT = (
 )
 
 
-async def _record_lot(
-    conn: asyncpg.Connection, inbox: dict[tuple[str, str], str], rows: Sequence[OutboxRow]
-) -> None:
-    """Write a lot's inbox records and the events it emits (in order) in one statement;
-    HandledBefore if any inbox record was there already."""
-    if not inbox:
-        await insert_outbox_rows(conn, rows)
-        return
-    consumers, ids = zip(*inbox, strict=True)
-    columns: list[list[Any]] = [list(c) for c in zip(*rows, strict=True)] or [[]] * 6
-    inserted = await conn.fetchval(
-        _RECORD_LOT, list(consumers), list(ids), list(inbox.values()), *columns
-    )
-    if inserted != len(inbox):
-        raise HandledBefore(f"{len(inbox) - inserted} of {len(inbox)} events handled before")
+@dataclass(frozen=True)
+class ServiceDescription:
+    """What a service reads and writes on Kafka, derived from its code."""
 
-
-# Set while a run of events is handled together: ``handling()`` joins its transaction.
-_BATCH: contextvars.ContextVar[_Batch | None] = contextvars.ContextVar("omni_batch", default=None)
+    name: str
+    consumes: frozenset[str]
+    produces: frozenset[str]
+    group_id: str
+    # Read without a consumer group (a feed tailing a topic): Read ACLs, no group, no scaling.
+    reads: frozenset[str] = frozenset()
 
 
 class ServiceRuntime:
     """Everything a service needs at run time, started and stopped as one."""
 
-    def __init__(self, settings: ServiceSettings, migrations_package: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        migrations_package: str | None = None,
+        clock: Clock = utcnow,
+    ) -> None:
         self.settings = settings
         self.source = f"/services/{settings.service_name}"
         self.migrations_package = migrations_package
+        self.clock = clock
         self.metrics = PlatformMetrics(settings.service_name)
         self.kafka = KafkaRuntime(settings, self.metrics)
-        self.kafka.health_check = self.database_problem
-        self.kafka.batch_transaction = self.handling_together
-        self._pool: asyncpg.Pool | None = None
+        self.dispatcher = Dispatcher(settings, self.metrics, self, self.kafka.send)
         self.relay = OutboxRelay(
             dsn=settings.database_url.get_secret_value(),
             schema=settings.schema,
@@ -193,6 +200,10 @@ class ServiceRuntime:
             metrics=self.metrics,
         )
         self.ready = False
+        # One inbox name per service: a ce_id is unique across topics.
+        self._inbox_name = settings.service_name
+        self._provided: dict[str, Any] = {"clock": clock}
+        self._pool: asyncpg.Pool | None = None
         self._on_start: list[contextlib.AbstractAsyncContextManager[object]] = []
         self._exit_stack: contextlib.AsyncExitStack | None = None
 
@@ -205,9 +216,56 @@ class ServiceRuntime:
 
     # -- composition ----------------------------------------------------------------------
 
-    def subscribe(self, subscription: Subscription) -> None:
-        """Consume a topic (see :class:`omni_common.kafka.Subscription`)."""
-        self.kafka.subscribe(subscription)
+    def provide(self, **dependencies: Any) -> None:
+        """Name the dependencies handlers may ask for (by parameter name); before subscribing."""
+        self._provided.update(dependencies)
+
+    def bind(self, handler: Handler) -> BoundHandler:
+        """``handler`` with its dependencies bound (see :mod:`omni_common.handlers`)."""
+        return bind(handler, self._provided)
+
+    def subscribe(self, *subscriptions: Subscription) -> None:
+        """Consume each subscription's topic with its handlers."""
+        for subscription in subscriptions:
+            bound: dict[int, BoundHandler] = {}  # one binding per function: one call per run
+            handlings: dict[str, Handling] = {}
+            for model, target in subscription.handlers.items():
+                handle = target if isinstance(target, Handle) else Handle(target)
+                fn = handle.handler
+                call = bound.get(id(fn)) or bound.setdefault(id(fn), self.bind(fn))
+                handlings[model.ce_type] = Handling(model, call, call.__name__, handle.relevant)
+            together, prepare = subscription.together, subscription.prepare
+            self.kafka.add_route(
+                Route(
+                    topic=subscription.topic,
+                    handlings=handlings,
+                    known_types=self.kafka.contract_types(subscription.topic),
+                    joins_lot=(
+                        None if together is True else together if callable(together) else _alone
+                    ),
+                    prepare=self.bind(prepare) if prepare is not None else None,
+                )
+            )
+
+    def timers(self, handlers: Mapping[str, Handler], **options: Any) -> TimerWheel:
+        """Fire the durable timers of ``handlers``' kinds while the service runs.
+
+        ``options`` are :class:`~omni_common.timers.TimerWheel`'s (poll interval, batch
+        sizes, concurrency).
+        """
+        wheel = TimerWheel(
+            self.transaction,
+            {kind: self.bind(handler) for kind, handler in handlers.items()},
+            metrics=self.metrics,
+            health=self.database_problem,
+            **options,
+        )
+        self.run_alongside(wheel.running())
+        return wheel
+
+    def on_refusal(self, observe: Callable[[Refusal], None]) -> None:
+        """Call ``observe`` with every refusal of an event, once it is dead-lettered."""
+        self.dispatcher.refusal_observers.append(observe)
 
     def publishes(self, *topics: str) -> None:
         """Declare the topics this service writes through its outbox."""
@@ -221,88 +279,96 @@ class ServiceRuntime:
         """
         self._on_start.append(context)
 
-    # -- units of work --------------------------------------------------------------------
+    def describe(self) -> ServiceDescription:
+        """What this service reads and writes on Kafka."""
+        k = self.kafka
+        return ServiceDescription(
+            name=self.settings.service_name,
+            consumes=frozenset(k.consumes),
+            produces=frozenset(k.produces),
+            group_id=self.settings.group_id(),
+            reads=frozenset(k.reads),
+        )
+
+    # -- transactions ---------------------------------------------------------------------
 
     def _acquire(self) -> Any:
         # Bounded: an exhausted pool is an infrastructure error (retried), not a hang.
         return self.pool.acquire(timeout=self.settings.db_acquire_timeout_s)
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Tx]:
-        """A transaction for a state change that does not come from an event (HTTP, timers)."""
+    async def transaction(self, origin: str | None = None) -> AsyncIterator[Tx]:
+        """A transaction for a change that does not come from an event (HTTP, a timer)."""
         async with self._acquire() as conn:
             async with conn.transaction():
                 tx = Tx(conn, self)
+                tx.origin = origin
                 yield tx
-                await self._before_commit(conn, tx.emitted)
-            self._after_commit(tx.emitted)
-            tx._committed()
+                await self._write(tx, ())
+            self._committed(tx)
 
     @contextlib.asynccontextmanager
-    async def handling(self, consumer: str, envelope: Envelope) -> AsyncIterator[Tx | None]:
-        """A transaction for handling one event; yields None when it was handled before.
+    async def handling(
+        self, events: Sequence[Valid], *, check_first: bool
+    ) -> AsyncIterator[Tx | None]:
+        """The transaction ``events`` are handled in, with their inbox records.
 
-        The inbox record, the effect and the events it causes commit together. While the
-        Kafka runtime handles a partition's waiting events together, this joins their one
-        transaction instead (which commits, or rolls back, for the lot).
+        ``check_first`` (an event handled alone): the inbox is asked before the effect, and
+        None is yielded for an event handled before. Otherwise (a lot: redeliveries are rare)
+        the records are written at the end, with what the lot emits, in one statement, and
+        :class:`HandledBefore` rolls the lot back if any was there already.
         """
-        batch = _BATCH.get()
-        if batch is not None:
-            # Optimistic: redeliveries are rare, so the lot's inbox records are written
-            # together at its end, and any already there roll the lot back (HandledBefore).
-            key = (consumer, envelope.id)
-            if key in batch.inbox:
-                log.info("duplicate %s %s ignored", envelope.type, envelope.id)
-                yield None
-                return
-            batch.inbox[key] = envelope.type
-            yield Tx(batch.conn, self, batch)
-            return
-        async with self.transaction() as tx:
-            if not await first_delivery(tx.conn, consumer, envelope):
-                log.info("duplicate %s %s ignored", envelope.type, envelope.id)
-                yield None
-                return
-            yield tx
-
-    @contextlib.asynccontextmanager
-    async def handling_together(self) -> AsyncIterator[asyncpg.Connection]:
-        """One transaction for several events: each ``handling()`` inside joins it."""
-        if _BATCH.get() is not None:
-            raise RuntimeError("already handling events together")
+        traces = {v.envelope.id: v.trace for v in events}
         async with self._acquire() as conn:
             async with conn.transaction():
-                batch = _Batch(conn)
-                token = _BATCH.set(batch)
-                try:
-                    yield conn
-                finally:
-                    _BATCH.reset(token)
-                await _record_lot(conn, batch.inbox, batch.rows)
-                await self._before_commit(conn, bool(batch.rows))
-            self._after_commit(bool(batch.rows))
-            for callback in batch.after:
-                callback()
+                tx = Tx(conn, self, traces)
+                if check_first:
+                    (only,) = events
+                    if not await first_delivery(conn, self._inbox_name, only.envelope):
+                        yield None
+                        return
+                    yield tx
+                    await self._write(tx, ())
+                else:
+                    yield tx
+                    await self._write(tx, events)
+            self._committed(tx)
 
-    async def _before_commit(self, conn: asyncpg.Connection, emitted: bool) -> None:
+    async def _write(self, tx: Tx, handled: Sequence[Valid]) -> None:
+        """The inbox records and the emitted events, in one round trip, before the commit."""
+        rows = tx.rows
+        if handled:
+            columns: list[list[Any]] = [list(c) for c in zip(*rows, strict=True)] or [[]] * 6
+            inserted = await tx.conn.fetchval(
+                _RECORD,
+                self._inbox_name,
+                [v.envelope.id for v in handled],
+                [v.envelope.type for v in handled],
+                *columns,
+            )
+            if inserted != len(handled):
+                raise HandledBefore(f"{len(handled) - inserted} of {len(handled)} handled before")
+        elif rows:
+            await insert_outbox_rows(tx.conn, rows)
         # The relay of this process is woken in-process; only when another instance leads is
         # a NOTIFY needed (it takes a cluster-wide lock at commit, so not on every commit).
-        if emitted and not self.relay.leading:
-            await conn.execute("SELECT pg_notify($1, '')", notify_channel(self.settings.schema))
+        if rows and not self.relay.leading:
+            await tx.conn.execute("SELECT pg_notify($1, '')", notify_channel(self.settings.schema))
 
-    def _after_commit(self, emitted: bool) -> None:
-        if emitted:
+    def _committed(self, tx: Tx) -> None:
+        if tx.rows:
             self.relay.wake()
+        for callback in tx._after:
+            callback()
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Migrate, connect, start consuming and relaying; then report ready."""
         s = self.settings
-        configure_tracing(s.service_name, s.otel_exporter_otlp_endpoint)
         await migrate(s, self.migrations_package)
         self._pool = await create_pool(s)
-        await self.kafka.start()
+        await self.kafka.start(self.dispatcher)
         await self.relay.start()
         self._exit_stack = contextlib.AsyncExitStack()
         for component in self._on_start:
@@ -317,8 +383,8 @@ class ServiceRuntime:
         self.metrics.ready.labels(self.settings.service_name).set(0)
         if self._exit_stack:
             await self._exit_stack.aclose()
-        # In order: stop fetching, finish in-flight messages, commit; then let the relay
-        # publish what they wrote and stop it; only then leave the groups and disconnect.
+        # In order: stop fetching, finish in-flight events, commit; then let the relay
+        # publish what they wrote and stop it; only then leave the group and disconnect.
         await self.kafka.drain()
         await self.relay.stop()
         await self.kafka.stop()
@@ -348,22 +414,15 @@ class ServiceRuntime:
         return None
 
 
+def _alone(event: Event) -> bool:
+    """``Subscription.together=False``: no event of the topic joins a lot."""
+    return False
+
+
 def configure_process(settings: ServiceSettings) -> None:
     """Process-wide setup for a service process: logging and tracing."""
     configure_logging(settings.service_name, settings.log_level, settings.log_json)
     configure_tracing(settings.service_name, settings.otel_exporter_otlp_endpoint)
-
-
-@dataclass(frozen=True)
-class ServiceDescription:
-    """What a service reads and writes on Kafka, derived from its code."""
-
-    name: str
-    consumes: frozenset[str]
-    produces: frozenset[str]
-    group_id: str
-    # Read without a consumer group (a feed tailing a topic): Read ACLs, no group, no scaling.
-    reads: frozenset[str] = frozenset()
 
 
 def service_factories() -> dict[str, EntryPoint]:
@@ -378,13 +437,6 @@ def service_names() -> list[str]:
 
 def describe_service(name: str) -> ServiceDescription:
     """Build a service's app (without starting it) and report its topics."""
-    settings = ServiceSettings(service_name=name)
-    app = service_factories()[name].load()(settings)
+    app = service_factories()[name].load()(ServiceSettings(service_name=name))
     runtime: ServiceRuntime = app.state.runtime
-    return ServiceDescription(
-        name=name,
-        consumes=frozenset(runtime.kafka.consumes),
-        produces=frozenset(runtime.kafka.produces),
-        group_id=settings.group_id(),
-        reads=frozenset(runtime.kafka.reads),
-    )
+    return runtime.describe()

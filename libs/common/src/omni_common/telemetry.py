@@ -1,9 +1,10 @@
 """OpenTelemetry tracing: one trace per shopper journey, across Kafka hops.
 
-Consumer spans are made by FastStream's ``KafkaTelemetryMiddleware``, which extracts W3C
-``traceparent`` headers. The outbox stores the writer's ``traceparent`` with each row; the
-relay's publish span (``KafkaRuntime.publish_outbox_message``) is its child and injects its
-own ``traceparent``, so the consumer's span continues the same trace.
+Each consumed record gets a consumer span, child of the ``traceparent`` it carries
+(``omni_common.dispatch``). An event emitted while handling it stores that span's
+``traceparent`` in its outbox row; the relay's publish span
+(``KafkaRuntime.publish_outbox_message``) is its child and injects its own ``traceparent``,
+so the next consumer's span continues the same trace.
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ def current_trace_headers() -> dict[str, str]:
     """The W3C trace headers of the active span (empty when there is none)."""
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
+    return carrier
+
+
+def trace_headers_of(context: otel_context.Context) -> dict[str, str]:
+    """The W3C trace headers of the span in ``context`` (empty when there is none)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=context)
     return carrier
 
 

@@ -8,6 +8,8 @@ A handler that fails never blocks the other timers: the failure is counted on th
 the timer tried again later with backoff (``attempts``, ``next_attempt_at``); after
 ``max_attempts`` it moves to ``dead_timers`` with its error. A failure because the database
 is away is not the timer's fault: the round stops and is tried again, nothing is counted.
+An infrastructure-looking error while the database answers is the timer's own (a call that
+timed out, a statement cancelled), so it is counted on that timer like any other.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any
 
 import asyncpg
 
-from omni_common.faults import Backoff, is_infrastructure_error
+from omni_common.faults import Backoff, HealthCheck, is_infrastructure_error
+from omni_common.handlers import Due
 from omni_common.metrics import PlatformMetrics
 from omni_common.telemetry import attach_trace_headers, current_trace_headers, detach
 
@@ -63,11 +66,9 @@ async def cancel_timer(conn: asyncpg.Connection, kind: str, key: str) -> bool:
     )
 
 
-# handler(tx, key, payload): runs in the transaction that removes the timer.
-TimerHandler = Callable[[Any, str, dict[str, Any]], Awaitable[None]]
-# batch handler(tx, [(key, payload), ...]): every due timer of its kind in one transaction,
-# oldest deadline first, for handlers that decide many timers with a few set-based queries.
-BatchTimerHandler = Callable[[Any, list[tuple[str, dict[str, Any]]]], Awaitable[None]]
+TimerHandler = Callable[[list[Due], Any], Awaitable[None]]
+"""A timer handler with its dependencies bound: ``(due, tx)``, the due timers of its kind
+(oldest deadline first) in the transaction that removes them (see omni_common.handlers)."""
 
 
 class _TimerFailed(Exception):
@@ -87,21 +88,21 @@ class TimerWheel:
         transaction: Callable[[], contextlib.AbstractAsyncContextManager[Any]],
         handlers: Mapping[str, TimerHandler],
         *,
+        metrics: PlatformMetrics,
+        health: HealthCheck,
         poll_interval_s: float = 0.5,
         batch_size: int = 100,
         per_transaction: int = 1,
-        batch_handlers: Mapping[str, BatchTimerHandler] | None = None,
         max_attempts: int = 8,
         retry_initial_s: float = 1.0,
         retry_max_s: float = 300.0,
-        metrics: PlatformMetrics | None = None,
         idle_poll_s: float = 5.0,
         concurrency: int = 1,
     ) -> None:
         self._transaction = transaction
         self._handlers = dict(handlers)
-        self._batch_handlers = dict(batch_handlers or {})
-        self._kinds = [*self._handlers, *self._batch_handlers]
+        self._kinds = list(self._handlers)
+        self._health = health
         self._poll_interval_s = poll_interval_s
         self._batch_size = batch_size
         # Timers fired per transaction; more than 1 suits handlers that lock little (their
@@ -225,7 +226,7 @@ class TimerWheel:
         try:
             return await self._fire(want)
         except _TimerFailed as failed:
-            if is_infrastructure_error(failed.error):
+            if await self._world_failed(failed.error):
                 raise failed.error from None
             log.warning("a timer batch failed; firing it one timer at a time")
             n = 0
@@ -240,11 +241,21 @@ class TimerWheel:
         try:
             return await self._fire(1)
         except _TimerFailed as failed:
-            if is_infrastructure_error(failed.error):
+            if await self._world_failed(failed.error):
                 raise failed.error from None
             for row in failed.rows:
                 await self._failed(row, failed.error)
             return 1
+
+    async def _world_failed(self, error: Exception) -> bool:
+        """Whether ``error`` is the database being away (the round stops, nothing counted),
+        rather than the timer's own failure."""
+        if not is_infrastructure_error(error):
+            return False
+        try:
+            return await self._health() is not None
+        except Exception:
+            return True
 
     async def _fire(self, limit: int) -> int:
         async with self._transaction() as tx:
@@ -257,25 +268,21 @@ class TimerWheel:
                 self._kinds,
                 limit,
             )
-            batches: dict[str, list[Any]] = {}
+            by_kind: dict[str, list[Any]] = {}
             for row in sorted(rows, key=lambda r: (r["due_at"], r["key"])):
-                if row["kind"] in self._batch_handlers:
-                    batches.setdefault(row["kind"], []).append(row)
-                    continue
-                token = attach_trace_headers(json.loads(row["trace"]))
+                by_kind.setdefault(row["kind"], []).append(row)
+            for kind, due in by_kind.items():
+                # The trace the first timer was armed in (the only one, timer by timer).
+                token = attach_trace_headers(json.loads(due[0]["trace"]))
+                tx.origin = f"timer {kind}"
                 try:
-                    await self._handlers[row["kind"]](tx, row["key"], json.loads(row["payload"]))
-                except Exception as exc:
-                    raise _TimerFailed([row], exc) from exc
-                finally:
-                    detach(token)
-            for kind, due in batches.items():
-                try:
-                    await self._batch_handlers[kind](
-                        tx, [(r["key"], json.loads(r["payload"])) for r in due]
+                    await self._handlers[kind](
+                        [Due(r["key"], json.loads(r["payload"]), r["due_at"]) for r in due], tx
                     )
                 except Exception as exc:
                     raise _TimerFailed(due, exc) from exc
+                finally:
+                    detach(token)
         return len(rows)
 
     async def _failed(self, row: Any, exc: Exception) -> None:
@@ -326,6 +333,5 @@ class TimerWheel:
         self._count("retried", kind)
 
     def _count(self, outcome: str, kind: str) -> None:
-        if self._metrics is not None:
-            m = self._metrics
-            m.timers_failed.labels(m.service, kind, outcome).inc()
+        m = self._metrics
+        m.timers_failed.labels(m.service, kind, outcome).inc()

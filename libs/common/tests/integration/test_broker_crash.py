@@ -18,10 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from omni_common.kafka import Subscription
-from omni_common.service import ServiceRuntime
+from omni_common.handlers import Lot, Subscription
+from omni_common.service import ServiceRuntime, Tx
 from omni_contracts import AvailabilityChanged
-from omni_contracts.envelope import Envelope
 from omni_devkit.devstack.kafka import ApacheKafkaBroker, find_java
 from omni_devkit.devstack.process import free_port
 from omni_devkit.testing.plugin import isolated_env
@@ -57,16 +56,12 @@ class Applier:
     def __init__(self, runtime: ServiceRuntime) -> None:
         self.runtime = runtime
         self.applied = 0
-        self.duplicates = 0
         self.first_after_restart: float | None = None
         self.restarted_at: float | None = None
         self.all_applied = asyncio.Event()
 
-    async def on_availability(self, event: AvailabilityChanged, envelope: Envelope) -> None:
-        async with self.runtime.handling("crash-applier", envelope) as tx:
-            if tx is None:
-                self.duplicates += 1
-                return
+    async def on_availability(self, changes: Lot[AvailabilityChanged], tx: Tx) -> None:
+        for event, envelope in changes:
             await tx.conn.execute(
                 "INSERT INTO applied (ce_id, sku, on_hand) VALUES ($1, $2, $3)",
                 envelope.id,
@@ -74,6 +69,15 @@ class Applier:
                 event.on_hand,
             )
             tx.after_commit(self._counted)
+
+    @property
+    def duplicates(self) -> int:
+        """Redeliveries the inbox recognised (the runtime never hands them over)."""
+        m = self.runtime.metrics
+        child = m.events_handled.labels(
+            m.service, "inventory.availability.v1", "inventory.availability.changed", "duplicate"
+        )
+        return int(child._value.get())
 
     def _counted(self) -> None:
         self.applied += 1

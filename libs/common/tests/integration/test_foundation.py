@@ -17,13 +17,12 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
-from omni_common.kafka import RejectedEvent, Subscription
-from omni_common.service import ServiceRuntime
+from omni_common.handlers import Lot, Refusal, Subscription
+from omni_common.service import ServiceRuntime, Tx
 from omni_contracts import (
     AvailabilityChanged,
     StockAdjusted,
 )
-from omni_contracts.envelope import Envelope
 from omni_devkit.testing.events import ChannelPublisher, ce_headers, record_headers
 from opentelemetry import trace
 
@@ -67,15 +66,13 @@ class StockCounter:
         self.fail_first = fail_first
         self.calls = 0
 
-    async def on_adjusted(self, event: StockAdjusted, envelope: Envelope) -> None:
-        self.calls += 1
-        if self.calls <= self.fail_first:
-            raise ConnectionError("database blip")
-        if event.sku == "UNKNOWN":
-            raise RejectedEvent("unknown_sku", event.sku)
-        async with self.runtime.handling("stock-counter", envelope) as tx:
-            if tx is None:
-                return
+    async def on_adjusted(self, adjustments: Lot[StockAdjusted], tx: Tx) -> None:
+        for event, envelope in adjustments:
+            self.calls += 1
+            if self.calls <= self.fail_first:
+                raise ConnectionError("database blip")
+            if event.sku == "UNKNOWN":
+                raise Refusal("unknown_sku", event.sku)
             on_hand = await tx.conn.fetchval(
                 "INSERT INTO counted (sku, on_hand) VALUES ($1, $2) ON CONFLICT (sku)"
                 " DO UPDATE SET on_hand = counted.on_hand + $2 RETURNING on_hand",
@@ -285,9 +282,10 @@ async def test_a_two_hop_flow_is_one_trace(omni_env, spans) -> None:
     c_runtime = ServiceRuntime(omni_env.settings("hop-c"))
     seen = asyncio.get_running_loop().create_future()
 
-    async def on_availability(event: AvailabilityChanged, envelope: Envelope) -> None:
-        if not seen.done():
-            seen.set_result((trace.get_current_span().get_span_context().trace_id, envelope))
+    async def on_availability(changes: Lot[AvailabilityChanged]) -> None:
+        for _, envelope in changes:
+            if not seen.done():
+                seen.set_result((trace.get_current_span().get_span_context().trace_id, envelope))
 
     c_runtime.subscribe(
         Subscription("inventory.availability.v1", {AvailabilityChanged: on_availability})

@@ -4,7 +4,7 @@ stays with its own event: the lot rolls back and is handled one by one."""
 from __future__ import annotations
 
 import pytest
-from omni_common.kafka import RejectedEvent
+from omni_common.handlers import Refusal
 from omni_common.service import ServiceRuntime
 from omni_contracts import StockAdjusted
 from omni_devkit.testing.chaos import EffectCounter, adjustment, wait_for
@@ -32,7 +32,7 @@ async def test_waiting_events_are_handled_together_and_a_refused_one_alone(omni_
 
     async def refuse_one(event: StockAdjusted, _attempt: int) -> None:
         if event.adjustment_id == refused:
-            raise RejectedEvent("refused_for_the_test", event.adjustment_id)
+            raise Refusal("refused_for_the_test", event.adjustment_id)
 
     dlq = omni_env.reader(f"{TOPIC}.dlq")
     async with dlq, ChannelPublisher(omni_env.bootstrap, omni_env.prefix) as channel:

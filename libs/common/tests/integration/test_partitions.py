@@ -1,5 +1,5 @@
-"""Partitions are independent: one stuck partition never stops the others, each message is
-handled in its own trace, and a rebalance hands partitions over without a second effect."""
+"""Partitions are independent: one stuck partition never stops the others, each message
+keeps its own trace, and a rebalance hands partitions over without a second effect."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from omni_common.kafka import Subscription
-from omni_common.service import ServiceRuntime
-from omni_contracts import StockAdjusted
+from omni_common.handlers import Lot, Subscription
+from omni_common.service import ServiceRuntime, Tx
+from omni_contracts import AvailabilityChanged, StockAdjusted
 from omni_contracts.envelope import Envelope, encode, new_envelope
-from opentelemetry import trace
+from omni_devkit.testing.events import record_headers
 
 pytestmark = pytest.mark.integration
 
@@ -63,10 +63,11 @@ async def test_a_stuck_partition_is_paused_and_the_others_flow(omni_env) -> None
     release = asyncio.Event()
     handled: list[str] = []
 
-    async def on_adjusted(event: StockAdjusted, envelope: Envelope) -> None:
-        if event.sku.startswith("STUCK"):
-            await release.wait()
-        handled.append(event.adjustment_id)
+    async def on_adjusted(adjustments: Lot[StockAdjusted], tx: Tx) -> None:
+        for event, _ in adjustments:
+            if event.sku.startswith("STUCK"):
+                await release.wait()
+            tx.after_commit(lambda e=event: handled.append(e.adjustment_id))
 
     runtime = ServiceRuntime(omni_env.settings("stuck", consumer_queue_size=2))
     runtime.subscribe(Subscription(TOPIC, {StockAdjusted: on_adjusted}))
@@ -97,23 +98,43 @@ async def test_a_stuck_partition_is_paused_and_the_others_flow(omni_env) -> None
         await runtime.stop()
 
 
-async def test_each_message_is_handled_in_its_own_trace(omni_env) -> None:
-    seen: list[int] = []
+async def test_each_message_keeps_its_own_trace(omni_env) -> None:
+    """Events handled in one lot still carry on each in its own trace: what each causes is
+    published in the trace of the event that caused it, not of the lot's first."""
 
-    async def on_adjusted(event: StockAdjusted, envelope: Envelope) -> None:
-        seen.append(trace.get_current_span().get_span_context().trace_id)
+    async def on_adjusted(adjustments: Lot[StockAdjusted], tx: Tx) -> None:
+        for event, envelope in adjustments:
+            await tx.emit(
+                AvailabilityChanged(
+                    sku=event.sku,
+                    location_id=event.location_id,
+                    on_hand=1,
+                    reserved=0,
+                    available=1,
+                    status="in_stock",
+                    previous_status="out_of_stock",
+                    online_available=1,
+                    cause="adjustment",
+                    changed_at=NOW,
+                ),
+                caused_by=envelope,
+            )
 
     runtime = ServiceRuntime(omni_env.settings("traced"))
     runtime.subscribe(Subscription(TOPIC, {StockAdjusted: on_adjusted}))
-    await runtime.start()
+    runtime.publishes("inventory.availability.v1")
     producer = AIOKafkaProducer(bootstrap_servers=omni_env.bootstrap, linger_ms=0)
     await producer.start()
+    reader = omni_env.reader("inventory.availability.v1")
     try:
         trace_ids = [uuid.uuid4().int & ((1 << 128) - 1) for _ in range(5)]
         for trace_id in trace_ids:
             parent = f"00-{trace_id:032x}-{uuid.uuid4().hex[:16]}-01"
             await send(producer, omni_env, adjustment("SKU-1"), partition=0, traceparent=parent)
-        await wait_until(lambda: len(seen) == len(trace_ids))
+        async with reader:
+            await runtime.start()  # all five wait: they are handled as one lot
+            records = await reader.collect(len(trace_ids), timeout=20)
+        seen = [int(record_headers(r)["traceparent"].split("-")[1], 16) for r in records]
         assert seen == trace_ids  # not the first message's trace five times
     finally:
         await producer.stop()
@@ -126,10 +147,15 @@ async def test_a_rebalance_commits_what_was_handled_and_hands_over_the_rest(omni
     by_instance: dict[str, int] = {"first": 0, "second": 0}
 
     def instance(name: str) -> ServiceRuntime:
-        async def on_adjusted(event: StockAdjusted, envelope: Envelope) -> None:
-            await asyncio.sleep(0.005)  # work in flight when the revocation comes
-            calls.append(event.adjustment_id)
-            by_instance[name] += 1
+        async def on_adjusted(adjustments: Lot[StockAdjusted], tx: Tx) -> None:
+            for event, _ in adjustments:
+                await asyncio.sleep(0.005)  # work in flight when the revocation comes
+
+                def committed(adjustment_id: str = event.adjustment_id) -> None:
+                    calls.append(adjustment_id)
+                    by_instance[name] += 1
+
+                tx.after_commit(committed)
 
         # A long commit interval: only the revocation's commit can save a second handling.
         settings = omni_env.settings("rebalanced", consumer_commit_interval_ms=60_000)

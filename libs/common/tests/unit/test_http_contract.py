@@ -6,14 +6,14 @@ from typing import Any
 
 import httpx
 import yaml
+from omni_common.handlers import Subscription
 from omni_common.http import create_http_app
-from omni_common.kafka import Subscription
 from omni_common.service import ServiceRuntime
 from omni_common.settings import ServiceSettings
 from omni_contracts import INVENTORY_AVAILABILITY, STORE_SALES, SaleRecorded
 
 
-async def _ignore(event: Any, envelope: Any) -> None:
+async def _ignore(events: Any) -> None:
     return None
 
 

@@ -1,16 +1,22 @@
-"""Wiring of the partition worker: pause when full, resume at half, never block the caller."""
+"""Wiring of the partition worker: pause when full, resume at half, never block the caller;
+lots across idle neighbours; failed lots given back to be handled alone, in order; records
+nobody wants acknowledged without splitting a lot."""
 
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 from typing import Any
 
 from aiokafka import ConsumerRecord, TopicPartition
-from omni_common.kafka import OffsetCommitter, PartitionWorker
+from aiokafka.errors import IllegalStateError
+from omni_common.dispatch import Entry, Invalid, Route, Skip, Valid
 from omni_common.metrics import PlatformMetrics
+from omni_common.offsets import OffsetCommitter
 from omni_common.settings import ServiceSettings
+from omni_common.worker import PartitionWorker
 from opentelemetry.context import Context
+
+ROUTE = Route(topic="t", handlings={}, known_types=frozenset())
 
 
 class FakeConsumer:
@@ -28,177 +34,211 @@ class FakeConsumer:
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self.calls.append(f"seek {offset}")
 
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition("t", p) for p in range(8)}
 
-class FakeRuntime:
+
+class FakeDispatcher:
+    """Classifies by the record's value (``b"valid"``, ``b"alone"``, ``b"skip"``, ``b"bad"``)
+    and records what it was asked to handle; lots fail while ``lots_fail``."""
+
     def __init__(self) -> None:
         self.settings = ServiceSettings(handler_backoff_max_s=0.01)
         self.metrics = PlatformMetrics("unit")
-        self.committer = OffsetCommitter(60)
         self.release = asyncio.Event()
-        self.handled: list[int] = []
-
-    def parse(self, *_: Any) -> None:
-        return None  # every record goes through consume_record, one at a time
-
-    async def consume_record(self, record: Any, *_: Any) -> None:
-        await self.release.wait()
-        self.handled.append(record.offset)
-
-
-def message(offset: int) -> Any:
-    return ConsumerRecord("t", 0, offset, 0, 0, None, b"{}", None, 2, 0, [])
-
-
-async def test_a_full_queue_pauses_its_partition_and_a_drained_one_resumes_it() -> None:
-    runtime, consumer = FakeRuntime(), FakeConsumer()
-    worker = PartitionWorker(
-        runtime,  # type: ignore[arg-type]
-        consumer,
-        TopicPartition("t", 0),
-        {"t": ("t", "c", {})},
-        queue_size=4,
-    )
-    try:
-        for offset in range(10):
-            worker.offer(message(offset), Context())  # never waits, even past the bound
-        assert consumer.calls == ["pause"]
-        runtime.release.set()
-        for _ in range(100):
-            if len(runtime.handled) == 10:
-                break
-            await asyncio.sleep(0.01)
-        assert runtime.handled == list(range(10))
-        assert consumer.calls == ["pause", "resume"]
-        assert runtime.committer._pending[consumer] == {TopicPartition("t", 0): 10}
-    finally:
-        await worker.stop(grace_s=0.1)
-
-
-class LotRuntime(FakeRuntime):
-    """Every record is a valid event; lots are recorded, and fail while ``lots_fail``."""
-
-    def __init__(self) -> None:
-        super().__init__()
+        self.release.set()
         self.lots: list[list[tuple[int, int]]] = []
         self.alone: list[tuple[int, int]] = []
+        self.dead: list[tuple[int, int]] = []
+        self.order: list[tuple[str, int]] = []
         self.lots_fail = False
 
-    def parse(self, record: Any, *_: Any) -> Any:
-        return SimpleNamespace(record=record, trace_context=None, together=True)
+    def classify(self, record: Any, route: Route) -> Entry:
+        value = record.value
+        if value == b"skip":
+            verdict: Any = Skip("x", "ignored")
+        elif value == b"bad":
+            verdict = Invalid("malformed_json", "not JSON", "x")
+        else:
+            verdict = Valid(None, None, None, value != b"alone", Context())  # type: ignore[arg-type]
+        return Entry(record, route, verdict)
 
-    def can_handle_together(self) -> bool:
-        return True
+    def count(self, *_: Any) -> None:
+        pass
 
-    async def handle_together(self, lot: list[Any]) -> bool:
+    async def handle_lot(self, sources: list[list[Entry]]) -> bool:
         await asyncio.sleep(0)
         if self.lots_fail:
             return False
-        self.lots.append([(p.record.partition, p.record.offset) for p in lot])
+        lot = [(e.record.partition, e.record.offset) for source in sources for e in source]
+        self.lots.append(lot)
+        self.order.extend(("lot", o) for _, o in lot)
         return True
 
-    async def handle_parsed(self, parsed: Any) -> None:
-        self.alone.append((parsed.record.partition, parsed.record.offset))
+    async def handle_alone(self, entry: Entry) -> None:
+        await self.release.wait()
+        self.alone.append((entry.record.partition, entry.record.offset))
+        self.order.append(("alone", entry.record.offset))
+
+    async def dead_letter(self, entry: Entry, invalid: Any = None) -> None:
+        self.dead.append((entry.record.partition, entry.record.offset))
 
 
-def record_at(partition: int, offset: int) -> Any:
-    return ConsumerRecord("t", partition, offset, 0, 0, None, b"{}", None, 2, 0, [])
+def record_at(partition: int, offset: int, value: bytes = b"valid") -> Any:
+    return ConsumerRecord("t", partition, offset, 0, 0, None, value, None, 2, 0, [])
 
 
-async def _settle(runtime: LotRuntime, events: int) -> None:
-    for _ in range(200):
-        if sum(map(len, runtime.lots)) + len(runtime.alone) >= events:
-            return
-        await asyncio.sleep(0.005)
-
-
-def _neighbours(
-    runtime: LotRuntime, consumer: FakeConsumer, partitions: int
-) -> tuple[list[PartitionWorker], list[PartitionWorker]]:
+def workers(
+    dispatcher: FakeDispatcher,
+    consumer: FakeConsumer,
+    partitions: int,
+    queue_size: int = 100,
+    committer: OffsetCommitter | None = None,
+) -> tuple[list[PartitionWorker], list[PartitionWorker], OffsetCommitter]:
     """Workers of ``partitions`` partitions of topic ``t``, neighbours of each other."""
+    committer = committer or OffsetCommitter(60)
     neighbours: list[PartitionWorker] = []
-    workers = [
+    made = [
         PartitionWorker(
-            runtime,  # type: ignore[arg-type]
+            dispatcher,  # type: ignore[arg-type]
+            committer,
             consumer,
             TopicPartition("t", p),
-            {"t": ("t", "c", {})},
-            queue_size=100,
+            ROUTE,
+            queue_size=queue_size,
+            lot_size=64,
             neighbours=neighbours,
         )
         for p in range(partitions)
     ]
-    return workers, neighbours
+    return made, neighbours, committer
+
+
+async def settle(dispatcher: FakeDispatcher, events: int) -> None:
+    for _ in range(400):
+        done = sum(map(len, dispatcher.lots)) + len(dispatcher.alone) + len(dispatcher.dead)
+        if done >= events:
+            return
+        await asyncio.sleep(0.005)
+
+
+async def test_a_full_queue_pauses_its_partition_and_a_drained_one_resumes_it() -> None:
+    dispatcher, consumer = FakeDispatcher(), FakeConsumer()
+    dispatcher.release.clear()
+    (worker,), _, committer = workers(dispatcher, consumer, 1, queue_size=4)
+    try:
+        for offset in range(10):
+            worker.offer(record_at(0, offset, b"alone"))  # never waits, even past the bound
+        assert consumer.calls == ["pause"]
+        dispatcher.release.set()
+        await settle(dispatcher, 10)
+        assert [o for _, o in dispatcher.alone] == list(range(10))
+        assert consumer.calls == ["pause", "resume"]
+        assert committer._pending[consumer] == {TopicPartition("t", 0): 10}
+    finally:
+        await worker.stop(grace_s=0.1)
 
 
 async def test_a_worker_takes_the_events_waiting_in_idle_neighbours_into_its_lot() -> None:
-    runtime, consumer = LotRuntime(), FakeConsumer()
-    workers, neighbours = _neighbours(runtime, consumer, 3)
+    dispatcher, consumer = FakeDispatcher(), FakeConsumer()
+    made, neighbours, committer = workers(dispatcher, consumer, 3)
     try:
         for offset in range(4):
             for p in range(3):
-                workers[p].offer(record_at(p, offset), Context())
-        await _settle(runtime, 12)
+                made[p].offer(record_at(p, offset))
+        await settle(dispatcher, 12)
         # One transaction for the three partitions, each in its own order.
-        assert len(runtime.lots) == 1
-        lot = runtime.lots[0]
+        assert len(dispatcher.lots) == 1
+        lot = dispatcher.lots[0]
         assert sorted(lot) == [(p, o) for p in range(3) for o in range(4)]
         for p in range(3):
             assert [o for q, o in lot if q == p] == [0, 1, 2, 3]
-        assert runtime.committer._pending[consumer] == {TopicPartition("t", p): 4 for p in range(3)}
+        assert committer._pending[consumer] == {TopicPartition("t", p): 4 for p in range(3)}
     finally:
-        for worker in workers:
+        for worker in made:
             await worker.stop(grace_s=0.1)
     assert neighbours == []
 
 
 async def test_a_lot_that_rolls_back_gives_each_partition_its_events_back_to_handle_alone() -> None:
-    runtime, consumer = LotRuntime(), FakeConsumer()
-    runtime.lots_fail = True
-    workers, _ = _neighbours(runtime, consumer, 2)
+    dispatcher, consumer = FakeDispatcher(), FakeConsumer()
+    dispatcher.lots_fail = True
+    made, _, committer = workers(dispatcher, consumer, 2)
     try:
         for offset in range(3):
             for p in range(2):
-                workers[p].offer(record_at(p, offset), Context())
-        await _settle(runtime, 6)
-        assert runtime.lots == []
+                made[p].offer(record_at(p, offset))
+        await settle(dispatcher, 6)
+        assert dispatcher.lots == []
         for p in range(2):
-            assert [o for q, o in runtime.alone if q == p] == [0, 1, 2]
-        assert runtime.committer._pending[consumer] == {TopicPartition("t", p): 3 for p in range(2)}
+            assert [o for q, o in dispatcher.alone if q == p] == [0, 1, 2]
+        assert committer._pending[consumer] == {TopicPartition("t", p): 3 for p in range(2)}
     finally:
-        for worker in workers:
+        for worker in made:
             await worker.stop(grace_s=0.1)
 
 
 async def test_an_event_that_may_not_join_a_lot_is_handled_alone_in_its_order() -> None:
-    runtime, consumer = LotRuntime(), FakeConsumer()
-    order: list[tuple[str, int]] = []
-    runtime.parse = lambda record, *_: SimpleNamespace(  # type: ignore[method-assign]
-        record=record, trace_context=None, together=record.offset != 2
-    )
-    together = runtime.handle_together
-    alone = runtime.handle_parsed
-
-    async def lot(parsed: list[Any]) -> bool:
-        order.extend(("lot", p.record.offset) for p in parsed)
-        return await together(parsed)
-
-    async def single(parsed: Any) -> None:
-        order.append(("alone", parsed.record.offset))
-        await alone(parsed)
-
-    runtime.handle_together = lot  # type: ignore[method-assign]
-    runtime.handle_parsed = single  # type: ignore[method-assign]
-    worker = PartitionWorker(
-        runtime,  # type: ignore[arg-type]
-        consumer,
-        TopicPartition("t", 0),
-        {"t": ("t", "c", {})},
-        queue_size=100,
-    )
+    dispatcher, consumer = FakeDispatcher(), FakeConsumer()
+    (worker,), _, _ = workers(dispatcher, consumer, 1)
     try:
         for offset in range(5):
-            worker.offer(record_at(0, offset), Context())
-        await _settle(runtime, 5)
-        assert order == [("lot", 0), ("lot", 1), ("alone", 2), ("lot", 3), ("lot", 4)]
+            worker.offer(record_at(0, offset, b"alone" if offset == 2 else b"valid"))
+        await settle(dispatcher, 5)
+        assert dispatcher.order == [("lot", 0), ("lot", 1), ("alone", 2), ("lot", 3), ("lot", 4)]
     finally:
         await worker.stop(grace_s=0.1)
+
+
+async def test_records_nobody_wants_or_that_are_invalid_do_not_split_a_lot() -> None:
+    dispatcher, consumer = FakeDispatcher(), FakeConsumer()
+    (worker,), _, committer = workers(dispatcher, consumer, 1)
+    values = [b"valid", b"skip", b"bad", b"valid", b"skip", b"valid"]
+    try:
+        for offset, value in enumerate(values):
+            worker.offer(record_at(0, offset, value))
+        await settle(dispatcher, 4)
+        assert dispatcher.lots == [[(0, 0), (0, 3), (0, 5)]]
+        assert dispatcher.dead == [(0, 2)]
+        assert committer._pending[consumer] == {TopicPartition("t", 0): 6}
+    finally:
+        await worker.stop(grace_s=0.1)
+
+
+async def test_a_record_nobody_wants_on_an_idle_partition_is_acknowledged_at_once() -> None:
+    dispatcher, consumer = FakeDispatcher(), FakeConsumer()
+    (worker,), _, committer = workers(dispatcher, consumer, 1)
+    try:
+        worker.offer(record_at(0, 7, b"skip"))
+        # No queue, no wake-up of the worker: the offset is done when it is offered.
+        assert not worker.queue
+        assert committer._pending[consumer] == {TopicPartition("t", 0): 8}
+    finally:
+        await worker.stop(grace_s=0.1)
+
+
+class Revoking(FakeConsumer):
+    """A consumer that has just lost partition 1 to another member."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.committed: list[dict[TopicPartition, int]] = []
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition("t", 0)}
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if set(offsets) - self.assignment():  # as aiokafka refuses it
+            raise IllegalStateError("partition is not assigned")
+        self.committed.append(dict(offsets))
+
+
+async def test_a_late_offset_of_a_revoked_partition_does_not_take_the_others_down() -> None:
+    """A lot that finished after its partition was revoked notes an offset the consumer no
+    longer owns. On the old code the commit failed as a whole, and the offsets of the
+    partitions still owned were dropped with it."""
+    committer, consumer = OffsetCommitter(60), Revoking()
+    committer.handled(consumer, record_at(0, 41))
+    committer.handled(consumer, record_at(1, 9))  # revoked meanwhile
+    await committer.flush()
+    assert consumer.committed == [{TopicPartition("t", 0): 42}]

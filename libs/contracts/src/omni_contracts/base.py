@@ -50,7 +50,10 @@ MAX_TEXT = 4000
 
 NO_NUL = r"^[^\x00]*$"
 
-NonEmptyStr = Annotated[str, Field(min_length=1, max_length=200, pattern=NO_NUL)]
+MAX_IDENTIFIER = 200
+"""The longest identifier (or short reason) a contract string may be."""
+
+NonEmptyStr = Annotated[str, Field(min_length=1, max_length=MAX_IDENTIFIER, pattern=NO_NUL)]
 """An opaque identifier (sku, location_id, customer_id, ...)."""
 
 Quantity = Annotated[int, Field(ge=0, le=INT4_MAX)]

@@ -423,7 +423,13 @@ async def test_history_summary_and_lookup(w: World) -> None:
         page = (await w.svc.http.get(f"/customers/{customer}/history?limit=10")).json()
         return bool(page["items"]) and page["items"][0]["status"] == "shipped"
 
+    async def signals_applied() -> bool:
+        # Signals and orders travel on different topics: no order holds between them.
+        prefs = (await w.customer(customer))["preferences"]
+        return prefs["consents"]["email"] is False
+
     await w.until(shipped)
+    await w.until(signals_applied)
     first = (await w.svc.http.get(f"/customers/{customer}/history?limit=2")).json()
     assert [i["order_id"] for i in first["items"]] == [order_ids[2], order_ids[1]]
     assert first["items"][1]["channel"] == "call_center"

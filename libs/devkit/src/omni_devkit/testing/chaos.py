@@ -17,10 +17,9 @@ from datetime import UTC, datetime
 
 import asyncpg
 from omni_common.db import quote_ident
-from omni_common.kafka import Subscription
-from omni_common.service import ServiceRuntime
+from omni_common.handlers import Lot, Subscription
+from omni_common.service import ServiceRuntime, Tx
 from omni_contracts import AvailabilityChanged, StockAdjusted
-from omni_contracts.envelope import Envelope
 
 
 @dataclass
@@ -107,14 +106,12 @@ class EffectCounter:
         runtime.subscribe(Subscription(self.TOPIC, {StockAdjusted: self.on_adjusted}))
         runtime.publishes("inventory.availability.v1")
 
-    async def on_adjusted(self, event: StockAdjusted, envelope: Envelope) -> None:
-        """Write the effect and tell the new availability, in one transaction."""
-        self.calls[event.adjustment_id] += 1
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
-        async with self.runtime.handling("effect-counter", envelope) as tx:
-            if tx is None:
-                return
+    async def on_adjusted(self, adjustments: Lot[StockAdjusted], tx: Tx) -> None:
+        """Write the effect and tell the new availability, in the runtime's transaction."""
+        for event, envelope in adjustments:
+            self.calls[event.adjustment_id] += 1
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
             await tx.conn.execute(
                 "INSERT INTO effects (adjustment_id, sku) VALUES ($1, $2)",
                 event.adjustment_id,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from omni_common.metrics import PlatformMetrics
 from prometheus_client import Counter, Histogram
 
+from customer_profile_service.service.context import Outcome
+
 # From a cart's abandonment deadline to its announcement: the timer wheel's lag.
 LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 2, 5, 10, 30, 60)
 
@@ -48,3 +50,14 @@ class ProfileMetrics:
             buckets=LAG_BUCKETS,
             registry=r,
         )
+
+    def observe(self, out: Outcome) -> None:
+        """Count what a committed use case did."""
+        s = self.service
+        self.merges.labels(s).inc(out.merges)
+        self.snapshots.labels(s).inc(out.snapshots)
+        self.erasures.labels(s).inc(out.erased)
+        for kind, reason in out.skipped_identifiers:
+            self.identifiers_skipped.labels(s, kind, reason).inc()
+        for reason in out.cart_skips:
+            self.abandonments_skipped.labels(s, reason).inc()

@@ -15,6 +15,8 @@ from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 
+from omni_common.handlers import Refusal
+
 
 class IdKind(StrEnum):
     """A kind of identifier a profile holds."""
@@ -46,13 +48,8 @@ _PHONE_NOISE = re.compile(r"[\s().\-]")
 _PHONE = re.compile(r"^\+?\d{6,15}$")
 
 
-class ProfileError(Exception):
+class ProfileError(Refusal):
     """A signal the profile refuses; ``reason`` is the DLQ reason."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 def normalise(kind: IdKind, value: str) -> str:

@@ -6,14 +6,13 @@ from fastapi import FastAPI
 from omni_common.http import create_http_app
 from omni_common.service import ServiceRuntime
 from omni_common.settings import ServiceSettings
-from omni_common.timers import TimerWheel
 from omni_contracts import CART_ABANDONED, CUSTOMER_PROFILE
 
 from customer_profile_service.adapters.metrics import ProfileMetrics
 from customer_profile_service.domain import DEFAULT_BLOCKED, CartLimits, parse_limits
-from customer_profile_service.entrypoints.consumers import Deps, subscriptions, timer_handler
+from customer_profile_service.entrypoints import consumers
 from customer_profile_service.entrypoints.http import build_router
-from customer_profile_service.service.context import CART_ABANDONMENT, Profiles
+from customer_profile_service.service.context import Profiles
 from customer_profile_service.settings import ProfileSettings
 
 DESCRIPTION = """One profile per shopper across every channel (identities, contact, consent,
@@ -39,27 +38,22 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         cart_limits=CartLimits(config.cart_max_lines, config.cart_max_qty),
         abandonment_delay=config.cart_abandonment_delay,
         lock_namespace=config.schema,
+        clock=runtime.clock,
     )
-    deps = Deps(runtime, profiles, ProfileMetrics(runtime.metrics))
-    for subscription in subscriptions(deps):
-        runtime.subscribe(subscription)
+    runtime.provide(policy=profiles, metrics=ProfileMetrics(runtime.metrics))
+    runtime.subscribe(*consumers.subscriptions())
+    runtime.timers(
+        consumers.TIMERS,
+        poll_interval_s=config.cart_timer_poll_s,
+        batch_size=config.cart_timer_batch,
+        per_transaction=config.cart_timer_per_transaction,
+        concurrency=config.cart_timer_concurrency,
+    )
     runtime.publishes(CUSTOMER_PROFILE, CART_ABANDONED)
-    runtime.run_alongside(
-        TimerWheel(
-            runtime.transaction,
-            {},
-            batch_handlers={CART_ABANDONMENT: timer_handler(deps)},
-            poll_interval_s=config.cart_timer_poll_s,
-            batch_size=config.cart_timer_batch,
-            per_transaction=config.cart_timer_per_transaction,
-            concurrency=config.cart_timer_concurrency,
-        ).running()
-    )
     app = create_http_app(
         runtime,
         title="Customer profile service",
         description=DESCRIPTION,
         routers=[build_router()],
     )
-    app.state.profiles = profiles
     return app

@@ -1,23 +1,20 @@
-"""Kafka and timer entry points: each event handled in its own transaction with the inbox.
+"""What customer-profile consumes and which timers it keeps: one handler per kind of event.
 
-Handlers have the platform's signature ``async def handle(event, envelope)`` once their
-dependencies are bound. Domain refusals (:class:`~customer_profile_service.domain.ProfileError`)
-become :class:`~omni_common.kafka.RejectedEvent` (dead-lettered with their reason:
+Each handler has the runtime's shape (see ``omni_common.handlers``) and applies a use case
+of :mod:`~customer_profile_service.service.profiles` or ``carts`` in the transaction it is
+given. Domain refusals (:class:`~customer_profile_service.domain.ProfileError`:
 ``unknown_customer``, ``erased_customer``, ``invalid_contact``, ``blocked_identifier``,
-``invalid_preferences``, ``cart_too_large``); anything else is retried, then dead-lettered.
+``invalid_preferences``, ``cart_too_large``) are dead-lettered with their reason by the
+runtime; anything else is retried, then dead-lettered.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from omni_common.kafka import EventHandler, RejectedEvent, Subscription, only_when
-from omni_common.service import ServiceRuntime, Tx
+from omni_common.handlers import Due, Lot, Subscription, only_when
+from omni_common.service import Tx
 from omni_contracts import (
     CART_EVENTS,
     CHECKOUT_SUBMITTED,
@@ -49,129 +46,144 @@ from omni_contracts import (
 from omni_contracts.envelope import Envelope
 
 from customer_profile_service.adapters.metrics import ProfileMetrics
-from customer_profile_service.domain import ProfileError
 from customer_profile_service.service import carts, profiles
-from customer_profile_service.service.context import Outcome, Profiles
+from customer_profile_service.service.context import CART_ABANDONMENT, Outcome, Profiles
 
 UseCase = Callable[[Profiles, Tx, Any, Envelope | None], Awaitable[Outcome]]
 
 
-@dataclass(frozen=True)
-class Deps:
-    """What the entry points need: the runtime, the policy and the metrics."""
-
-    runtime: ServiceRuntime
-    profiles: Profiles
-    metrics: ProfileMetrics
-
-    def consumer(self, topic: str) -> str:
-        """The inbox consumer name for events of ``topic``."""
-        return f"{self.runtime.settings.service_name}:{topic}"
-
-    def observe(self, out: Outcome) -> None:
-        """Count what a committed use case did."""
-        m, s = self.metrics, self.metrics.service
-        m.merges.labels(s).inc(out.merges)
-        m.snapshots.labels(s).inc(out.snapshots)
-        m.erasures.labels(s).inc(out.erased)
-        for kind, reason in out.skipped_identifiers:
-            m.identifiers_skipped.labels(s, kind, reason).inc()
-        for reason in out.cart_skips:
-            m.abandonments_skipped.labels(s, reason).inc()
+async def _each(
+    lot: Lot[Any], tx: Tx, policy: Profiles, metrics: ProfileMetrics, use_case: UseCase
+) -> None:
+    for event, envelope in lot:
+        outcome = await use_case(policy, tx, event, envelope)
+        tx.after_commit(lambda o=outcome: metrics.observe(o))  # committed: now it is true
 
 
-@contextlib.asynccontextmanager
-async def _refusals() -> AsyncIterator[None]:
-    """Turn the domain's refusals into dead-lettered rejections with a clear reason."""
-    try:
-        yield
-    except ProfileError as exc:
-        raise RejectedEvent(exc.reason, exc.detail) from exc
+async def customers_identified(
+    signals: Lot[CustomerIdentified], tx: Tx, policy: Profiles, metrics: ProfileMetrics
+) -> None:
+    """A login or sign-up joins a device (and cart) to a customer."""
+    await _each(signals, tx, policy, metrics, profiles.identified)
 
 
-def _bound(deps: Deps, use_case: UseCase) -> EventHandler:
-    async def handle(event: Any, envelope: Envelope) -> None:
-        async with _refusals(), deps.runtime.handling(deps.consumer(event.topic), envelope) as tx:
-            if tx is None:
-                return  # handled before: no second effect
-            outcome = await use_case(deps.profiles, tx, event, envelope)
-            tx.after_commit(lambda: deps.observe(outcome))  # committed: now it is true
-
-    handle.__name__ = use_case.__name__
-    handle.__doc__ = use_case.__doc__
-    return handle
+async def contacts_updated(
+    signals: Lot[ContactDetailsUpdated], tx: Tx, policy: Profiles, metrics: ProfileMetrics
+) -> None:
+    """A shopper's e-mail, phone or push subscription changed."""
+    await _each(signals, tx, policy, metrics, profiles.contact_updated)
 
 
-def subscriptions(deps: Deps) -> list[Subscription]:
+async def preferences_updated(
+    signals: Lot[PreferencesUpdated], tx: Tx, policy: Profiles, metrics: ProfileMetrics
+) -> None:
+    """A shopper's consent, channel, language or quiet hours changed."""
+    await _each(signals, tx, policy, metrics, profiles.preferences_updated)
+
+
+async def erasures_requested(
+    signals: Lot[ErasureRequested], tx: Tx, policy: Profiles, metrics: ProfileMetrics
+) -> None:
+    """A shopper asked to be forgotten."""
+    await _each(signals, tx, policy, metrics, profiles.erasure_requested)
+
+
+async def sales_recorded(
+    sales: Lot[SaleRecorded], tx: Tx, policy: Profiles, metrics: ProfileMetrics
+) -> None:
+    """A till sale to a known shopper (customer or loyalty card) joins their history."""
+    await _each(sales, tx, policy, metrics, profiles.sale_recorded)
+
+
+async def checkouts_submitted(
+    checkouts: Lot[CheckoutSubmitted], tx: Tx, policy: Profiles, metrics: ProfileMetrics
+) -> None:
+    """A checkout: the shopper is known, and their cart is bought."""
+    await _each(checkouts, tx, policy, metrics, profiles.checkout_submitted)
+
+
+async def orders_placed(
+    orders: Lot[OrderPlaced], tx: Tx, policy: Profiles, metrics: ProfileMetrics
+) -> None:
+    """A placed order joins the shopper's purchase history."""
+    await _each(orders, tx, policy, metrics, profiles.order_placed)
+
+
+async def orders_moved(orders: Lot[Any], tx: Tx, policy: Profiles, metrics: ProfileMetrics) -> None:
+    """An order's later status is kept in the shopper's history."""
+    await _each(orders, tx, policy, metrics, profiles.order_moved)
+
+
+async def carts_changed(
+    carts_: Lot[Any], tx: Tx, policy: Profiles, metrics: ProfileMetrics
+) -> None:
+    """A cart's items, view or checkout: kept, and its abandonment timer moved."""
+    await _each(carts_, tx, policy, metrics, carts.cart_changed)
+
+
+async def abandonments_due(
+    due: list[Due], tx: Tx, policy: Profiles, metrics: ProfileMetrics
+) -> None:
+    """Timer: carts' abandonment deadlines passed; each is announced or said why not."""
+    verdicts = await carts.abandonments_due(policy, tx, [timer.key for timer in due])
+    now = policy.clock()
+
+    def count() -> None:  # committed: now it is true
+        m, s = metrics, metrics.service
+        for timer, (verdict, channel) in zip(due, verdicts, strict=True):
+            if verdict.announce:
+                m.carts_abandoned.labels(s, channel).inc()
+                if (deadline := carts.due_at(timer.payload)) is not None:
+                    m.abandonment_lag.labels(s).observe(max((now - deadline).total_seconds(), 0))
+            elif verdict.skip is not None:
+                m.abandonments_skipped.labels(s, verdict.skip.value).inc()
+
+    tx.after_commit(count)
+
+
+def subscriptions() -> list[Subscription]:
     """Every topic customer-profile consumes, with its handlers."""
-
-    def h(use_case: UseCase) -> EventHandler:
-        return _bound(deps, use_case)
-
-    order_moved = h(profiles.order_moved)
     return [
         Subscription(
             CUSTOMER_SIGNALS,
             {
-                CustomerIdentified: h(profiles.identified),
-                ContactDetailsUpdated: h(profiles.contact_updated),
-                PreferencesUpdated: h(profiles.preferences_updated),
-                ErasureRequested: h(profiles.erasure_requested),
+                CustomerIdentified: customers_identified,
+                ContactDetailsUpdated: contacts_updated,
+                PreferencesUpdated: preferences_updated,
+                ErasureRequested: erasures_requested,
             },
         ),
         Subscription(
-            STORE_SALES,
-            {SaleRecorded: only_when(profiles.names_a_shopper, h(profiles.sale_recorded))},
+            STORE_SALES, {SaleRecorded: only_when(profiles.names_a_shopper, sales_recorded)}
         ),
-        Subscription(CHECKOUT_SUBMITTED, {CheckoutSubmitted: h(profiles.checkout_submitted)}),
+        Subscription(CHECKOUT_SUBMITTED, {CheckoutSubmitted: checkouts_submitted}),
         Subscription(
             ORDER_LIFECYCLE,
             {
-                OrderPlaced: h(profiles.order_placed),
-                **{
-                    model: order_moved
-                    for model in (
-                        OrderConfirmed,
-                        OrderRejected,
-                        OrderReadyForPickup,
-                        OrderPickedUp,
-                        OrderShipped,
-                        OrderDelivered,
-                        OrderDelayed,
-                        OrderCancelled,
-                        OrderReturnReceived,
-                        RefundIssued,
-                    )
-                },
+                OrderPlaced: orders_placed,
+                OrderConfirmed: orders_moved,
+                OrderRejected: orders_moved,
+                OrderReadyForPickup: orders_moved,
+                OrderPickedUp: orders_moved,
+                OrderShipped: orders_moved,
+                OrderDelivered: orders_moved,
+                OrderDelayed: orders_moved,
+                OrderCancelled: orders_moved,
+                OrderReturnReceived: orders_moved,
+                RefundIssued: orders_moved,
             },
         ),
         Subscription(
             CART_EVENTS,
             {
-                model: h(carts.cart_changed)
-                for model in (CartItemAdded, CartItemRemoved, CartViewed, CartCheckedOut)
+                CartItemAdded: carts_changed,
+                CartItemRemoved: carts_changed,
+                CartViewed: carts_changed,
+                CartCheckedOut: carts_changed,
             },
         ),
     ]
 
 
-async def abandonments_due(deps: Deps, tx: Tx, due: list[tuple[str, dict[str, Any]]]) -> None:
-    """Timer: carts' abandonment deadlines passed (runs in the timers' transaction)."""
-    verdicts = await carts.abandonments_due(deps.profiles, tx, [key for key, _ in due])
-    m, s = deps.metrics, deps.metrics.service
-    now = datetime.now(UTC)
-    # Counted inside the wheel's transaction: it commits right after this returns.
-    for (_, payload), (verdict, channel) in zip(due, verdicts, strict=True):
-        if verdict.announce:
-            m.carts_abandoned.labels(s, channel).inc()
-            if (deadline := carts.due_at(payload)) is not None:
-                m.abandonment_lag.labels(s).observe(max((now - deadline).total_seconds(), 0.0))
-        elif verdict.skip is not None:
-            m.abandonments_skipped.labels(s, verdict.skip.value).inc()
-
-
-def timer_handler(
-    deps: Deps,
-) -> Callable[[Tx, list[tuple[str, dict[str, Any]]]], Awaitable[None]]:
-    """The abandonment timers' batch handler with its dependencies bound."""
-    return functools.partial(abandonments_due, deps)
+TIMERS = {CART_ABANDONMENT: abandonments_due}
+"""customer-profile's durable timers, by kind."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -86,7 +86,7 @@ async def cart_changed(
     cart = await repo.cart(event.cart_id, for_update=True)
     if owner is None and cart is not None:
         owner = cart.customer_id
-    activity = min(event.occurred_at, now or datetime.now(UTC))
+    activity = min(event.occurred_at, now or profiles.clock())
     last = max(activity, cart.last_activity_at) if cart else activity
     if isinstance(event, CartCheckedOut):
         status = "checked_out"

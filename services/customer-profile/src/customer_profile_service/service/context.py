@@ -6,7 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from omni_common.handlers import Clock
 from omni_common.service import Tx
+from omni_contracts import utcnow
 
 from customer_profile_service.adapters.repository import ProfileRepository
 from customer_profile_service.domain import DEFAULT_BLOCKED, DEFAULT_LIMITS, CartLimits, IdKind
@@ -25,6 +27,7 @@ class Profiles:
     abandonment_delay: timedelta = timedelta(hours=1)
     # Advisory locks are database-wide: named after the schema they guard.
     lock_namespace: str = "customer_profile"
+    clock: Clock = utcnow
 
     def repo(self, tx: Tx) -> ProfileRepository:
         """The repository on ``tx``'s connection."""

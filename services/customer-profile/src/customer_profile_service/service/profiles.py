@@ -9,7 +9,7 @@ transaction (:func:`publish_snapshots`).
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -266,7 +266,7 @@ async def _rearm_if_fired(profiles: Profiles, tx: Tx, cart_id: str) -> None:
     if cart is None or cart.status != "open":
         return
     if not await repo.lock_timer(CART_ABANDONMENT, cart_id):
-        await arm(tx, cart_id, datetime.now(UTC) + profiles.abandonment_delay)
+        await arm(tx, cart_id, profiles.clock() + profiles.abandonment_delay)
 
 
 async def arm(tx: Tx, cart_id: str, due: datetime) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from enum import StrEnum
 
+from omni_common.handlers import Refusal
 from omni_contracts import AdjustmentKind, AvailabilityStatus
 
 
@@ -105,13 +106,8 @@ def apply_sale(level: StockLevel, qty: int) -> SaleOutcome:
 # -- adjustments -------------------------------------------------------------------------------
 
 
-class ImpossibleAdjustment(ValueError):
+class ImpossibleAdjustment(Refusal):
     """An adjustment that cannot be true of the stock recorded (e.g. more damaged than held)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
 
 
 def apply_adjustment(

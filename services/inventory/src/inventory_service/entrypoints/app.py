@@ -3,43 +3,27 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
 from fastapi import FastAPI
 from omni_common.http import create_http_app
-from omni_common.kafka import Subscription, only_when
 from omni_common.service import ServiceRuntime
 from omni_common.settings import ServiceSettings
-from omni_common.timers import TimerWheel
 from omni_contracts import (
-    INVENTORY_ADJUSTMENTS,
     INVENTORY_AVAILABILITY,
     INVENTORY_RESERVATIONS,
-    ORDER_LIFECYCLE,
-    STORE_SALES,
-    OrderCancelled,
-    OrderConfirmed,
-    OrderPickedUp,
-    OrderPlaced,
-    OrderRejected,
-    OrderReturnReceived,
-    OrderShipped,
-    SaleRecorded,
-    StockAdjusted,
 )
 
 from inventory_service.adapters.availability_feed import AvailabilityFeed, StreamMetrics, tailing
 from inventory_service.adapters.metrics import InventoryMetrics
 from inventory_service.adapters.seed import load_seed
 from inventory_service.entrypoints import consumers
-from inventory_service.entrypoints.consumers import Deps
 from inventory_service.entrypoints.http import build_router
 from inventory_service.entrypoints.stream import build_stream_router
 from inventory_service.service import handlers
-from inventory_service.service.handlers import RESERVATION_EXPIRY, Inventory
+from inventory_service.service.handlers import Inventory
 from inventory_service.settings import InventorySettings
 
 log = logging.getLogger(__name__)
@@ -58,55 +42,15 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         lock_namespace=config.schema,
         reservation_ttl=timedelta(seconds=config.inventory_reservation_ttl_s),
     )
-    deps = Deps(runtime, inventory, InventoryMetrics(runtime.metrics))
-
-    def bound(handler: consumers.Handler) -> consumers.BoundHandler:
-        return functools.partial(handler, deps)
-
-    # Sales and adjustments lock the stock of the SKUs they name, which the partitioning (by
-    # store) does not follow: a run handled together takes all its locks first, in order.
-    locks = consumers.stock_locks(deps)
-    runtime.subscribe(
-        Subscription(STORE_SALES, {SaleRecorded: bound(consumers.sale_recorded)}, prepare=locks)
-    )
-    runtime.subscribe(
-        Subscription(
-            INVENTORY_ADJUSTMENTS,
-            {StockAdjusted: bound(consumers.stock_adjusted)},
-            prepare=locks,
-        )
-    )
-    runtime.subscribe(
-        Subscription(
-            ORDER_LIFECYCLE,
-            {
-                # In-store sales (orders born completed) took their stock at the till.
-                OrderPlaced: only_when(handlers.needs_reservation, bound(consumers.order_placed)),
-                OrderConfirmed: bound(consumers.order_confirmed),
-                OrderCancelled: bound(consumers.order_cancelled),
-                OrderRejected: bound(consumers.order_rejected),
-                OrderPickedUp: bound(consumers.order_fulfilled),
-                OrderShipped: bound(consumers.order_fulfilled),
-                OrderReturnReceived: bound(consumers.return_received),
-            },
-            # Placed orders together (their SKUs locked first); the rest alone.
-            together=consumers.joins_lot,
-            prepare=locks,
-        )
-    )
+    metrics = InventoryMetrics(runtime.metrics)
+    runtime.provide(inventory=inventory, metrics=metrics)
+    runtime.subscribe(*consumers.subscriptions())
+    runtime.timers(consumers.TIMERS, poll_interval_s=config.inventory_timer_poll_s)
     runtime.publishes(INVENTORY_AVAILABILITY, INVENTORY_RESERVATIONS)
     # A till or stock system resends within days; a month of sale and adjustment ids is ample.
     runtime.relay.retain("applied_facts", "applied_at", timedelta(days=35))
     if config.inventory_seed_file:
         runtime.run_alongside(_seeded(runtime, inventory, config))
-    runtime.run_alongside(
-        TimerWheel(
-            runtime.transaction,
-            {RESERVATION_EXPIRY: functools.partial(consumers.reservation_expired, deps)},
-            poll_interval_s=config.inventory_timer_poll_s,
-            metrics=runtime.metrics,
-        ).running()
-    )
     feed = AvailabilityFeed(
         StreamMetrics(config.service_name, runtime.metrics.registry),
         ring_size=config.inventory_stream_ring,
@@ -127,7 +71,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         routers=[
             # Before /availability/{sku}, which would take "stream" for a SKU.
             build_stream_router(feed, config.inventory_stream_heartbeat_s),
-            build_router(inventory, deps.metrics, config.inventory_low_stock_threshold),
+            build_router(inventory, metrics, config.inventory_low_stock_threshold),
         ],
     )
 

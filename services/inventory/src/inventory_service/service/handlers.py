@@ -29,6 +29,7 @@ from omni_contracts import (
     Shortage,
     StockAdjusted,
 )
+from omni_contracts.base import MAX_IDENTIFIER
 from omni_contracts.envelope import Envelope
 
 from inventory_service.adapters.repository import InventoryRepository
@@ -276,6 +277,12 @@ async def confirm(inv: Inventory, tx: Tx, order_id: str) -> Outcome:
         return Outcome()
     await repo.set_reservation_state(order_id, "confirmed")
     return Outcome()
+
+
+def release_reason(why: str, detail: str) -> str:
+    """A release's reason: why, and the order's own words as far as the field holds them
+    (an order cancelled with the longest reason allowed must still release its stock)."""
+    return f"{why}: {detail}"[:MAX_IDENTIFIER]
 
 
 async def release_reservation(

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from omni_common.handlers import Refusal
 from omni_common.service import Tx
 from omni_contracts import AvailabilityCause, AvailabilityChanged, AvailabilityStatus
 from omni_contracts.envelope import Envelope
@@ -30,11 +31,11 @@ class Outcome:
     shortfalls: list[Shortfall] = field(default_factory=list)
 
 
-class UnknownLocation(LookupError):
+class UnknownLocation(Refusal):
     """An event or request named a location inventory does not know."""
 
     def __init__(self, location_id: str) -> None:
-        super().__init__(f"unknown location {location_id!r}")
+        super().__init__("unknown_location", f"unknown location {location_id!r}")
         self.location_id = location_id
 
 

@@ -9,7 +9,7 @@ from omni_common.settings import ServiceSettings
 from omni_contracts import LOYALTY_LEDGER
 
 from loyalty_service.adapters.metrics import LoyaltyMetrics
-from loyalty_service.entrypoints.consumers import subscriptions
+from loyalty_service.entrypoints import consumers
 from loyalty_service.entrypoints.http import router
 from loyalty_service.service.ledger import LoyaltyService
 from loyalty_service.settings import LoyaltySettings
@@ -28,15 +28,14 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     loyalty_settings = LoyaltySettings.from_settings(settings)
     runtime = ServiceRuntime(loyalty_settings, migrations_package="loyalty_service.migrations")
     metrics = LoyaltyMetrics(runtime.metrics)
-    service = LoyaltyService(runtime, loyalty_settings, metrics)
-
-    for subscription in subscriptions(service):
-        runtime.subscribe(subscription)
+    loyalty = LoyaltyService(loyalty_settings, metrics, clock=runtime.clock)
+    runtime.provide(loyalty=loyalty)
+    runtime.subscribe(*consumers.subscriptions())
+    runtime.timers(consumers.TIMERS, poll_interval_s=loyalty_settings.loyalty_timer_poll_s)
     runtime.publishes(LOYALTY_LEDGER)
-    runtime.run_alongside(service.timer_wheel().running())
 
     app = create_http_app(
         runtime, title="Loyalty service", description=DESCRIPTION, routers=[router]
     )
-    app.state.loyalty_service = service
+    app.state.loyalty = loyalty
     return app

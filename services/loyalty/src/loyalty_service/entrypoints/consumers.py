@@ -1,13 +1,16 @@
-"""What the loyalty service consumes: one subscription per topic, handlers bound to it.
+"""What the loyalty service consumes and which timers it keeps: one handler per kind of event.
 
 Everything loyalty needs to know arrives as events: orders (placed, confirmed, rejected,
-cancelled, fulfilled, returned), profiles (cards linked, erasures) and stock (for offers).
-A failure is retried with backoff by the foundation, then dead-lettered.
+cancelled, fulfilled, returned), profiles (cards linked, merges, erasures) and stock (for
+offers). Each handler has the runtime's shape (see ``omni_common.handlers``) and calls a
+use case of :class:`~loyalty_service.service.ledger.LoyaltyService` in the transaction it is
+given; a failure is retried by the runtime, then dead-lettered.
 """
 
 from __future__ import annotations
 
-from omni_common.kafka import Subscription
+from omni_common.handlers import Due, Lot, Subscription
+from omni_common.service import Tx
 from omni_contracts import (
     CUSTOMER_PROFILE,
     INVENTORY_AVAILABILITY,
@@ -26,33 +29,141 @@ from omni_contracts import (
     ProfileUpdated,
 )
 
-from loyalty_service.service.ledger import LoyaltyService
+from loyalty_service.service.ledger import (
+    EXPIRY_NOTICE_TIMER,
+    EXPIRY_TIMER,
+    HOLD_TIMER,
+    PENDING_TIMER,
+    TIER_REVIEW_TIMER,
+    LoyaltyService,
+)
 
 
-def subscriptions(service: LoyaltyService) -> list[Subscription]:
+async def orders_placed(orders: Lot[OrderPlaced], tx: Tx, loyalty: LoyaltyService) -> None:
+    """Remember the order; hold its points if it awaits loyalty; a store sale earns."""
+    for order, envelope in orders:
+        await loyalty.order_placed(tx, order, envelope)
+
+
+async def orders_confirmed(orders: Lot[OrderConfirmed], tx: Tx, loyalty: LoyaltyService) -> None:
+    """The order is confirmed: its held points are spent."""
+    for order, envelope in orders:
+        await loyalty.order_confirmed(tx, order, envelope)
+
+
+async def orders_ended(
+    orders: Lot[OrderRejected | OrderCancelled], tx: Tx, loyalty: LoyaltyService
+) -> None:
+    """Rejected or cancelled: held points go back; points spent on it are given back."""
+    for order, envelope in orders:
+        await loyalty.order_ended(tx, order, envelope)
+
+
+async def orders_fulfilled(
+    orders: Lot[OrderPickedUp | OrderShipped | OrderDelivered], tx: Tx, loyalty: LoyaltyService
+) -> None:
+    """Picked up, shipped or delivered: the purchase earns (once)."""
+    for order, envelope in orders:
+        await loyalty.order_fulfilled(tx, order, envelope)
+
+
+async def returns_received(
+    returns: Lot[OrderReturnReceived], tx: Tx, loyalty: LoyaltyService
+) -> None:
+    """Items came back: reverse the points earned on them, give back points spent."""
+    for returned, envelope in returns:
+        await loyalty.return_received(tx, returned, envelope)
+
+
+async def profiles_updated(profiles: Lot[ProfileUpdated], tx: Tx, loyalty: LoyaltyService) -> None:
+    """A profile: its cards now collect for the customer; points a card collected move."""
+    for profile, envelope in profiles:
+        await loyalty.profile_updated(tx, profile, envelope)
+
+
+async def profiles_merged(merges: Lot[ProfilesMerged], tx: Tx, loyalty: LoyaltyService) -> None:
+    """Profiles merged: the merged accounts' points move to the surviving one."""
+    for merge, envelope in merges:
+        await loyalty.profiles_merged(tx, merge, envelope)
+
+
+async def profiles_erased(erasures: Lot[ProfileErased], tx: Tx, loyalty: LoyaltyService) -> None:
+    """Erasure: pseudonymise the account (the ledger keeps only figures)."""
+    for erased, envelope in erasures:
+        await loyalty.profile_erased(tx, erased, envelope)
+
+
+async def availability_changed(
+    changes: Lot[AvailabilityChanged], tx: Tx, loyalty: LoyaltyService
+) -> None:
+    """Keep the stock that offers are filtered by."""
+    for change, envelope in changes:
+        await loyalty.availability(tx, change, envelope)
+
+
+async def holds_expired(due: list[Due], tx: Tx, loyalty: LoyaltyService) -> None:
+    """Timer: a hold never settled is released."""
+    for timer in due:
+        await loyalty.hold_expired(tx, timer.key)
+
+
+async def pending_closed(due: list[Due], tx: Tx, loyalty: LoyaltyService) -> None:
+    """Timer: an order's return window closed, its pending points become available."""
+    for timer in due:
+        await loyalty.pending_closed(tx, timer.key)
+
+
+async def points_expire(due: list[Due], tx: Tx, loyalty: LoyaltyService) -> None:
+    """Timer: points expire after inactivity."""
+    for timer in due:
+        await loyalty.expire(tx, timer.key)
+
+
+async def expiry_notices(due: list[Due], tx: Tx, loyalty: LoyaltyService) -> None:
+    """Timer: the notice before points expire."""
+    for timer in due:
+        await loyalty.expiry_notice(tx, timer.key, timer.payload)
+
+
+async def tier_reviews(due: list[Due], tx: Tx, loyalty: LoyaltyService) -> None:
+    """Timer: a tier's review date."""
+    for timer in due:
+        await loyalty.tier_review(tx, timer.key)
+
+
+def subscriptions() -> list[Subscription]:
     """Every topic the loyalty service consumes, with its handlers."""
-    s = service
     return [
         Subscription(
             ORDER_LIFECYCLE,
             {
-                OrderPlaced: s.on_order_placed,
-                OrderConfirmed: s.on_order_confirmed,
-                OrderRejected: s.on_order_ended,
-                OrderCancelled: s.on_order_ended,
-                OrderPickedUp: s.on_order_fulfilled,
-                OrderShipped: s.on_order_fulfilled,
-                OrderDelivered: s.on_order_fulfilled,
-                OrderReturnReceived: s.on_return_received,
+                OrderPlaced: orders_placed,
+                OrderConfirmed: orders_confirmed,
+                OrderRejected: orders_ended,
+                OrderCancelled: orders_ended,
+                OrderPickedUp: orders_fulfilled,
+                OrderShipped: orders_fulfilled,
+                OrderDelivered: orders_fulfilled,
+                OrderReturnReceived: returns_received,
             },
         ),
         Subscription(
             CUSTOMER_PROFILE,
             {
-                ProfileUpdated: s.on_profile_updated,
-                ProfilesMerged: s.on_profiles_merged,
-                ProfileErased: s.on_profile_erased,
+                ProfileUpdated: profiles_updated,
+                ProfilesMerged: profiles_merged,
+                ProfileErased: profiles_erased,
             },
         ),
-        Subscription(INVENTORY_AVAILABILITY, {AvailabilityChanged: s.on_availability}),
+        Subscription(INVENTORY_AVAILABILITY, {AvailabilityChanged: availability_changed}),
     ]
+
+
+TIMERS = {
+    PENDING_TIMER: pending_closed,
+    HOLD_TIMER: holds_expired,
+    EXPIRY_TIMER: points_expire,
+    EXPIRY_NOTICE_TIMER: expiry_notices,
+    TIER_REVIEW_TIMER: tier_reviews,
+}
+"""Loyalty's durable timers, by kind."""

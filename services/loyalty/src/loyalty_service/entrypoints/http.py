@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
 from omni_common.auth import Caller, require, require_shopper
+from omni_common.http import request_runtime
 from omni_contracts import BoundedModel, SignedCount
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -72,14 +73,14 @@ class LedgerPage(BaseModel):
 
 
 def _service(request: Request) -> LoyaltyService:
-    service: LoyaltyService = request.app.state.loyalty_service
+    service: LoyaltyService = request.app.state.loyalty
     return service
 
 
 @router.get("/accounts/{customer_id}", response_model=AccountView)
 async def get_account(customer_id: Identifier, request: Request, _: AccountReader) -> Any:
     """Available, pending, held and lifetime points, tier, next expiry, the open offer."""
-    view = await _service(request).account_view(customer_id)
+    view = await _service(request).account_view(request_runtime(request), customer_id)
     if view is None:
         raise HTTPException(status_code=404, detail=f"no loyalty account for {customer_id}")
     return view
@@ -96,7 +97,9 @@ async def get_ledger(
     """The account's entries, newest first, ``limit`` per page."""
     service = _service(request)
     limit = min(limit, service.settings.loyalty_max_page_size)
-    entries = await service.ledger_page(customer_id, limit=limit, before=before)
+    entries = await service.ledger_page(
+        request_runtime(request), customer_id, limit=limit, before=before
+    )
     if entries is None:
         raise HTTPException(status_code=404, detail=f"no loyalty account for {customer_id}")
     next_before = entries[-1]["entry_id"] if len(entries) == limit else None
@@ -131,13 +134,15 @@ async def post_adjustment(
         raise HTTPException(status_code=422, detail="an adjustment needs non-zero points")
     service = _service(request)
     try:
-        entry = await service.adjust(
-            customer_id,
-            adjustment_id=body.adjustment_id,
-            points=body.points,
-            reason=body.reason,
-            by=caller.channel,
-        )
+        async with request_runtime(request).transaction("POST adjustment") as tx:
+            entry = await service.adjust(
+                tx,
+                customer_id,
+                adjustment_id=body.adjustment_id,
+                points=body.points,
+                reason=body.reason,
+                by=caller.channel,
+            )
     except UnknownAccount:
         raise HTTPException(
             status_code=404, detail=f"no loyalty account for {customer_id}"

@@ -1,23 +1,23 @@
 """The loyalty service's use cases: one method per thing that happens to points.
 
-Every change runs in one transaction (:class:`Work`): the inbox record of the event that
-caused it, the ledger entries, the account's buckets, the timers and the
-``loyalty.ledger.v1`` events (through the outbox) commit together or not at all.
+Every change runs in the transaction it is given (``tx``, opened by the runtime for an
+event, by a route or a timer): the inbox record of the event that caused it, the ledger
+entries (:class:`Ledger`), the account's buckets, the timers and the ``loyalty.ledger.v1``
+events (through the outbox) commit together or not at all.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from omni_common.service import ServiceRuntime, Tx
-from omni_common.timers import TimerWheel, cancel_timer, set_timer
+from omni_common.timers import cancel_timer, set_timer
 from omni_contracts import (
     AvailabilityChanged,
     LedgerEvent,
@@ -95,16 +95,19 @@ _EVENTS: dict[EntryKind, type[LedgerEvent]] = {
 
 
 @dataclass
-class Work:
-    """One transaction of the loyalty service."""
+class Ledger:
+    """The points ledger as one transaction writes it: entries posted and published, caused
+    by one event (or none), and counted once committed."""
 
     tx: Tx
     envelope: Envelope | None
+    metrics: LoyaltyMetrics
     repo: LoyaltyRepository = field(init=False)
     written: list[tuple[str, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.repo = LoyaltyRepository(self.tx.conn)
+        self.tx.after_commit(lambda: self.metrics.written(self.written))  # now it is true
 
     @property
     def conn(self) -> Any:
@@ -178,270 +181,218 @@ class LoyaltyService:
 
     def __init__(
         self,
-        runtime: ServiceRuntime,
         settings: LoyaltySettings,
         metrics: LoyaltyMetrics,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
-        self.runtime = runtime
         self.settings = settings
         self.rules = settings.rules
         self.metrics = metrics
         self.clock = clock
 
-    # -- units of work --------------------------------------------------------------------
-
-    @contextlib.asynccontextmanager
-    async def work(self, envelope: Envelope | None = None) -> AsyncIterator[Work | None]:
-        """A transaction; for an event, None when it was handled before (inbox)."""
-        transaction = (
-            self.runtime.handling(LOYALTY, envelope)
-            if envelope is not None
-            else self.runtime.transaction()
-        )
-        async with transaction as tx:
-            if tx is None:
-                yield None
-                return
-            work = Work(tx, envelope)
-            yield work
-            tx.after_commit(lambda: self.metrics.written(work.written))  # now it is true
-
-    @contextlib.asynccontextmanager
-    async def _timer_transaction(self) -> AsyncIterator[Work]:
-        async with self.work() as work:
-            assert work is not None
-            yield work
-
-    def timer_wheel(self) -> TimerWheel:
-        """The durable timers: pending window, unsettled holds, expiry, tier reviews."""
-        return TimerWheel(
-            self._timer_transaction,
-            {
-                PENDING_TIMER: self._pending_closed,
-                HOLD_TIMER: self._hold_expired,
-                EXPIRY_TIMER: self._expire,
-                EXPIRY_NOTICE_TIMER: self._expiry_notice,
-                TIER_REVIEW_TIMER: self._tier_review,
-            },
-            poll_interval_s=self.settings.loyalty_timer_poll_s,
-        )
+    def ledger(self, tx: Tx, envelope: Envelope | None = None) -> Ledger:
+        """The ledger as ``tx`` writes it, caused by ``envelope`` (if an event)."""
+        return Ledger(tx, envelope, self.metrics)
 
     # -- order.lifecycle.v1 ---------------------------------------------------------------
 
-    async def on_order_placed(self, event: OrderPlaced, envelope: Envelope) -> None:
+    async def order_placed(self, tx: Tx, event: OrderPlaced, envelope: Envelope) -> None:
         """Remember the order; hold its points if it awaits loyalty; a store sale earns."""
-        async with self.work(envelope) as w:
-            if w is None:
-                return
-            now = self.clock()
-            if event.points_to_redeem and LOYALTY in (event.awaiting or ()):
-                await self._hold(w, event, now)
-            account = await self._buyer(w, event)
-            lines = [
-                {"sku": ln.sku, "qty": ln.qty, "unit_price": str(ln.unit_price.amount)}
-                for ln in event.lines
-            ]
-            gross = sum((ln.unit_price.amount * ln.qty for ln in event.lines), Decimal(0))
-            record = OrderRecord(
-                order_id=event.order_id,
-                account_id=account.account_id if account else None,
-                channel=event.channel.value,
-                currency=event.lines[0].unit_price.currency,
-                gross=gross,
-                lines=lines,
-                points_to_redeem=event.points_to_redeem,
-                redeemed=0,
-                given_back=0,
-                returned_value=Decimal(0),
-            )
-            if not await w.repo.add_order(record):
-                return
-            if event.status is OrderStatus.COMPLETED:  # an in-store sale: bought now
-                await self._purchased(w, record, account, now)
+        w = self.ledger(tx, envelope)
+        now = self.clock()
+        if event.points_to_redeem and LOYALTY in (event.awaiting or ()):
+            await self._hold(w, event, now)
+        account = await self._buyer(w, event)
+        lines = [
+            {"sku": ln.sku, "qty": ln.qty, "unit_price": str(ln.unit_price.amount)}
+            for ln in event.lines
+        ]
+        gross = sum((ln.unit_price.amount * ln.qty for ln in event.lines), Decimal(0))
+        record = OrderRecord(
+            order_id=event.order_id,
+            account_id=account.account_id if account else None,
+            channel=event.channel.value,
+            currency=event.lines[0].unit_price.currency,
+            gross=gross,
+            lines=lines,
+            points_to_redeem=event.points_to_redeem,
+            redeemed=0,
+            given_back=0,
+            returned_value=Decimal(0),
+        )
+        if not await w.repo.add_order(record):
+            return
+        if event.status is OrderStatus.COMPLETED:  # an in-store sale: bought now
+            await self._purchased(w, record, account, now)
 
-    async def on_order_confirmed(self, event: OrderConfirmed, envelope: Envelope) -> None:
+    async def order_confirmed(self, tx: Tx, event: OrderConfirmed, envelope: Envelope) -> None:
         """The order is confirmed: its held points are spent."""
-        async with self.work(envelope) as w:
-            if w is None:
-                return
-            hold = await w.repo.hold(event.order_id)
-            if hold is None:
-                return
-            now = self.clock()
-            account = await w.repo.account(hold["account_id"])
-            points = hold["points"]
-            if hold["status"] == "held":
+        w = self.ledger(tx, envelope)
+        hold = await w.repo.hold(event.order_id)
+        if hold is None:
+            return
+        now = self.clock()
+        account = await w.repo.account(hold["account_id"])
+        points = hold["points"]
+        if hold["status"] == "held":
+            await w.post(
+                account,
+                EntryKind.REDEEMED,
+                Buckets(held=-points),
+                points=0,
+                reason="order_confirmed",
+                cause=f"redeem:{event.order_id}",
+                order_id=event.order_id,
+                at=now,
+            )
+        elif hold["status"] == "released":
+            # The hold timed out before the order was confirmed: spend the points now
+            # if they are still there (the hold window is far longer than the saga's).
+            if account.available >= points:
                 await w.post(
                     account,
                     EntryKind.REDEEMED,
-                    Buckets(held=-points),
-                    points=0,
+                    Buckets(available=-points),
+                    points=-points,
                     reason="order_confirmed",
                     cause=f"redeem:{event.order_id}",
                     order_id=event.order_id,
                     at=now,
                 )
-            elif hold["status"] == "released":
-                # The hold timed out before the order was confirmed: spend the points now
-                # if they are still there (the hold window is far longer than the saga's).
-                if account.available >= points:
-                    await w.post(
-                        account,
-                        EntryKind.REDEEMED,
-                        Buckets(available=-points),
-                        points=-points,
-                        reason="order_confirmed",
-                        cause=f"redeem:{event.order_id}",
-                        order_id=event.order_id,
-                        at=now,
-                    )
-                else:
-                    self.metrics.unrecovered.labels(self.metrics.service, "redemption").inc(points)
-                    log.error("order %s confirmed after its hold lapsed", event.order_id)
-                    return
             else:
+                self.metrics.unrecovered.labels(self.metrics.service, "redemption").inc(points)
+                log.error("order %s confirmed after its hold lapsed", event.order_id)
                 return
-            await w.repo.settle_hold(event.order_id, "redeemed")
-            await cancel_timer(w.conn, HOLD_TIMER, event.order_id)
-            order = await w.repo.order(event.order_id)
-            if order is not None:
-                order.redeemed = points
-                await w.repo.save_order_returns(order)
-            await self._active(w, account, now)
+        else:
+            return
+        await w.repo.settle_hold(event.order_id, "redeemed")
+        await cancel_timer(w.conn, HOLD_TIMER, event.order_id)
+        order = await w.repo.order(event.order_id)
+        if order is not None:
+            order.redeemed = points
+            await w.repo.save_order_returns(order)
+        await self._active(w, account, now)
 
-    async def on_order_ended(
-        self, event: OrderRejected | OrderCancelled, envelope: Envelope
+    async def order_ended(
+        self, tx: Tx, event: OrderRejected | OrderCancelled, envelope: Envelope
     ) -> None:
         """Rejected or cancelled: held points go back; points spent on it are given back."""
-        async with self.work(envelope) as w:
-            if w is None:
-                return
-            await self._release(w, event.order_id, event.ce_type.rsplit(".", 1)[-1], self.clock())
+        w = self.ledger(tx, envelope)
+        await self._release(w, event.order_id, event.ce_type.rsplit(".", 1)[-1], self.clock())
 
-    async def on_order_fulfilled(
-        self, event: OrderPickedUp | OrderShipped | OrderDelivered, envelope: Envelope
+    async def order_fulfilled(
+        self, tx: Tx, event: OrderPickedUp | OrderShipped | OrderDelivered, envelope: Envelope
     ) -> None:
         """Picked up, shipped or delivered: the purchase earns (once)."""
-        async with self.work(envelope) as w:
-            if w is None:
-                return
-            order = await w.repo.order(event.order_id)
-            if order is None or order.account_id is None:
-                return  # not seen placed, or an anonymous shopper
-            account = await w.repo.account(order.account_id)
-            await self._purchased(w, order, account, self.clock())
+        w = self.ledger(tx, envelope)
+        order = await w.repo.order(event.order_id)
+        if order is None or order.account_id is None:
+            return  # not seen placed, or an anonymous shopper
+        account = await w.repo.account(order.account_id)
+        await self._purchased(w, order, account, self.clock())
 
-    async def on_return_received(self, event: OrderReturnReceived, envelope: Envelope) -> None:
+    async def return_received(self, tx: Tx, event: OrderReturnReceived, envelope: Envelope) -> None:
         """Items came back: reverse the points earned on them, give back points spent."""
-        async with self.work(envelope) as w:
-            if w is None:
-                return
-            order = await w.repo.order(event.order_id)
-            if order is None or order.account_id is None:
-                return
-            now = self.clock()
-            account = await w.repo.account(order.account_id)
-            returned: dict[str, int] = {}
-            for line in event.lines:
-                returned[line.sku] = returned.get(line.sku, 0) + line.qty
-            value = _returned_value(order, returned)
-            earning = await w.repo.earning(event.order_id)
-            if earning is not None:
-                points, after = reversal(earning.lines, earning.returned, returned)
-                points = min(points, earning.points - earning.reversed)
-                if points > 0:
-                    if earning.status == "pending":
-                        change = Buckets(pending=-points, lifetime=-points)
-                    else:
-                        # Points already spendable (a late return): take what is there; the
-                        # rest is counted as unrecovered, the balance never goes negative.
-                        taken = min(points, account.available)
-                        if taken < points:
-                            self.metrics.unrecovered.labels(self.metrics.service, "return").inc(
-                                points - taken
-                            )
-                        change = Buckets(available=-taken, lifetime=-points)
-                    await w.post(
-                        account,
-                        EntryKind.REVERSED,
-                        change,
-                        points=-points,
-                        reason="items_returned",
-                        cause=f"return:{event.return_id}:earned",
-                        order_id=event.order_id,
-                        at=now,
-                    )
-                earning.reversed += max(points, 0)
-                earning.returned = after
-                await w.repo.save_earning(earning)
-            back = min(
-                give_back(order.redeemed, order.gross, order.returned_value, value),
-                order.redeemed - order.given_back,
-            )
-            if back > 0:
+        w = self.ledger(tx, envelope)
+        order = await w.repo.order(event.order_id)
+        if order is None or order.account_id is None:
+            return
+        now = self.clock()
+        account = await w.repo.account(order.account_id)
+        returned: dict[str, int] = {}
+        for line in event.lines:
+            returned[line.sku] = returned.get(line.sku, 0) + line.qty
+        value = _returned_value(order, returned)
+        earning = await w.repo.earning(event.order_id)
+        if earning is not None:
+            points, after = reversal(earning.lines, earning.returned, returned)
+            points = min(points, earning.points - earning.reversed)
+            if points > 0:
+                if earning.status == "pending":
+                    change = Buckets(pending=-points, lifetime=-points)
+                else:
+                    # Points already spendable (a late return): take what is there; the
+                    # rest is counted as unrecovered, the balance never goes negative.
+                    taken = min(points, account.available)
+                    if taken < points:
+                        self.metrics.unrecovered.labels(self.metrics.service, "return").inc(
+                            points - taken
+                        )
+                    change = Buckets(available=-taken, lifetime=-points)
                 await w.post(
                     account,
                     EntryKind.REVERSED,
-                    Buckets(available=back),
-                    points=back,
-                    reason="redeemed_on_returned_items",
-                    cause=f"return:{event.return_id}:redeemed",
+                    change,
+                    points=-points,
+                    reason="items_returned",
+                    cause=f"return:{event.return_id}:earned",
                     order_id=event.order_id,
                     at=now,
                 )
-                order.given_back += back
-            order.returned_value += value
-            await w.repo.save_order_returns(order)
-            # Qualifying spend shrinks; the tier only follows at its review date.
-            await w.repo.add_spend(account.account_id, f"return:{event.return_id}", -value, now)
+            earning.reversed += max(points, 0)
+            earning.returned = after
+            await w.repo.save_earning(earning)
+        back = min(
+            give_back(order.redeemed, order.gross, order.returned_value, value),
+            order.redeemed - order.given_back,
+        )
+        if back > 0:
+            await w.post(
+                account,
+                EntryKind.REVERSED,
+                Buckets(available=back),
+                points=back,
+                reason="redeemed_on_returned_items",
+                cause=f"return:{event.return_id}:redeemed",
+                order_id=event.order_id,
+                at=now,
+            )
+            order.given_back += back
+        order.returned_value += value
+        await w.repo.save_order_returns(order)
+        # Qualifying spend shrinks; the tier only follows at its review date.
+        await w.repo.add_spend(account.account_id, f"return:{event.return_id}", -value, now)
 
     # -- customer.profile.v1 --------------------------------------------------------------
 
-    async def on_profile_updated(self, event: ProfileUpdated, envelope: Envelope) -> None:
+    async def profile_updated(self, tx: Tx, event: ProfileUpdated, envelope: Envelope) -> None:
         """A profile: its cards now collect for the customer; points a card collected move."""
-        async with self.work(envelope) as w:
-            if w is None:
-                return
-            now = self.clock()
-            account = await w.repo.ensure_customer_account(event.customer_id)
-            if account.erased:
-                return
-            if event.preferred_store != account.preferred_store:
-                await w.repo.set_preferred_store(account.account_id, event.preferred_store)
-            cards = {*event.loyalty_cards, *([event.loyalty_card] if event.loyalty_card else [])}
-            for card in sorted(cards):
-                await self._link(w, card, account, now)
+        w = self.ledger(tx, envelope)
+        now = self.clock()
+        account = await w.repo.ensure_customer_account(event.customer_id)
+        if account.erased:
+            return
+        if event.preferred_store != account.preferred_store:
+            await w.repo.set_preferred_store(account.account_id, event.preferred_store)
+        cards = {*event.loyalty_cards, *([event.loyalty_card] if event.loyalty_card else [])}
+        for card in sorted(cards):
+            await self._link(w, card, account, now)
 
-    async def on_profile_erased(self, event: ProfileErased, envelope: Envelope) -> None:
+    async def profile_erased(self, tx: Tx, event: ProfileErased, envelope: Envelope) -> None:
         """Erasure: pseudonymise the account (the ledger keeps only figures)."""
-        async with self.work(envelope) as w:
-            if w is None:
-                return
-            account_id = await w.repo.erase(event.customer_id)
-            if account_id is not None:
-                for kind in (EXPIRY_NOTICE_TIMER, TIER_REVIEW_TIMER):
-                    await cancel_timer(w.conn, kind, str(account_id))
+        w = self.ledger(tx, envelope)
+        account_id = await w.repo.erase(event.customer_id)
+        if account_id is not None:
+            for kind in (EXPIRY_NOTICE_TIMER, TIER_REVIEW_TIMER):
+                await cancel_timer(w.conn, kind, str(account_id))
 
     # -- inventory.availability.v1 --------------------------------------------------------
 
-    async def on_availability(self, event: AvailabilityChanged, envelope: Envelope) -> None:
+    async def availability(self, tx: Tx, event: AvailabilityChanged, envelope: Envelope) -> None:
         """Keep the stock that offers are filtered by."""
-        async with self.work(envelope) as w:
-            if w is None:
-                return
-            await w.repo.record_stock(
-                event.sku,
-                event.location_id,
-                event.available,
-                event.online_available,
-                event.changed_at,
-            )
+        w = self.ledger(tx, envelope)
+        await w.repo.record_stock(
+            event.sku,
+            event.location_id,
+            event.available,
+            event.online_available,
+            event.changed_at,
+        )
 
     # -- corrections ----------------------------------------------------------------------
 
     async def adjust(
-        self, customer_id: str, *, adjustment_id: str, points: int, reason: str, by: str
+        self, tx: Tx, customer_id: str, *, adjustment_id: str, points: int, reason: str, by: str
     ) -> Entry | None:
         """A manual correction of a shopper's spendable points, once per ``adjustment_id``.
 
@@ -449,34 +400,35 @@ class LoyaltyService:
         (taken). Raises :class:`UnknownAccount`, or :class:`NotEnoughPoints` when it would
         take the balance below zero; returns None when this adjustment was applied before.
         """
-        async with self.work() as w:
-            assert w is not None
-            account = await w.repo.customer_account(customer_id)
-            if account is None or account.erased:
-                raise UnknownAccount(customer_id)
-            if account.available + points < 0:
-                raise NotEnoughPoints(account.available)
-            kind = EntryKind.EARNED if points > 0 else EntryKind.REVERSED
-            now = self.clock()
-            entry = await w.post(
-                account,
-                kind,
-                Buckets(available=points, lifetime=max(points, 0)),
-                points=points,
-                reason=f"adjusted:{reason}",
-                cause=f"adjust:{adjustment_id}",
-                at=now,
-            )
-            if entry is not None:
-                log.info("points adjusted by %s (%+d)", by, points)
-                await self._active(w, account, now)
-            return entry
+        w = self.ledger(tx)
+        account = await w.repo.customer_account(customer_id)
+        if account is None or account.erased:
+            raise UnknownAccount(customer_id)
+        if account.available + points < 0:
+            raise NotEnoughPoints(account.available)
+        kind = EntryKind.EARNED if points > 0 else EntryKind.REVERSED
+        now = self.clock()
+        entry = await w.post(
+            account,
+            kind,
+            Buckets(available=points, lifetime=max(points, 0)),
+            points=points,
+            reason=f"adjusted:{reason}",
+            cause=f"adjust:{adjustment_id}",
+            at=now,
+        )
+        if entry is not None:
+            log.info("points adjusted by %s (%+d)", by, points)
+            await self._active(w, account, now)
+        return entry
 
     # -- reads ----------------------------------------------------------------------------
 
-    async def account_view(self, customer_id: str) -> dict[str, Any] | None:
+    async def account_view(
+        self, runtime: ServiceRuntime, customer_id: str
+    ) -> dict[str, Any] | None:
         """The account as the read API shows it, or None."""
-        async with self.runtime.pool.acquire() as conn:
+        async with runtime.pool.acquire() as conn:
             repo = LoyaltyRepository(conn)
             account = await repo.customer_account(customer_id, lock=False)
             if account is None or account.erased:
@@ -501,10 +453,10 @@ class LoyaltyService:
         }
 
     async def ledger_page(
-        self, customer_id: str, *, limit: int, before: int | None
+        self, runtime: ServiceRuntime, customer_id: str, *, limit: int, before: int | None
     ) -> list[dict[str, Any]] | None:
         """A page of the account's entries (newest first), or None for an unknown account."""
-        async with self.runtime.pool.acquire() as conn:
+        async with runtime.pool.acquire() as conn:
             repo = LoyaltyRepository(conn)
             account = await repo.customer_account(customer_id, lock=False)
             if account is None or account.erased:
@@ -513,7 +465,7 @@ class LoyaltyService:
 
     # -- the saga -------------------------------------------------------------------------
 
-    async def _hold(self, w: Work, event: OrderPlaced, now: datetime) -> None:
+    async def _hold(self, w: Ledger, event: OrderPlaced, now: datetime) -> None:
         wanted = event.points_to_redeem or 0
         if await w.repo.hold(event.order_id) is not None:
             return  # the same order again (a resend): it holds already
@@ -556,7 +508,7 @@ class LoyaltyService:
             )
         )
 
-    async def _release(self, w: Work, order_id: str, why: str, now: datetime) -> None:
+    async def _release(self, w: Ledger, order_id: str, why: str, now: datetime) -> None:
         hold = await w.repo.hold(order_id)
         if hold is None:
             return
@@ -594,12 +546,13 @@ class LoyaltyService:
                     order.given_back = order.redeemed
                     await w.repo.save_order_returns(order)
 
-    async def _hold_expired(self, w: Work, order_id: str, _payload: dict[str, Any]) -> None:
+    async def hold_expired(self, tx: Tx, order_id: str) -> None:
+        w = self.ledger(tx)
         await self._release(w, order_id, "hold_expired", self.clock())
 
     # -- earning --------------------------------------------------------------------------
 
-    async def _buyer(self, w: Work, event: OrderPlaced) -> Account | None:
+    async def _buyer(self, w: Ledger, event: OrderPlaced) -> Account | None:
         """The account a purchase earns on: the customer's, else the till's card's."""
         if event.customer_id:
             account = await w.repo.ensure_customer_account(event.customer_id)
@@ -609,7 +562,7 @@ class LoyaltyService:
         return None
 
     async def _purchased(
-        self, w: Work, order: OrderRecord, account: Account | None, now: datetime
+        self, w: Ledger, order: OrderRecord, account: Account | None, now: datetime
     ) -> None:
         """A purchase completed: learn the basket, earn (pending), tiers, an offer."""
         skus = [line["sku"] for line in order.lines]
@@ -651,7 +604,8 @@ class LoyaltyService:
         value = self.rules.value_of(order.redeemed)
         return max(order.gross - value, Decimal(0)) / order.gross
 
-    async def _pending_closed(self, w: Work, order_id: str, _payload: dict[str, Any]) -> None:
+    async def pending_closed(self, tx: Tx, order_id: str) -> None:
+        w = self.ledger(tx)
         earning = await w.repo.earning(order_id)
         if earning is None or earning.status != "pending":
             return
@@ -671,7 +625,7 @@ class LoyaltyService:
         earning.status = "available"
         await w.repo.save_earning(earning)
 
-    async def _link(self, w: Work, card: str, account: Account, now: datetime) -> None:
+    async def _link(self, w: Ledger, card: str, account: Account, now: datetime) -> None:
         known = await w.repo.card(card)
         if known is None:
             if await w.repo.claim_card(card, account.account_id):
@@ -691,7 +645,7 @@ class LoyaltyService:
         await self._active(w, account, now)
 
     async def _absorb(
-        self, w: Work, source: Account, target: Account, cause: str, reason: str, now: datetime
+        self, w: Ledger, source: Account, target: Account, cause: str, reason: str, now: datetime
     ) -> None:
         """Move everything ``source`` holds (points, orders, holds, purchases) to ``target``.
 
@@ -754,26 +708,24 @@ class LoyaltyService:
             )
         await w.repo.move_belongings(source.account_id, target.account_id)
 
-    async def on_profiles_merged(self, event: ProfilesMerged, envelope: Envelope) -> None:
+    async def profiles_merged(self, tx: Tx, event: ProfilesMerged, envelope: Envelope) -> None:
         """Profiles of one shopper were merged: the merged accounts move to the survivor."""
-        async with self.work(envelope) as w:
-            if w is None:
-                return
-            now = self.clock()
-            target = await w.repo.ensure_customer_account(event.surviving_id)
-            for merged_id in sorted(set(event.merged_ids)):
-                source = await w.repo.customer_account(merged_id)
-                if source is None or source.account_id == target.account_id:
-                    continue
-                await self._absorb(
-                    w, source, target, f"merge:{source.account_id}", "profiles_merged", now
-                )
-                await w.repo.retire(source.account_id, target.account_id)
-            await self._active(w, target, now)
+        w = self.ledger(tx, envelope)
+        now = self.clock()
+        target = await w.repo.ensure_customer_account(event.surviving_id)
+        for merged_id in sorted(set(event.merged_ids)):
+            source = await w.repo.customer_account(merged_id)
+            if source is None or source.account_id == target.account_id:
+                continue
+            await self._absorb(
+                w, source, target, f"merge:{source.account_id}", "profiles_merged", now
+            )
+            await w.repo.retire(source.account_id, target.account_id)
+        await self._active(w, target, now)
 
     # -- tiers ----------------------------------------------------------------------------
 
-    async def _maybe_upgrade(self, w: Work, account: Account, now: datetime) -> None:
+    async def _maybe_upgrade(self, w: Ledger, account: Account, now: datetime) -> None:
         spend = await w.repo.spend_since(account.account_id, now - YEAR)
         tier = upgrade(self.rules, account.tier, spend)
         if tier is None:
@@ -781,7 +733,7 @@ class LoyaltyService:
         await self._change_tier(w, account, tier.name, now, reason="qualifying_spend")
 
     async def _change_tier(
-        self, w: Work, account: Account, tier: str, now: datetime, *, reason: str
+        self, w: Ledger, account: Account, tier: str, now: datetime, *, reason: str
     ) -> None:
         previous = account.tier
         review_at = now + YEAR if self.rules.rank(tier) > 0 else None
@@ -804,7 +756,8 @@ class LoyaltyService:
                 )
             )
 
-    async def _tier_review(self, w: Work, key: str, _payload: dict[str, Any]) -> None:
+    async def tier_review(self, tx: Tx, key: str) -> None:
+        w = self.ledger(tx)
         now = self.clock()
         account = await w.repo.account(int(key))
         spend = await w.repo.spend_since(account.account_id, now - YEAR)
@@ -818,7 +771,7 @@ class LoyaltyService:
 
     # -- expiry ---------------------------------------------------------------------------
 
-    async def _active(self, w: Work, account: Account, now: datetime) -> None:
+    async def _active(self, w: Ledger, account: Account, now: datetime) -> None:
         """The shopper did something: expiry (and its notice) count from now."""
         await w.repo.touch(account.account_id, now)
         expires = now + self.settings.expiry_after
@@ -832,7 +785,8 @@ class LoyaltyService:
             {"expires_at": expires.isoformat()},
         )
 
-    async def _expiry_notice(self, w: Work, key: str, payload: dict[str, Any]) -> None:
+    async def expiry_notice(self, tx: Tx, key: str, payload: dict[str, Any]) -> None:
+        w = self.ledger(tx)
         account = await w.repo.account(int(key))
         if account.available <= 0 or not account.announced:
             return
@@ -848,7 +802,8 @@ class LoyaltyService:
             )
         )
 
-    async def _expire(self, w: Work, key: str, _payload: dict[str, Any]) -> None:
+    async def expire(self, tx: Tx, key: str) -> None:
+        w = self.ledger(tx)
         account = await w.repo.account(int(key))
         if account.available <= 0:
             return
@@ -866,7 +821,7 @@ class LoyaltyService:
     # -- offers ---------------------------------------------------------------------------
 
     async def _offer(
-        self, w: Work, account: Account, skus: list[str], order_id: str, now: datetime
+        self, w: Ledger, account: Account, skus: list[str], order_id: str, now: datetime
     ) -> None:
         if not account.announced or await w.repo.open_offer(account.account_id, now):
             return  # at most one open offer per shopper

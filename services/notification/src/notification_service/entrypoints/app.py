@@ -14,17 +14,16 @@ from fastapi import FastAPI
 from omni_common.http import create_http_app
 from omni_common.service import ServiceRuntime
 from omni_common.settings import ServiceSettings
-from omni_common.timers import TimerWheel
 from omni_contracts import CUSTOMER_SIGNALS, NOTIFICATION_DISPATCHED
 
 from notification_service.adapters.metrics import NotificationMetrics
 from notification_service.adapters.providers import FcmPush, SmtpEmail, WebPush
 from notification_service.adapters.templates import Templates
 from notification_service.adapters.tokens import UnsubscribeTokens
-from notification_service.entrypoints.consumers import subscriptions
+from notification_service.entrypoints import consumers
 from notification_service.entrypoints.http import build_router
 from notification_service.service.delivery import Dispatcher
-from notification_service.service.notify import CART_REMINDER_TIMER, DEFERRED_TIMER, Notifier
+from notification_service.service.notify import Notifier
 from notification_service.settings import NotificationSettings
 
 log = logging.getLogger(__name__)
@@ -97,21 +96,11 @@ def create_app(settings: ServiceSettings | None = None, **overrides: Any) -> Fas
     dispatcher = Dispatcher(
         runtime, config, metrics, templates, tokens, email=email, webpush=None, fcm=None
     )
-    notifier = Notifier(config, metrics, wake=dispatcher.wake)
-
-    for subscription in subscriptions(runtime, notifier):
-        runtime.subscribe(subscription)
+    notifier = Notifier(config, metrics, wake=dispatcher.wake, clock=runtime.clock)
+    runtime.provide(notifier=notifier)
+    runtime.subscribe(*consumers.subscriptions())
+    runtime.timers(consumers.TIMERS, poll_interval_s=config.notify_timer_poll_s)
     runtime.publishes(NOTIFICATION_DISPATCHED, CUSTOMER_SIGNALS)
-    runtime.run_alongside(
-        TimerWheel(
-            runtime.transaction,
-            {
-                DEFERRED_TIMER: notifier.deferred_due,
-                CART_REMINDER_TIMER: notifier.second_reminder_due,
-            },
-            poll_interval_s=config.notify_timer_poll_s,
-        ).running()
-    )
     runtime.run_alongside(Providers(config, [dispatcher]).running())
 
     app = create_http_app(
@@ -120,6 +109,4 @@ def create_app(settings: ServiceSettings | None = None, **overrides: Any) -> Fas
         description=DESCRIPTION,
         routers=[build_router(notifier, tokens, config.max_page_size)],
     )
-    app.state.notifier = notifier
-    app.state.dispatcher = dispatcher
     return app

@@ -1,13 +1,15 @@
-"""What the notification service consumes: each event handled in its own transaction with
-the inbox, so a redelivered event decides nothing twice."""
+"""What the notification service consumes and which timers it keeps: one handler per kind of
+event.
+
+Each handler has the runtime's shape (see ``omni_common.handlers``) and decides through the
+:class:`~notification_service.service.notify.Notifier` in the transaction it is given, so a
+redelivered event decides nothing twice. Sending is the dispatcher's work, after commit.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
-
-from omni_common.kafka import EventHandler, Subscription, only_when
-from omni_common.service import ServiceRuntime, Tx
+from omni_common.handlers import Due, Lot, Subscription, only_when
+from omni_common.service import Tx
 from omni_contracts import (
     CART_ABANDONED,
     CART_EVENTS,
@@ -23,6 +25,7 @@ from omni_contracts import (
     OrderCancelled,
     OrderConfirmed,
     OrderDelayed,
+    OrderEvent,
     OrderPlaced,
     OrderReadyForPickup,
     PointsExpiring,
@@ -33,79 +36,128 @@ from omni_contracts import (
     StockAlertRequested,
     TierChanged,
 )
-from omni_contracts.envelope import Envelope
 
 from notification_service.adapters.repository import NotificationRepository
-from notification_service.service.notify import Notifier
+from notification_service.service.notify import CART_REMINDER_TIMER, DEFERRED_TIMER, Notifier
 
 
-def subscriptions(runtime: ServiceRuntime, notifier: Notifier) -> list[Subscription]:
-    """Every topic the service consumes, with its handlers."""
+async def profiles_updated(profiles: Lot[ProfileUpdated], tx: Tx) -> None:
+    """A profile snapshot: the contact, consents and preferences to decide with."""
+    repo = NotificationRepository(tx.conn)
+    for profile, _ in profiles:
+        await repo.save_contact(profile)
 
-    def handler(topic: str, work: Callable[[Tx, Any, Envelope], Awaitable[Any]]) -> EventHandler:
-        consumer = f"{runtime.settings.service_name}:{topic}"
 
-        async def handle(event: Any, envelope: Envelope) -> None:
-            async with runtime.handling(consumer, envelope) as tx:
-                if tx is None:
-                    return  # handled before: no second effect
-                await work(tx, event, envelope)
+async def profiles_erased(erasures: Lot[ProfileErased], tx: Tx, notifier: Notifier) -> None:
+    """A shopper was forgotten: their contact, history and pending messages go."""
+    for erased, _ in erasures:
+        await notifier.erase(tx, erased.customer_id)
 
-        return handle
 
-    n = notifier
+async def profiles_merged(merges: Lot[ProfilesMerged], tx: Tx) -> None:
+    """Profiles merged: what was known of the merged ones moves to the survivor."""
+    repo = NotificationRepository(tx.conn)
+    for merge, _ in merges:
+        await repo.merge(merge.surviving_id, merge.merged_ids)
 
-    async def profile_updated(tx: Tx, event: ProfileUpdated, _: Envelope) -> None:
-        await NotificationRepository(tx.conn).save_contact(event)
 
-    async def profile_erased(tx: Tx, event: ProfileErased, _: Envelope) -> None:
-        await n.erase(tx, event.customer_id)
+async def stock_alerts_requested(
+    requests: Lot[StockAlertRequested], tx: Tx, notifier: Notifier
+) -> None:
+    """A shopper signs up for one back-in-stock message."""
+    for request, envelope in requests:
+        await notifier.stock_alert_requested(tx, request, envelope)
 
-    async def profiles_merged(tx: Tx, event: ProfilesMerged, _: Envelope) -> None:
-        await NotificationRepository(tx.conn).merge(event.surviving_id, event.merged_ids)
 
-    async def cart_checked_out(tx: Tx, event: CartCheckedOut, _: Envelope) -> None:
-        await n.cart_bought(tx, event.cart_id, "checked_out")
+async def carts_checked_out(checkouts: Lot[CartCheckedOut], tx: Tx, notifier: Notifier) -> None:
+    """A cart was bought: no reminder from now on."""
+    for cart, _ in checkouts:
+        await notifier.cart_bought(tx, cart.cart_id, "checked_out")
 
-    async def order_placed(tx: Tx, event: OrderPlaced, _: Envelope) -> None:
-        await n.order_placed(tx, event)
 
-    order = handler(ORDER_LIFECYCLE, n.order_update)
-    loyalty = handler(LOYALTY_LEDGER, n.loyalty)
+async def carts_abandoned(carts: Lot[CartAbandoned], tx: Tx, notifier: Notifier) -> None:
+    """A cart was left: remind the shopper, on their channel, at a decent hour."""
+    for cart, envelope in carts:
+        await notifier.cart_abandoned(tx, cart, envelope)
+
+
+async def availability_changed(
+    changes: Lot[AvailabilityChanged], tx: Tx, notifier: Notifier
+) -> None:
+    """Keep the latest availability; tell the shoppers waiting for it, once each."""
+    for change, envelope in changes:
+        await notifier.availability_changed(tx, change, envelope)
+
+
+def _for_a_shopper(order: OrderEvent) -> bool:
+    """An anonymous store sale has nobody to tell and no purchases to remember."""
+    return order.customer_id is not None
+
+
+async def orders_placed(orders: Lot[OrderPlaced], tx: Tx, notifier: Notifier) -> None:
+    """Remember what the shopper bought: carts holding it need no reminder."""
+    for order, _ in orders:
+        await notifier.order_placed(tx, order)
+
+
+async def orders_updated(orders: Lot[OrderEvent], tx: Tx, notifier: Notifier) -> None:
+    """Confirmed, ready for pickup, delayed, cancelled, refunded: tell the shopper."""
+    for order, envelope in orders:
+        await notifier.order_update(tx, order, envelope)
+
+
+async def loyalty_news(
+    news: Lot[TierChanged | OfferIssued | PointsExpiring], tx: Tx, notifier: Notifier
+) -> None:
+    """A new tier, an offer, points about to expire: tell the shopper."""
+    for item, envelope in news:
+        await notifier.loyalty(tx, item, envelope)
+
+
+async def deferred_due(due: list[Due], tx: Tx, notifier: Notifier) -> None:
+    """Timer: quiet hours are over; decide again."""
+    for timer in due:
+        await notifier.deferred_due(tx, timer.key)
+
+
+async def second_reminders_due(due: list[Due], tx: Tx, notifier: Notifier) -> None:
+    """Timer: the cart is still abandoned a day later; re-check and remind again."""
+    for timer in due:
+        await notifier.second_reminder_due(tx, timer.payload)
+
+
+def subscriptions() -> list[Subscription]:
+    """Every topic the notification service consumes, with its handlers."""
     return [
         Subscription(
             CUSTOMER_PROFILE,
             {
-                ProfileUpdated: handler(CUSTOMER_PROFILE, profile_updated),
-                ProfileErased: handler(CUSTOMER_PROFILE, profile_erased),
-                ProfilesMerged: handler(CUSTOMER_PROFILE, profiles_merged),
+                ProfileUpdated: profiles_updated,
+                ProfileErased: profiles_erased,
+                ProfilesMerged: profiles_merged,
             },
         ),
-        Subscription(
-            CUSTOMER_SIGNALS,
-            {StockAlertRequested: handler(CUSTOMER_SIGNALS, n.stock_alert_requested)},
-        ),
-        Subscription(CART_EVENTS, {CartCheckedOut: handler(CART_EVENTS, cart_checked_out)}),
-        Subscription(CART_ABANDONED, {CartAbandoned: handler(CART_ABANDONED, n.cart_abandoned)}),
-        Subscription(
-            INVENTORY_AVAILABILITY,
-            {AvailabilityChanged: handler(INVENTORY_AVAILABILITY, n.availability_changed)},
-        ),
+        Subscription(CUSTOMER_SIGNALS, {StockAlertRequested: stock_alerts_requested}),
+        Subscription(CART_EVENTS, {CartCheckedOut: carts_checked_out}),
+        Subscription(CART_ABANDONED, {CartAbandoned: carts_abandoned}),
+        Subscription(INVENTORY_AVAILABILITY, {AvailabilityChanged: availability_changed}),
         Subscription(
             ORDER_LIFECYCLE,
             {
-                # An anonymous store sale has nobody whose purchases to remember.
-                OrderPlaced: only_when(
-                    lambda e: e.customer_id is not None, handler(ORDER_LIFECYCLE, order_placed)
-                ),
-                OrderConfirmed: order,
-                OrderReadyForPickup: order,
-                OrderDelayed: order,
-                OrderCancelled: order,
-                RefundIssued: order,
+                OrderPlaced: only_when(_for_a_shopper, orders_placed),
+                OrderConfirmed: only_when(_for_a_shopper, orders_updated),
+                OrderReadyForPickup: only_when(_for_a_shopper, orders_updated),
+                OrderDelayed: only_when(_for_a_shopper, orders_updated),
+                OrderCancelled: only_when(_for_a_shopper, orders_updated),
+                RefundIssued: only_when(_for_a_shopper, orders_updated),
             },
         ),
         Subscription(
-            LOYALTY_LEDGER, {TierChanged: loyalty, OfferIssued: loyalty, PointsExpiring: loyalty}
+            LOYALTY_LEDGER,
+            {TierChanged: loyalty_news, OfferIssued: loyalty_news, PointsExpiring: loyalty_news},
         ),
     ]
+
+
+TIMERS = {DEFERRED_TIMER: deferred_due, CART_REMINDER_TIMER: second_reminders_due}
+"""The notification service's durable timers, by kind."""

@@ -14,9 +14,10 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
+from omni_common.handlers import Clock
 from omni_common.service import Tx
 from omni_common.timers import cancel_timer, set_timer
 from omni_contracts import (
@@ -41,6 +42,7 @@ from omni_contracts import (
     StockAlertRequested,
     SuppressionReason,
     TierChanged,
+    utcnow,
 )
 from omni_contracts.envelope import Envelope
 
@@ -62,11 +64,6 @@ log = logging.getLogger(__name__)
 
 DEFERRED_TIMER = "notification.deferred"
 CART_REMINDER_TIMER = "cart.reminder"
-
-
-def utcnow() -> datetime:
-    """The current time in UTC."""
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -109,10 +106,12 @@ class Notifier:
         settings: NotificationSettings,
         metrics: NotificationMetrics,
         wake: Callable[[], None] = lambda: None,
+        clock: Clock = utcnow,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.wake = wake
+        self.clock = clock
 
     # -- deciding --------------------------------------------------------------------------
 
@@ -164,7 +163,7 @@ class Notifier:
             return Status.SUPPRESSED, routed.refusal, None
         assert contact is not None
         if purpose is Purpose.MARKETING:
-            now = utcnow()
+            now = self.clock()
             recent = await repo.marketing_since(customer_id, now - timedelta(hours=24))
             if throttled(recent, self.settings.notify_marketing_per_day):
                 return Status.SUPPRESSED, Reason.THROTTLED, None
@@ -219,7 +218,7 @@ class Notifier:
             # Once committed the dispatcher can see it: wake it rather than wait for its poll.
             tx.after_commit(self.wake)
 
-    async def deferred_due(self, tx: Tx, notification_id: str, _payload: dict[str, Any]) -> None:
+    async def deferred_due(self, tx: Tx, notification_id: str) -> None:
         """Timer: quiet hours are over; decide again (consent, cap, cart bought meanwhile)."""
         repo = NotificationRepository(tx.conn)
         row = await repo.get(notification_id, lock=True)
@@ -291,7 +290,7 @@ class Notifier:
             "last_activity_at": cart.last_activity_at.isoformat(),
             "cart_url": f"{self.settings.shop_url.rstrip('/')}/cart/{cart.cart_id}",
             "url": f"{self.settings.shop_url.rstrip('/')}/cart/{cart.cart_id}",
-            "offer": await repo.current_offer(cart.customer_id, utcnow()),
+            "offer": await repo.current_offer(cart.customer_id, self.clock()),
         }
         # One reminder per step of one abandonment: a cart abandoned again after new activity
         # is news again.
@@ -321,12 +320,12 @@ class Notifier:
                 tx.conn,
                 CART_REMINDER_TIMER,
                 cart.cart_id,
-                utcnow() + self.settings.cart_reminder_second_after,
+                self.clock() + self.settings.cart_reminder_second_after,
                 {"customer_id": cart.customer_id, "cart": cart.model_dump(mode="json")},
             )
         return decision
 
-    async def second_reminder_due(self, tx: Tx, cart_id: str, payload: dict[str, Any]) -> None:
+    async def second_reminder_due(self, tx: Tx, payload: dict[str, Any]) -> None:
         """Timer: the cart is still abandoned a day later; re-check and remind again."""
         cart = CartAbandoned.model_validate(payload["cart"])
         await self.cart_abandoned(tx, cart, None, step=2)

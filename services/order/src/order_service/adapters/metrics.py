@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from omni_contracts import OrderStatus
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from order_service.domain.errors import IllegalTransition
+
 log = logging.getLogger(__name__)
 
 
@@ -43,9 +45,10 @@ class OrderMetrics:
         for status in to_statuses:
             self.transitions.labels(self.service, status.value, channel).inc()
 
-    def refused(self) -> None:
-        """Count one illegal transition refused."""
-        self.illegal_transitions.labels(self.service).inc()
+    def refused(self, refusal: Exception | None = None) -> None:
+        """Count one illegal transition refused (other refusals are not transitions)."""
+        if refusal is None or isinstance(refusal, IllegalTransition):
+            self.illegal_transitions.labels(self.service).inc()
 
     def set_counts(self, counts: dict[str, int]) -> None:
         """Set the per-status gauge (statuses with no order read 0)."""

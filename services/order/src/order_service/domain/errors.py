@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from omni_common.handlers import Refusal
 from omni_contracts import OrderStatus
 
 
-class OrderError(Exception):
+class OrderError(Refusal):
     """Base of every refusal by the order domain; ``reason`` is a stable machine word."""
 
     reason = "order_error"
 
     def __init__(self, message: str) -> None:
-        super().__init__(message)
+        super().__init__(type(self).reason, message)
         self.message = message
 
 

@@ -9,7 +9,7 @@ from omni_common.settings import ServiceSettings
 from omni_contracts import ORDER_LIFECYCLE
 
 from order_service.adapters.metrics import OrderMetrics
-from order_service.entrypoints.consumers import subscriptions
+from order_service.entrypoints import consumers
 from order_service.entrypoints.http import router
 from order_service.service.orders import OrderService
 from order_service.settings import OrderSettings
@@ -28,16 +28,17 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     order_settings = OrderSettings.from_settings(settings)
     runtime = ServiceRuntime(order_settings, migrations_package="order_service.migrations")
     metrics = OrderMetrics(runtime.metrics.registry, order_settings.service_name)
-    service = OrderService(runtime, order_settings, metrics)
-
-    for subscription in subscriptions(service):
-        runtime.subscribe(subscription)
+    orders = OrderService(order_settings, metrics, clock=runtime.clock)
+    runtime.provide(orders=orders)
+    runtime.on_refusal(metrics.refused)
+    runtime.subscribe(*consumers.subscriptions())
+    runtime.timers(consumers.TIMERS, poll_interval_s=order_settings.timer_poll_interval_s)
     runtime.publishes(ORDER_LIFECYCLE)
-    runtime.run_alongside(service.timer_wheel().running())
     runtime.run_alongside(
-        metrics.refreshing(service.count_by_status, order_settings.status_gauge_interval_s)
+        metrics.refreshing(
+            lambda: orders.count_by_status(runtime), order_settings.status_gauge_interval_s
+        )
     )
-
     app = create_http_app(runtime, title="Order service", description=DESCRIPTION, routers=[router])
-    app.state.order_service = service
+    app.state.orders = orders
     return app

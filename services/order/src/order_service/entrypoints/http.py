@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
 from omni_common.auth import Caller, require, require_shopper
+from omni_common.http import Runtime
 from omni_contracts import (
     MAX_LINES,
     BoundedModel,
@@ -47,7 +48,7 @@ from order_service.service.orders import OrderService
 
 def order_service(request: Request) -> OrderService:
     """The app's order service (a FastAPI dependency)."""
-    service: OrderService = request.app.state.order_service
+    service: OrderService = request.app.state.orders
     return service
 
 
@@ -103,6 +104,7 @@ async def place_order(
     response: Response,
     caller: Checkout,
     orders: Orders,
+    runtime: Runtime,
     idempotency_key: Annotated[
         str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
     ] = None,
@@ -127,22 +129,24 @@ async def place_order(
         detail = exc.errors(include_url=False, include_context=False, include_input=False)
         raise HTTPException(422, detail=detail) from exc
     try:
-        placement = await orders.place_order(checkout)
+        async with runtime.transaction("POST /orders") as tx:
+            placement = await orders.place_order(tx, checkout)
     except IdempotencyConflict as exc:
         raise _problem(409, exc.reason, exc.message) from exc
     except InvalidOrder as exc:
         raise _problem(422, exc.reason, exc.message) from exc
-    assert placement is not None
     response.status_code = 201 if placement.created else 200
     response.headers["Location"] = f"/orders/{placement.order.order_id}"
     return OrderView.of(placement.order)
 
 
 @router.get("/orders/{order_id}", response_model=OrderDetail, responses={404: {}})
-async def get_order(order_id: Identifier, caller: OrderReader, orders: Orders) -> OrderDetail:
+async def get_order(
+    order_id: Identifier, caller: OrderReader, orders: Orders, runtime: Runtime
+) -> OrderDetail:
     """One order with its status history and returns."""
     try:
-        order, history, returns = await orders.get(order_id)
+        order, history, returns = await orders.get(runtime, order_id)
         if not caller.acts_for(order.customer_id):
             raise OrderNotFound(f"no order {order_id}")
     except OrderNotFound as exc:
@@ -163,6 +167,7 @@ async def cancel_order(
     order_id: Identifier,
     caller: OrderCanceller,
     orders: Orders,
+    runtime: Runtime,
     body: CancelRequest | None = None,
 ) -> OrderView:
     """Cancel an order before fulfilment (its stock is released); 409 once shipped or
@@ -170,10 +175,11 @@ async def cancel_order(
     reason = body.reason if body is not None else "requested"
     try:
         if caller.shopper_id is not None:
-            mine, _, _ = await orders.get(order_id)
+            mine, _, _ = await orders.get(runtime, order_id)
             if not caller.acts_for(mine.customer_id):
                 raise OrderNotFound(f"no order {order_id}")
-        order = await orders.cancel(order_id, reason)
+        async with runtime.transaction("POST /orders/{order_id}/cancel") as tx:
+            order = await orders.cancel(tx, order_id, reason)
     except OrderNotFound as exc:
         raise _problem(404, exc.reason, exc.message) from exc
     except IllegalTransition as exc:
@@ -186,6 +192,7 @@ async def customer_orders(
     customer_id: Identifier,
     _: CustomerOrders,
     orders: Orders,
+    runtime: Runtime,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
 ) -> OrderPage:
@@ -196,7 +203,7 @@ async def customer_orders(
         raise _problem(400, "invalid_cursor", str(exc)) from exc
     limit = min(limit, orders.settings.max_page_size)
     # One more than asked tells whether there is a next page.
-    found = await orders.for_customer(customer_id, limit=limit + 1, after=after)
+    found = await orders.for_customer(runtime, customer_id, limit=limit + 1, after=after)
     page = found[:limit]
     next_cursor = encode_cursor(page[-1]) if len(found) > limit else None
     return OrderPage(orders=[OrderView.of(o) for o in page], next_cursor=next_cursor)
