@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from inventory_service.entrypoints.bench import Target, measure
+from inventory_service.entrypoints.app import create_app
+from inventory_service.settings import InventorySettings
+from omni_devkit.bench.propagation import Target, measure
+from omni_devkit.testing.services import running
 
 pytestmark = pytest.mark.integration
 
 
-async def test_the_propagation_bench_measures_both_paths(omni_env, start_inventory) -> None:
-    async with start_inventory() as inventory:
+async def test_the_propagation_bench_measures_both_paths(omni_env) -> None:
+    settings = InventorySettings.from_settings(omni_env.settings("inventory"))
+    async with running(create_app(settings)) as inventory:
         target = Target(
             bootstrap=omni_env.bootstrap,
             inventory_url="http://inventory",

@@ -27,9 +27,11 @@ from typing import Any
 
 import aiosmtplib
 import typer
+from notification_service.entrypoints.app import create_app
 from omni_common.topics import create_topics
 from omni_contracts import Channel, OrderConfirmed, Preferences, ProfileUpdated
-from omni_devkit.benchkit import infrastructure
+
+from omni_devkit.bench.kit import infrastructure
 from omni_devkit.cli import bench_app, fail
 from omni_devkit.devstack.postgres import create_database
 from omni_devkit.devstack.process import DevStackError
@@ -38,8 +40,6 @@ from omni_devkit.devstack.vapid import ensure_vapid_keys
 from omni_devkit.testing.events import ChannelPublisher
 from omni_devkit.testing.push import PushEndpoint
 from omni_devkit.testing.services import running
-
-from notification_service.entrypoints.app import create_app
 
 
 async def _raw_smtp_rate(smtp: MaildirSmtpServer, count: int, concurrency: int) -> float:

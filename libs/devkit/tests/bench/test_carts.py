@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from customer_profile_service.entrypoints.bench import _baseline
+from omni_devkit.bench.carts import _baseline
 from omni_devkit.devstack.postgres import create_database, drop_database
 
 pytestmark = pytest.mark.integration

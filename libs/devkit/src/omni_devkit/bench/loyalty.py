@@ -44,7 +44,8 @@ from omni_contracts import (
     StockAdjusted,
 )
 from omni_contracts.envelope import encode, new_envelope
-from omni_devkit.benchkit import (
+
+from omni_devkit.bench.kit import (
     StackTarget,
     own_group_consumer,
     raw_round_trip_rate,

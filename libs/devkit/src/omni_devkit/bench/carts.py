@@ -36,17 +36,17 @@ import asyncpg
 import httpx
 import typer
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from customer_profile_service.service.context import CART_ABANDONMENT
+from customer_profile_service.settings import ProfileSettings
 from omni_common.db import create_pool, migrate, quote_ident
 from omni_common.settings import ServiceSettings
 from omni_common.timers import TimerWheel
 from omni_common.topics import create_topics
 from omni_contracts import CART_ABANDONED
-from omni_devkit.benchkit import infrastructure
+
+from omni_devkit.bench.kit import infrastructure
 from omni_devkit.cli import bench_app, fail
 from omni_devkit.devstack.process import DevStackError, free_port
-
-from customer_profile_service.service.context import CART_ABANDONMENT
-from customer_profile_service.settings import ProfileSettings
 
 BASELINE_KIND = "bench-empty"
 CHUNK = 20_000

@@ -41,10 +41,8 @@ from omni_contracts import (
     StockAdjusted,
 )
 from omni_contracts.envelope import encode
-from omni_devkit.cli import bench_app, fail
-from omni_devkit.devstack.process import DevStackError
 
-from inventory_service.entrypoints.bench import (
+from omni_devkit.bench.propagation import (
     STOCK_PER_ROW,
     Inflight,
     Latencies,
@@ -57,6 +55,8 @@ from inventory_service.entrypoints.bench import (
     _paced,
     _until_assigned,
 )
+from omni_devkit.cli import bench_app, fail
+from omni_devkit.devstack.process import DevStackError
 
 
 @dataclass(frozen=True)

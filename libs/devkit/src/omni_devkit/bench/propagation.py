@@ -43,6 +43,7 @@ from omni_contracts import (
     StockAdjusted,
 )
 from omni_contracts.envelope import encode, header_map, new_envelope
+
 from omni_devkit.cli import bench_app, fail
 from omni_devkit.devstack.process import DevStackError
 
