@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from inventory_service.entrypoints.app import create_app
 from inventory_service.settings import InventorySettings
-from omni_devkit.bench.propagation import Target
+from omni_devkit.bench.kit import StackTarget
 from omni_devkit.bench.stream import measure
 from omni_devkit.testing.services import served
 
@@ -17,7 +17,7 @@ async def test_the_stream_bench_times_every_client_beside_a_kafka_consumer(omni_
     settings = InventorySettings.from_settings(omni_env.settings("inventory"))
     async with served(create_app(settings)) as url:
         result = await measure(
-            Target(omni_env.bootstrap, url, "test-key", omni_env.prefix),
+            StackTarget(omni_env.bootstrap, {"inventory": url}, "test-key", omni_env.prefix),
             clients=20,
             rate=5,
             duration=1,
