@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import ast
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,6 +59,19 @@ def test_no_service_imports_another(service: str) -> None:
     assert {(f, t) for f, t in arrows if t.endswith("_service") and t != own} == set()
     devkit = {f for f, t in arrows if t == "omni_devkit"}
     assert devkit == set(), "a service imports the developer kit, which the image lacks"
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_benchmarks_are_registered_by_the_devkit_alone(service: str) -> None:
+    """A service's package registers no ``omni bench`` command (it would name a module the
+    image carries but cannot import); the devkit's ``omni.bench`` entry points do."""
+    project = tomllib.loads((REPO / "services" / service / "pyproject.toml").read_text())
+    assert "omni.bench" not in project["project"].get("entry-points", {})
+    devkit = tomllib.loads((REPO / "libs/devkit/pyproject.toml").read_text())
+    assert all(
+        module.startswith("omni_devkit.")
+        for module in devkit["project"]["entry-points"]["omni.bench"].values()
+    )
 
 
 def test_the_check_sees_an_arrow(tmp_path: Path) -> None:
