@@ -6,7 +6,7 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from omni_common.settings import ServiceSettings
+from omni_common.settings import Duration, ServiceSettings
 from pydantic import Field, SecretStr
 
 
@@ -50,7 +50,7 @@ class NotificationSettings(ServiceSettings):
     # Empty: a random secret per process (links die with it); set one in every deployment.
     unsubscribe_secret: SecretStr = SecretStr("")
 
-    cart_reminder_second_after: timedelta = timedelta(hours=24)
+    cart_reminder_second_after: Duration = timedelta(hours=24)
     notify_marketing_per_day: int = Field(default=2, ge=0)
     notify_default_time_zone: str = "UTC"
     notify_default_language: str = "en"
