@@ -193,7 +193,7 @@ def bench_notify(
     async def run(bootstrap: str, server: str) -> dict[str, Any]:
         name = f"bench_notify_{uuid.uuid4().hex[:8]}"
         database = await create_database(server, name)
-        return await measure(bootstrap, database, messages=messages, say=typer.echo)
+        return await measure(bootstrap, database, messages=messages, say=progress)
 
     def progress(line: str) -> None:  # on stderr: --json keeps stdout to its one line
         typer.echo(line, err=True)
