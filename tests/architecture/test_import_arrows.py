@@ -3,13 +3,15 @@
 - ``omni_contracts`` imports nothing of ours (channel teams install it alone);
 - ``omni_common`` (the runtime in the image) never imports ``omni_devkit``;
 - no service imports another service;
-- services' production code never imports ``omni_devkit`` (only their benchmarks may: they
-  are loaded by the devkit's ``omni bench``, never in the image).
+- services never import ``omni_devkit``, not one module: the developer kit is not in the
+  image, so a service module that used it could not be imported there (the benchmarks live
+  in the devkit and drive the services from outside).
 """
 
 from __future__ import annotations
 
 import ast
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,8 +57,21 @@ def test_no_service_imports_another(service: str) -> None:
     own = package.name
     arrows = _ours(package)
     assert {(f, t) for f, t in arrows if t.endswith("_service") and t != own} == set()
-    devkit = {f for f, t in arrows if t == "omni_devkit" and not Path(f).name.startswith("bench")}
-    assert devkit == set(), "only a service's bench module may use the devkit"
+    devkit = {f for f, t in arrows if t == "omni_devkit"}
+    assert devkit == set(), "a service imports the developer kit, which the image lacks"
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_benchmarks_are_registered_by_the_devkit_alone(service: str) -> None:
+    """A service's package registers no ``omni bench`` command (it would name a module the
+    image carries but cannot import); the devkit's ``omni.bench`` entry points do."""
+    project = tomllib.loads((REPO / "services" / service / "pyproject.toml").read_text())
+    assert "omni.bench" not in project["project"].get("entry-points", {})
+    devkit = tomllib.loads((REPO / "libs/devkit/pyproject.toml").read_text())
+    assert all(
+        module.startswith("omni_devkit.")
+        for module in devkit["project"]["entry-points"]["omni.bench"].values()
+    )
 
 
 def test_the_check_sees_an_arrow(tmp_path: Path) -> None:

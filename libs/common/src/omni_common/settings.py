@@ -1,14 +1,76 @@
-"""Settings read from the environment (12-factor): one class for every service."""
+"""Settings read from the environment (12-factor): one class for every service.
+
+Durations follow one rule across the platform. A setting whose name ends in its unit
+(``_MS``, ``_S``, ``_MINUTES``, ``_HOURS``, ``_DAYS``, ``_MONTHS``) takes a plain number of
+that unit. A duration named without a unit is a :data:`Duration`: seconds (``3600``, ``0.5``)
+or ISO 8601 (``PT1H``, ``P7D``).
+"""
 
 from __future__ import annotations
 
+import math
+from datetime import timedelta
 from functools import cached_property
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from omni_common.auth import ApiKey, ShopperTokens, parse_api_keys
+
+_ISO_8601 = TypeAdapter(timedelta)
+_DURATION_HELP = "give seconds (3600, 0.5) or an ISO 8601 duration (PT1H, P7D)"
+
+
+def parse_duration(value: Any) -> timedelta:
+    """``value`` as a duration: a :class:`~datetime.timedelta`, seconds (a number, or a
+    string such as ``"3600"`` or ``"0.5"``) or an ISO 8601 duration (``"PT1H"``, ``"P7D"``,
+    ``"P1DT2H30M"``; a month counts 30 days, a year 365).
+
+    Raises ValueError, in one line, for anything else and for a negative duration.
+    """
+    if isinstance(value, timedelta):
+        duration = value
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} is not a duration: {_DURATION_HELP}")
+        duration = timedelta(seconds=value)
+    elif isinstance(value, str):
+        duration = _parse_duration_text(value)
+    else:
+        raise ValueError(f"a {type(value).__name__} is not a duration: {_DURATION_HELP}")
+    if duration < timedelta(0):
+        raise ValueError(f"a duration cannot be negative ({value!r})")
+    return duration
+
+
+def _parse_duration_text(value: str) -> timedelta:
+    text = value.strip()
+    refused = ValueError(f"{text[:40]!r} is not a duration: {_DURATION_HELP}")
+    if text.upper().startswith("P"):
+        try:
+            return _ISO_8601.validate_python(text.upper())
+        except ValidationError:
+            raise refused from None
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise refused from None
+    if not math.isfinite(seconds):
+        raise refused
+    return timedelta(seconds=seconds)
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+"""A duration setting: seconds (``3600``, ``0.5``) or ISO 8601 (``PT1H``, ``P7D``)."""
 
 
 class ServiceSettings(BaseSettings):

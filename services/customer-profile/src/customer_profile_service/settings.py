@@ -3,24 +3,9 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated, Any
 
-from omni_common.settings import ServiceSettings
-from pydantic import BeforeValidator, Field
-
-
-def _duration(value: Any) -> Any:
-    # Seconds as a bare number ("3600", "0.5") besides ISO 8601 ("PT1H"), which pydantic reads.
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            return value.strip()
-    return value
-
-
-Duration = Annotated[timedelta, BeforeValidator(_duration)]
-"""A duration: seconds (``3600``) or ISO 8601 (``PT1H``)."""
+from omni_common.settings import Duration, ServiceSettings
+from pydantic import Field
 
 
 class ProfileSettings(ServiceSettings):

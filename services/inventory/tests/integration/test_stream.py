@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,17 +12,11 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from inventory_service.entrypoints.app import create_app
 from inventory_service.settings import InventorySettings
+from omni_devkit.testing.services import served
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -48,24 +41,13 @@ async def serving(omni_env: Any, **overrides: Any) -> AsyncIterator[Served]:
         omni_env.settings("inventory"), inventory_timer_poll_s=0.1, **overrides
     )
     app = create_app(settings)
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
-    )
-    task = asyncio.create_task(server.serve())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.05)
-        async with httpx.AsyncClient(
+    async with (
+        served(app) as url,
+        httpx.AsyncClient(
             base_url=url, headers={"Authorization": "Bearer test-key"}, timeout=10
-        ) as http:
-            yield Served(url, app, http)
-    finally:
-        server.should_exit = True
-        await task
+        ) as http,
+    ):
+        yield Served(url, app, http)
 
 
 class SseReader:
@@ -209,25 +191,3 @@ async def test_heartbeats_keep_an_idle_stream_open(omni_env) -> None:
                 if line.startswith(": keep-alive"):
                     break
         assert any(line.startswith("event: ready") for line in seen)
-
-
-async def test_the_stream_bench_times_every_client_beside_a_kafka_consumer(omni_env) -> None:
-    from inventory_service.entrypoints.bench import Target
-    from inventory_service.entrypoints.bench_stream import measure
-
-    async with serving(omni_env) as inventory:
-        result = await measure(
-            Target(omni_env.bootstrap, inventory.url, "test-key", omni_env.prefix),
-            clients=20,
-            rate=5,
-            duration=1,
-            warmup=0.2,
-            skus=2,
-            say=lambda line: None,
-        )
-    figures = result.as_json()
-    assert figures["connected"] == 20
-    assert figures["deliveries"] == figures["expected_deliveries"] == 20 * 5
-    assert len(result.kafka.samples) == 5
-    assert 0 < figures["p50_ms"] <= figures["p99_ms"]
-    assert 0 < figures["kafka_p50_ms"] <= figures["kafka_p99_ms"]

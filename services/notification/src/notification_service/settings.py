@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from omni_common.settings import ServiceSettings
-from pydantic import Field, SecretStr
+from omni_common.settings import Duration, ServiceSettings
+from pydantic import Field, SecretStr, field_validator
 
 
 class NotificationSettings(ServiceSettings):
@@ -50,7 +52,7 @@ class NotificationSettings(ServiceSettings):
     # Empty: a random secret per process (links die with it); set one in every deployment.
     unsubscribe_secret: SecretStr = SecretStr("")
 
-    cart_reminder_second_after: timedelta = timedelta(hours=24)
+    cart_reminder_second_after: Duration = timedelta(hours=24)
     notify_marketing_per_day: int = Field(default=2, ge=0)
     notify_default_time_zone: str = "UTC"
     notify_default_language: str = "en"
@@ -69,6 +71,33 @@ class NotificationSettings(ServiceSettings):
     notify_timer_poll_s: float = Field(default=0.5, gt=0)
     # The largest page of GET /customers/{id}/notifications.
     max_page_size: int = Field(default=200, ge=1)
+
+    # Both are otherwise only read when a message is decided or rendered, long after a
+    # start-up that looked fine: a mistyped zone would silently mean UTC.
+    @field_validator("notify_default_time_zone")
+    @classmethod
+    def _a_known_time_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA time zone (UTC, Europe/Paris)") from None
+        return value
+
+    # Checked here too (UnsubscribeTokens refuses it) so that it stops the service with the
+    # settings' one-line message, which never quotes a secret, rather than a traceback.
+    @field_validator("unsubscribe_secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr) -> SecretStr:
+        if 0 < len(value.get_secret_value().encode()) < 16:
+            raise ValueError("needs at least 16 bytes (or none: a random one per process)")
+        return value
+
+    @field_validator("notify_templates_dir")
+    @classmethod
+    def _an_existing_directory(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_dir():
+            raise ValueError(f"{value!r} is not a directory")
+        return value
 
     def smtp_target(self) -> tuple[str, int, dict[str, Any]] | None:
         """``(host, port, aiosmtplib options)`` of the SMTP relay, None if not configured."""

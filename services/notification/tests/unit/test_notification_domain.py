@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, time
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from notification_service.adapters.templates import Templates, UnknownTemplate
@@ -157,3 +158,40 @@ def test_smtp_settings_from_an_url() -> None:
         1025,
         {},
     )
+
+
+def test_a_mistyped_zone_or_templates_directory_stops_the_settings(tmp_path: Path) -> None:
+    assert NotificationSettings(notify_default_time_zone="Europe/Paris")
+    with pytest.raises(ValueError, match="'Paris' is not an IANA time zone"):
+        NotificationSettings(notify_default_time_zone="Paris")
+    assert NotificationSettings(notify_templates_dir=str(tmp_path)).notify_templates_dir
+    with pytest.raises(ValueError, match="is not a directory"):
+        NotificationSettings(notify_templates_dir=str(tmp_path / "missing"))
+
+
+def test_the_second_reminder_takes_seconds_or_iso_8601(monkeypatch: pytest.MonkeyPatch) -> None:
+    for typed, hours in (("3600", 1), ("PT12H", 12), ("P1D", 24)):
+        monkeypatch.setenv("CART_REMINDER_SECOND_AFTER", typed)
+        assert NotificationSettings().cart_reminder_second_after.total_seconds() == hours * 3600
+
+
+def test_a_short_unsubscribe_secret_is_a_settings_error_that_does_not_quote_it() -> None:
+    assert NotificationSettings(unsubscribe_secret="")  # none: a random one per process
+    with pytest.raises(ValueError, match="at least 16 bytes") as refused:
+        NotificationSettings(unsubscribe_secret="short-secret")
+    assert "short-secret" not in str(refused.value)
+
+
+def test_the_vapid_key_may_be_given_inline_as_pem_or_raw_base64url(tmp_path: Path) -> None:
+    from notification_service.adapters.providers import WebPush
+    from omni_devkit.devstack.vapid import ensure_vapid_keys
+
+    keys = ensure_vapid_keys(tmp_path)
+    pem = keys.private_key_file.read_text()
+    from_pem = WebPush.load_key(pem_file=None, pem=pem)
+    from_file = WebPush.load_key(pem_file=str(keys.private_key_file), pem=None)
+    assert from_pem is not None and from_file is not None
+    assert from_pem.public_key.public_numbers() == from_file.public_key.public_numbers()
+    raw = "QN8eCHwn2bOT_zWAyKOKE8wU8NHGUZvbq2STG4HHsvU"  # the README's example
+    assert WebPush.load_key(pem_file=None, pem=raw) is not None
+    assert WebPush.load_key(pem_file=None, pem=None) is None

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
+from aiokafka.admin import AIOKafkaAdminClient
 from omni_common.kafka import KAFKA_FETCH_MAX_WAIT_MS, TANSU_FETCH_MAX_WAIT_MS
 from omni_common.producer import idempotence_supported
 from omni_common.topics import wait_for_broker, wait_for_group_coordinator
@@ -171,6 +172,19 @@ FETCH_MAX_WAIT_MS: dict[str, int] = {
     "kafka": KAFKA_FETCH_MAX_WAIT_MS,
     "tansu": TANSU_FETCH_MAX_WAIT_MS,
 }
+
+
+async def delete_topics(bootstrap: str, topics: list[str]) -> None:
+    """Delete ``topics`` (best effort: a test's or a bench's leftovers, never worth failing
+    it for). A real broker keeps every partition on disk (files, memory maps)."""
+    if not topics:
+        return
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+    with contextlib.suppress(Exception):
+        await admin.start()
+        await admin.delete_topics(topics)
+    with contextlib.suppress(Exception):
+        await admin.close()
 
 
 def fetch_max_wait_ms(kind: str) -> int:

@@ -36,7 +36,6 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import pytest_asyncio
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from omni_common.producer import idempotence_supported
 from omni_common.settings import ServiceSettings
 from omni_common.topics import create_topics, wait_for_broker
@@ -50,6 +49,7 @@ from omni_devkit.devstack.kafka import (
     ApacheKafkaBroker,
     TansuBroker,
     choose_broker,
+    delete_topics,
     fetch_max_wait_ms,
     kafka_version,
 )
@@ -466,18 +466,6 @@ async def isolated_env(kafka_bootstrap: str, postgres_url: str) -> AsyncIterator
         # A real broker keeps every partition on disk (files, memory maps): a suite that
         # leaves ~150 per test behind runs out of them.
         await delete_topics(kafka_bootstrap, created)
-
-
-async def delete_topics(bootstrap: str, topics: list[str]) -> None:
-    """Delete ``topics`` (best effort: a test's leftovers, never worth failing it for)."""
-    if not topics:
-        return
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
-    with contextlib.suppress(Exception):
-        await admin.start()
-        await admin.delete_topics(topics)
-    with contextlib.suppress(Exception):
-        await admin.close()
 
 
 @pytest_asyncio.fixture

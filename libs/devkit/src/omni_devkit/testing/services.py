@@ -1,13 +1,18 @@
-"""Running real service apps inside a test process (lifespan and HTTP, no uvicorn)."""
+"""Running real service apps inside a test process: in-process (lifespan and ASGI, no
+uvicorn) with :func:`running`, or behind a real HTTP server on loopback with :func:`served`."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
 import httpx
+import uvicorn
 from fastapi import FastAPI
 from omni_common.service import ServiceRuntime
+
+from omni_devkit.devstack.process import free_port
 
 
 class RunningService:
@@ -38,3 +43,26 @@ async def running(app: FastAPI, api_key: str | None = "test-key") -> AsyncIterat
         ) as client,
     ):
         yield RunningService(app, client)
+
+
+@contextlib.asynccontextmanager
+async def served(app: FastAPI) -> AsyncIterator[str]:
+    """Run ``app`` (lifespan included) under uvicorn on a free loopback port; yields its URL.
+
+    For clients that need real sockets (server-sent events read by raw connections).
+    """
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
+    )
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("the HTTP server stopped before it started")
+            await asyncio.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task

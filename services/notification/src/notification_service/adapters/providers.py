@@ -159,9 +159,12 @@ class WebPush:
 
     @classmethod
     def load_key(cls, *, pem_file: str | None, pem: str | None) -> Vapid | None:
-        """The VAPID key from a PEM file or string; None when neither is set."""
+        """The VAPID key from a PEM file, or from a string: PEM, or base64url of the raw key
+        (as web-push tools print it) or of its DER; None when neither is set."""
         if pem_file:
             return Vapid.from_file(private_key_file=pem_file)
+        if pem and pem.lstrip().startswith("-----BEGIN"):
+            return Vapid.from_pem(pem.strip().encode())
         if pem:
             return Vapid.from_string(private_key=pem)
         return None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from customer_profile_service.entrypoints.bench import Phase
+from omni_devkit.bench.carts import Phase
 
 
 def test_figures_of_a_phase() -> None:

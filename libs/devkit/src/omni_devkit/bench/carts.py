@@ -11,10 +11,13 @@ Two phases on one broker and database, one after the other:
    includes the decision, the outbox relay and the broker.
 
 Seeding goes straight into the service's tables (as many carts as its consumers would take
-hours to build); what is measured is the path from an armed timer to the announcement.
+hours to build); what is measured is the path from an armed timer to the announcement. The
+kind of timer to seed is not taken from the service's code: one probe cart goes in through
+``cart.events.v1`` as a web site would send it, and its seeded twins copy the timer the
+service armed for it.
 Printed: p50/p99/max lag and rate of both phases, the service's peak RSS and the schema's
 size. Uses ``KAFKA_BOOTSTRAP_SERVERS`` and ``DATABASE_URL`` when both are set, else an
-embedded Tansu and PostgreSQL of its own.
+embedded broker (the one the dev stack chooses) and PostgreSQL of its own.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Annotated, Any
 
 import asyncpg
@@ -40,16 +44,17 @@ from omni_common.db import create_pool, migrate, quote_ident
 from omni_common.settings import ServiceSettings
 from omni_common.timers import TimerWheel
 from omni_common.topics import create_topics
-from omni_contracts import CART_ABANDONED
-from omni_devkit.benchkit import infrastructure
+from omni_contracts import CART_ABANDONED, CartItemAdded, Channel, Line, Money
+
+from omni_devkit.bench.kit import infrastructure
 from omni_devkit.cli import bench_app, fail
 from omni_devkit.devstack.process import DevStackError, free_port
-
-from customer_profile_service.service.context import CART_ABANDONMENT
-from customer_profile_service.settings import ProfileSettings
+from omni_devkit.testing.events import ChannelPublisher
 
 BASELINE_KIND = "bench-empty"
 CHUNK = 20_000
+# What the seeded timers carry, as the service arms them for a cart (checked on the probe's).
+SEEDED_PAYLOAD_KEYS = {"due_at"}
 
 
 @dataclass
@@ -161,6 +166,8 @@ async def _baseline(database: str, n: int, window_s: float, lead_s: float, say: 
         async with pool.acquire() as conn:
             await _seed_timers(conn, BASELINE_KIND, n, t0, window_s, carts=False)
         # The service's wheel settings, so only the handler differs.
+        from customer_profile_service.settings import ProfileSettings
+
         config = ProfileSettings()
         wheel = TimerWheel(
             transaction,
@@ -185,6 +192,39 @@ class _Conn:
         self.conn = conn
 
 
+async def _probe_timer_kind(conn: asyncpg.Connection, bootstrap: str, prefix: str, run: str) -> str:
+    """The kind of timer the service arms for a cart, learnt from one probe cart sent on
+    ``cart.events.v1`` as a web site sends it (its deadline is an hour away)."""
+    cart_id = f"probe-{run}"
+    sku = "SKU-1"
+    price = Money(amount=Decimal("10.00"), currency="EUR")
+    async with ChannelPublisher(bootstrap, prefix, source="/channels/bench") as channel:
+        await channel.publish(
+            CartItemAdded(
+                cart_id=cart_id,
+                channel=Channel.WEB,
+                customer_id=f"probe-c-{run}",
+                items=[Line(sku=sku, qty=1, unit_price=price)],
+                sku=sku,
+                occurred_at=datetime.now(UTC),
+            )
+        )
+    deadline = time.monotonic() + 60
+    query = "SELECT kind, payload FROM timers WHERE key = $1"
+    while (row := await conn.fetchrow(query, cart_id)) is None:
+        if time.monotonic() > deadline:
+            raise DevStackError("customer-profile armed no timer for the probe cart in 60 s")
+        await asyncio.sleep(0.1)
+    payload = row["payload"]
+    keys = set(json.loads(payload) if isinstance(payload, str) else payload)
+    if keys != SEEDED_PAYLOAD_KEYS:
+        raise DevStackError(
+            f"customer-profile arms cart timers carrying {sorted(keys)}; the bench seeds"
+            f" {sorted(SEEDED_PAYLOAD_KEYS)}: teach _seed_timers the new shape"
+        )
+    return str(row["kind"])
+
+
 def _rss_kib(pid: int) -> tuple[int, int]:
     """(current, peak) resident memory of a process in KiB (0 when unknown)."""
     values = {"VmRSS": 0, "VmHWM": 0}
@@ -200,14 +240,13 @@ async def _service_phase(
     bootstrap: str, database: str, n: int, window_s: float, lead_s: float, say: Any
 ) -> tuple[Phase, dict[str, Any]]:
     """Seed the service's carts, run it as a process, read its announcements."""
-    from omni_devkit.devstack.postgres import create_database
+    from omni_devkit.devstack.kafka import delete_topics
+    from omni_devkit.devstack.postgres import create_database, drop_database
 
     run = uuid.uuid4().hex[:8]
     prefix = f"benchcarts{run}."
-    await create_topics(bootstrap, prefix=prefix)
+    created = await create_topics(bootstrap, prefix=prefix)
     db_url = await create_database(database, f"benchcarts{run}")
-    settings = ServiceSettings(service_name="customer-profile", database_url=db_url)
-    await migrate(settings, "customer_profile_service.migrations")
     port = free_port()
     delay = timedelta(hours=1)
     env = dict(os.environ) | {
@@ -219,8 +258,8 @@ async def _service_phase(
         "CART_ABANDONMENT_DELAY": str(delay.total_seconds()),
         "CART_TIMER_POLL_S": "0.1",
         "LOG_LEVEL": "WARNING",
-        # Nothing reaches the service's inputs here: Kafka's default fetch wait instead of the
-        # 5 ms that buys consumer latency on Tansu with a busy poll.
+        # Only the probe cart reaches the service's inputs: Kafka's default fetch wait instead
+        # of the 5 ms that buys consumer latency on Tansu with a busy poll.
         "CONSUMER_FETCH_MAX_WAIT_MS": "500",
         "API_KEYS": "bench:bench-carts-key:admin",
     }
@@ -261,10 +300,12 @@ async def _service_phase(
 
         conn = await asyncpg.connect(db_url, server_settings={"search_path": "customer_profile"})
         try:
+            say("service: one probe cart through cart.events.v1, for the kind of timer ...")
+            kind = await _probe_timer_kind(conn, bootstrap, prefix, run)
             t0 = datetime.now(UTC) + timedelta(seconds=lead_s)
             say(f"service: seeding {n} open carts due over {window_s:g} s ...")
             seeding = time.monotonic()
-            await _seed_timers(conn, CART_ABANDONMENT, n, t0, window_s, carts=True)
+            await _seed_timers(conn, kind, n, t0, window_s, carts=True)
             say(f"service: seeded in {time.monotonic() - seeding:.1f} s; waiting for abandonments")
             size_seeded = await _schema_size(conn, "customer_profile")
             lags: list[float] = []
@@ -276,6 +317,8 @@ async def _service_phase(
                 for records in batches.values():
                     for record in records:
                         body = json.loads(record.value)
+                        if not body["cart_id"].startswith("bench-"):
+                            continue  # the probe, should a long window reach its deadline
                         last = datetime.fromisoformat(body["last_activity_at"])
                         lags.append(now - (last + delay).timestamp())
                         last_seen = now
@@ -312,6 +355,11 @@ async def _service_phase(
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+        # The broker and database may be the environment's (KAFKA_BOOTSTRAP_SERVERS,
+        # DATABASE_URL): leave no database or topics of this run behind.
+        with contextlib.suppress(Exception):
+            await drop_database(database, f"benchcarts{run}")
+        await delete_topics(bootstrap, created)
 
 
 async def measure(

@@ -13,9 +13,6 @@ Runs against the dev stack when one is up, else a private stack of inventory, or
 loyalty. The stack must run order with ``LOYALTY_IN_SAGA=true`` and loyalty with
 ``LOYALTY_PENDING_DAYS=0`` (bench shoppers' points must be spendable at once): a private
 stack is started so.
-
-Registered on ``omni bench`` through the ``omni.bench`` entry point group (the devkit loads
-it; the loyalty service itself never imports it).
 """
 
 from __future__ import annotations
@@ -24,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import os
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -43,15 +39,18 @@ from omni_contracts import (
     OrderPlaced,
     StockAdjusted,
 )
-from omni_contracts.envelope import encode, new_envelope
-from omni_devkit.benchkit import (
+
+from omni_devkit.bench.kit import (
     StackTarget,
     own_group_consumer,
+    progress,
+    put_location,
     raw_round_trip_rate,
-    stack_for,
+    run_on_stack,
+    send_args,
     until_assigned,
 )
-from omni_devkit.cli import bench_app, fail
+from omni_devkit.cli import bench_app
 from omni_devkit.devstack.process import DevStackError
 
 SERVICES = ("inventory", "order", "loyalty")
@@ -91,18 +90,8 @@ class LoyaltyResult:
         }
 
 
-def _send_args(event: Event, prefix: str) -> dict[str, Any]:
-    envelope = new_envelope(event, source="/channels/bench")
-    return {
-        "topic": prefix + event.topic,
-        "value": encode(event),
-        "key": (event.partition_key() or "").encode(),
-        "headers": [(k, v.encode()) for k, v in envelope.headers().items()],
-    }
-
-
 async def _send_all(producer: AIOKafkaProducer, events: Iterable[Event], prefix: str) -> None:
-    sends = [await producer.send(**_send_args(e, prefix)) for e in events]
+    sends = [await producer.send(**send_args(e, prefix)) for e in events]
     await asyncio.gather(*sends)
 
 
@@ -176,12 +165,9 @@ async def _stock(
         timeout=10,
         transport=transport,
     ) as http:
-        response = await http.put(
-            f"/locations/{warehouse}",
-            json={"name": "Bench warehouse", "kind": "warehouse", "offers_pickup": True},
+        await put_location(
+            http, warehouse, {"name": "Bench warehouse", "kind": "warehouse", "offers_pickup": True}
         )
-        if response.status_code not in (200, 201):
-            raise DevStackError(f"inventory refused the bench warehouse: {response.text[:200]}")
         await _send_all(
             producer,
             (
@@ -351,18 +337,15 @@ def loyalty(
     """Ledger entries/s from order.lifecycle.v1; checkouts/s with loyalty in the saga against
     without it; the raw broker rate beside them."""
 
-    def say(line: str) -> None:
-        if not as_json:
-            typer.echo(line)
-            sys.stdout.flush()
+    say = progress(as_json)
 
-    try:
-        with _environment(STACK_ENV), stack_for(SERVICES, embedded=embedded, say=say) as target:
-            result = asyncio.run(measure(target, entries=entries, checkouts=checkouts, say=say))
-    except DevStackError as exc:
-        fail(str(exc))
-    except (OSError, httpx.HTTPError) as exc:
-        fail(f"the stack did not answer: {type(exc).__name__}: {exc}")
+    with _environment(STACK_ENV):
+        result = run_on_stack(
+            SERVICES,
+            lambda target: measure(target, entries=entries, checkouts=checkouts, say=say),
+            embedded=embedded,
+            say=say,
+        )
     figures = result.as_json()
     if as_json:
         typer.echo(json.dumps(figures))

@@ -6,16 +6,12 @@ own, for each order's outcome (``order.confirmed`` or ``order.rejected``). The d
 larger than the stock on purpose, so the run also proves that no SKU is oversold: exactly the
 stocked units are confirmed, the rest rejected. In the same run it measures the raw broker:
 N messages produced and consumed through one topic, with no service work.
-
-Registered on ``omni bench`` through the ``omni.bench`` entry point group (the devkit loads
-it; the order service itself never imports it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 import uuid
 from collections import Counter
@@ -29,15 +25,17 @@ from aiokafka import AIOKafkaProducer
 from omni_contracts import (
     ORDER_LIFECYCLE,
     CheckoutSubmitted,
-    Event,
     StockAdjusted,
 )
-from omni_contracts.envelope import encode, new_envelope
-from omni_devkit.benchkit import (
+
+from omni_devkit.bench.kit import (
     StackTarget,
     own_group_consumer,
+    progress,
+    put_location,
     raw_round_trip_rate,
-    stack_for,
+    run_on_stack,
+    send_args,
     until_assigned,
 )
 from omni_devkit.cli import bench_app, fail
@@ -74,16 +72,6 @@ class CheckoutResult:
         }
 
 
-def _send_args(event: Event, prefix: str) -> dict[str, Any]:
-    envelope = new_envelope(event, source="/channels/bench")
-    return {
-        "topic": prefix + event.topic,
-        "value": encode(event),
-        "key": (event.partition_key() or "").encode(),
-        "headers": [(k, v.encode()) for k, v in envelope.headers().items()],
-    }
-
-
 async def _stock(
     target: StackTarget, producer: AIOKafkaProducer, warehouse: str, skus: list[str], units: int
 ) -> None:
@@ -92,17 +80,16 @@ async def _stock(
         headers={"Authorization": f"Bearer {target.api_key}"},
         timeout=10,
     ) as http:
-        response = await http.put(
-            f"/locations/{warehouse}",
-            json={
+        await put_location(
+            http,
+            warehouse,
+            {
                 "name": "Bench warehouse",
                 "kind": "warehouse",
                 "ships_online": True,
                 "offers_pickup": False,
             },
         )
-        if response.status_code not in (200, 201):
-            raise DevStackError(f"inventory refused the bench warehouse: {response.text[:200]}")
         for sku in skus:
             receipt = StockAdjusted(
                 adjustment_id=uuid.uuid4().hex,
@@ -112,7 +99,7 @@ async def _stock(
                 delta=units,
                 occurred_at=datetime.now(UTC),
             )
-            await producer.send(**_send_args(receipt, target.topic_prefix))
+            await producer.send(**send_args(receipt, target.topic_prefix))
         await producer.flush()
         deadline = time.monotonic() + 60
         for sku in skus:  # stocked when inventory says so
@@ -177,7 +164,7 @@ async def measure(target: StackTarget, *, checkouts: int, skus: int, say: Any) -
             ]
             say(f"checkout: publishing {checkouts} checkouts at once ...")
             started = time.perf_counter()
-            sends = [await producer.send(**_send_args(b, target.topic_prefix)) for b in bodies]
+            sends = [await producer.send(**send_args(b, target.topic_prefix)) for b in bodies]
             await asyncio.gather(*sends)
             outcomes: dict[str, str] = {}
             sku_of: dict[str, str] = {}
@@ -232,18 +219,14 @@ def checkout(
     """Placed -> confirmed for N checkouts through order + inventory, 0 oversold, against the
     raw broker rate; target >= 1,000 checkouts/s."""
 
-    def say(line: str) -> None:
-        if not as_json:
-            typer.echo(line)
-            sys.stdout.flush()
+    say = progress(as_json)
 
-    try:
-        with stack_for(SERVICES, embedded=embedded, say=say) as target:
-            result = asyncio.run(measure(target, checkouts=checkouts, skus=skus, say=say))
-    except DevStackError as exc:
-        fail(str(exc))
-    except (OSError, httpx.HTTPError) as exc:
-        fail(f"the stack did not answer: {type(exc).__name__}: {exc}")
+    result = run_on_stack(
+        SERVICES,
+        lambda target: measure(target, checkouts=checkouts, skus=skus, say=say),
+        embedded=embedded,
+        say=say,
+    )
     figures = result.as_json()
     if as_json:
         typer.echo(json.dumps(figures))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import math
 
-from inventory_service.entrypoints.bench import Latencies, PropagationResult
+from omni_devkit.bench.kit import Latencies
+from omni_devkit.bench.propagation import PropagationResult
 
 
 def test_percentiles_use_the_nearest_rank() -> None:

@@ -30,7 +30,7 @@ from omni_common.topics import create_topics
 from omni_contracts import AvailabilityChanged
 from omni_contracts.envelope import new_envelope
 
-from omni_devkit.benchkit import infrastructure
+from omni_devkit.bench.kit import infrastructure
 from omni_devkit.cli import bench_app, fail
 from omni_devkit.devstack.process import DevStackError
 

@@ -1,4 +1,5 @@
-"""What the services' benchmarks share: where the stack is, consumers, a private stack.
+"""What the benchmarks share: where the stack is, consumers, a private stack, events sent
+as a channel sends them, latencies and the raw broker baseline.
 
 A benchmark runs against the dev stack when one is up (``.omni/dev.env``), else it starts a
 private stack of the services it needs in a temporary directory, as ``omni dev up`` would.
@@ -11,16 +12,28 @@ import contextlib
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
+import httpx
+import typer
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from omni_contracts import Event
+from omni_contracts.envelope import encode, header_map, new_envelope
 
+from omni_devkit.cli import fail
 from omni_devkit.devstack.process import DevStackError
+
+# ce_source of every event a benchmark sends, as the channel it stands for.
+BENCH_SOURCE = "/channels/bench"
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -134,17 +147,53 @@ def infrastructure(
 
 @contextlib.contextmanager
 def stack_for(
-    services: Sequence[str], *, embedded: bool, say: Callable[[str], None]
+    services: Sequence[str],
+    *,
+    embedded: bool,
+    say: Callable[[str], None],
+    state_dir: Path | None = None,
 ) -> Iterator[StackTarget]:
-    """The dev stack if one runs (and ``embedded`` is not asked), else a private one."""
+    """The dev stack (of ``state_dir``, default ``.omni``) if one runs and ``embedded`` is not
+    asked, else a private one."""
     if not embedded:
         try:
-            yield dev_stack_target(services)
+            yield dev_stack_target(services, state_dir)
             return
         except DevStackError as exc:
             say(f"{exc}; starting a private stack instead")
     with private_stack(services, say) as target:
         yield target
+
+
+def progress(quiet: bool) -> Callable[[str], None]:
+    """How a bench tells what it is doing: each line on stdout at once, or nothing when
+    ``quiet`` (``--json`` keeps stdout to its one line)."""
+
+    def say(line: str) -> None:
+        if not quiet:
+            typer.echo(line)
+            sys.stdout.flush()
+
+    return say
+
+
+def run_on_stack(
+    services: Sequence[str],
+    work: Callable[[StackTarget], Coroutine[Any, Any, T]],
+    *,
+    embedded: bool,
+    say: Callable[[str], None],
+    state_dir: Path | None = None,
+) -> T:
+    """``work(target)`` on the stack :func:`stack_for` finds or starts; a stack that cannot
+    be had or does not answer ends the command with one line, not a traceback."""
+    try:
+        with stack_for(services, embedded=embedded, say=say, state_dir=state_dir) as target:
+            return asyncio.run(work(target))
+    except DevStackError as exc:
+        fail(str(exc))
+    except (OSError, httpx.HTTPError) as exc:
+        fail(f"the stack did not answer: {type(exc).__name__}: {exc}")
 
 
 @contextlib.asynccontextmanager
@@ -193,6 +242,33 @@ async def ensure_topics(bootstrap: str, names: Sequence[str], partitions: int = 
         await admin.close()
 
 
+def send_args(event: Event, prefix: str = "") -> dict[str, Any]:
+    """``AIOKafkaProducer.send`` keyword arguments for ``event`` sent as a channel sends it:
+    its (prefixed) contract topic, JSON value, partition key and CloudEvents headers."""
+    envelope = new_envelope(event, source=BENCH_SOURCE)
+    return {
+        "topic": prefix + event.topic,
+        "value": encode(event),
+        "key": (event.partition_key() or "").encode(),
+        "headers": [(k, v.encode()) for k, v in envelope.headers().items()],
+    }
+
+
+def ce_id(args: dict[str, Any]) -> str:
+    """The ``ce_id`` of :func:`send_args`' event: what a reaction names as its causation."""
+    return header_map(args["headers"])["ce_id"]
+
+
+async def put_location(http: httpx.AsyncClient, location_id: str, body: dict[str, Any]) -> None:
+    """Create or update a bench location through inventory's API (``PUT /locations/{id}``)."""
+    response = await http.put(f"/locations/{location_id}", json=body)
+    if response.status_code not in (200, 201):
+        raise DevStackError(
+            f"inventory refused PUT /locations/{location_id}: {response.status_code} "
+            f"{response.text[:200]}"
+        )
+
+
 def percentile(samples: Sequence[float], q: float) -> float:
     """The ``q`` quantile (nearest rank), or NaN without samples."""
     if not samples:
@@ -225,3 +301,76 @@ async def raw_round_trip_rate(bootstrap: str, topic: str, run: str, count: int) 
             return count / (time.perf_counter() - started)
     finally:
         await producer.stop()
+
+
+# -- latencies: publish -> receive -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Latencies:
+    """Publish-to-receive latencies of one phase, in milliseconds, and how many were sent."""
+
+    samples: list[float]
+    sent: int
+
+    def percentile(self, q: float) -> float:
+        """The ``q`` quantile (nearest rank), or NaN without samples."""
+        return percentile(self.samples, q)
+
+
+async def paced(rate: float, count: int) -> AsyncIterator[int]:
+    """Yield 0..count-1 at ``rate`` per second on a fixed schedule (no drift)."""
+    start = time.perf_counter()
+    for n in range(count):
+        delay = start + n / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        yield n
+
+
+class Inflight:
+    """Messages published and not yet seen by the measuring consumer."""
+
+    def __init__(self) -> None:
+        self.sent: dict[str, float] = {}
+        self.unmeasured: set[str] = set()
+        self.samples: list[float] = []
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    def published(self, ident: str, *, measured: bool = True) -> None:
+        """Note that ``ident`` was published just now."""
+        if not measured:
+            self.unmeasured.add(ident)
+        self._empty.clear()
+        self.sent[ident] = time.perf_counter()
+
+    def received(self, ident: str, at: float) -> None:
+        """Note that ``ident`` arrived at ``at`` (perf_counter seconds)."""
+        published = self.sent.pop(ident, None)
+        if published is not None and ident not in self.unmeasured:
+            self.samples.append((at - published) * 1000)
+        if not self.sent:
+            self._empty.set()
+
+    async def drain(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Wait (at most ``timeout``) until everything published has arrived."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._empty.wait(), timeout)
+
+
+async def record_arrivals(
+    consumer: AIOKafkaConsumer,
+    inflight: Inflight,
+    key_of: Callable[[dict[str, str]], str | None],
+    done: asyncio.Event,
+) -> None:
+    """Until ``done``: every record whose headers name (``key_of``) an awaited id arrived now."""
+    while not done.is_set():
+        batches = await consumer.getmany(timeout_ms=50)
+        now = time.perf_counter()
+        for records in batches.values():
+            for record in records:
+                ident = key_of(header_map(record.headers or ()))
+                if ident is not None:
+                    inflight.received(ident, now)

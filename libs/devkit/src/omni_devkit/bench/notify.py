@@ -1,13 +1,13 @@
 """``omni bench notify``: trigger -> delivered, messages per second, beside the raw SMTP rate.
 
 Starts an SMTP server (Maildir) and a Web Push endpoint (VAPID-verifying, decrypting) on
-loopback, runs the notification service in-process against a real broker and PostgreSQL
-(``KAFKA_BOOTSTRAP_SERVERS`` + ``DATABASE_URL``, else embedded ones: Apache Kafka when Java
-is here, as the dev stack chooses), gives half the shoppers e-mail and half a browser push
-subscription, publishes one ``order.confirmed`` per shopper and times until every message
-arrived at the SMTP server or the push endpoint. The baseline, measured in the same run:
-plain aiosmtplib sends to the same SMTP server with the same concurrency (one connection per
-message, as the service does).
+loopback, runs the notification service in-process (its ``create_app``) against a real
+broker and PostgreSQL (``KAFKA_BOOTSTRAP_SERVERS`` + ``DATABASE_URL``, else embedded ones:
+Apache Kafka when Java is here, as the dev stack chooses), gives half the shoppers e-mail
+and half a browser push subscription, publishes one ``order.confirmed`` per shopper and
+times until every message arrived at the SMTP server or the push endpoint. The baseline,
+measured in the same run: plain aiosmtplib sends to the same SMTP server with the same
+concurrency (one connection per message, as the service does).
 """
 
 from __future__ import annotations
@@ -29,17 +29,17 @@ import aiosmtplib
 import typer
 from omni_common.topics import create_topics
 from omni_contracts import Channel, OrderConfirmed, Preferences, ProfileUpdated
-from omni_devkit.benchkit import infrastructure
+
+from omni_devkit.bench.kit import infrastructure
 from omni_devkit.cli import bench_app, fail
 from omni_devkit.devstack.postgres import create_database
 from omni_devkit.devstack.process import DevStackError
 from omni_devkit.devstack.smtp import MaildirSmtpServer
+from omni_devkit.devstack.stack import load_service_factory
 from omni_devkit.devstack.vapid import ensure_vapid_keys
 from omni_devkit.testing.events import ChannelPublisher
 from omni_devkit.testing.push import PushEndpoint
 from omni_devkit.testing.services import running
-
-from notification_service.entrypoints.app import create_app
 
 
 async def _raw_smtp_rate(smtp: MaildirSmtpServer, count: int, concurrency: int) -> float:
@@ -78,6 +78,9 @@ async def _service(
         consumer_heartbeat_interval_ms=300,
         log_level="WARNING",
     )
+    # The service's own composition root, found as `omni run` finds it; the keywords are
+    # NotificationSettings overrides (a local SMTP server and push keys, a brisk dispatcher).
+    create_app = load_service_factory("notification")
     app = create_app(
         settings,
         smtp_url=smtp.url,
@@ -157,6 +160,7 @@ async def measure(
 
 
 async def _contacts(svc: Any) -> int:
+    # The service's contact list (its own table) is the only sign that it learnt a profile.
     async with svc.runtime.pool.acquire() as conn:
         return int(await conn.fetchval("SELECT count(*) FROM contacts"))
 
@@ -189,7 +193,7 @@ def bench_notify(
     async def run(bootstrap: str, server: str) -> dict[str, Any]:
         name = f"bench_notify_{uuid.uuid4().hex[:8]}"
         database = await create_database(server, name)
-        return await measure(bootstrap, database, messages=messages, say=typer.echo)
+        return await measure(bootstrap, database, messages=messages, say=progress)
 
     def progress(line: str) -> None:  # on stderr: --json keeps stdout to its one line
         typer.echo(line, err=True)

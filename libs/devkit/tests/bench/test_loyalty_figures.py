@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loyalty_service.entrypoints.bench import LoyaltyResult
+from omni_devkit.bench.loyalty import LoyaltyResult
 
 
 def test_rates_and_the_saga_cost_ratio_come_from_the_measured_times() -> None:

@@ -17,13 +17,10 @@ import asyncio
 import contextlib
 import json
 import resource
-import sys
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode, urlsplit
@@ -31,32 +28,25 @@ from urllib.parse import urlencode, urlsplit
 import httpx
 import typer
 from aiokafka import AIOKafkaProducer
-from omni_contracts import (
-    INVENTORY_ADJUSTMENTS,
-    INVENTORY_AVAILABILITY,
-    STORE_SALES,
-    Line,
-    Money,
-    SaleRecorded,
-    StockAdjusted,
-)
-from omni_contracts.envelope import encode
-from omni_devkit.cli import bench_app, fail
-from omni_devkit.devstack.process import DevStackError
+from omni_contracts import INVENTORY_AVAILABILITY
 
-from inventory_service.entrypoints.bench import (
-    STOCK_PER_ROW,
+from omni_devkit.bench.kit import (
     Inflight,
     Latencies,
-    Target,
-    _collect,
-    _dev_stack_target_or_none,
-    _embedded_stack,
-    _headers,
-    _own_group_consumer,
-    _paced,
-    _until_assigned,
+    StackTarget,
+    ce_id,
+    own_group_consumer,
+    paced,
+    progress,
+    put_location,
+    record_arrivals,
+    run_on_stack,
+    send_args,
+    until_assigned,
 )
+from omni_devkit.bench.propagation import SERVICES, stock_rows, till_sale
+from omni_devkit.cli import bench_app, fail
+from omni_devkit.devstack.process import DevStackError
 
 
 @dataclass(frozen=True)
@@ -153,7 +143,7 @@ def _raise_fd_limit(wanted: int) -> None:
 
 
 async def measure(
-    target: Target,
+    target: StackTarget,
     *,
     clients: int,
     rate: float,
@@ -167,74 +157,44 @@ async def measure(
     run = uuid.uuid4().hex[:6]
     store = f"bench-{run}-store"
     sku_ids = [f"BENCH-{run}-S{j:02d}" for j in range(skus)]
+    inventory_url = target.url("inventory")
     async with httpx.AsyncClient(
-        base_url=target.inventory_url,
+        base_url=inventory_url,
         headers={"Authorization": f"Bearer {target.api_key}"},
         timeout=10,
     ) as http:
-        response = await http.put(
-            f"/locations/{store}",
-            json={"name": "Stream bench store", "kind": "store", "low_stock_threshold": 0},
+        await put_location(
+            http, store, {"name": "Stream bench store", "kind": "store", "low_stock_threshold": 0}
         )
-        if response.status_code not in (200, 201):
-            raise DevStackError(f"inventory refused PUT /locations: {response.status_code}")
 
     producer = AIOKafkaProducer(bootstrap_servers=target.bootstrap, linger_ms=0)
     await producer.start()
-    sse = SseClients(target.inventory_url, {"sku": sku_ids})
+    sse = SseClients(inventory_url, {"sku": sku_ids})
     kafka = Inflight()
     done = asyncio.Event()
     count = max(1, round(rate * (duration + warmup)))
     skipped = min(count - 1, round(rate * warmup))
+    availability = target.topic_prefix + INVENTORY_AVAILABILITY
     try:
-        async with _own_group_consumer(
-            target, INVENTORY_AVAILABILITY, f"bench-{run}-backend"
+        async with own_group_consumer(
+            target.bootstrap, availability, f"bench-{run}-backend"
         ) as backend:
             say("stream: waiting for the Kafka consumer group ...")
-            await _until_assigned([backend])
+            await until_assigned([backend])
             collector = asyncio.create_task(
-                _collect(backend, kafka, lambda h: h.get("causation_id"), done)
+                record_arrivals(backend, kafka, lambda h: h.get("causation_id"), done)
             )
             say(f"stream: stocking {skus} SKUs ...")
-            for sku in sku_ids:
-                receipt = StockAdjusted(
-                    adjustment_id=uuid.uuid4().hex,
-                    location_id=store,
-                    sku=sku,
-                    kind="receipt",
-                    delta=STOCK_PER_ROW,
-                    occurred_at=datetime.now(UTC),
-                )
-                ce_id, headers = _headers(receipt)
-                kafka.published(ce_id, measured=False)
-                await producer.send(
-                    target.topic_prefix + INVENTORY_ADJUSTMENTS,
-                    encode(receipt),
-                    key=receipt.partition_key().encode(),
-                    headers=headers,
-                )
-            await kafka.drain(timeout=60)
+            await stock_rows(producer, target, kafka, [(store, sku) for sku in sku_ids])
             say(f"stream: connecting {clients} SSE clients ...")
             await sse.connect(clients, say)
             say(f"stream: {count} sales at {rate:g}/s to {sse.ready} clients ...")
-            price = Money(amount=Decimal("9.90"), currency="EUR")
-            async for n in _paced(rate, count):
-                sale = SaleRecorded(
-                    sale_id=f"bench-{run}-{n}",
-                    location_id=store,
-                    lines=[Line(sku=sku_ids[n % skus], qty=1, unit_price=price)],
-                    occurred_at=datetime.now(UTC),
-                )
-                ce_id, headers = _headers(sale)
-                kafka.published(ce_id, measured=n >= skipped)
+            async for n in paced(rate, count):
+                args = send_args(till_sale(run, n, store, sku_ids[n % skus]), target.topic_prefix)
+                kafka.published(ce_id(args), measured=n >= skipped)
                 if n >= skipped:
-                    sse.sent[ce_id] = time.perf_counter()
-                await producer.send(
-                    target.topic_prefix + STORE_SALES,
-                    encode(sale),
-                    key=sale.partition_key().encode(),
-                    headers=headers,
-                )
+                    sse.sent[ce_id(args)] = time.perf_counter()
+                await producer.send(**args)
             await kafka.drain()
             expected = (count - skipped) * sse.ready
             deadline = time.monotonic() + 10
@@ -274,35 +234,23 @@ def stream(
 ) -> None:
     """Store sale -> SSE clients of /availability/stream, beside a Kafka consumer."""
 
-    def say(line: str) -> None:
-        if not as_json:
-            typer.echo(line)
-            sys.stdout.flush()
+    say = progress(as_json)
 
-    def run(target: Target) -> StreamResult:
-        return asyncio.run(
-            measure(
-                target,
-                clients=clients,
-                rate=rate,
-                duration=duration,
-                warmup=warmup,
-                skus=skus,
-                say=say,
-            )
-        )
-
-    try:
-        target = None if embedded else _dev_stack_target_or_none(state_dir, say)
-        if target is None:
-            with _embedded_stack(say) as target:
-                result = run(target)
-        else:
-            result = run(target)
-    except DevStackError as exc:
-        fail(str(exc))
-    except (OSError, httpx.HTTPError) as exc:
-        fail(f"the stack did not answer: {type(exc).__name__}: {exc}")
+    result = run_on_stack(
+        SERVICES,
+        lambda target: measure(
+            target,
+            clients=clients,
+            rate=rate,
+            duration=duration,
+            warmup=warmup,
+            skus=skus,
+            say=say,
+        ),
+        embedded=embedded,
+        say=say,
+        state_dir=state_dir,
+    )
 
     figures = result.as_json()
     if not figures["deliveries"]:

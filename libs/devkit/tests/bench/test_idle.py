@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from omni_devkit.bench_idle import measure_idle
+from omni_devkit.bench.idle import measure_idle
 
 
 def test_a_busy_process_shows_and_an_idle_one_does_not() -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ from typing import Annotated
 import psutil
 import typer
 
+from omni_devkit.bench.kit import progress
 from omni_devkit.cli import bench_app, fail
 from omni_devkit.devstack.process import DevStackError
 
@@ -136,10 +136,7 @@ def idle(
 ) -> None:
     """CPU of the whole idle stack (broker and database included); target < 5 % of one core."""
 
-    def say(line: str) -> None:
-        if not as_json:
-            typer.echo(line)
-            sys.stdout.flush()
+    say = progress(as_json)
 
     def run(pids: dict[str, int]) -> IdleResult:
         say(f"settling {settle:g} s, then measuring {seconds:g} s of idle CPU ...")

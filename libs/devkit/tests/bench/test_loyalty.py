@@ -6,9 +6,9 @@ import httpx
 import pytest
 from inventory_service.entrypoints.app import create_app as create_inventory
 from loyalty_service.entrypoints.app import create_app as create_loyalty
-from loyalty_service.entrypoints.bench import measure
 from loyalty_service.settings import LoyaltySettings
-from omni_devkit.benchkit import StackTarget
+from omni_devkit.bench.kit import StackTarget
+from omni_devkit.bench.loyalty import measure
 from omni_devkit.testing.services import running
 from order_service.entrypoints.app import create_app as create_order
 from order_service.settings import OrderSettings
