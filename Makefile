@@ -66,7 +66,9 @@ clean: down
 	rm -rf .omni .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -not -path './.venv/*' -not -path './.tools/*' -prune -exec rm -rf {} +
 
-# Regenerate the committed contract (docs/asyncapi.yaml) after changing an event model.
+# Regenerate the committed contract (docs/asyncapi.yaml, docs/schemas/) after changing an
+# event model.
 contracts: setup
 	$(RUN) omni docs asyncapi --output docs/asyncapi.yaml
+	$(RUN) python -m omni_contracts.schemas --output docs/schemas
 	$(RUN) omni contracts check --against HEAD
