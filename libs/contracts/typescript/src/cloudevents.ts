@@ -102,6 +102,18 @@ const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const RFC3339 = /^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$/;
 const utf8 = new TextDecoder("utf-8", { fatal: true });
 
+/** A random (version 4) UUID: Web Crypto where the runtime has it. */
+function uuid(): string {
+  const webCrypto = (globalThis as { crypto?: { randomUUID?: () => string } }).crypto;
+  if (webCrypto?.randomUUID) return webCrypto.randomUUID();
+  // Node 18 hides Web Crypto behind a flag; an id only has to be unique, not secret.
+  const hex = Array.from({ length: 32 }, () => Math.floor(Math.random() * 16).toString(16));
+  hex[12] = "4";
+  hex[16] = ((parseInt(hex[16] as string, 16) & 0x3) | 0x8).toString(16);
+  const h = hex.join("");
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
+
 /** Whether `type` is an event type of this version of the contract. */
 export function isEventType(type: string): type is EventType {
   return Object.prototype.hasOwnProperty.call(EVENT_TYPES, type);
@@ -120,7 +132,7 @@ export function encode<T extends EventType>(
     throw new ContractError(`${type} needs its key field ${spec.key} (a non-empty string)`);
   }
   if (!options.source) throw new ContractError("a source (ce_source) is required");
-  const id = options.id ?? globalThis.crypto.randomUUID();
+  const id = options.id ?? uuid();
   const headers: Record<string, string> = {
     [HEADERS.specversion]: SPECVERSION,
     [HEADERS.id]: id,

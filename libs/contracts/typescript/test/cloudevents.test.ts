@@ -155,3 +155,19 @@ test("the types hold the contract: ISO strings, closed vocabularies, required fi
   checkout("kiosk");
   assert.equal(checkout("web"), "web");
 });
+
+test("ids are version 4 UUIDs, also where the runtime has no Web Crypto (Node 18)", () => {
+  const descriptor = Object.getOwnPropertyDescriptor(globalThis, "crypto");
+  Object.defineProperty(globalThis, "crypto", { value: undefined, configurable: true });
+  try {
+    const ids = new Set<string>();
+    for (let i = 0; i < 1000; i++) {
+      const { message } = encode("store.sale.recorded", sale, { source: "/s" });
+      ids.add(decodeEnvelope(message.headers).id);
+    }
+    assert.equal(ids.size, 1000);
+    for (const id of ids) assert.match(id, /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+  } finally {
+    if (descriptor) Object.defineProperty(globalThis, "crypto", descriptor);
+  }
+});
