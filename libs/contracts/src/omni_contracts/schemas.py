@@ -4,8 +4,9 @@ One file per ``ce_type`` (``<ce_type>.json``) for teams whose language has a JSO
 validator or type generator but no AsyncAPI tooling (TypeScript, Java, Go), plus
 ``index.json``: topic -> key -> event types -> schema file. Each schema is the payload schema
 the AsyncAPI document publishes (:func:`omni_contracts.asyncapi.payload_schema`), made
-self-contained (its sub-models in ``$defs``) and labelled with ``$id``, ``title``, the event's
-docstring as ``description`` and the keywords ``x-ce-type``, ``x-topic`` and ``x-key``.
+self-contained (its sub-models in ``$defs``) and labelled with ``$id``
+(``urn:omni:event:<ce_type>``), ``title``, the event's docstring as ``description`` and the
+keywords ``x-ce-type``, ``x-topic`` and ``x-key``.
 
 Run ``python -m omni_contracts.schemas --output docs/schemas`` to write them, ``--check
 docs/schemas`` to say which committed files differ from the code (the contract gate).
@@ -31,22 +32,29 @@ GENERATED = "Generated from the omni_contracts models by `make contracts`: do no
 
 
 def schema_file(ce_type: str) -> str:
-    """The file name of the schema of ``ce_type`` (also its ``$id``)."""
+    """The file name of the schema of ``ce_type``."""
     return f"{ce_type}.json"
 
 
-def event_json_schema(model: type[Event]) -> dict[str, Any]:
-    """The self-contained JSON Schema 2020-12 document of one event type's data.
+def schema_id(ce_type: str) -> str:
+    """The ``$id`` of the schema of ``ce_type``.
 
-    ``$id`` is the file name, so the schemas resolve against wherever the folder is served
-    or copied; the document itself has no reference outside its own ``$defs``.
+    An absolute URI, as validators that load a schema from a stream need (Java's networknt
+    refuses a relative one), and a name rather than an address: the schemas are files in
+    the repository and in the packages made from it, served from no fixed place.
     """
+    return f"urn:omni:event:{ce_type}"
+
+
+def event_json_schema(model: type[Event]) -> dict[str, Any]:
+    """The self-contained JSON Schema 2020-12 document of one event type's data: it has no
+    reference outside its own ``$defs``."""
     spec = TOPICS[model.topic]
     schema = payload_schema(model)
     return {
         **schema,
         "$schema": DIALECT,
-        "$id": schema_file(model.ce_type),
+        "$id": schema_id(model.ce_type),
         "title": model.__name__,
         # pydantic's description is the docstring; a model without one still says what it is.
         "description": schema.get("description", model.__name__),

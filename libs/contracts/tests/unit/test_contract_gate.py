@@ -213,7 +213,7 @@ def test_one_labelled_2020_12_schema_per_event_type(schemas: dict[str, dict[str,
         schema = schemas[schema_file(ce_type)]
         Draft202012Validator.check_schema(schema)
         assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
-        assert schema["$id"] == f"{ce_type}.json"
+        assert schema["$id"] == f"urn:omni:event:{ce_type}"
         assert schema["title"] == model.__name__
         docstring = inspect.cleandoc(model.__doc__ or "").replace("``", "`")
         assert schema["description"] == docstring

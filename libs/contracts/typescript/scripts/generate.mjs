@@ -148,7 +148,7 @@ function catalogueModule({ index, topics, events }) {
     lines.push("  },");
   }
   lines.push("} as const;", "");
-  lines.push("/** Every event type: its topic, key field, type name and JSON Schema file. */");
+  lines.push("/** Every event type: its topic, key field, type name, JSON Schema file and `$id`. */");
   lines.push("export const EVENT_TYPES = {");
   for (const { ceType, topic, file, schema } of events) {
     lines.push(`  ${q(ceType)}: {`);
@@ -156,6 +156,7 @@ function catalogueModule({ index, topics, events }) {
     lines.push(`    key: ${q(schema["x-key"])},`);
     lines.push(`    title: ${q(schema.title)},`);
     lines.push(`    schema: ${q(file)},`);
+    lines.push(`    schemaId: ${q(schema.$id)},`);
     lines.push("  },");
   }
   lines.push("} as const;", "");

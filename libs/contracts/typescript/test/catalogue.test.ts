@@ -17,8 +17,8 @@ test("every topic, key and event type of docs/schemas/index.json, and no other",
       const schema = readSchema(file);
       const entry = EVENT_TYPES[ceType as keyof typeof EVENT_TYPES];
       assert.deepEqual(
-        [entry.topic, entry.key, entry.title, entry.schema],
-        [schema["x-topic"], schema["x-key"], schema["title"], file],
+        [entry.topic, entry.key, entry.title, entry.schema, entry.schemaId],
+        [schema["x-topic"], schema["x-key"], schema["title"], file, schema["$id"]],
       );
     }
   }

@@ -50,10 +50,11 @@ export function validators(dir = SCHEMAS_DIR): { valid: Check; drift: Check } {
   const closed = new Ajv2020({ allErrors: true });
   addFormats(closed);
   closed.addVocabulary(["x-ce-type", "x-topic", "x-key"]);
-  const index = readIndex(dir);
-  for (const topic of Object.values(index.topics)) {
-    for (const file of Object.values(topic.events)) {
+  const ids = new Map<string, string>();
+  for (const topic of Object.values(readIndex(dir).topics)) {
+    for (const [ceType, file] of Object.entries(topic.events)) {
       const schema = readSchema(file, dir);
+      ids.set(ceType, schema["$id"] as string);
       ajv.addSchema(schema);
       closed.addSchema(close(schema));
     }
@@ -61,7 +62,8 @@ export function validators(dir = SCHEMAS_DIR): { valid: Check; drift: Check } {
   const check =
     (instance: Ajv2020, only?: string): Check =>
     (ceType, data) => {
-      const validate = instance.getSchema(`${ceType}.json`);
+      const id = ids.get(ceType);
+      const validate = id === undefined ? undefined : instance.getSchema(id);
       if (!validate) return [`no committed schema for ${ceType}`];
       const errors = validate(data) ? [] : (validate.errors ?? []);
       return describe(only ? errors.filter((e) => e.keyword === only) : errors);
