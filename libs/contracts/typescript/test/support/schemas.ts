@@ -4,10 +4,10 @@ import { readFileSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { Ajv2020, type ErrorObject } from "ajv/dist/2020.js";
-import addFormatsModule from "ajv-formats";
+import ajvFormats from "ajv-formats";
 
-// ajv-formats is CommonJS: under NodeNext its default import is the module object.
-const addFormats = addFormatsModule as unknown as typeof addFormatsModule.default;
+// ajv-formats is CommonJS: under NodeNext its default import is the module, the plugin .default.
+const addFormats = ajvFormats.default;
 
 /** docs/schemas/ of this checkout (dist/test/support -> the repository root). */
 export const SCHEMAS_DIR =
