@@ -30,7 +30,15 @@ from omni_devkit.testing.plugin import OmniTestEnv
 from omni_devkit.testing.services import running
 from order_service.entrypoints.app import create_app as create_order
 
-pytestmark = pytest.mark.e2e
+NODE, NPM = shutil.which("node"), shutil.which("npm")
+# At module level, so that without Node no broker or database is started for nothing.
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        NODE is None or NPM is None,
+        reason="node and npm are not on this machine: the Node round trip needs them",
+    ),
+]
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "libs" / "contracts" / "typescript"
@@ -41,15 +49,13 @@ STORE = "store-node-1"
 @pytest.fixture(scope="module")
 def node_program() -> Iterator[list[str]]:
     """The round trip's command line, once the package is built (``tsc --strict``)."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.skip("node and npm are not on this machine: the Node round trip needs them")
+    assert NODE is not None and NPM is not None
     if not (PACKAGE / "node_modules" / ".package-lock.json").is_file():
         pytest.fail(
             f"{PACKAGE}/node_modules is missing: run `make test`, or `npm ci` in that folder"
         )
     built = subprocess.run(
-        [npm, "run", "build", "--silent"],
+        [NPM, "run", "build", "--silent"],
         cwd=PACKAGE,
         capture_output=True,
         text=True,
@@ -57,7 +63,7 @@ def node_program() -> Iterator[list[str]]:
         check=False,
     )
     assert built.returncode == 0, f"tsc failed:\n{built.stdout}\n{built.stderr}"
-    yield [node, str(PACKAGE / "dist" / "e2e" / "roundtrip.js")]
+    yield [NODE, str(PACKAGE / "dist" / "e2e" / "roundtrip.js")]
 
 
 async def run_node(
