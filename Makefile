@@ -13,7 +13,10 @@ PYTEST_ARGS ?=
 # proven. TANSU_SUBSET= (empty) skips that second run.
 TANSU_SUBSET ?= -m tansu
 
-.PHONY: setup run test lint bench down clean contracts browser demo
+# The TypeScript contract package (@omni/contracts), checked by `make test` when Node is here.
+TS_PACKAGE := libs/contracts/typescript
+
+.PHONY: setup run test lint bench down clean contracts browser demo node-deps
 
 setup:
 	@if [ ! -x "$(UV)" ]; then \
@@ -40,7 +43,18 @@ browser:
 demo: setup
 	$(RUN) omni demo
 
-test: setup
+# The TypeScript package's dependencies, installed from its lock file once, and again only
+# when the lock changes (npm writes node_modules/.package-lock.json at each install).
+node-deps:
+	@if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then \
+		echo "node/npm: none (the TypeScript contract tests will be skipped)"; \
+	elif [ ! -f $(TS_PACKAGE)/node_modules/.package-lock.json ] \
+		|| [ $(TS_PACKAGE)/package-lock.json -nt $(TS_PACKAGE)/node_modules/.package-lock.json ]; then \
+		(cd $(TS_PACKAGE) && npm ci --prefer-offline --no-audit --no-fund) \
+		|| echo "npm ci failed: the TypeScript contract tests will say so" >&2; \
+	fi
+
+test: setup node-deps
 	@command -v chromium >/dev/null 2>&1 || $(MAKE) --no-print-directory browser || true
 	$(RUN) pytest $(PYTEST_ARGS)
 	@if [ -n "$(TANSU_SUBSET)" ]; then \
@@ -66,7 +80,11 @@ clean: down
 	rm -rf .omni .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -not -path './.venv/*' -not -path './.tools/*' -prune -exec rm -rf {} +
 
-# Regenerate the committed contract (docs/asyncapi.yaml) after changing an event model.
-contracts: setup
+# Regenerate the committed contract after changing an event model: docs/asyncapi.yaml,
+# docs/schemas/ and, from those schemas, the TypeScript types (needs Node).
+contracts: setup node-deps
 	$(RUN) omni docs asyncapi --output docs/asyncapi.yaml
+	$(RUN) python -m omni_contracts.schemas --output docs/schemas
+	@if command -v node >/dev/null 2>&1; then cd $(TS_PACKAGE) && node scripts/generate.mjs; \
+	else echo "node: none, so $(TS_PACKAGE)/src/generated/ is NOT regenerated" >&2; fi
 	$(RUN) omni contracts check --against HEAD

@@ -112,20 +112,21 @@ def _dead_letter_headers() -> dict[str, Any]:
     }
 
 
-def _rewrite(node: Any) -> Any:
-    """Point pydantic's local ``#/$defs/X`` refs at the document's components."""
+def _rewrite(node: Any, refs: str = _SCHEMAS) -> Any:
+    """Point pydantic's local ``#/$defs/X`` refs at ``refs`` + ``X`` (the document's
+    components by default) and write descriptions as CommonMark."""
     if isinstance(node, dict):
         out = {}
         for key, value in node.items():
             if key == "$ref" and isinstance(value, str) and value.startswith("#/$defs/"):
-                out[key] = _SCHEMAS + value.removeprefix("#/$defs/")
+                out[key] = refs + value.removeprefix("#/$defs/")
             elif key == "description" and isinstance(value, str):
                 out[key] = _text(value)
             else:
-                out[key] = _rewrite(value)
+                out[key] = _rewrite(value, refs)
         return out
     if isinstance(node, list):
-        return [_rewrite(item) for item in node]
+        return [_rewrite(item, refs) for item in node]
     return node
 
 
@@ -137,11 +138,22 @@ def _add_schema(schemas: dict[str, Any], name: str, schema: dict[str, Any]) -> N
     schemas[name] = schema
 
 
+def payload_schema(model: type[Event], refs: str = "#/$defs/") -> dict[str, Any]:
+    """The published JSON schema of an event's data: pydantic's serialization schema, with
+    descriptions in CommonMark and its ``#/$defs/X`` refs pointing at ``refs`` + ``X``.
+
+    The AsyncAPI document and the JSON Schemas (:mod:`omni_contracts.schemas`) both publish
+    this one, so the two cannot tell a channel team different things.
+    """
+    schema: dict[str, Any] = _rewrite(event_schema(model), refs)
+    return schema
+
+
 def _message(model: type[Event], spec: TopicSpec, schemas: dict[str, Any]) -> dict[str, Any]:
-    schema = event_schema(model)
+    schema = payload_schema(model, _SCHEMAS)
     for name, definition in schema.pop("$defs", {}).items():
-        _add_schema(schemas, name, _rewrite(definition))
-    _add_schema(schemas, model.__name__, _rewrite(schema))
+        _add_schema(schemas, name, definition)
+    _add_schema(schemas, model.__name__, schema)
     summary, description = _summary_and_description(model)
     return {
         "name": model.__name__,

@@ -13,12 +13,15 @@ Additions (optional fields, event types, topics, enum values) are compatible and
 as such. Constraints such as lengths are not compared: tightening one only refuses what the
 platform could never store.
 
+The JSON Schemas of ``docs/schemas/`` are judged by the same rules through
+:func:`schemas_document`.
+
 Pure functions on plain dicts, so a channel team can run the same gate in its own CI.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +68,46 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> Comparison:
         for ce_type in sorted(new_types.keys() - old_types)
     ]
     return result
+
+
+def schemas_document(schemas: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The JSON Schemas of ``docs/schemas/`` (one per event type) in the shape
+    :func:`compare` reads, so the same rules judge them: ``compare(schemas_document(old),
+    schemas_document(new))``.
+
+    Each schema names its topic and key (``x-topic``, ``x-key``); its ``$defs`` are kept
+    under its own ``ce_type``, since every file carries its own copy of the shared models.
+    """
+    channels: dict[str, dict[str, Any]] = {}
+    messages: dict[str, Any] = {}
+    components: dict[str, Any] = {}
+    for schema in schemas:
+        ce_type, topic = str(schema["x-ce-type"]), str(schema["x-topic"])
+        channel = channels.setdefault(
+            topic, {"address": topic, "x-key": schema.get("x-key"), "messages": {}}
+        )
+        channel["messages"][ce_type] = {"$ref": f"#/components/messages/{ce_type}"}
+        messages[ce_type] = {"payload": {"$ref": _SCHEMAS + ce_type}}
+        refs = f"{_SCHEMAS}{ce_type}/"
+        body = {key: value for key, value in schema.items() if key != "$defs"}
+        components[ce_type] = _point_refs(body, refs)
+        for name, definition in schema.get("$defs", {}).items():
+            components[f"{ce_type}/{name}"] = _point_refs(definition, refs)
+    return {"channels": channels, "components": {"schemas": components, "messages": messages}}
+
+
+def _point_refs(node: Any, refs: str) -> Any:
+    """``node`` with its local ``#/$defs/X`` refs pointing at ``refs`` + ``X``."""
+    if isinstance(node, dict):
+        return {
+            key: refs + value.removeprefix("#/$defs/")
+            if key == "$ref" and isinstance(value, str) and value.startswith("#/$defs/")
+            else _point_refs(value, refs)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_point_refs(item, refs) for item in node]
+    return node
 
 
 def _topics(document: dict[str, Any]) -> dict[str, dict[str, Any]]:

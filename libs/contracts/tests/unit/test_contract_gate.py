@@ -1,18 +1,34 @@
-"""The contract gate: the committed AsyncAPI document is the code's, and breaking changes
-are refused while additive ones pass (each kind on a real event of the catalogue)."""
+"""The contract gate: the committed AsyncAPI document and JSON Schemas are the code's, and
+breaking changes are refused while additive ones pass (each kind on a real event of the
+catalogue)."""
 
 from __future__ import annotations
 
 import copy
+import inspect
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from jsonschema import Draft202012Validator
+from omni_contracts import EVENT_TYPES, TOPICS
 from omni_contracts.asyncapi import asyncapi_document, to_yaml
-from omni_contracts.compat import compare
+from omni_contracts.compat import compare, schemas_document
+from omni_contracts.schemas import (
+    INDEX,
+    json_schemas,
+    read_schemas,
+    render,
+    schema_file,
+    stale_files,
+    write_schemas,
+)
 
-COMMITTED = Path(__file__).resolve().parents[4] / "docs" / "asyncapi.yaml"
+DOCS = Path(__file__).resolve().parents[4] / "docs"
+COMMITTED = DOCS / "asyncapi.yaml"
+COMMITTED_SCHEMAS = DOCS / "schemas"
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +174,124 @@ def test_every_topic_says_its_key(contract: dict[str, Any]) -> None:
     for name, channel in contract["channels"].items():
         if not name.endswith(".dlq"):
             assert channel["x-key"], name
+
+
+# -- the JSON Schemas (docs/schemas/) --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def schemas() -> dict[str, dict[str, Any]]:
+    return json_schemas()
+
+
+def _event_schemas(files: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [document for name, document in files.items() if name != INDEX]
+
+
+def test_the_committed_json_schemas_are_the_codes() -> None:
+    problems = stale_files(COMMITTED_SCHEMAS)
+    assert problems == [], (
+        "docs/schemas/ differs from the contract in the code: run `make contracts` "
+        "(python -m omni_contracts.schemas --output docs/schemas) and commit it:\n"
+        + "\n".join(problems)
+    )
+
+
+def test_the_schemas_say_what_the_asyncapi_document_says(
+    contract: dict[str, Any], schemas: dict[str, dict[str, Any]]
+) -> None:
+    # Both come from one payload schema: the gate finds no change either way.
+    as_document = schemas_document(_event_schemas(schemas))
+    for old, new in ((contract, as_document), (as_document, contract)):
+        result = compare(old, new)
+        assert (result.breaking, result.additive) == ([], [])
+
+
+def test_one_labelled_2020_12_schema_per_event_type(schemas: dict[str, dict[str, Any]]) -> None:
+    assert set(schemas) == {schema_file(ce_type) for ce_type in EVENT_TYPES} | {INDEX}
+    for ce_type, model in EVENT_TYPES.items():
+        schema = schemas[schema_file(ce_type)]
+        Draft202012Validator.check_schema(schema)
+        assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+        assert schema["$id"] == f"urn:omni:event:{ce_type}"
+        assert schema["title"] == model.__name__
+        docstring = inspect.cleandoc(model.__doc__ or "").replace("``", "`")
+        assert schema["description"] == docstring
+        assert (schema["x-ce-type"], schema["x-topic"], schema["x-key"]) == (
+            ce_type,
+            model.topic,
+            model.key_field,
+        )
+        assert list(schema["properties"]) == list(model.model_fields), "model field order"
+
+
+def test_the_index_maps_topics_to_keys_event_types_and_files(
+    schemas: dict[str, dict[str, Any]],
+) -> None:
+    index = json.loads(render(schemas[INDEX]))["topics"]
+    assert list(index) == sorted(TOPICS)
+    for name, spec in TOPICS.items():
+        assert index[name]["key"] == spec.key
+        assert index[name]["direction"] == spec.direction
+        assert index[name]["events"] == {t: f"{t}.json" for t in spec.events}
+        assert list(index[name]["events"]) == sorted(spec.events)
+
+
+def test_files_are_canonical(schemas: dict[str, dict[str, Any]]) -> None:
+    for document in schemas.values():
+        text = render(document)
+        assert text.endswith("}\n") and render(json.loads(text)) == text
+    schema = json.loads(render(schemas["store.sale.recorded.json"]))
+    assert list(schema)[:3] == ["$defs", "$id", "$schema"], "keywords sorted"
+    assert list(schema["properties"])[:2] == ["sale_id", "location_id"], "fields in model order"
+
+
+def test_stale_missing_and_leftover_files_are_named(tmp_path: Path) -> None:
+    assert write_schemas(tmp_path)  # a fresh directory: everything written
+    assert stale_files(tmp_path) == [] and write_schemas(tmp_path) == []
+    (tmp_path / "order.placed.json").write_text("{}\n")
+    (tmp_path / "order.gift_wrapped.json").write_text("{}\n")
+    (tmp_path / "cart.viewed.json").unlink()
+    assert stale_files(tmp_path) == [
+        "cart.viewed.json: missing",
+        "order.placed.json: differs from the code",
+        "order.gift_wrapped.json: no such event type in the code",
+    ]
+    assert sorted(write_schemas(tmp_path)) == [
+        "cart.viewed.json",
+        "order.gift_wrapped.json",
+        "order.placed.json",
+    ]
+    assert stale_files(tmp_path) == []
+
+
+def test_read_schemas_reads_what_the_index_names(tmp_path: Path) -> None:
+    def read(name: str) -> str | None:
+        path = tmp_path / name
+        return path.read_text() if path.is_file() else None
+
+    assert read_schemas(read) is None  # no index.json: no schemas
+    write_schemas(tmp_path)
+    found = read_schemas(read)
+    assert found is not None
+    assert sorted(s["x-ce-type"] for s in found) == sorted(EVENT_TYPES)
+    (tmp_path / "cart.viewed.json").unlink()
+    with pytest.raises(ValueError, match=r"cart\.viewed\.json"):
+        read_schemas(read)
+
+
+def test_breaking_changes_to_a_schema_are_refused(schemas: dict[str, dict[str, Any]]) -> None:
+    old = copy.deepcopy(_event_schemas(schemas))
+    for schema in old:
+        if schema["x-ce-type"] == "store.sale.recorded":
+            schema["properties"]["till_id"] = {"type": "string"}
+        if schema["x-ce-type"] == "order.placed":
+            schema["$defs"]["Line"]["properties"]["qty"] = {"type": "string"}
+        if schema["x-ce-type"] == "inventory.availability.changed":
+            schema["x-key"] = "location_id"
+    result = compare(schemas_document(old), schemas_document(_event_schemas(schemas)))
+    assert sorted(result.breaking) == [
+        "order.placed.lines.qty: type changed from string to integer",
+        "store.sale.recorded.till_id: field removed (or renamed)",
+        "topic inventory.availability.v1: key changed from 'location_id' to 'sku'",
+    ]

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from jsonschema import Draft202012Validator
 from omni_contracts import (
     CART_EVENTS,
     CUSTOMER_PROFILE,
@@ -45,6 +46,7 @@ from omni_contracts import (
     asyncapi,
     event_type,
     parse_event,
+    schemas,
 )
 from pydantic import ValidationError
 
@@ -718,3 +720,48 @@ def test_asyncapi_main_prints_yaml(document: dict, capsys: pytest.CaptureFixture
     assert yaml.safe_load(capsys.readouterr().out) == document
     asyncapi.main(["--format", "json"])
     assert json.loads(capsys.readouterr().out) == document
+
+
+# --- the JSON Schemas ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ce_type", sorted(EXPECTED))
+def test_every_sample_is_valid_against_its_json_schema(ce_type: str) -> None:
+    schema = schemas.event_json_schema(event_type(ce_type))
+    data = json.loads(sample(ce_type).model_dump_json())
+    Draft202012Validator(schema).validate(data)
+    renamed = {
+        ("renamed_" + k if k == event_type(ce_type).key_field else k): v for k, v in data.items()
+    }
+    assert not Draft202012Validator(schema).is_valid(renamed), "the key field is required"
+
+
+def _times_of_day(node: Any, schema: dict[str, Any], defs: dict[str, Any]) -> Iterator[str]:
+    """The values a schema says are of format ``time``, wherever they are in ``node``."""
+    if "$ref" in schema:
+        yield from _times_of_day(node, defs[schema["$ref"].rsplit("/", 1)[-1]], defs)
+    for variant in schema.get("anyOf", []):
+        yield from _times_of_day(node, variant, defs)
+    if schema.get("format") == "time" and isinstance(node, str):
+        yield node
+    if isinstance(node, dict):
+        for name, prop in schema.get("properties", {}).items():
+            if name in node:
+                yield from _times_of_day(node[name], prop, defs)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="contract finding, left as it is: a time of day (quiet_hours_*) is written as "
+    "'21:00:00', but its schema says format 'time', which is RFC 3339 full-time and needs "
+    "an offset, so a validator that asserts formats (ajv-formats) refuses the event",
+)
+def test_times_of_day_are_what_their_format_says() -> None:
+    full_time = re.compile(r"\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})", re.IGNORECASE)
+    found = []
+    for ce_type in ("customer.preferences.updated", "customer.profile.updated"):
+        schema = schemas.event_json_schema(event_type(ce_type))
+        data = json.loads(sample(ce_type).model_dump_json())
+        found += list(_times_of_day(data, schema, schema.get("$defs", {})))
+    assert found, "the samples carry quiet hours"
+    assert all(full_time.fullmatch(value) for value in found), found

@@ -509,6 +509,8 @@ def dlq_replay(
 
 CONTRACT_FILE = Path("docs/asyncapi.yaml")
 """The committed contract, relative to the repository root."""
+SCHEMAS_DIR = Path("docs/schemas")
+"""The committed JSON Schemas (one per event type, and index.json), relative to the root."""
 
 
 @docs_app.command("asyncapi")
@@ -535,6 +537,12 @@ def docs_asyncapi(
     echo(f"wrote {output}")
 
 
+def _git_show(ref: str, path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["git", "show", f"{ref}:{path.as_posix()}"], capture_output=True, text=True, check=False
+    )
+
+
 def _load_contract(against: str) -> dict[str, Any]:
     """The contract in file ``against``, else ``docs/asyncapi.yaml`` at git ref ``against``."""
     import yaml
@@ -543,12 +551,7 @@ def _load_contract(against: str) -> dict[str, Any]:
     if path.is_file():
         text = path.read_text()
     else:
-        shown = subprocess.run(
-            ["git", "show", f"{against}:{CONTRACT_FILE.as_posix()}"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        shown = _git_show(against, CONTRACT_FILE)
         if shown.returncode != 0:
             why = (shown.stderr.strip().splitlines() or ["git show failed"])[-1]
             fail(f"{against!r} is neither a file nor a git ref with {CONTRACT_FILE}: {why}")
@@ -559,34 +562,75 @@ def _load_contract(against: str) -> dict[str, Any]:
     return document
 
 
+def _load_schemas(against: str) -> list[dict[str, Any]] | None:
+    """The JSON Schemas in directory ``against``, else in ``docs/schemas/`` at git ref
+    ``against``; None when there are none (a file, or a ref older than the schemas)."""
+    from omni_contracts.schemas import read_schemas
+
+    path = Path(against)
+
+    def from_directory(name: str) -> str | None:
+        file = path / name
+        return file.read_text(encoding="utf-8") if file.is_file() else None
+
+    def from_git(name: str) -> str | None:
+        shown = _git_show(against, SCHEMAS_DIR / name)
+        return shown.stdout if shown.returncode == 0 else None
+
+    if path.is_file():
+        return None
+    try:
+        return read_schemas(from_directory if path.is_dir() else from_git)
+    except ValueError as exc:
+        fail(f"the JSON Schemas of {against!r} are incomplete: {exc}")
+
+
 @contracts_app.command("check")
 def contracts_check(
     against: Annotated[
         str,
         typer.Option(
-            help="The contract to stay compatible with: a file or a git ref", metavar="REF"
+            help="The contract to stay compatible with: a git ref (its docs/asyncapi.yaml and "
+            "docs/schemas/), an AsyncAPI file or a directory of JSON Schemas",
+            metavar="REF",
         ),
     ] = "HEAD",
 ) -> None:
     """Refuse breaking changes of the code's contract against REF (exit 1, one line each).
 
     Breaking: a topic or event type removed, a topic's key changed, a field removed or
-    renamed, a field's type changed, a field made required. Additions pass.
+    renamed, a field's type changed, a field made required. Additions pass. At a git ref
+    both published forms are judged: the AsyncAPI document and the JSON Schemas.
     """
     from omni_contracts.asyncapi import asyncapi_document
-    from omni_contracts.compat import compare
+    from omni_contracts.compat import Comparison, compare, schemas_document
+    from omni_contracts.schemas import INDEX, json_schemas
 
-    result = compare(_load_contract(against), asyncapi_document())
-    for change in result.additive:
+    judged: list[tuple[str, Comparison]] = []
+    if not Path(against).is_dir():
+        judged.append((str(CONTRACT_FILE), compare(_load_contract(against), asyncapi_document())))
+    old_schemas = _load_schemas(against)
+    if old_schemas is not None:
+        code = [schema for name, schema in json_schemas().items() if name != INDEX]
+        judged.append(
+            (f"{SCHEMAS_DIR}/", compare(schemas_document(old_schemas), schemas_document(code)))
+        )
+    elif Path(against).is_dir():
+        fail(f"{against!r} has no {INDEX}: not a directory of the contract's JSON Schemas")
+    # Both forms come from one model, so most changes show in both: say each once.
+    breaking = list(dict.fromkeys(c for _, result in judged for c in result.breaking))
+    additive = list(dict.fromkeys(c for _, result in judged for c in result.additive))
+    for change in additive:
         echo(f"ok: {change}")
-    if not result.compatible:
-        for change in result.breaking:
+    if breaking:
+        for change in breaking:
             typer.echo(f"breaking: {change}", err=True)
         fail(
-            f"{len(result.breaking)} breaking change(s) against {against}: keep the old field "
+            f"{len(breaking)} breaking change(s) against {against}: keep the old field "
             "or event type, or publish a new .vN topic"
         )
-    echo(f"compatible with {against} ({len(result.additive)} additive change(s))")
+    forms = " and ".join(name for name, _ in judged)
+    echo(f"compatible with {against} ({len(additive)} additive change(s); judged {forms})")
 
 
 # -- events ----------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""``omni contracts check --against REF``: a file or a git ref, breaking changes refused."""
+"""``omni contracts check --against REF``: a file, a directory of JSON Schemas or a git ref
+(both published forms), breaking changes refused."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import yaml
 from omni_contracts.asyncapi import asyncapi_document, to_yaml
+from omni_contracts.schemas import json_schemas, render
 
 
 def check(against: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -76,3 +78,50 @@ def test_against_a_git_ref(tmp_path: Path) -> None:
 def test_the_committed_document_loads() -> None:
     committed = Path(__file__).resolve().parents[4] / "docs" / "asyncapi.yaml"
     assert yaml.safe_load(committed.read_text())["asyncapi"] == "3.0.0"
+
+
+def _schemas_with_a_till_id(directory: Path) -> None:
+    """JSON Schemas of a past contract whose store sale had a ``till_id`` (now removed)."""
+    directory.mkdir(parents=True)
+    for name, document in json_schemas().items():
+        if name == "store.sale.recorded.json":
+            document["properties"]["till_id"] = {"type": "string"}
+        (directory / name).write_text(render(document))
+
+
+def test_against_a_git_ref_the_json_schemas_are_judged_too(tmp_path: Path) -> None:
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs/asyncapi.yaml").write_text(to_yaml(asyncapi_document()))
+    _schemas_with_a_till_id(tmp_path / "docs/schemas")
+    git("add", ".")
+    git("-c", "user.email=ci@example.invalid", "-c", "user.name=ci", "commit", "-qm", "v1")
+    # The AsyncAPI document at v1 is the code's: only the schemas know of till_id.
+    refused = check("HEAD", tmp_path)
+    assert refused.returncode == 1
+    assert "breaking: store.sale.recorded.till_id: field removed (or renamed)" in refused.stderr
+
+    (tmp_path / "docs/asyncapi.yaml").write_text(to_yaml(_older_with_more_fields()))
+    git("commit", "-qam", "v2")
+    twice = check("HEAD", tmp_path)
+    assert twice.stderr.count("till_id: field removed") == 1, "one line for both forms"
+
+
+def test_against_a_directory_of_schemas(tmp_path: Path) -> None:
+    _schemas_with_a_till_id(tmp_path / "old")
+    refused = check(str(tmp_path / "old"), tmp_path)
+    assert refused.returncode == 1 and "till_id: field removed" in refused.stderr
+    (tmp_path / "current").mkdir()
+    for name, document in json_schemas().items():
+        (tmp_path / "current" / name).write_text(render(document))
+    ok = check(str(tmp_path / "current"), tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "judged docs/schemas/" in ok.stdout
+    empty = check(str(tmp_path / "docs-elsewhere"), tmp_path)
+    assert empty.returncode == 1
+    (tmp_path / "nothing").mkdir()
+    none = check(str(tmp_path / "nothing"), tmp_path)
+    assert none.returncode == 1 and "has no index.json" in none.stderr
