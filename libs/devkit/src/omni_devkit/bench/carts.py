@@ -41,6 +41,8 @@ import httpx
 import typer
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from omni_common.db import create_pool, migrate, quote_ident
+from omni_common.handlers import Due
+from omni_common.metrics import PlatformMetrics
 from omni_common.settings import ServiceSettings
 from omni_common.timers import TimerWheel
 from omni_common.topics import create_topics
@@ -148,12 +150,16 @@ async def _baseline(database: str, n: int, window_s: float, lead_s: float, say: 
     seen_at = [0.0]
     all_fired = asyncio.Event()
 
-    async def empty(_tx: Any, _key: str, payload: dict[str, Any]) -> None:
+    async def empty(due: list[Due], _tx: Any) -> None:
         now = time.time()
-        lags.append(now - datetime.fromisoformat(payload["due_at"]).timestamp())
+        for timer in due:
+            lags.append(now - datetime.fromisoformat(timer.payload["due_at"]).timestamp())
         seen_at[0] = now
         if len(lags) >= n:
             all_fired.set()
+
+    async def healthy() -> None:
+        return None
 
     @contextlib.asynccontextmanager
     async def transaction() -> Any:
@@ -172,9 +178,12 @@ async def _baseline(database: str, n: int, window_s: float, lead_s: float, say: 
         wheel = TimerWheel(
             transaction,
             {BASELINE_KIND: empty},
+            metrics=PlatformMetrics("bench-wheel"),
+            health=healthy,
             poll_interval_s=0.1,
             batch_size=config.cart_timer_batch,
             per_transaction=config.cart_timer_per_transaction,
+            concurrency=config.cart_timer_concurrency,
         )
         async with wheel.running():
             with contextlib.suppress(TimeoutError):
@@ -186,10 +195,11 @@ async def _baseline(database: str, n: int, window_s: float, lead_s: float, say: 
 
 
 class _Conn:
-    """The shape a timer handler's transaction has (``tx.conn``)."""
+    """The shape a timer handler's transaction has (``tx.conn``, ``tx.origin``)."""
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
+        self.origin: str | None = None
 
 
 async def _probe_timer_kind(conn: asyncpg.Connection, bootstrap: str, prefix: str, run: str) -> str:
