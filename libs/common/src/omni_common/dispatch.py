@@ -305,6 +305,16 @@ class Dispatcher:
         events: list[Valid] = [v for source in valid for v in source]  # type: ignore[misc]
         route = sources[0][0].route
         m = self.metrics
+        # One span for the lot, linked to each event's own: the events it emits still carry
+        # on their cause's trace (``Tx.emit``), this one shows them handled together.
+        links = [trace.Link(trace.get_current_span(v.trace).get_span_context()) for v in events]
+        span = _tracer.start_span(
+            f"{route.topic} process lot",
+            kind=trace.SpanKind.CONSUMER,
+            links=links,
+            attributes={"messaging.system": "kafka", "messaging.batch.message_count": len(events)},
+        )
+        token = otel_context.attach(trace.set_span_in_context(span))
         try:
             async with self.transactions.handling(events, check_first=False) as tx:
                 if route.prepare is not None:
@@ -326,6 +336,9 @@ class Dispatcher:
                 type(exc).__name__,
             )
             return False
+        finally:
+            otel_context.detach(token)
+            span.end()
         m.batch_size.labels(m.service, route.topic).observe(len(events))
         for v in events:
             self.count(route.topic, v.envelope.type, "handled")

@@ -330,3 +330,34 @@ async def test_migrations_are_idempotent_and_per_schema(omni_env) -> None:
     finally:
         await conn.close()
     assert {"outbox", "inbox", "schema_migrations"} <= tables
+
+
+async def emits_a_bad_availability(adjustments: Lot[StockAdjusted], tx: Tx) -> None:
+    """A handler with a bug: it builds an event its own model refuses."""
+    for event, envelope in adjustments:
+        bad = availability(event.sku, 1).model_copy(update={"on_hand": -5})  # not validated
+        await tx.emit(bad, caused_by=envelope)
+
+
+async def test_an_invalid_outgoing_event_names_its_handler_and_nothing_leaves(omni_env) -> None:
+    """What leaves is checked against its model before it enters the outbox: the incoming
+    event is dead-lettered as ``invalid_output`` with the handler named, and no consumer
+    ever sees the bad event."""
+    runtime = ServiceRuntime(omni_env.settings("buggy"))
+    runtime.subscribe(
+        Subscription("inventory.adjustments.v1", {StockAdjusted: emits_a_bad_availability})
+    )
+    runtime.publishes("inventory.availability.v1")
+    await runtime.start()
+    try:
+        dlq = omni_env.reader("inventory.adjustments.v1.dlq")
+        async with dlq, ChannelPublisher(omni_env.bootstrap, omni_env.prefix) as channel:
+            await channel.publish(adjustment())
+            (dead,) = await dlq.collect(1, timeout=20)
+        headers = record_headers(dead)
+        assert headers["dlq_reason"] == "invalid_output"
+        assert "emits_a_bad_availability" in headers["dlq_error"]
+        assert "inventory.availability.changed" in headers["dlq_error"]
+        assert await runtime.pool.fetchval("SELECT count(*) FROM outbox") == 0
+    finally:
+        await runtime.stop()

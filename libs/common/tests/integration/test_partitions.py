@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+from aiokafka.errors import KafkaConnectionError
 from omni_common.handlers import Lot, Subscription
 from omni_common.service import ServiceRuntime, Tx
 from omni_contracts import AvailabilityChanged, StockAdjusted
@@ -188,3 +191,58 @@ async def test_a_rebalance_commits_what_was_handled_and_hands_over_the_rest(omni
         await producer.stop()
         await second.stop()
         await first.stop()
+
+
+async def test_a_rewind_to_a_record_retention_deleted_goes_on_from_the_oldest_kept(
+    omni_env,
+) -> None:
+    """A partition rewinds to a record it could not even dead-letter; meanwhile retention
+    deleted it. The consumer starts again at the oldest record kept, and goes on: on the old
+    code the worker waited for exactly the rewound offset, which never came again."""
+    handled: list[str] = []
+
+    async def on_adjusted(adjustments: Lot[StockAdjusted], tx: Tx) -> None:
+        for event, _ in adjustments:
+            tx.after_commit(lambda e=event: handled.append(e.adjustment_id))
+
+    settings = omni_env.settings("retained", handler_backoff_max_s=0.2)
+    runtime = ServiceRuntime(settings)
+    runtime.subscribe(Subscription(TOPIC, {StockAdjusted: on_adjusted}))
+    topic = omni_env.topic(TOPIC)
+    admin = AIOKafkaAdminClient(bootstrap_servers=omni_env.bootstrap)
+    await admin.start()
+    send_dlq = runtime.dispatcher._send
+    failed = 0
+
+    async def dlq_down_while_retention_runs(*args: Any) -> Any:
+        nonlocal failed
+        if failed == 0:
+            failed += 1
+            # Retention removes the poison record and the one after it, then the DLQ fails.
+            await admin.delete_records({TopicPartition(topic, 0): RecordsToDelete(2)})
+            raise KafkaConnectionError("the DLQ is unreachable")
+        return await send_dlq(*args)
+
+    runtime.dispatcher._send = dlq_down_while_retention_runs  # type: ignore[method-assign]
+    producer = AIOKafkaProducer(bootstrap_servers=omni_env.bootstrap, linger_ms=0)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            topic, b"{not json", key=b"SKU-1", partition=0, headers=[("ce_type", b"x.y")]
+        )
+        events = [adjustment("SKU-1") for _ in range(4)]
+        for event in events:
+            await send(producer, omni_env, event, partition=0)
+        await runtime.start()
+        await wait_until(lambda: failed == 1)
+        # The rewind found offsets 0 and 1 gone: the partition goes on from the oldest kept,
+        # and what arrives later is handled too. Each event once (the inbox absorbs what the
+        # rewind brings again).
+        later = adjustment("SKU-1")
+        await send(producer, omni_env, later, partition=0)
+        await wait_until(lambda: later.adjustment_id in handled)
+        assert sorted(handled) == sorted(e.adjustment_id for e in [*events, later])
+    finally:
+        await producer.stop()
+        await admin.close()
+        await runtime.stop()

@@ -255,6 +255,36 @@ async def test_cancelling_releases_and_shipping_takes_stock_off_hand(
         assert [tuple(r) for r in rows] == [("store-1", 0, 0), ("wh-1", 1, 0)]
 
 
+async def test_an_order_cancelled_with_the_longest_reason_still_releases_its_stock(
+    omni_env, start_inventory, channel, ev
+) -> None:
+    """The release says why, with the order's own words: a reason at the contract's bound
+    must not make the release an invalid event (the stock stayed held on the old code)."""
+    async with start_inventory() as inventory:
+        await inventory.http.put("/locations/wh-1", json=ev.location_body("warehouse"))
+        reservations = omni_env.reader(RESERVATIONS)
+        async with reservations:
+            await channel.publish(ev.receipt("wh-1", "KITE", 1))
+            await ev.wait_until(lambda: _count_rows(inventory.runtime, on_hand=1, rows=1))
+            order = ev.order(("KITE", 1))
+            await channel.publish(order)
+            (held,) = await reservations.collect(1, timeout=20)
+            assert ce_type(held) == "confirmed"
+            await channel.publish(
+                OrderCancelled(
+                    order_id=order.order_id,
+                    customer_id="cust-1",
+                    channel=Channel.WEB,
+                    reason="r" * 200,
+                )
+            )
+            (released,) = await reservations.collect(1, timeout=20)
+        assert ce_type(released) == "released"
+        assert body(released)["reason"].startswith("order_cancelled: rrr")
+        assert len(body(released)["reason"]) == 200
+        assert await stock_row(inventory.runtime, "KITE", "wh-1") == (1, 0)
+
+
 async def _count_rows(runtime: Any, *, on_hand: int, rows: int) -> bool:
     found = await runtime.pool.fetchval("SELECT count(*) FROM stock WHERE on_hand = $1", on_hand)
     return bool(found == rows)

@@ -13,7 +13,6 @@ per process, ``dev.env`` (what a shell, a script or a test needs to talk to the 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import secrets
 import signal
@@ -22,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import IO, Any
 
@@ -109,28 +108,18 @@ def _known(services: Mapping[str, str]) -> str:
 
 
 def load_service_factory(name: str) -> Callable[..., Any]:
-    """The ``create_app`` factory of service ``name``.
+    """The ``create_app`` factory of service ``name`` (as ``$OMNI_SERVICES`` may point it).
 
-    Raises :class:`DevStackError` for an unknown service or a factory that cannot be imported.
+    Raises :class:`DevStackError` for an unknown service or a factory that cannot be loaded.
     """
     services = discover_services()
     if name not in services:
         raise DevStackError(f"unknown service {name!r}; {_known(services)}")
-    module_name, _, attr = services[name].partition(":")
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            raise DevStackError(
-                f"service {name!r}: module {module_name} does not exist (yet)"
-            ) from exc
-        raise
-    factory: Any = module
-    for part in attr.split("."):
-        factory = getattr(factory, part, None)
-        if factory is None:
-            raise DevStackError(f"service {name!r}: {services[name]} does not exist")
-    return factory  # type: ignore[no-any-return]
+        factory: Callable[..., Any] = EntryPoint(name, services[name], ENTRY_POINT_GROUP).load()
+    except (ImportError, AttributeError) as exc:
+        raise DevStackError(f"service {name!r}: {services[name]} cannot be loaded ({exc})") from exc
+    return factory
 
 
 def service_package(name: str) -> str:
