@@ -37,6 +37,7 @@ from omni_common.faults import Backoff, is_contention, is_infrastructure_error, 
 from omni_common.handlers import BoundHandler, Received, Refusal
 from omni_common.metrics import PlatformMetrics
 from omni_common.settings import ServiceSettings
+from omni_common.telemetry import spans_wanted, trace_headers
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("omni_common.kafka")
@@ -82,6 +83,12 @@ class Route:
     prepare: BoundHandler | None = None
 
 
+Trace = otel_context.Context | dict[str, str]
+"""Where an event's handling continues its journey's trace: the context of its consumer
+span, or (no span wanted) the trace headers it came with, passed on unchanged. (A Context is
+a dict too: tell them apart by the Context.)"""
+
+
 @dataclass(slots=True)
 class Valid:
     """A record holding an event a handler wants."""
@@ -90,7 +97,7 @@ class Valid:
     envelope: Envelope
     handling: Handling
     joins_lot: bool
-    trace: otel_context.Context
+    trace: Trace
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,13 +169,12 @@ def ce_type_header(record: ConsumerRecord[Any, Any]) -> str | None:
     return None
 
 
-def consumer_span_context(record: ConsumerRecord[Any, Any]) -> otel_context.Context:
-    """A context holding this record's consumer span, child of its producer's trace."""
-    carrier: dict[str, str] = {}
-    for key, value in record.headers or ():
-        if key in ("traceparent", "tracestate") and isinstance(value, bytes):
-            with contextlib.suppress(UnicodeDecodeError):
-                carrier[key] = value.decode()
+def record_trace(record: ConsumerRecord[Any, Any]) -> Trace:
+    """Where handling ``record`` continues its trace: a consumer span, child of its
+    producer's, when spans go anywhere; else just the trace headers it came with."""
+    carrier = trace_headers(record.headers or ())
+    if not spans_wanted():
+        return carrier
     parent = propagate.extract(carrier)
     span = _tracer.start_span(
         f"{record.topic} process",
@@ -207,6 +213,20 @@ def dlq_headers(
         }
     )
     return headers
+
+
+def _lot_span(topic: str, events: Sequence[Valid]) -> trace.Span:
+    links = [
+        trace.Link(trace.get_current_span(v.trace).get_span_context())
+        for v in events
+        if isinstance(v.trace, otel_context.Context)
+    ]
+    return _tracer.start_span(
+        f"{topic} process lot",
+        kind=trace.SpanKind.CONSUMER,
+        links=links,
+        attributes={"messaging.system": "kafka", "messaging.batch.message_count": len(events)},
+    )
 
 
 def runs_of(sources: Sequence[Sequence[Valid]]) -> list[tuple[Handling, list[Received[Any]]]]:
@@ -282,7 +302,7 @@ class Dispatcher:
         if handling.relevant is not None and not handling.relevant(event):
             return Skip(envelope.type, "not_relevant")
         joins = route.joins_lot is None or route.joins_lot(event)
-        return Valid(event, envelope, handling, joins, consumer_span_context(record))
+        return Valid(event, envelope, handling, joins, record_trace(record))
 
     def count(self, topic: str, ce_type: str, outcome: str, n: int = 1) -> None:
         """``omni_events_handled_total`` (children cached: counted for every record)."""
@@ -307,14 +327,8 @@ class Dispatcher:
         m = self.metrics
         # One span for the lot, linked to each event's own: the events it emits still carry
         # on their cause's trace (``Tx.emit``), this one shows them handled together.
-        links = [trace.Link(trace.get_current_span(v.trace).get_span_context()) for v in events]
-        span = _tracer.start_span(
-            f"{route.topic} process lot",
-            kind=trace.SpanKind.CONSUMER,
-            links=links,
-            attributes={"messaging.system": "kafka", "messaging.batch.message_count": len(events)},
-        )
-        token = otel_context.attach(trace.set_span_in_context(span))
+        span = _lot_span(route.topic, events) if spans_wanted() else None
+        token = otel_context.attach(trace.set_span_in_context(span)) if span else None
         try:
             async with self.transactions.handling(events, check_first=False) as tx:
                 if route.prepare is not None:
@@ -337,8 +351,9 @@ class Dispatcher:
             )
             return False
         finally:
-            otel_context.detach(token)
-            span.end()
+            if span is not None:
+                otel_context.detach(token)  # type: ignore[arg-type]
+                span.end()
         m.batch_size.labels(m.service, route.topic).observe(len(events))
         for v in events:
             self.count(route.topic, v.envelope.type, "handled")
@@ -352,7 +367,12 @@ class Dispatcher:
         s, m, topic = self.settings, self.metrics, entry.route.topic
         backoff = Backoff(s.handler_backoff_initial_s, s.handler_backoff_max_s)
         attempt = 0
-        token = otel_context.attach(v.trace)
+        # Its logs carry its journey's trace id.
+        trace_of = v.trace
+        context = (
+            trace_of if isinstance(trace_of, otel_context.Context) else propagate.extract(trace_of)
+        )
+        token = otel_context.attach(context)
         try:
             while True:
                 try:

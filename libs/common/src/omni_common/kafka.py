@@ -39,6 +39,7 @@ from omni_common.offsets import OffsetCommitter
 from omni_common.outbox import OutboxMessage
 from omni_common.producer import ProducerOptions, producer_options
 from omni_common.settings import ServiceSettings
+from omni_common.telemetry import spans_wanted
 from omni_common.worker import PartitionWorker
 
 log = logging.getLogger(__name__)
@@ -375,6 +376,9 @@ class KafkaRuntime:
         in; the producer span is its child, and the consumer's span continues from it.
         """
         destination = self.settings.topic(message.topic)
+        key = message.key.encode() if message.key is not None else None
+        if not spans_wanted():  # the row's trace headers go on as they are
+            return await self.send(destination, message.payload, key, message.headers)
         span = _tracer.start_span(
             f"{destination} publish",
             context=propagate.extract(message.headers),
@@ -388,7 +392,6 @@ class KafkaRuntime:
         headers = dict(message.headers)
         propagate.inject(headers, context=trace.set_span_in_context(span))
         try:
-            key = message.key.encode() if message.key is not None else None
             return await self.send(destination, message.payload, key, headers)
         finally:
             span.end()

@@ -33,7 +33,14 @@ from omni_contracts.envelope import Envelope, PayloadError, decode, new_envelope
 from opentelemetry import context as otel_context
 
 from omni_common.db import create_pool, migrate
-from omni_common.dispatch import Dispatcher, Handling, InvalidOutgoingEvent, Route, Valid
+from omni_common.dispatch import (
+    Dispatcher,
+    Handling,
+    InvalidOutgoingEvent,
+    Route,
+    Trace,
+    Valid,
+)
 from omni_common.handlers import (
     BoundHandler,
     Clock,
@@ -75,7 +82,7 @@ class Tx:
         self,
         conn: asyncpg.Connection,
         runtime: ServiceRuntime,
-        traces: Mapping[str, otel_context.Context] | None = None,
+        traces: Mapping[str, Trace] | None = None,
     ) -> None:
         self.conn = conn
         self.origin: str | None = None
@@ -131,9 +138,9 @@ class Tx:
 
     def _row(self, event: Event, envelope: Envelope, caused_by: Envelope | None) -> OutboxRow:
         trace = self._traces.get(caused_by.id) if caused_by is not None else None
-        row = outbox_row(
-            event.topic, event, envelope, None if trace is None else trace_headers_of(trace)
-        )
+        if isinstance(trace, otel_context.Context):
+            trace = trace_headers_of(trace)
+        row = outbox_row(event.topic, event, envelope, trace)
         # What leaves must be what the contract says: checked on the bytes that will be sent,
         # so a handler that built a bad event is named here, not by every consumer.
         try:

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from pydantic import ValidationError
 
-from omni_contracts.base import Event
+from omni_contracts.base import NUL_CHECKED, Event
 
 SPECVERSION = "1.0"
 CONTENT_TYPE = "application/json"
@@ -153,8 +153,10 @@ def decode(model: type[E], value: bytes | None) -> E:
     """Validate a Kafka message value against ``model``, or raise :class:`PayloadError`."""
     if not value:
         raise PayloadError("empty message value")
+    # Bytes without the escape cannot hold a NUL: the model's walk looking for one is skipped.
+    context = NUL_CHECKED if b"\\u0000" not in value else None
     try:
-        return model.model_validate_json(value)
+        return model.model_validate_json(value, context=context)
     except ValidationError as exc:
         kind = "malformed JSON" if exc.errors()[0]["type"] == "json_invalid" else "schema"
         raise PayloadError(f"{kind}: {_summarise(exc)}") from exc
