@@ -136,11 +136,16 @@ class Tx:
         """Publish a tombstone for ``key`` on compacted ``topic`` once this transaction commits."""
         self.rows.append(tombstone_row(topic, key, str(uuid.uuid4())))
 
-    def _row(self, event: Event, envelope: Envelope, caused_by: Envelope | None) -> OutboxRow:
-        trace = self._traces.get(caused_by.id) if caused_by is not None else None
+    def trace_of(self, cause: Envelope | None) -> dict[str, str] | None:
+        """The trace headers of the event ``cause`` is (None: the current trace), for what it
+        arms or writes to carry its journey on (a timer, an event)."""
+        trace = self._traces.get(cause.id) if cause is not None else None
         if isinstance(trace, otel_context.Context):
-            trace = trace_headers_of(trace)
-        row = outbox_row(event.topic, event, envelope, trace)
+            return trace_headers_of(trace)
+        return trace
+
+    def _row(self, event: Event, envelope: Envelope, caused_by: Envelope | None) -> OutboxRow:
+        row = outbox_row(event.topic, event, envelope, self.trace_of(caused_by))
         # What leaves must be what the contract says: checked on the bytes that will be sent,
         # so a handler that built a bad event is named here, not by every consumer.
         try:

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -57,6 +57,46 @@ async def set_timer(
     )
     for wheel in _WHEELS:
         wheel.armed(kind, due_at)
+
+
+async def set_timers(
+    conn: asyncpg.Connection,
+    kind: str,
+    timers: Sequence[tuple[str, datetime, Mapping[str, Any] | None, Mapping[str, str] | None]],
+) -> None:
+    """Arm (or re-arm) many timers of ``kind`` in one statement: ``(key, due_at, payload,
+    trace headers)`` each (no trace headers: the current trace's)."""
+    if not timers:
+        return
+    here = json.dumps(current_trace_headers())
+    await conn.execute(
+        "INSERT INTO timers (kind, key, due_at, payload, trace)"
+        " SELECT $1, * FROM unnest($2::text[], $3::timestamptz[], $4::jsonb[], $5::jsonb[])"
+        " ON CONFLICT (kind, key) DO UPDATE SET due_at = EXCLUDED.due_at,"
+        " payload = EXCLUDED.payload, trace = EXCLUDED.trace,"
+        " attempts = 0, next_attempt_at = NULL, last_error = NULL",
+        kind,
+        [key for key, _, _, _ in timers],
+        [due for _, due, _, _ in timers],
+        [json.dumps(dict(payload or {})) for _, _, payload, _ in timers],
+        [here if trace is None else json.dumps(dict(trace)) for _, _, _, trace in timers],
+    )
+    soonest = min(due for _, due, _, _ in timers)
+    for wheel in _WHEELS:
+        wheel.armed(kind, soonest)
+
+
+async def cancel_timers(conn: asyncpg.Connection, kind: str, keys: Collection[str]) -> set[str]:
+    """Disarm the timers of ``kind`` for ``keys`` in one statement; returns the keys that were
+    armed (their rows are taken in key order: an index scan of the sorted keys)."""
+    if not keys:
+        return set()
+    rows = await conn.fetch(
+        "DELETE FROM timers WHERE kind = $1 AND key = ANY($2::text[]) RETURNING key",
+        kind,
+        sorted(keys),
+    )
+    return {r["key"] for r in rows}
 
 
 async def cancel_timer(conn: asyncpg.Connection, kind: str, key: str) -> bool:

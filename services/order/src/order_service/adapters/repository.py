@@ -47,33 +47,6 @@ class OrderRepository:
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
 
-    # -- idempotency ----------------------------------------------------------------------
-
-    async def lock_key(self, key: str) -> IdempotencyRecord | None:
-        """Serialise work on an idempotency key (until commit) and return its record, if any.
-
-        Two submissions of one checkout racing (topic and HTTP) queue here, so the second
-        sees the first one's order instead of creating another.
-        """
-        # 64-bit and namespaced (see omni_common.db.advisory_key_sql): no collision with
-        # another service's or the outbox relay's locks in the shared database.
-        await self.conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"order.idempotency:{key}"
-        )
-        row = await self.conn.fetchrow(
-            "SELECT request_hash, order_id FROM idempotency_keys WHERE key = $1", key
-        )
-        return IdempotencyRecord(row["request_hash"], row["order_id"]) if row else None
-
-    async def remember_key(self, key: str, request_hash: str, order_id: str) -> None:
-        """Record that ``key`` (with this request hash) created ``order_id``."""
-        await self.conn.execute(
-            "INSERT INTO idempotency_keys (key, request_hash, order_id) VALUES ($1, $2, $3)",
-            key,
-            request_hash,
-            order_id,
-        )
-
     # -- the aggregate --------------------------------------------------------------------
 
     async def get(self, order_id: str, *, for_update: bool = True) -> Order | None:
@@ -100,104 +73,172 @@ class OrderRepository:
         )
         return await self.get(order_id) if order_id else None
 
-    async def add(self, order: Order) -> None:
-        """Insert a new order with its lines."""
-        await self.conn.execute(
-            "INSERT INTO orders (order_id, customer_id, channel, status, fulfillment, currency,"
-            " total, paid, correlation_id, checkout_id, sale_id, cart_id, payment_reference,"
-            " points_to_redeem, pending_confirmations, placed_at)"
-            " VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,"
-            " $16)",
-            order.order_id,
-            order.customer_id,
-            order.channel.value,
-            order.status.value,
-            order.fulfillment.model_dump_json(exclude_none=True),
-            order.currency,
-            order.total,
-            order.paid,
-            order.correlation_id,
-            order.checkout_id,
-            order.sale_id,
-            order.cart_id,
-            order.payment_reference,
-            order.points_to_redeem,
-            sorted(order.pending_confirmations),
-            order.placed_at,
+    async def _save_returns(self, order: Order) -> None:
+        await self.conn.executemany(
+            "UPDATE order_lines SET returned_qty = $3 WHERE order_id = $1 AND line_no = $2",
+            [(order.order_id, ln.line_no, ln.returned_qty) for ln in order.lines],
         )
         await self.conn.executemany(
-            "INSERT INTO order_lines (order_id, line_no, sku, qty, unit_price)"
-            " VALUES ($1, $2, $3, $4, $5)",
-            [(order.order_id, ln.line_no, ln.sku, ln.qty, ln.unit_price) for ln in order.lines],
+            "INSERT INTO order_returns (return_id, order_id, location_id, channel, lines,"
+            " not_accepted, refund, fingerprint, received_at)"
+            " VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7, $8, $9)",
+            [
+                (
+                    r.return_id,
+                    order.order_id,
+                    r.location_id,
+                    r.channel.value,
+                    _json_models(r.lines),
+                    _json_models(r.not_accepted),
+                    r.refund,
+                    r.fingerprint,
+                    r.received_at,
+                )
+                for r in order.new_returns
+            ],
         )
-        await self._record_history(order)
 
-    async def save(self, order: Order) -> None:
-        """Write back a loaded order's changes (status, saga, fulfilment, returns)."""
+    # -- many at once (a lot of events: one statement per table) ---------------------------
+
+    async def create(self, created: Sequence[tuple[Order, str, str]]) -> set[str]:
+        """Insert new orders with their lines, history and idempotency keys (``(order, key,
+        request hash)`` each) in one statement; returns the ids of the orders created.
+
+        An order whose key is taken (created before, or by a submission racing this one: the
+        key's insert waits for it) is not inserted; the caller looks its key up.
+        """
+        if not created:
+            return set()
+        orders = [order for order, _, _ in created]
+        lines = [(o.order_id, ln) for o in orders for ln in o.lines]
+        history = [row for o in orders for row in _history_rows(o)]
+        rows = await self.conn.fetch(
+            "WITH k AS ("
+            "  INSERT INTO idempotency_keys (key, request_hash, order_id)"
+            "  SELECT * FROM unnest($1::text[], $2::text[], $3::text[])"
+            "  ON CONFLICT DO NOTHING RETURNING order_id"
+            "), o AS ("
+            "  INSERT INTO orders (order_id, customer_id, channel, status, fulfillment, currency,"
+            "   total, paid, correlation_id, checkout_id, sale_id, cart_id, payment_reference,"
+            "   points_to_redeem, pending_confirmations, placed_at)"
+            "  SELECT u.order_id, u.customer_id, u.channel, u.status, u.fulfillment::jsonb,"
+            "   u.currency, u.total, u.paid, u.correlation_id, u.checkout_id, u.sale_id,"
+            "   u.cart_id, u.payment_reference, u.points_to_redeem,"
+            "   ARRAY(SELECT jsonb_array_elements_text(u.pending::jsonb)), u.placed_at"
+            "  FROM unnest($4::text[], $5::text[], $6::text[], $7::text[], $8::text[],"
+            "   $9::text[], $10::numeric[], $11::numeric[], $12::text[], $13::text[],"
+            "   $14::text[], $15::text[], $16::text[], $17::int[], $18::text[],"
+            "   $19::timestamptz[]) AS u(order_id, customer_id, channel, status, fulfillment,"
+            "   currency, total, paid, correlation_id, checkout_id, sale_id, cart_id,"
+            "   payment_reference, points_to_redeem, pending, placed_at)"
+            "  WHERE u.order_id IN (SELECT order_id FROM k)"
+            "), l AS ("
+            "  INSERT INTO order_lines (order_id, line_no, sku, qty, unit_price)"
+            "  SELECT * FROM unnest($20::text[], $21::int[], $22::text[], $23::int[],"
+            "   $24::numeric[]) AS u(order_id, line_no, sku, qty, unit_price)"
+            "  WHERE u.order_id IN (SELECT order_id FROM k)"
+            "), h AS ("
+            "  INSERT INTO order_history (order_id, what, status, detail, at)"
+            "  SELECT u.order_id, u.what, u.status, u.detail::jsonb, clock_timestamp()"
+            "  FROM unnest($25::text[], $26::text[], $27::text[], $28::text[])"
+            "   WITH ORDINALITY AS u(order_id, what, status, detail, n)"
+            "  WHERE u.order_id IN (SELECT order_id FROM k) ORDER BY u.n"
+            ") SELECT order_id FROM k",
+            [key for _, key, _ in created],
+            [request_hash for _, _, request_hash in created],
+            [o.order_id for o in orders],
+            [o.order_id for o in orders],
+            [o.customer_id for o in orders],
+            [o.channel.value for o in orders],
+            [o.status.value for o in orders],
+            [o.fulfillment.model_dump_json(exclude_none=True) for o in orders],
+            [o.currency for o in orders],
+            [o.total for o in orders],
+            [o.paid for o in orders],
+            [o.correlation_id for o in orders],
+            [o.checkout_id for o in orders],
+            [o.sale_id for o in orders],
+            [o.cart_id for o in orders],
+            [o.payment_reference for o in orders],
+            [o.points_to_redeem for o in orders],
+            [json.dumps(sorted(o.pending_confirmations)) for o in orders],
+            [o.placed_at for o in orders],
+            [order_id for order_id, _ in lines],
+            [ln.line_no for _, ln in lines],
+            [ln.sku for _, ln in lines],
+            [ln.qty for _, ln in lines],
+            [ln.unit_price for _, ln in lines],
+            *_columns(history, 4),
+        )
+        return {r["order_id"] for r in rows}
+
+    async def keys(self, keys: Sequence[str]) -> dict[str, IdempotencyRecord]:
+        """The records of idempotency keys already used."""
+        rows = await self.conn.fetch(
+            "SELECT key, request_hash, order_id FROM idempotency_keys WHERE key = ANY($1::text[])",
+            list(keys),
+        )
+        return {r["key"]: IdempotencyRecord(r["request_hash"], r["order_id"]) for r in rows}
+
+    async def get_many(self, order_ids: Sequence[str]) -> dict[str, Order]:
+        """The orders, locked for this transaction in id order (the ones that exist)."""
+        rows = await self.conn.fetch(
+            f"SELECT o.*, {_LINES_JSON}, (SELECT coalesce(json_object_agg(r.return_id,"
+            " r.fingerprint), '{}') FROM order_returns r WHERE r.order_id = o.order_id)"
+            " AS returns FROM orders o WHERE o.order_id = ANY($1::text[])"
+            " ORDER BY o.order_id FOR UPDATE OF o",
+            sorted(set(order_ids)),
+        )
+        return {row["order_id"]: _order(row, json.loads(row["returns"])) for row in rows}
+
+    async def save_many(self, orders: Sequence[Order]) -> None:
+        """Write back loaded orders' changes in one statement (orders with new returns also
+        write their returns, rare enough to go one by one)."""
+        if not orders:
+            return
+        for order in orders:
+            if order.new_returns:
+                await self._save_returns(order)
+        history = [row for o in orders for row in _history_rows(o)]
         await self.conn.execute(
-            "UPDATE orders SET status = $2, pending_confirmations = $3, allocations = $4::jsonb,"
-            " shortages = $5::jsonb, reason = $6, carrier = $7, tracking_id = $8,"
-            " promised_by = $9, eta = $10, announced_etas = $11, collect_by = $12,"
-            " refunded = $13, paid = $14, updated_at = now(), version = version + 1"
-            " WHERE order_id = $1",
-            order.order_id,
-            order.status.value,
-            sorted(order.pending_confirmations),
-            json.dumps([a.model_dump(mode="json") for a in order.allocations]),
-            json.dumps([s.model_dump(mode="json") for s in order.shortages]),
-            order.reason,
-            order.carrier,
-            order.tracking_id,
-            order.promised_by,
-            order.eta,
-            sorted(order.announced_etas),
-            order.collect_by,
-            order.refunded,
-            order.paid,
+            "WITH u AS ("
+            "  UPDATE orders o SET status = v.status,"
+            "   pending_confirmations = ARRAY(SELECT jsonb_array_elements_text(v.pending::jsonb)),"
+            "   allocations = v.allocations::jsonb, shortages = v.shortages::jsonb,"
+            "   reason = v.reason, carrier = v.carrier, tracking_id = v.tracking_id,"
+            "   promised_by = v.promised_by, eta = v.eta,"
+            "   announced_etas = ARRAY(SELECT e::timestamptz"
+            "    FROM jsonb_array_elements_text(v.etas::jsonb) e),"
+            "   collect_by = v.collect_by, refunded = v.refunded, paid = v.paid,"
+            "   updated_at = now(), version = o.version + 1"
+            "  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
+            "   $6::text[], $7::text[], $8::text[], $9::timestamptz[], $10::timestamptz[],"
+            "   $11::text[], $12::timestamptz[], $13::numeric[], $14::numeric[])"
+            "   AS v(order_id, status, pending, allocations, shortages, reason, carrier,"
+            "   tracking_id, promised_by, eta, etas, collect_by, refunded, paid)"
+            "  WHERE o.order_id = v.order_id"
+            "), h AS ("
+            "  INSERT INTO order_history (order_id, what, status, detail, at)"
+            "  SELECT u.order_id, u.what, u.status, u.detail::jsonb, clock_timestamp()"
+            "  FROM unnest($15::text[], $16::text[], $17::text[], $18::text[])"
+            "   WITH ORDINALITY AS u(order_id, what, status, detail, n) ORDER BY u.n"
+            ") SELECT 1",
+            [o.order_id for o in orders],
+            [o.status.value for o in orders],
+            [json.dumps(sorted(o.pending_confirmations)) for o in orders],
+            [json.dumps([a.model_dump(mode="json") for a in o.allocations]) for o in orders],
+            [json.dumps([s.model_dump(mode="json") for s in o.shortages]) for o in orders],
+            [o.reason for o in orders],
+            [o.carrier for o in orders],
+            [o.tracking_id for o in orders],
+            [o.promised_by for o in orders],
+            [o.eta for o in orders],
+            [json.dumps(sorted(e.isoformat() for e in o.announced_etas)) for o in orders],
+            [o.collect_by for o in orders],
+            [o.refunded for o in orders],
+            [o.paid for o in orders],
+            *_columns(history, 4),
         )
-        if order.new_returns:
-            await self.conn.executemany(
-                "UPDATE order_lines SET returned_qty = $3 WHERE order_id = $1 AND line_no = $2",
-                [(order.order_id, ln.line_no, ln.returned_qty) for ln in order.lines],
-            )
-            await self.conn.executemany(
-                "INSERT INTO order_returns (return_id, order_id, location_id, channel, lines,"
-                " not_accepted, refund, fingerprint, received_at)"
-                " VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7, $8, $9)",
-                [
-                    (
-                        r.return_id,
-                        order.order_id,
-                        r.location_id,
-                        r.channel.value,
-                        _json_models(r.lines),
-                        _json_models(r.not_accepted),
-                        r.refund,
-                        r.fingerprint,
-                        r.received_at,
-                    )
-                    for r in order.new_returns
-                ],
-            )
-        await self._record_history(order)
-
-    async def _record_history(self, order: Order) -> None:
-        rows: list[tuple[str, str, str, str]] = []
-        for event in order.events:
-            detail = event.model_dump(
-                mode="json",
-                exclude={"order_id", "customer_id", "channel", "status", "occurred_at"},
-                exclude_none=True,
-            )
-            rows.append((order.order_id, event.ce_type, event.status.value, json.dumps(detail)))
-        for what, text in order.notes:
-            rows.append((order.order_id, what, order.status.value, json.dumps({"detail": text})))
-        if rows:
-            await self.conn.executemany(
-                "INSERT INTO order_history (order_id, what, status, detail, at)"
-                " VALUES ($1, $2, $3, $4::jsonb, clock_timestamp())",
-                rows,
-            )
 
     # -- erasure --------------------------------------------------------------------------
 
@@ -283,6 +324,26 @@ class OrderRepository:
         """How many orders stand in each status."""
         rows = await self.conn.fetch("SELECT status, count(*) AS n FROM orders GROUP BY status")
         return {r["status"]: r["n"] for r in rows}
+
+
+def _history_rows(order: Order) -> list[tuple[str, str, str, str]]:
+    """What the order's pending events and notes add to its history."""
+    rows: list[tuple[str, str, str, str]] = []
+    for event in order.events:
+        detail = event.model_dump(
+            mode="json",
+            exclude={"order_id", "customer_id", "channel", "status", "occurred_at"},
+            exclude_none=True,
+        )
+        rows.append((order.order_id, event.ce_type, event.status.value, json.dumps(detail)))
+    for what, text in order.notes:
+        rows.append((order.order_id, what, order.status.value, json.dumps({"detail": text})))
+    return rows
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows as columns, for ``unnest`` (``width`` empty columns when there are none)."""
+    return [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
 
 
 def _json_models(models: Sequence[Any]) -> str:

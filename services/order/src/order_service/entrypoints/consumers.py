@@ -48,39 +48,34 @@ from order_service.service.orders import (
 async def checkouts_submitted(
     checkouts: Lot[CheckoutSubmitted], tx: Tx, orders: OrderService
 ) -> None:
-    """A checkout becomes an order (the same path as ``POST /orders``)."""
-    for checkout, envelope in checkouts:
-        await orders.place_order(tx, checkout, envelope)
+    """Checkouts become orders (the same path as ``POST /orders``)."""
+    await orders.place_orders(tx, checkouts)
 
 
 async def sales_recorded(sales: Lot[SaleRecorded], tx: Tx, orders: OrderService) -> None:
-    """A till sale becomes a completed store order, once per ``sale_id``."""
-    for sale, envelope in sales:
-        await orders.record_sale(tx, sale, envelope)
+    """Till sales become completed store orders, once per ``sale_id``."""
+    await orders.record_sales(tx, sales)
 
 
 async def reservations_confirmed(
     confirmations: Lot[ReservationConfirmed], tx: Tx, orders: OrderService
 ) -> None:
     """Inventory said yes: confirm once every participant has."""
-    for yes, envelope in confirmations:
-        await orders.reservation_confirmed(tx, yes, envelope)
+    await orders.apply(tx, [orders.reservation_confirmed(e, cause) for e, cause in confirmations])
 
 
 async def reservations_rejected(
     rejections: Lot[ReservationRejected], tx: Tx, orders: OrderService
 ) -> None:
     """Inventory said no: reject with its shortages."""
-    for no, envelope in rejections:
-        await orders.reservation_rejected(tx, no, envelope)
+    await orders.apply(tx, [orders.reservation_rejected(e, cause) for e, cause in rejections])
 
 
 async def reservations_released(
     releases: Lot[ReservationReleased], tx: Tx, orders: OrderService
 ) -> None:
     """Inventory released the stock: an expiry rejects or cancels the order."""
-    for released, envelope in releases:
-        await orders.reservation_released(tx, released, envelope)
+    await orders.apply(tx, [orders.reservation_released(e, cause) for e, cause in releases])
 
 
 def _for_a_checkout(answer: PointsHeld | PointsRefused) -> bool:
@@ -90,82 +85,70 @@ def _for_a_checkout(answer: PointsHeld | PointsRefused) -> bool:
 
 async def points_held(holds: Lot[PointsHeld], tx: Tx, orders: OrderService) -> None:
     """Loyalty held the points: its yes in the saga."""
-    for held, envelope in holds:
-        await orders.points_held(tx, held, envelope)
+    await orders.apply(tx, [orders.points_held(e, cause) for e, cause in holds])
 
 
 async def points_refused(refusals: Lot[PointsRefused], tx: Tx, orders: OrderService) -> None:
     """Loyalty refused (insufficient points, unknown member): reject the order."""
-    for refused, envelope in refusals:
-        await orders.points_refused(tx, refused, envelope)
+    await orders.apply(tx, [orders.points_refused(e, cause) for e, cause in refusals])
 
 
 async def cancellations_requested(
     requests: Lot[OrderCancellationRequested], tx: Tx, orders: OrderService
 ) -> None:
     """A shopper or store asks to cancel: cancelled, or (too late) refused and noted."""
-    for request, envelope in requests:
-        await orders.request_cancellation(tx, request, envelope)
+    await orders.apply(tx, [orders.cancellation_requested(tx, e, cause) for e, cause in requests])
 
 
 async def ready_for_pickup(packed: Lot[ReadyForPickup], tx: Tx, orders: OrderService) -> None:
     """The store packed it: announce and start the not-collected timer."""
-    for ready, envelope in packed:
-        await orders.ready_for_pickup(tx, ready, envelope)
+    await orders.apply(tx, [orders.ready_for_pickup(e, cause) for e, cause in packed])
 
 
 async def picked_up(collected: Lot[PickedUp], tx: Tx, orders: OrderService) -> None:
     """The shopper collected it."""
-    for pickup, envelope in collected:
-        await orders.picked_up(tx, pickup, envelope)
+    await orders.apply(tx, [orders.picked_up(e, cause) for e, cause in collected])
 
 
 async def shipped(shipments: Lot[Shipped], tx: Tx, orders: OrderService) -> None:
     """It left with a carrier: watch the delivery promise."""
-    for shipment, envelope in shipments:
-        await orders.shipped(tx, shipment, envelope)
+    await orders.apply(tx, [orders.shipped(e, cause) for e, cause in shipments])
 
 
 async def eta_changed(changes: Lot[EtaChanged], tx: Tx, orders: OrderService) -> None:
     """A carrier's new ETA: past the promise, announce the delay once per ETA."""
-    for change, envelope in changes:
-        await orders.eta_changed(tx, change, envelope)
+    await orders.apply(tx, [orders.eta_changed(e, cause) for e, cause in changes])
 
 
 async def delivered(deliveries: Lot[Delivered], tx: Tx, orders: OrderService) -> None:
     """The carrier delivered it: the promise is kept or moot."""
-    for delivery, envelope in deliveries:
-        await orders.delivered(tx, delivery, envelope)
+    await orders.apply(tx, [orders.delivered(e, cause) for e, cause in deliveries])
 
 
 async def returns_received(returns: Lot[ReturnReceived], tx: Tx, orders: OrderService) -> None:
     """Goods handed back anywhere: announce where (inventory restocks) and refund them."""
-    for returned, envelope in returns:
-        await orders.receive_return(tx, returned, envelope)
+    for returned, cause in returns:
+        await orders.receive_return(tx, returned, cause)
 
 
 async def profiles_erased(erasures: Lot[ProfileErased], tx: Tx, orders: OrderService) -> None:
-    """A shopper was forgotten: their orders lose addresses and contacts, keep amounts."""
-    for erased, _ in erasures:
-        await orders.erase_customer(tx, erased.customer_id)
+    """Shoppers were forgotten: their orders lose addresses and contacts, keep amounts."""
+    await orders.erase_customers(tx, [e.customer_id for e, _ in erasures])
 
 
 async def pickups_not_collected(due: list[Due], tx: Tx, orders: OrderService) -> None:
-    """Timer: a packed pickup order was not collected in time."""
-    for timer in due:
-        await orders.pickup_not_collected(tx, timer.key)
+    """Timer: packed pickup orders were not collected in time."""
+    await orders.expire(tx, PICKUP_TIMER, [timer.key for timer in due])
 
 
 async def reservations_timed_out(due: list[Due], tx: Tx, orders: OrderService) -> None:
     """Timer: the saga's participants did not answer in time."""
-    for timer in due:
-        await orders.reservation_timed_out(tx, timer.key)
+    await orders.expire(tx, RESERVATION_TIMER, [timer.key for timer in due])
 
 
 async def promises_passed(due: list[Due], tx: Tx, orders: OrderService) -> None:
-    """Timer: a shipped order's delivery promise passed."""
-    for timer in due:
-        await orders.promise_passed(tx, timer.key)
+    """Timer: shipped orders' delivery promises passed."""
+    await orders.expire(tx, PROMISE_TIMER, [timer.key for timer in due])
 
 
 def subscriptions() -> list[Subscription]:
