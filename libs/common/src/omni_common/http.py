@@ -1,13 +1,15 @@
 """The HTTP side of every service: probes, metrics, authentication, request metrics.
 
 :func:`create_http_app` gives every service the same guards by construction: request
-bodies capped before they are read (413), database data errors answered 422, ``/docs``
+bodies capped before they are read (413), database data errors answered 422, a request
+that lost a race in the database run again (503 if it keeps losing, never 500), ``/docs``
 and ``/openapi.json`` off unless ``HTTP_DOCS_ENABLED``, and shopper-token verification
 for the route dependencies of :mod:`omni_common.auth` (``require``, ``require_shopper``).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -22,7 +24,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from omni_common.auth import ShopperTokens, api_key_of
 from omni_common.dispatch import UNSTORABLE
+from omni_common.faults import Backoff, is_contention
 from omni_common.service import ServiceRuntime
+
+log = logging.getLogger(__name__)
 
 _bearer = HTTPBearer(auto_error=False, description="A channel's API key")
 
@@ -89,6 +94,79 @@ class BodyLimit:
         await response({"type": "http"}, _no_receive, send)
 
 
+class ContentionRetry:
+    """ASGI middleware running again a request that lost a race in the database.
+
+    A deadlock, a serialization failure or a lock timeout (:func:`omni_common.faults.
+    is_contention`) says nothing about the request: the losing transaction rolled back
+    whole, and trying again usually wins. So the request runs again, up to ``attempts``
+    times with a short backoff, on the same body; if it keeps losing, it is answered 503 with
+    ``Retry-After``, never 500. Only before the response has started (a stream that
+    already sent its head is not run again) and only for a lost race: any other failure
+    passes on at once. Every service's mutating routes are written to be repeated: each
+    transaction rolls back whole, and what spans several (idempotency keys, ``PUT``)
+    finds the state a first attempt left and goes on from it.
+    """
+
+    def __init__(
+        self, app: ASGIApp, attempts: int = 4, backoff_s: float = 0.02, max_backoff_s: float = 0.2
+    ) -> None:
+        self.app = app
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on, again while it loses races; 503 when it never wins."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received: list[Message] = []
+
+        async def recording() -> Message:
+            message = await receive()
+            received.append(message)
+            return message
+
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        backoff = Backoff(self.backoff_s, self.max_backoff_s)
+        for attempt in range(1, self.attempts + 1):
+            try:
+                # A later attempt reads the body the first one read, then what follows.
+                await self.app(scope, _replay(list(received), recording), sending)
+                return
+            except Exception as exc:
+                if started or not is_contention(exc):
+                    raise
+                log.info(
+                    "%s %s lost a race in the database (attempt %d of %d): %s",
+                    scope.get("method"),
+                    scope.get("path"),
+                    attempt,
+                    self.attempts,
+                    type(exc).__name__,
+                )
+                if attempt < self.attempts:
+                    await backoff.sleep()
+        response = JSONResponse(
+            {
+                "detail": {
+                    "reason": "contention",
+                    "message": "the request kept losing a race for the same data; retry it",
+                }
+            },
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+        await response(scope, _no_receive, send)
+
+
 def _replay(messages: list[Message], receive: Receive) -> Receive:
     pending = list(messages)
 
@@ -147,6 +225,8 @@ def create_http_app(
     app.state.runtime = runtime
     app.state.shopper_tokens = ShopperTokens.from_settings(settings)
     metrics = runtime.metrics
+    # Inside the body limit: the body it replays to a second attempt is bounded.
+    app.add_middleware(ContentionRetry)
     app.add_middleware(BodyLimit, max_bytes=settings.http_max_body_bytes)
     # Server-side data errors (SQLSTATE class 22) and asyncpg's own refusal to encode an
     # argument (e.g. an int beyond int32) both mean "this value does not fit".

@@ -93,3 +93,69 @@ async def test_a_policy_change_cut_short_is_told_by_its_timer(
         assert not await pool.fetchval(
             "SELECT count(*) FROM timers WHERE kind = 'location-policy' AND due_at <= now()"
         )
+
+
+async def test_a_deadlock_between_a_location_change_and_a_sale_is_retried_not_a_500(
+    omni_env, start_inventory, channel, ev
+) -> None:
+    """The change's batch locks SKU A, then its version row; a sale-like transaction holds
+    that row and asks for A's lock. PostgreSQL breaks the cycle by failing the change's
+    transaction (40P01): the request runs again and succeeds."""
+    import asyncio
+
+    import asyncpg
+    import httpx
+    from omni_devkit.testing.plugin import TEST_API_KEY
+
+    async with start_inventory() as inventory:
+        http, runtime = inventory.http, inventory.runtime
+        await http.put("/locations/wh-1", json=ev.location_body("warehouse"))
+        availability = omni_env.reader(AVAILABILITY)
+        async with availability:
+            await channel.publish(ev.receipt("wh-1", "A", 10))
+            await availability.collect(1, timeout=20)
+            sale = await asyncpg.connect(runtime.settings.database_url.get_secret_value())
+            try:
+                tx = sale.transaction()
+                await tx.start()
+                await sale.execute(f"SET LOCAL search_path TO {runtime.settings.schema}")
+                # The request is the one PostgreSQL fails: this side detects no deadlock.
+                await sale.execute("SET LOCAL deadlock_timeout = '60s'")
+                await sale.execute("UPDATE sku_versions SET version = version WHERE sku = 'A'")
+                transport = httpx.ASGITransport(app=inventory.app, raise_app_exceptions=False)
+                async with httpx.AsyncClient(
+                    transport=transport,
+                    base_url="http://service",
+                    headers={"Authorization": f"Bearer {TEST_API_KEY}"},
+                ) as client:
+                    change = asyncio.create_task(
+                        client.put(
+                            "/locations/wh-1", json=ev.location_body("warehouse", safety_stock=4)
+                        )
+                    )
+
+                    async def change_waits_for_the_row() -> bool:
+                        return bool(
+                            await runtime.pool.fetchval(
+                                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a"
+                                " USING (pid) WHERE NOT l.granted AND l.locktype = 'transactionid'"
+                                " AND a.datname = current_database()"
+                            )
+                        )
+
+                    await ev.wait_until(change_waits_for_the_row, timeout=20)
+                    # Now the other way round: A's lock, which the change's batch holds.
+                    await asyncio.wait_for(
+                        sale.execute(
+                            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                            f"{runtime.settings.schema}.sku:A",
+                        ),
+                        timeout=20,
+                    )  # granted: PostgreSQL failed the change's transaction
+                    await tx.commit()
+                    answered = await asyncio.wait_for(change, timeout=20)
+            finally:
+                await sale.close()
+            assert answered.status_code == 200, answered.text
+            (told,) = await availability.collect(1, timeout=20)
+        assert (body(told)["sku"], body(told)["online_available"]) == ("A", 6)
