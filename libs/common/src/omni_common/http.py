@@ -1,4 +1,5 @@
-"""The HTTP side of every service: probes, metrics, authentication, request metrics.
+"""The HTTP side of every service: probes, authentication, request metrics, and the
+Prometheus metrics on a port of their own (``METRICS_PORT``, :func:`serve_metrics`).
 
 :func:`create_http_app` gives every service the same guards by construction: request
 bodies capped before they are read (413), database data errors answered 422, a request
@@ -9,6 +10,8 @@ for the route dependencies of :mod:`omni_common.auth` (``require``, ``require_sh
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,7 +22,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from omni_contracts.asyncapi import service_document, to_html, to_yaml
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from omni_common.auth import ShopperTokens, api_key_of
@@ -202,15 +205,23 @@ def create_http_app(
 ) -> FastAPI:
     """A FastAPI app that starts and stops ``runtime`` with it and serves the probes."""
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await runtime.start()
-        try:
-            yield
-        finally:
-            await runtime.stop()
-
     settings = runtime.settings
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Bound first: a port already taken stops the start before anything migrates. Open
+        # until the runtime has stopped, so the drain can still be watched.
+        async with serve_metrics(
+            runtime.metrics.registry, settings.http_host, settings.metrics_port
+        ) as address:
+            app.state.metrics_address = address
+            log.info("metrics on http://%s:%d/metrics", *address)
+            await runtime.start()
+            try:
+                yield
+            finally:
+                await runtime.stop()
+
     docs = settings.http_docs_enabled
     app = FastAPI(
         title=title,
@@ -246,7 +257,7 @@ def create_http_app(
         finally:
             route = request.scope.get("route")
             path = getattr(route, "path", "unmatched")
-            if path not in ("/metrics", "/healthz", "/readyz"):
+            if path not in ("/healthz", "/readyz"):
                 metrics.http_requests.labels(
                     metrics.service, request.method, path, str(status)
                 ).inc()
@@ -278,14 +289,58 @@ def create_http_app(
         """The same document as a readable page, for channel teams."""
         return HTMLResponse(to_html(_service_contract(runtime)))
 
-    @app.get("/metrics", include_in_schema=False)
-    async def prometheus_metrics() -> Response:
-        """Prometheus exposition of this service's metrics."""
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
     for router in routers or []:
         app.include_router(router)
     return app
+
+
+# A scrape's request head is short: one far longer is not Prometheus.
+_METRICS_HEAD_LIMIT = 8192
+
+
+@asynccontextmanager
+async def serve_metrics(
+    registry: CollectorRegistry, host: str, port: int, *, timeout_s: float = 10.0
+) -> AsyncIterator[tuple[str, int]]:
+    """Serve ``GET /metrics`` (Prometheus text format) of ``registry`` on ``host:port``
+    while open; yields the address bound (port 0: one the kernel picked).
+
+    Its own port, apart from the API's: Prometheus scrapes it from inside the cluster, and
+    the Service and Ingress that expose the API never route to it, so no key is needed and
+    none is asked. A listener on the service's event loop (no thread and no timer of its
+    own: an idle service does not wake up for it); every connection answers one request and
+    closes, within ``timeout_s``.
+    """
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                head = await reader.readuntil(b"\r\n\r\n")
+                line = head.split(b"\r\n", 1)[0].split(b" ")
+                if line[0] == b"GET" and len(line) == 3 and line[1].split(b"?")[0] == b"/metrics":
+                    status, kind = b"200 OK", CONTENT_TYPE_LATEST.encode()
+                    body = generate_latest(registry)
+                else:
+                    status, kind, body = b"404 Not Found", b"text/plain", b"not found\n"
+                writer.write(
+                    b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                    b"Connection: close\r\n\r\n%s" % (status, kind, len(body), body)
+                )
+                await writer.drain()
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, ValueError):
+            pass  # a client that left, stalled or sent no HTTP: nothing to answer
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    server = await asyncio.start_server(answer, host, port, limit=_METRICS_HEAD_LIMIT)
+    try:
+        bound = server.sockets[0].getsockname()
+        yield str(bound[0]), int(bound[1])
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 def _service_contract(runtime: ServiceRuntime) -> dict[str, object]:
