@@ -91,11 +91,13 @@ ENV PATH="/app/.venv/bin:${PATH}" \
     HOME=/tmp \
     HTTP_HOST=0.0.0.0 \
     HTTP_PORT=8000 \
+    METRICS_PORT=9464 \
     LOG_JSON=true
 
 WORKDIR /tmp
 USER 10001:10001
-EXPOSE 8000
+# The API, and Prometheus metrics on a port of their own (scraped inside the cluster only).
+EXPOSE 8000 9464
 
 ENTRYPOINT ["omni-service"]
 # No default service: `docker run omni-platform` prints the usage of `omni-service`.

@@ -14,7 +14,7 @@ What is derived from what:
   ``omni.services``) whose ACLs are exactly ``describe_service(name)``: ``Read`` on what it
   consumes, ``Write`` on what it produces (its DLQs included), ``Read`` on its consumer group;
 - ``base/services/<service>.yaml``: ServiceAccount, Deployment, Service,
-  PodDisruptionBudget, NetworkPolicy, ServiceMonitor and, for a service that consumes, a KEDA
+  PodDisruptionBudget, NetworkPolicy, PodMonitor and, for a service that consumes, a KEDA
   ``ScaledObject`` (one kafka trigger per consumed topic, ``maxReplicaCount`` = the largest
   partition count among them) with its ``TriggerAuthentication``;
 - ``base/services/kustomization.yaml``: the list of those files;
@@ -53,6 +53,9 @@ KAFKA_TLS_PORT = 9093
 IMAGE = "omni-platform"  # overlays set registry and tag with kustomize `images:`
 CONTAINER = "app"  # the same in every Deployment, so overlays can patch all of them at once
 HTTP_PORT = 8000
+# Prometheus metrics, apart from the API (METRICS_PORT): in no Service, so no Ingress can
+# route to it; a PodMonitor scrapes the pods and the NetworkPolicy admits only monitoring.
+METRICS_PORT = 9464
 RUN_AS = 10001  # the image's `omni` user
 DATABASE_SECRET = ("omni-database", "DATABASE_URL")  # prod overlay: CloudNativePG's secret
 API_KEYS_SECRET = ("omni-api-keys", "API_KEYS")
@@ -320,10 +323,14 @@ def render_deployment(service: Service) -> dict[str, Any]:
         "image": IMAGE,
         "imagePullPolicy": "IfNotPresent",
         "args": [name],  # ENTRYPOINT is `omni run`
-        "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
         "envFrom": [{"configMapRef": {"name": ENV_CONFIGMAP}}],
         "env": [
             {"name": "SERVICE_NAME", "value": name},
+            {"name": "METRICS_PORT", "value": str(METRICS_PORT)},
             _field_env("POD_NAME", "metadata.name"),
             _field_env("POD_NAMESPACE", "metadata.namespace"),
             {"name": "OTEL_SERVICE_NAME", "value": name},
@@ -421,7 +428,8 @@ def render_deployment(service: Service) -> dict[str, Any]:
 
 
 def render_network_policy(service: Service) -> dict[str, Any]:
-    """Ingress only from Prometheus and the ingress controller; egress only where needed.
+    """Ingress only from the ingress controller (the API) and Prometheus (the metrics port);
+    egress only where needed.
 
     The egress rules keep a fixed order the prod overlay patches by index:
     0 DNS, 1 Kafka, 2 PostgreSQL, 3 OTLP, then the service's extras.
@@ -463,9 +471,13 @@ def render_network_policy(service: Service) -> dict[str, Any]:
             "policyTypes": ["Ingress", "Egress"],
             "ingress": [
                 {
-                    "from": [namespace(MONITORING_NAMESPACE), namespace(INGRESS_NAMESPACE)],
+                    "from": [namespace(INGRESS_NAMESPACE)],
                     "ports": [{"protocol": "TCP", "port": "http"}],
-                }
+                },
+                {
+                    "from": [namespace(MONITORING_NAMESPACE)],
+                    "ports": [{"protocol": "TCP", "port": "metrics"}],
+                },
             ],
             "egress": egress,
         },
@@ -572,16 +584,17 @@ def render_service(service: Service, partitions: Mapping[str, int]) -> list[dict
         },
         render_network_policy(service),
         {
+            # The pods, not a Service: the metrics port is in none (see METRICS_PORT).
             "apiVersion": "monitoring.coreos.com/v1",
-            "kind": "ServiceMonitor",
+            "kind": "PodMonitor",
             "metadata": {"name": name, "labels": labels},
             "spec": {
                 # job="omni" for every service, as in docker-compose's Prometheus; alerts use it.
                 "jobLabel": "app.kubernetes.io/part-of",
                 "selector": {"matchLabels": _selector(name)},
-                "endpoints": [
+                "podMetricsEndpoints": [
                     {
-                        "port": "http",
+                        "port": "metrics",
                         "path": "/metrics",
                         "interval": "15s",
                         "scrapeTimeout": "10s",

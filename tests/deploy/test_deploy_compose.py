@@ -52,6 +52,10 @@ def test_every_service_runs_with_health_checks_and_ordered_start(compose: dict[s
         env = svc["environment"]
         assert env["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
         assert env["HTTP_HOST"] == "0.0.0.0" and str(env["HTTP_PORT"]) == "8000"
+        # Metrics on their own port, scraped by Prometheus inside the compose network only.
+        assert str(env["METRICS_PORT"]) == "9464"
+        published = " ".join(str(p) for p in svc.get("ports", []))
+        assert "9464" not in published, f"{name} publishes its metrics port"
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].endswith(":4318")
         assert svc["read_only"] is True and svc["cap_drop"] == ["ALL"]
 
@@ -115,7 +119,7 @@ def test_prometheus_scrapes_every_service_and_loads_the_rules(compose: dict[str,
     targets = {sc["labels"]["service"]: sc["targets"][0] for sc in job["static_configs"]}
     assert set(targets) == set(_service_names())
     for name, target in targets.items():
-        assert target == f"{name}:8000"
+        assert target == f"{name}:9464", "the metrics port (METRICS_PORT), never the API's"
     mounts = compose["services"]["prometheus"]["volumes"]
     assert "./deploy/prometheus/rules:/etc/prometheus/rules:ro" in mounts
     assert config["rule_files"] == ["/etc/prometheus/rules/*.yml"]

@@ -81,12 +81,15 @@ def test_unknown_fields_and_wrong_types_fail() -> None:
         assert_valid(deployment)
 
 
+NS_LABEL = "kubernetes.io/metadata.name"
+
+
 # -- what every service gets --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_service_has_its_companions(overlay: str) -> None:
-    """Each service: ServiceAccount, Service, PDB, NetworkPolicy, ServiceMonitor, KafkaUser."""
+    """Each service: ServiceAccount, Service, PDB, NetworkPolicy, PodMonitor, KafkaUser."""
     objects = render_overlay(overlay)
     deployments = _service_deployments(objects)
     assert deployments
@@ -95,17 +98,41 @@ def test_every_service_has_its_companions(overlay: str) -> None:
         "Service",
         "PodDisruptionBudget",
         "NetworkPolicy",
-        "ServiceMonitor",
+        "PodMonitor",
         "KafkaUser",
     ):
         missing = set(deployments) - set(by_kind(objects, kind))
         assert not missing, f"{overlay}: no {kind} for {sorted(missing)}"
-    for name, monitor in by_kind(objects, "ServiceMonitor").items():
-        endpoint = monitor["spec"]["endpoints"][0]
-        assert endpoint["path"] == "/metrics" and endpoint["port"] == "http", name
-        assert monitor["spec"]["jobLabel"] == "app.kubernetes.io/part-of", name
+    assert not by_kind(objects, "ServiceMonitor"), "metrics are scraped from the pods"
+    for name in deployments:
+        (endpoint,) = by_kind(objects, "PodMonitor")[name]["spec"]["podMetricsEndpoints"]
+        assert endpoint["path"] == "/metrics" and endpoint["port"] == "metrics", name
+        spec = by_kind(objects, "PodMonitor")[name]["spec"]
+        assert spec["jobLabel"] == "app.kubernetes.io/part-of", name
     for name, service in by_kind(objects, "Service").items():
         assert service["metadata"]["labels"]["app.kubernetes.io/part-of"] == "omni", name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_metrics_have_their_own_port_that_only_prometheus_reaches(overlay: str) -> None:
+    """The API port serves no metrics; the metrics port is in no Service (so no Ingress can
+    route to it) and the NetworkPolicy lets only the monitoring namespace reach it."""
+    objects = render_overlay(overlay)
+    for name, deployment in _service_deployments(objects).items():
+        (container,) = _containers(deployment)
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert ports["metrics"] != ports["http"], name
+        assert env["METRICS_PORT"] == str(ports["metrics"]), name
+        service = by_kind(objects, "Service")[name]
+        assert [p["name"] for p in service["spec"]["ports"]] == ["http"], name
+        rules = by_kind(objects, "NetworkPolicy")[name]["spec"]["ingress"]
+        reach = {
+            port["port"]: {peer["namespaceSelector"]["matchLabels"][NS_LABEL] for peer in r["from"]}
+            for r in rules
+            for port in r["ports"]
+        }
+        assert reach == {"http": {"ingress-nginx"}, "metrics": {"monitoring"}}, name
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -1,13 +1,18 @@
-"""The HTTP side of every service: probes, metrics, authentication, request metrics.
+"""The HTTP side of every service: probes, authentication, request metrics, and the
+Prometheus metrics on a port of their own (``METRICS_PORT``, :func:`serve_metrics`).
 
 :func:`create_http_app` gives every service the same guards by construction: request
-bodies capped before they are read (413), database data errors answered 422, ``/docs``
+bodies capped before they are read (413), database data errors answered 422, a request
+that lost a race in the database run again (503 if it keeps losing, never 500), ``/docs``
 and ``/openapi.json`` off unless ``HTTP_DOCS_ENABLED``, and shopper-token verification
 for the route dependencies of :mod:`omni_common.auth` (``require``, ``require_shopper``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -17,12 +22,15 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from omni_contracts.asyncapi import service_document, to_html, to_yaml
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from omni_common.auth import ShopperTokens, api_key_of
 from omni_common.dispatch import UNSTORABLE
+from omni_common.faults import Backoff, is_contention
 from omni_common.service import ServiceRuntime
+
+log = logging.getLogger(__name__)
 
 _bearer = HTTPBearer(auto_error=False, description="A channel's API key")
 
@@ -89,6 +97,79 @@ class BodyLimit:
         await response({"type": "http"}, _no_receive, send)
 
 
+class ContentionRetry:
+    """ASGI middleware running again a request that lost a race in the database.
+
+    A deadlock, a serialization failure or a lock timeout (:func:`omni_common.faults.
+    is_contention`) says nothing about the request: the losing transaction rolled back
+    whole, and trying again usually wins. So the request runs again, up to ``attempts``
+    times with a short backoff, on the same body; if it keeps losing, it is answered 503 with
+    ``Retry-After``, never 500. Only before the response has started (a stream that
+    already sent its head is not run again) and only for a lost race: any other failure
+    passes on at once. Every service's mutating routes are written to be repeated: each
+    transaction rolls back whole, and what spans several (idempotency keys, ``PUT``)
+    finds the state a first attempt left and goes on from it.
+    """
+
+    def __init__(
+        self, app: ASGIApp, attempts: int = 4, backoff_s: float = 0.02, max_backoff_s: float = 0.2
+    ) -> None:
+        self.app = app
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on, again while it loses races; 503 when it never wins."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received: list[Message] = []
+
+        async def recording() -> Message:
+            message = await receive()
+            received.append(message)
+            return message
+
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        backoff = Backoff(self.backoff_s, self.max_backoff_s)
+        for attempt in range(1, self.attempts + 1):
+            try:
+                # A later attempt reads the body the first one read, then what follows.
+                await self.app(scope, _replay(list(received), recording), sending)
+                return
+            except Exception as exc:
+                if started or not is_contention(exc):
+                    raise
+                log.info(
+                    "%s %s lost a race in the database (attempt %d of %d): %s",
+                    scope.get("method"),
+                    scope.get("path"),
+                    attempt,
+                    self.attempts,
+                    type(exc).__name__,
+                )
+                if attempt < self.attempts:
+                    await backoff.sleep()
+        response = JSONResponse(
+            {
+                "detail": {
+                    "reason": "contention",
+                    "message": "the request kept losing a race for the same data; retry it",
+                }
+            },
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+        await response(scope, _no_receive, send)
+
+
 def _replay(messages: list[Message], receive: Receive) -> Receive:
     pending = list(messages)
 
@@ -124,15 +205,23 @@ def create_http_app(
 ) -> FastAPI:
     """A FastAPI app that starts and stops ``runtime`` with it and serves the probes."""
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await runtime.start()
-        try:
-            yield
-        finally:
-            await runtime.stop()
-
     settings = runtime.settings
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Bound first: a port already taken stops the start before anything migrates. Open
+        # until the runtime has stopped, so the drain can still be watched.
+        async with serve_metrics(
+            runtime.metrics.registry, settings.http_host, settings.metrics_port
+        ) as address:
+            app.state.metrics_address = address
+            log.info("metrics on http://%s:%d/metrics", *address)
+            await runtime.start()
+            try:
+                yield
+            finally:
+                await runtime.stop()
+
     docs = settings.http_docs_enabled
     app = FastAPI(
         title=title,
@@ -147,6 +236,8 @@ def create_http_app(
     app.state.runtime = runtime
     app.state.shopper_tokens = ShopperTokens.from_settings(settings)
     metrics = runtime.metrics
+    # Inside the body limit: the body it replays to a second attempt is bounded.
+    app.add_middleware(ContentionRetry)
     app.add_middleware(BodyLimit, max_bytes=settings.http_max_body_bytes)
     # Server-side data errors (SQLSTATE class 22) and asyncpg's own refusal to encode an
     # argument (e.g. an int beyond int32) both mean "this value does not fit".
@@ -166,7 +257,7 @@ def create_http_app(
         finally:
             route = request.scope.get("route")
             path = getattr(route, "path", "unmatched")
-            if path not in ("/metrics", "/healthz", "/readyz"):
+            if path not in ("/healthz", "/readyz"):
                 metrics.http_requests.labels(
                     metrics.service, request.method, path, str(status)
                 ).inc()
@@ -198,14 +289,58 @@ def create_http_app(
         """The same document as a readable page, for channel teams."""
         return HTMLResponse(to_html(_service_contract(runtime)))
 
-    @app.get("/metrics", include_in_schema=False)
-    async def prometheus_metrics() -> Response:
-        """Prometheus exposition of this service's metrics."""
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
     for router in routers or []:
         app.include_router(router)
     return app
+
+
+# A scrape's request head is short: one far longer is not Prometheus.
+_METRICS_HEAD_LIMIT = 8192
+
+
+@asynccontextmanager
+async def serve_metrics(
+    registry: CollectorRegistry, host: str, port: int, *, timeout_s: float = 10.0
+) -> AsyncIterator[tuple[str, int]]:
+    """Serve ``GET /metrics`` (Prometheus text format) of ``registry`` on ``host:port``
+    while open; yields the address bound (port 0: one the kernel picked).
+
+    Its own port, apart from the API's: Prometheus scrapes it from inside the cluster, and
+    the Service and Ingress that expose the API never route to it, so no key is needed and
+    none is asked. A listener on the service's event loop (no thread and no timer of its
+    own: an idle service does not wake up for it); every connection answers one request and
+    closes, within ``timeout_s``.
+    """
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                head = await reader.readuntil(b"\r\n\r\n")
+                line = head.split(b"\r\n", 1)[0].split(b" ")
+                if line[0] == b"GET" and len(line) == 3 and line[1].split(b"?")[0] == b"/metrics":
+                    status, kind = b"200 OK", CONTENT_TYPE_LATEST.encode()
+                    body = generate_latest(registry)
+                else:
+                    status, kind, body = b"404 Not Found", b"text/plain", b"not found\n"
+                writer.write(
+                    b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                    b"Connection: close\r\n\r\n%s" % (status, kind, len(body), body)
+                )
+                await writer.drain()
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, ValueError):
+            pass  # a client that left, stalled or sent no HTTP: nothing to answer
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    server = await asyncio.start_server(answer, host, port, limit=_METRICS_HEAD_LIMIT)
+    try:
+        bound = server.sockets[0].getsockname()
+        yield str(bound[0]), int(bound[1])
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 def _service_contract(runtime: ServiceRuntime) -> dict[str, object]:

@@ -152,6 +152,7 @@ class OutboxRelay:
         server_settings: dict[str, str] | None = None,
         stop_grace_s: float = 5.0,
         publish_timeout_s: float = 7.0,
+        purge_batch_size: int = 1000,
     ) -> None:
         self._dsn = dsn
         self._schema = schema
@@ -165,6 +166,10 @@ class OutboxRelay:
         self._inbox_retention = inbox_retention
         # (table, timestamp column, retention) of a service's own dedup records.
         self._retained: list[tuple[str, str, timedelta]] = []
+        # Expired rows go this many per statement: one DELETE of a long backlog held its
+        # locks, and the leader's session busy, past the lease a standby evicts it after.
+        self.purge_batch_size = purge_batch_size
+        self._purge_due = False
         # The leader's session must end soon after the leader does, releasing the lock:
         # a frozen process (no statement for a while), a dead host (keepalives).
         # A leader runs a statement at least every poll interval; one frozen between two (or
@@ -286,25 +291,48 @@ class OutboxRelay:
             if published == self._batch_size:
                 continue
             if now - last_purge > 60:
-                await conn.execute(
-                    "DELETE FROM outbox WHERE published_at < now() - $1::interval",
-                    self._retention,
-                )
-                await conn.execute(
-                    "DELETE FROM inbox WHERE received_at < now() - $1::interval",
-                    self._inbox_retention,
-                )
-                for table, column, retention in self._retained:
-                    await conn.execute(
-                        f"DELETE FROM {quote_ident(table)}"
-                        f" WHERE {quote_ident(column)} < now() - $1::interval",
-                        retention,
-                    )
+                self._purge_due = True
                 last_purge = now
+            if self._purge_due:
+                self._purge_due = not await self.purge(conn)
+                if self._purge_due:
+                    # Interrupted by rows to relay (or the stop): relay them, then purge on.
+                    woken = True
+                    continue
             woken = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self._poll_interval_s)
                 woken = True
+
+    async def purge(self, conn: asyncpg.Connection) -> bool:
+        """Delete expired outbox, inbox and retained rows, ``purge_batch_size`` a statement.
+
+        Each statement is short and commits alone, so no lock is held for long and the
+        session never looks frozen to a standby. Between statements it yields, and gives up
+        the round as soon as rows wait to be relayed or the relay stops: True when every
+        table is purged, False when interrupted (the caller relays, then calls again).
+        """
+        tables = [
+            ("outbox", "published_at", self._retention),
+            ("inbox", "received_at", self._inbox_retention),
+            *self._retained,
+        ]
+        for table, column, retention in tables:
+            name, col = quote_ident(table), quote_ident(column)
+            # By physical row id: a batch found through the column's index, deleted without
+            # a second look-up, and no key column needed (tables differ in their keys).
+            statement = (
+                f"DELETE FROM {name} WHERE ctid = ANY(ARRAY("
+                f"SELECT ctid FROM {name} WHERE {col} < now() - $1::interval LIMIT $2))"
+            )
+            while True:
+                status = await conn.execute(statement, retention, self.purge_batch_size)
+                if int(status.split()[-1]) < self.purge_batch_size:
+                    break
+                await asyncio.sleep(0)
+                if self._stopping or self._wakeup.is_set():
+                    return False
+        return True
 
     async def _evict_stale_leader(self, conn: asyncpg.Connection, lock: str) -> None:
         """End the leader's session if it has not moved for a lease: a frozen process.

@@ -111,6 +111,10 @@ class ServiceSettings(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    # Prometheus metrics are served here, on HTTP_HOST, never on the API port: scraped from
+    # inside the cluster, reached by no Service or Ingress. The default is the port
+    # registered for OpenTelemetry's Prometheus exporters; 0 lets the kernel pick (tests).
+    metrics_port: int = Field(default=9464, ge=0, le=65535)
 
     # Bearer API keys with their channel and scopes (see omni_common.auth):
     # "ops:KEY1:admin,pos:KEY2:sales.write+stock.read,web:KEY3" (no scopes: the channel's

@@ -165,6 +165,48 @@ async def test_malformed_and_invalid_events_go_to_dlq_and_the_next_is_processed(
         await counter.runtime.stop()
 
 
+async def test_a_ce_id_the_database_would_spell_otherwise_is_dead_lettered_as_such(
+    omni_env,
+) -> None:
+    """Forms of a UUID that Python takes but PostgreSQL refuses or stores otherwise go to the
+    DLQ as ``invalid_envelope``; the same id in upper case is the same event (one effect)."""
+    counter = await start_counter(omni_env)
+    try:
+        dlq = omni_env.reader("inventory.adjustments.v1.dlq")
+        out = omni_env.reader("inventory.availability.v1")
+        async with dlq, out, ChannelPublisher(omni_env.bootstrap, omni_env.prefix) as channel:
+            topic, ce_type = "inventory.adjustments.v1", "inventory.stock.adjusted"
+            canonical = str(uuid.uuid4())
+            odd = ["{" + canonical + "}", "urn:uuid:" + canonical, canonical.replace("-", "")]
+            for ce_id in odd:
+                event = adjustment(delta=100)
+                await channel.publish_raw(
+                    topic,
+                    event.model_dump_json().encode(),
+                    key=event.sku,
+                    headers=ce_headers(ce_type, ce_id=ce_id),
+                )
+            event = adjustment(delta=2)
+            for ce_id in (canonical, canonical.upper()):  # one event, sent twice
+                await channel.publish_raw(
+                    topic,
+                    event.model_dump_json().encode(),
+                    key=event.sku,
+                    headers=ce_headers(ce_type, ce_id=ce_id),
+                )
+            await channel.publish(adjustment(delta=3))
+
+            dead = await dlq.collect(len(odd), timeout=15)
+            assert sorted(record_headers(r)["ce_id"] for r in dead) == sorted(odd)
+            assert {record_headers(r)["dlq_reason"] for r in dead} == {"invalid_envelope"}
+            assert all("ce_id" in record_headers(r)["dlq_error"] for r in dead)
+            told = await out.collect(2, timeout=15)
+            assert [json.loads(r.value)["on_hand"] for r in told] == [2, 5]
+            assert await out.collect(1, timeout=1) == []
+    finally:
+        await counter.runtime.stop()
+
+
 async def test_transient_failure_is_retried_then_succeeds(omni_env) -> None:
     counter = await start_counter(omni_env, fail_first=2)
     try:

@@ -154,3 +154,64 @@ async def test_a_standby_relay_stops_at_once(omni_env) -> None:
     finally:
         await standby.stop()
         await leader.stop()
+
+
+async def test_the_relay_purges_expired_rows_in_short_bounded_statements(omni_env) -> None:
+    """A long backlog of expired inbox and outbox rows goes in several short DELETEs, none
+    over the bound: one DELETE of them all held locks long enough to cost the leadership."""
+    runtime = ServiceRuntime(omni_env.settings("writer"))
+    await runtime.start()
+    try:
+        await runtime.relay.stop()
+        bound = runtime.relay.purge_batch_size
+        expired = 2 * bound + bound // 2
+        pool = runtime.pool
+        # A statement-level trigger sees each DELETE whole: its row count is the statement's.
+        await pool.execute(
+            "CREATE TABLE purge_log (tbl text, deleted int);"
+            " CREATE FUNCTION log_purge() RETURNS trigger LANGUAGE plpgsql AS $$"
+            " BEGIN INSERT INTO purge_log SELECT TG_TABLE_NAME, count(*) FROM gone;"
+            " RETURN NULL; END $$;"
+            " CREATE TRIGGER inbox_purge AFTER DELETE ON inbox REFERENCING OLD TABLE AS gone"
+            "  FOR EACH STATEMENT EXECUTE FUNCTION log_purge();"
+            " CREATE TRIGGER outbox_purge AFTER DELETE ON outbox REFERENCING OLD TABLE AS gone"
+            "  FOR EACH STATEMENT EXECUTE FUNCTION log_purge();"
+        )
+        await pool.execute(
+            "INSERT INTO inbox (consumer, ce_id, ce_type, received_at)"
+            " SELECT 'c', gen_random_uuid(), 't', now() - interval '9 days'"
+            " FROM generate_series(1, $1)",
+            expired,
+        )
+        await pool.execute(
+            "INSERT INTO inbox (consumer, ce_id, ce_type) SELECT 'c', gen_random_uuid(), 't'"
+            " FROM generate_series(1, 10)"
+        )
+        await pool.execute(
+            "INSERT INTO outbox (ce_id, ce_type, topic, headers, payload, published_at)"
+            " SELECT gen_random_uuid(), 't', 'x', '{}', '', now() - interval '2 days'"
+            " FROM generate_series(1, $1)",
+            expired,
+        )
+        await runtime.relay.start()  # purges on its first idle round
+
+        async def purged() -> bool:
+            return await pool.fetchval("SELECT count(*) FROM inbox") == 10 and not (
+                await pool.fetchval("SELECT count(*) FROM outbox")
+            )
+
+        deadline = time.monotonic() + 20
+        while not await purged() and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        assert await purged()
+        for table in ("inbox", "outbox"):
+            sizes = [
+                r["deleted"]
+                for r in await pool.fetch(
+                    "SELECT deleted FROM purge_log WHERE tbl = $1 AND deleted > 0", table
+                )
+            ]
+            assert sum(sizes) == expired, table
+            assert len(sizes) >= 3 and max(sizes) <= bound, (table, sizes)
+    finally:
+        await runtime.stop()

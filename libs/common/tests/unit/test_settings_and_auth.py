@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from fastapi import APIRouter
-from omni_common.http import Channel, create_http_app
+from omni_common.http import Channel, create_http_app, serve_metrics
 from omni_common.service import ServiceRuntime
 from omni_common.settings import ServiceSettings
 
@@ -61,18 +61,38 @@ async def test_no_configured_keys_means_nothing_is_open() -> None:
     assert (await _get(_app(""), "/whoami", "anything")).status_code == 401
 
 
-async def test_probes_and_metrics_need_no_key() -> None:
+async def test_probes_need_no_key() -> None:
     app = _app("")
     assert (await _get(app, "/healthz")).json() == {"status": "ok"}
     ready = await _get(app, "/readyz")
     assert ready.status_code == 503  # not started
+
+
+async def test_the_api_port_serves_no_metrics_whatever_the_key() -> None:
+    app = _app("ops:secret-ops:admin")
+    assert (await _get(app, "/metrics")).status_code == 404
+    assert (await _get(app, "/metrics", "secret-ops")).status_code == 404
+
+
+async def test_metrics_are_served_on_their_own_port() -> None:
+    app = _app("")
     await _get(app, "/whoami")
-    metrics = (await _get(app, "/metrics")).text
+    registry = app.state.runtime.metrics.registry
+    async with (
+        serve_metrics(registry, "127.0.0.1", 0) as (host, port),
+        httpx.AsyncClient(base_url=f"http://{host}:{port}") as client,
+    ):
+        response = await client.get("/metrics")
+        elsewhere = await client.get("/whoami")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    metrics = response.text
     assert (
         'omni_http_requests_total{method="GET",route="/whoami",service="probe",status="401"}'
         in metrics
     )
     assert "omni_outbox_backlog" in metrics
+    assert elsewhere.status_code == 404
 
 
 def test_kafka_security_follows_the_listener() -> None:

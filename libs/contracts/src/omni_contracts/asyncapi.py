@@ -63,7 +63,11 @@ def _headers_schema(ce_type: str, key: str) -> dict[str, Any]:
             "ce_id": {
                 **text,
                 "format": "uuid",
-                "description": "Unique per event: the deduplication key.",
+                "description": (
+                    "Unique per event: the deduplication key. A UUID in its hyphenated"
+                    " 8-4-4-4-12 form; any other spelling (braces, `urn:uuid:`, no hyphens)"
+                    " and the nil and max UUIDs are dead-lettered as `invalid_envelope`."
+                ),
             },
             "ce_type": {**text, "const": ce_type},
             "ce_source": {

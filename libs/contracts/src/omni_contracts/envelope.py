@@ -7,6 +7,7 @@ optional ``ce_subject``) plus the platform's ``correlation_id`` and ``causation_
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -27,6 +28,33 @@ HeaderItems = Iterable[tuple[str, bytes | str | None]]
 
 class EnvelopeError(ValueError):
     """The headers are not a valid CloudEvents binary-mode envelope."""
+
+
+# The RFC 9562 string form: five hyphenated groups of ASCII hex digits. Python's uuid.UUID
+# also takes braces, a urn:uuid: prefix, no or misplaced hyphens, signs, underscores and
+# non-ASCII digits; PostgreSQL's uuid type refuses some of those and respells others, so the
+# id a consumer dedups on would not be the id the inbox holds.
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# Special values that identify no event: every producer sending one would dedup on it.
+_NO_EVENT_IDS = frozenset(
+    {"00000000-0000-0000-0000-000000000000", "f" * 8 + "-ffff" * 3 + "-" + "f" * 12}
+)
+
+
+def canonical_ce_id(value: str) -> str:
+    """``value`` as the contract's ``ce_id``: a UUID in its hyphenated 8-4-4-4-12 form,
+    in lower case (hex digits are case-insensitive on input, RFC 9562), which is how
+    PostgreSQL stores and compares it. Raises :class:`EnvelopeError` for any other form.
+    """
+    lowered = value.lower()
+    if not _CANONICAL_UUID.fullmatch(lowered):
+        raise EnvelopeError(
+            f"ce_id {value!r} is not a UUID in its canonical form"
+            " (8-4-4-4-12 hexadecimal digits, e.g. 3f2b8c1e-9d4a-4f6b-8a2e-7c5d1e0f9a3b)"
+        )
+    if lowered in _NO_EVENT_IDS:
+        raise EnvelopeError(f"ce_id {value!r} is the nil or max UUID, which names no event")
+    return lowered
 
 
 class PayloadError(ValueError):
@@ -73,8 +101,11 @@ def new_envelope(
     ce_id: str | None = None,
     time: datetime | None = None,
 ) -> Envelope:
-    """A fresh envelope for ``event``; ``caused_by`` links it into its customer journey."""
-    event_id = ce_id or str(uuid.uuid4())
+    """A fresh envelope for ``event``; ``caused_by`` links it into its customer journey.
+
+    A given ``ce_id`` must be one consumers take (see :func:`canonical_ce_id`).
+    """
+    event_id = canonical_ce_id(ce_id) if ce_id else str(uuid.uuid4())
     return Envelope(
         id=event_id,
         type=event.ce_type,
@@ -118,10 +149,7 @@ def parse_envelope(headers: HeaderItems | Mapping[str, bytes | str | None]) -> E
         raise EnvelopeError(f"missing CloudEvents header(s): {', '.join(missing)}")
     if h.get("ce_specversion", SPECVERSION) != SPECVERSION:
         raise EnvelopeError(f"unsupported ce_specversion {h['ce_specversion']!r}")
-    try:
-        uuid.UUID(h["ce_id"])
-    except ValueError as exc:
-        raise EnvelopeError(f"ce_id {h['ce_id']!r} is not a UUID") from exc
+    ce_id = canonical_ce_id(h["ce_id"])
     raw_time = h.get("ce_time")
     try:
         time = datetime.fromisoformat(raw_time) if raw_time else datetime.now(UTC)
@@ -130,7 +158,7 @@ def parse_envelope(headers: HeaderItems | Mapping[str, bytes | str | None]) -> E
     if time.tzinfo is None:
         raise EnvelopeError("ce_time has no timezone")
     return Envelope(
-        id=h["ce_id"],
+        id=ce_id,
         type=h["ce_type"],
         source=h["ce_source"],
         time=time.astimezone(UTC),

@@ -117,3 +117,51 @@ def test_required_but_nullable_fields_survive_the_wire() -> None:
     decoded = decode(OrderPlaced, encode(anonymous_sale))
     assert decoded.customer_id is None
     assert decoded == anonymous_sale
+
+
+# What PostgreSQL's uuid column and the inbox make of an id must be what the envelope says:
+# one spelling per event, or the dedup key differs between the lot and the table.
+CANONICAL = "3f2b8c1e-9d4a-4f6b-8a2e-7c5d1e0f9a3b"
+
+
+@pytest.mark.parametrize(
+    "ce_id",
+    [
+        "{" + CANONICAL + "}",  # braces: Python and PostgreSQL take them
+        "urn:uuid:" + CANONICAL,  # Python takes it, PostgreSQL refuses it
+        CANONICAL.replace("-", ""),  # no hyphens
+        "3f2b-8c1e-9d4a-4f6b-8a2e-7c5d-1e0f-9a3b",  # hyphens between other groups
+        " " + CANONICAL,  # surrounding white space
+        CANONICAL + "\n",
+        CANONICAL.replace("3f2b8c1e", "3f2b_8c1"),  # an underscore Python's int() skips
+        CANONICAL.replace("3f2b8c1e", "+3f2b8c1"),  # a sign Python's int() takes
+        CANONICAL.replace("3f2b8c1e", "\uff13f2b8c1e"),  # a full-width digit
+        "00000000-0000-0000-0000-000000000000",  # the nil UUID names no event
+        "ffffffff-ffff-ffff-ffff-ffffffffffff",  # nor does the max UUID
+    ],
+)
+def test_a_ce_id_not_in_the_canonical_uuid_form_is_refused(ce_id: str) -> None:
+    headers = {"ce_id": ce_id, "ce_type": "t", "ce_source": "/s"}
+    with pytest.raises(EnvelopeError, match="ce_id"):
+        parse_envelope(headers)
+
+
+@pytest.mark.parametrize(
+    "ce_id",
+    [
+        CANONICAL,
+        CANONICAL.upper(),  # RFC 9562: hex digits are case-insensitive on input
+        "018f3b6e-5c2a-7d41-9b3e-2f6a8c0d4e11",  # version 7, time-ordered
+        "c232ab00-9414-11ec-b3c8-9f6bdeced846",  # version 1
+    ],
+)
+def test_a_canonical_ce_id_is_taken_in_lower_case(ce_id: str) -> None:
+    envelope = parse_envelope({"ce_id": ce_id, "ce_type": "t", "ce_source": "/s"})
+    assert envelope.id == ce_id.lower()
+    assert envelope.id == str(uuid.UUID(ce_id))  # what PostgreSQL stores and compares
+
+
+def test_an_envelope_is_never_built_with_a_ce_id_consumers_would_refuse() -> None:
+    with pytest.raises(EnvelopeError, match="ce_id"):
+        new_envelope(ADJUSTED, source="/a", ce_id="{" + CANONICAL + "}")
+    assert new_envelope(ADJUSTED, source="/a", ce_id=CANONICAL.upper()).id == CANONICAL

@@ -81,11 +81,16 @@ def _config(
     kafka_port: int | None = None,
     pg_port: int | None = None,
     http_base_port: int | None = None,
+    metrics_base_port: int | None = None,
 ) -> Any:
     from omni_devkit.devstack.stack import DevStackConfig
 
     return DevStackConfig.from_env(
-        state_dir=state_dir, kafka_port=kafka_port, pg_port=pg_port, http_base_port=http_base_port
+        state_dir=state_dir,
+        kafka_port=kafka_port,
+        pg_port=pg_port,
+        http_base_port=http_base_port,
+        metrics_base_port=metrics_base_port,
     )
 
 
@@ -104,12 +109,18 @@ def dev_up(
         int | None,
         typer.Option(help="First service port [default: $OMNI_HTTP_BASE_PORT or 8001]"),
     ] = None,
+    metrics_base_port: Annotated[
+        int | None,
+        typer.Option(
+            help="First service's metrics port [default: $OMNI_METRICS_BASE_PORT or 8101]"
+        ),
+    ] = None,
     state_dir: StateDirOption = None,
 ) -> None:
     """Start PostgreSQL, Kafka (Apache Kafka given Java 17+, else Tansu), topics, services."""
     from omni_devkit.devstack.stack import DevStack, handle_termination
 
-    config = _config(state_dir, kafka_port, pg_port, http_base_port)
+    config = _config(state_dir, kafka_port, pg_port, http_base_port, metrics_base_port)
     if detach:
         _up_detached(config)
         return
@@ -159,6 +170,8 @@ def _up_detached(config: Any) -> None:
         str(config.pg_port),
         "--http-base-port",
         str(config.http_base_port),
+        "--metrics-base-port",
+        str(config.metrics_base_port),
     ]
     with log_path.open("ab") as log:
         proc = subprocess.Popen(

@@ -98,12 +98,11 @@ def state_dir() -> Iterator[Path]:
 def _up_status_down(
     state_dir: Path, services: list[str], env: dict[str, str], real: bool = False
 ) -> None:
-    kafka, pg, base = (
-        free_port(),
-        free_port(),
-        free_port_range("127.0.0.1", len(DEFAULT_SERVICE_ORDER) + 2),
-    )
+    n = len(DEFAULT_SERVICE_ORDER) + 2
+    # One range for the API ports and the metrics ports: two picked apart could overlap.
+    kafka, pg, base = free_port(), free_port(), free_port_range("127.0.0.1", 2 * n)
     ports = ["--kafka-port", str(kafka), "--pg-port", str(pg), "--http-base-port", str(base)]
+    ports += ["--metrics-base-port", str(base + n)]
     where = ["--state-dir", str(state_dir)]
 
     up = omni("dev", "up", "--detach", *where, *ports, env=env, timeout=300)
@@ -136,6 +135,9 @@ def _up_status_down(
     for name in services:
         url = dev_env[name.upper().replace("-", "_") + "_URL"]
         assert httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+        metrics_url = dev_env[name.upper().replace("-", "_") + "_METRICS_URL"]
+        assert int(metrics_url.rsplit(":", 1)[1]) in range(base + n, base + 2 * n)
+        assert httpx.get(f"{metrics_url}/metrics", timeout=5).status_code == 200
 
     again = omni("dev", "up", "--detach", *where, *ports, env=env)
     assert again.returncode == 1

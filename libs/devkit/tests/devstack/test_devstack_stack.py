@@ -35,6 +35,13 @@ def test_devstack_runs_and_stops_in_process(
         env = read_kv_file(config.env_file)
         assert env["INVENTORY_URL"] == f"http://127.0.0.1:{config.http_base_port}"
         assert httpx.get(env["INVENTORY_URL"] + "/readyz", timeout=5).status_code == 200
+        # Metrics on a port of their own, below the ephemeral range like the API's.
+        metrics_url = f"http://127.0.0.1:{config.metrics_base_port}"
+        assert env["INVENTORY_METRICS_URL"] == metrics_url
+        assert config.metrics_base_port < 32768
+        scraped = httpx.get(metrics_url + "/metrics", timeout=5)
+        assert scraped.status_code == 200 and "omni_ready" in scraped.text
+        assert httpx.get(env["INVENTORY_URL"] + "/metrics", timeout=5).status_code == 404
         pids = read_pids(config)
         assert set(pids) == {"supervisor", "postgres", "kafka", "inventory", "console"}
         assert all(pid_alive(pid) for pid in pids.values())
@@ -52,6 +59,7 @@ def test_devstack_runs_and_stops_in_process(
     assert port_is_free("127.0.0.1", config.kafka_port)
     assert port_is_free("127.0.0.1", config.pg_port)
     assert port_is_free("127.0.0.1", config.console_port)
+    assert port_is_free("127.0.0.1", config.metrics_base_port)
 
 
 def test_a_service_that_cannot_start_stops_everything(

@@ -16,6 +16,9 @@ class InventorySettings(ServiceSettings):
     - ``INVENTORY_SEED_FILE``: a YAML or JSON file of locations (and initial stock) loaded at
       start; ``demo`` loads the demo stores and warehouse shipped with the service;
     - ``INVENTORY_TIMER_POLL_S``: how often due reservation expiries are looked for;
+    - ``INVENTORY_POLICY_BATCH``: SKUs told per transaction when a location's policy
+      changes (each takes one lock per SKU: bounded, so any number of SKUs fits the
+      database's lock table);
     - ``INVENTORY_STREAM_*``: the availability stream: changes kept per SKU for clients
       that resume (``RING``), changes read back at start (``WARM``, per partition), events a
       client may fall behind before it is dropped (``QUEUE``), connected clients at most
@@ -27,6 +30,7 @@ class InventorySettings(ServiceSettings):
     inventory_low_stock_threshold: int = Field(default=5, ge=0)
     inventory_seed_file: str | None = None
     inventory_timer_poll_s: float = Field(default=0.5, gt=0)
+    inventory_policy_batch: int = Field(default=500, ge=1, le=5000)
     inventory_stream_ring: int = Field(default=64, ge=1)
     inventory_stream_warm: int = Field(default=1000, ge=0)
     inventory_stream_queue: int = Field(default=256, ge=1)

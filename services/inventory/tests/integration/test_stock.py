@@ -61,7 +61,9 @@ async def test_last_unit_sold_at_a_store_goes_out_of_stock_on_web_and_app(
         per_location = {row["location_id"]: row["status"] for row in answer["locations"]}
         assert per_location == {"store-1": "out_of_stock", "wh-1": "in_stock"}
 
-        metrics = (await http.get("/metrics")).text
+        # Not on the API, whatever the key: on the metrics port, which Prometheus scrapes.
+        assert (await http.get("/metrics")).status_code == 404
+        metrics = (await inventory.metrics.get("/metrics")).text
         assert (
             'omni_inventory_out_of_stock_transitions_total{location_id="store-1",'
             'service="inventory"} 1.0' in metrics

@@ -146,7 +146,7 @@ async def test_the_balance_is_the_sum_of_the_ledger_and_the_ledger_is_append_onl
     registry = loyalty.service.runtime.metrics.registry
     labels = {"service": "loyalty", "kind": "pending"}
     assert (registry.get_sample_value("omni_loyalty_ledger_entries_total", labels) or 0) >= 3
-    metrics = (await loyalty.service.http.get("/metrics")).text
+    metrics = (await loyalty.service.metrics.get("/metrics")).text
     assert "omni_loyalty_points_total" in metrics
     async with loyalty.pool.acquire() as conn:
         sums = await conn.fetchrow(

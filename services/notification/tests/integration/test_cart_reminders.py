@@ -102,7 +102,7 @@ async def test_a_shopper_who_prefers_push_gets_a_decryptable_web_push(
         assert message.headers["topic"] == payload["notification_id"].replace("-", "")[:32]
         (row,) = await ev.settled(svc, customer)
         assert row["status"] == "sent" and row["channel"] == "push"
-        metrics = (await svc.http.get("/metrics")).text
+        metrics = (await svc.metrics.get("/metrics")).text
         assert 'omni_notification_outcomes_total{kind="cart_reminder",outcome="sent"' in metrics
         assert 'omni_notification_provider_seconds_count{channel="push"' in metrics
     assert smtp_server.messages_to(address) == []

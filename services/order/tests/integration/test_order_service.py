@@ -430,7 +430,7 @@ async def test_illegal_and_unknown_fulfilment_events_are_dead_lettered(w: World)
         illegal_before + 1
     )
     assert (await w.order(order_id))["status"] == "placed"
-    exposition = (await w.svc.http.get("/metrics")).text
+    exposition = (await w.svc.metrics.get("/metrics")).text
     assert 'omni_order_transitions_total{channel="web",service="order",to_status="placed"}' in (
         exposition
     )

@@ -265,6 +265,7 @@ async def _service_phase(
         "DATABASE_URL": db_url,
         "TOPIC_PREFIX": prefix,
         "HTTP_PORT": str(port),
+        "METRICS_PORT": "0",  # whichever is free: nothing scrapes it here
         "CART_ABANDONMENT_DELAY": str(delay.total_seconds()),
         "CART_TIMER_POLL_S": "0.1",
         "LOG_LEVEL": "WARNING",

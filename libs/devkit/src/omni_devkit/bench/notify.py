@@ -77,6 +77,7 @@ async def _service(
         consumer_session_timeout_ms=2_000,
         consumer_heartbeat_interval_ms=300,
         log_level="WARNING",
+        metrics_port=0,  # whichever is free: nothing scrapes it here
     )
     # The service's own composition root, found as `omni run` finds it; the keywords are
     # NotificationSettings overrides (a local SMTP server and push keys, a brisk dispatcher).

@@ -7,7 +7,7 @@ page shows what runs today and more as services are added.
 
 Routes: ``/`` (the page), ``/api/overview`` (stores x SKUs), ``/api/stream`` (the
 availability stream, passed through), ``/api/health`` (lag, DLQ, outbox, the
-stock-to-availability histogram, from the services' ``/metrics``), ``/api/shoppers`` and
+stock-to-availability histogram, from the services' metrics ports), ``/api/shoppers`` and
 ``/api/shoppers/{id}`` (profile, orders, points, messages), ``POST /api/stories/{n}`` (play a
 demo story), ``/healthz`` and ``/readyz``.
 """
@@ -29,7 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client.parser import text_string_to_metric_families
 
-from omni_devkit.devstack.stack import read_kv_file
+from omni_devkit.devstack.stack import metrics_env_var_name, read_kv_file
 
 STATIC = Path(str(resources.files("omni_devkit.console") / "static"))
 SERVICES = ("inventory", "order", "customer-profile", "loyalty", "notification")
@@ -60,6 +60,10 @@ class StackView:
     def url(self, service: str) -> str | None:
         """Where ``service`` answers, or None when it is not part of the stack."""
         return self.values().get(_url_key(service))
+
+    def metrics_url(self, service: str) -> str | None:
+        """Where ``service`` serves its metrics (its own port), or None."""
+        return self.values().get(metrics_env_var_name(service))
 
     @property
     def api_key(self) -> str:
@@ -325,7 +329,7 @@ def create_console_app(env_file: Path, stories: Any = None) -> FastAPI:
         out: dict[str, Any] = {}
 
         async def one(service: str) -> None:
-            url = stack.url(service)
+            url = stack.metrics_url(service)
             if url is None:
                 out[service] = skipped(service)
                 return

@@ -135,6 +135,11 @@ def env_var_name(service: str) -> str:
     return service.upper().replace("-", "_") + "_URL"
 
 
+def metrics_env_var_name(service: str) -> str:
+    """``customer-profile`` -> ``CUSTOMER_PROFILE_METRICS_URL`` (its metrics port)."""
+    return service.upper().replace("-", "_") + "_METRICS_URL"
+
+
 # -- configuration -----------------------------------------------------------------------------
 
 
@@ -169,6 +174,9 @@ class DevStackConfig:
     kafka_port: int = 9092
     pg_port: int = 5432
     http_base_port: int = 8001
+    # The n-th service serves its metrics on metrics_base_port + n (METRICS_PORT), apart
+    # from its API, as in a cluster.
+    metrics_base_port: int = 8101
     # The console (the page a newcomer opens first): CONSOLE_URL in dev.env.
     console_port: int = 8000
     database: str = "omni"
@@ -179,12 +187,13 @@ class DevStackConfig:
     @classmethod
     def from_env(cls, **overrides: Any) -> DevStackConfig:
         """Defaults, then ``OMNI_KAFKA_PORT``/``OMNI_PG_PORT``/``OMNI_HTTP_BASE_PORT``/
-        ``OMNI_STATE_DIR``/``OMNI_READY_TIMEOUT`` (seconds per start-up), then ``overrides``
-        (``None`` values are ignored)."""
+        ``OMNI_METRICS_BASE_PORT``/``OMNI_STATE_DIR``/``OMNI_READY_TIMEOUT`` (seconds per
+        start-up), then ``overrides`` (``None`` values are ignored)."""
         config = cls(
             kafka_port=_env_int("OMNI_KAFKA_PORT", cls.kafka_port),
             pg_port=_env_int("OMNI_PG_PORT", cls.pg_port),
             http_base_port=_env_int("OMNI_HTTP_BASE_PORT", cls.http_base_port),
+            metrics_base_port=_env_int("OMNI_METRICS_BASE_PORT", cls.metrics_base_port),
             console_port=_env_int("OMNI_CONSOLE_PORT", cls.console_port),
             ready_timeout=float(_env_int("OMNI_READY_TIMEOUT", int(cls.ready_timeout))),
         )
@@ -197,13 +206,17 @@ class DevStackConfig:
     def with_free_ports(
         cls, state_dir: Path, services: int = 8, **overrides: Any
     ) -> DevStackConfig:
-        """A config on ports free right now (tests): ``services`` consecutive HTTP ports."""
+        """A config on ports free right now (tests): ``services`` consecutive HTTP ports,
+        then as many metrics ports (one range: two picked apart could overlap)."""
         host = overrides.get("host", cls.host)
+        n = max(services, len(DEFAULT_SERVICE_ORDER))
+        base = free_port_range(host, 2 * n)
         return cls(
             state_dir=Path(state_dir),
             kafka_port=free_port(host),
             pg_port=free_port(host),
-            http_base_port=free_port_range(host, max(services, len(DEFAULT_SERVICE_ORDER))),
+            http_base_port=base,
+            metrics_base_port=base + n,
             console_port=free_port(host),
             **overrides,
         )
@@ -255,12 +268,19 @@ class DevStackConfig:
 
     def service_ports(self, services: list[str]) -> dict[str, int]:
         """``{service: HTTP port}``; default-order services keep their port in any subset."""
+        return {s: self.http_base_port + n for s, n in self._positions(services).items()}
+
+    def metrics_ports(self, services: list[str]) -> dict[str, int]:
+        """``{service: metrics port}``, in the same order as :meth:`service_ports`."""
+        return {s: self.metrics_base_port + n for s, n in self._positions(services).items()}
+
+    def _positions(self, services: list[str]) -> dict[str, int]:
         ordered = list(DEFAULT_SERVICE_ORDER) + [
             s for s in services if s not in DEFAULT_SERVICE_ORDER
         ]
         if os.environ.get(SERVICES_ENV):
             ordered = services  # an explicit list sets the order
-        return {s: self.http_base_port + ordered.index(s) for s in services}
+        return {s: ordered.index(s) for s in services}
 
 
 # -- pid and env files -------------------------------------------------------------------------
@@ -333,6 +353,7 @@ class ServiceProcess:
     proc: subprocess.Popen[bytes]
     log_fh: IO[bytes]
     reported_exit: bool = False
+    metrics_url: str | None = None
 
 
 @dataclass
@@ -386,6 +407,11 @@ class DevStack:
         """Base URL of every running service."""
         return {name: svc.url for name, svc in self.services.items()}
 
+    @property
+    def metrics_urls(self) -> dict[str, str]:
+        """Base URL of every running service's metrics port (``/metrics``)."""
+        return {n: s.metrics_url for n, s in self.services.items() if s.metrics_url}
+
     def __exit__(self, *exc: object) -> None:
         self.stop(quiet=True)
 
@@ -419,6 +445,10 @@ class DevStack:
             *(
                 (f"service {s}", p, "--http-base-port / OMNI_HTTP_BASE_PORT")
                 for s, p in ports.items()
+            ),
+            *(
+                (f"{s}'s metrics", p, "--metrics-base-port / OMNI_METRICS_BASE_PORT")
+                for s, p in cfg.metrics_ports(services).items()
             ),
         ]
         for what, port, option in wanted:
@@ -528,7 +558,7 @@ class DevStack:
             return self.config.database_url
         return self.postgres.local_url(self.config.database)
 
-    def _service_env(self, name: str, port: int) -> dict[str, str]:
+    def _service_env(self, name: str, port: int, metrics_port: int) -> dict[str, str]:
         cfg = self.config
         env = dict(os.environ)
         env.pop("DB_SCHEMA", None)  # each service uses its own schema
@@ -539,6 +569,7 @@ class DevStack:
             TOPIC_PREFIX="",
             HTTP_HOST=cfg.host,
             HTTP_PORT=str(port),
+            METRICS_PORT=str(metrics_port),
             API_KEYS=self._api_keys_value(),
             **self._shopper_token_env(),
             LOG_JSON="true" if cfg.log_json else "false",
@@ -617,6 +648,7 @@ class DevStack:
     def _start_services(self, ports: dict[str, int]) -> None:
         cfg = self.config
         timer = self._step(f"starting services: {', '.join(ports)}")
+        metrics_ports = cfg.metrics_ports(list(ports))
         # Start all at once: their imports and migrations overlap.
         for name, port in ports.items():
             log_path = cfg.logs_dir / f"{name}.log"
@@ -624,14 +656,17 @@ class DevStack:
             log_fh = log_path.open("ab")
             proc = subprocess.Popen(
                 [sys.executable, "-m", "omni_devkit.cli", "run", name],
-                env=self._service_env(name, port),
+                env=self._service_env(name, port, metrics_ports[name]),
                 stdin=subprocess.DEVNULL,
                 stdout=log_fh,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
             url = f"http://{cfg.host}:{port}"
-            self.services[name] = ServiceProcess(name, port, url, log_path, proc, log_fh)
+            metrics_url = f"http://{cfg.host}:{metrics_ports[name]}"
+            self.services[name] = ServiceProcess(
+                name, port, url, log_path, proc, log_fh, metrics_url=metrics_url
+            )
             self._record(name, proc.pid)
         self._wait_services_ready(timer)
 
@@ -674,6 +709,8 @@ class DevStack:
         }
         for name, svc in self.services.items():
             values[env_var_name(name)] = svc.url
+            if svc.metrics_url is not None:
+                values[metrics_env_var_name(name)] = svc.metrics_url
         values.update(self._mail_and_push_env())
         values["API_KEY"] = self.api_keys[DEFAULT_CHANNEL]
         values["API_KEYS"] = self._api_keys_value()

@@ -417,6 +417,8 @@ class OmniTestEnv:
             "shopper_token_hs256_secret": TEST_SHOPPER_SECRET,
             "shopper_token_issuer": DEV_ISSUER,
             "shopper_token_audience": DEV_AUDIENCE,
+            # Services of one test process each serve their metrics on a port of their own.
+            "metrics_port": 0,
             # Retries with backoff are exercised, not waited for.
             "handler_backoff_initial_s": 0.01,
             "handler_backoff_max_s": 0.05,

@@ -53,6 +53,7 @@ class ServiceProcess:
     env: dict[str, str]
     log_path: Path
     port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
     _log: IO[bytes] | None = None
@@ -62,6 +63,11 @@ class ServiceProcess:
     def url(self) -> str:
         """Base URL of its HTTP API."""
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """Base URL of its metrics port (``/metrics``)."""
+        return f"http://127.0.0.1:{self.metrics_port}"
 
     def start(self) -> None:
         """Start the process (its output is appended to ``log_path``)."""
@@ -73,7 +79,12 @@ class ServiceProcess:
             [sys.executable, "-m", "omni_common.run", self.name],
             env=dict(os.environ)
             | self.env
-            | {"HTTP_HOST": "127.0.0.1", "HTTP_PORT": str(self.port), "PYTHONUNBUFFERED": "1"},
+            | {
+                "HTTP_HOST": "127.0.0.1",
+                "HTTP_PORT": str(self.port),
+                "METRICS_PORT": str(self.metrics_port),
+                "PYTHONUNBUFFERED": "1",
+            },
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,

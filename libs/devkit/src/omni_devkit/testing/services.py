@@ -16,11 +16,13 @@ from omni_devkit.devstack.process import free_port
 
 
 class RunningService:
-    """A started service: its runtime and an HTTP client that talks to it in-process."""
+    """A started service: its runtime, an HTTP client that talks to its API in-process, and
+    one that scrapes its metrics port (``metrics.get("/metrics")``), a real listener."""
 
-    def __init__(self, app: FastAPI, client: httpx.AsyncClient) -> None:
+    def __init__(self, app: FastAPI, client: httpx.AsyncClient, metrics: httpx.AsyncClient) -> None:
         self.app = app
         self.http = client
+        self.metrics = metrics
 
     @property
     def runtime(self) -> ServiceRuntime:
@@ -36,13 +38,15 @@ async def running(app: FastAPI, api_key: str | None = "test-key") -> AsyncIterat
     The HTTP client sends ``Authorization: Bearer <api_key>`` unless ``api_key`` is None.
     """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://service", headers=headers
-        ) as client,
-    ):
-        yield RunningService(app, client)
+    async with app.router.lifespan_context(app):
+        host, port = app.state.metrics_address
+        async with (
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://service", headers=headers
+            ) as client,
+            httpx.AsyncClient(base_url=f"http://{host}:{port}") as metrics,
+        ):
+            yield RunningService(app, client, metrics)
 
 
 @contextlib.asynccontextmanager

@@ -59,6 +59,10 @@ class InventoryMetrics:
             if update.sold_out:
                 self.out_of_stock_transitions.labels(self.service, update.level.location_id).inc()
 
+    def told_without_cause(self, updates: Iterable[AvailabilityUpdate]) -> None:
+        """Count what a change caused by no event told (no propagation latency to see)."""
+        self.availability_written(updates, None)
+
     def demand_lost(self, shortfalls: Iterable[Shortfall]) -> None:
         """Count units and revenue of a rejected reservation."""
         for shortfall in shortfalls:

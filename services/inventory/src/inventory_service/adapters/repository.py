@@ -15,7 +15,7 @@ on ``inventory.availability.v1`` never goes back in time.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -69,6 +69,27 @@ class Reservation:
     correlation_id: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class PolicyChange:
+    """A location's policy change still being told: the policy told before it, and the
+    last SKU told since (None: none yet)."""
+
+    location_id: str
+    ships_online: bool
+    safety_stock: int
+    low_stock_threshold: int
+    after_sku: str | None
+
+    def told(self, now: Location) -> Location:
+        """``now`` as channels were told it: with the policy from before the change."""
+        return replace(
+            now,
+            ships_online=self.ships_online,
+            safety_stock=self.safety_stock,
+            low_stock_threshold=self.low_stock_threshold,
+        )
+
+
 def _location(row: Mapping[str, Any]) -> Location:
     return Location(
         location_id=row["location_id"],
@@ -118,13 +139,6 @@ class InventoryRepository:
                 locations[row["location_id"]] = _location(row)
         return levels, told, locations
 
-    async def skus_at(self, location_id: str) -> list[str]:
-        """The SKUs stocked (or once stocked) at a location."""
-        rows = await self.conn.fetch(
-            "SELECT sku FROM stock WHERE location_id = $1 ORDER BY sku", location_id
-        )
-        return [row["sku"] for row in rows]
-
     async def write_stock(self, writes: Sequence[StockWrite], new_rows: Iterable[Key]) -> None:
         """Create ``new_rows`` (empty), then apply ``writes`` as guarded deltas.
 
@@ -164,10 +178,11 @@ class InventoryRepository:
     # -- locations -----------------------------------------------------------------------------
 
     async def location(self, location_id: str, *, for_update: bool = False) -> Location | None:
-        """One location, or None."""
+        """One location, or None; ``for_update`` locks it against other changes of it
+        (not against stock rows referring to it)."""
         row = await self.conn.fetchrow(
             "SELECT * FROM locations WHERE location_id = $1"
-            + (" FOR UPDATE" if for_update else ""),
+            + (" FOR NO KEY UPDATE" if for_update else ""),
             location_id,
         )
         return _location(row) if row else None
@@ -196,6 +211,49 @@ class InventoryRepository:
             location.low_stock_threshold,
         )
         return bool(created)
+
+    async def policy_change(self, location_id: str, *, lock: bool = False) -> PolicyChange | None:
+        """The policy change of a location still being told, or None; ``lock`` holds it
+        for this transaction (one batch of it at a time)."""
+        row = await self.conn.fetchrow(
+            "SELECT * FROM location_policy_changes WHERE location_id = $1"
+            + (" FOR UPDATE" if lock else ""),
+            location_id,
+        )
+        if row is None:
+            return None
+        return PolicyChange(
+            location_id=row["location_id"],
+            ships_online=row["ships_online"],
+            safety_stock=row["safety_stock"],
+            low_stock_threshold=row["low_stock_threshold"],
+            after_sku=row["after_sku"],
+        )
+
+    async def start_policy_change(self, told: Location) -> None:
+        """Record that the policy told so far, ``told``'s, is to be told again as changed."""
+        await self.conn.execute(
+            "INSERT INTO location_policy_changes"
+            " (location_id, ships_online, safety_stock, low_stock_threshold)"
+            " VALUES ($1, $2, $3, $4)",
+            told.location_id,
+            told.ships_online,
+            told.safety_stock,
+            told.low_stock_threshold,
+        )
+
+    async def advance_policy_change(self, location_id: str, after_sku: str | None) -> None:
+        """The SKUs up to ``after_sku`` are told; None: the change is told whole."""
+        if after_sku is None:
+            await self.conn.execute(
+                "DELETE FROM location_policy_changes WHERE location_id = $1", location_id
+            )
+        else:
+            await self.conn.execute(
+                "UPDATE location_policy_changes SET after_sku = $2 WHERE location_id = $1",
+                location_id,
+                after_sku,
+            )
 
     # -- reservations --------------------------------------------------------------------------
 

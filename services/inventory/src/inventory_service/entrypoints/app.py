@@ -19,10 +19,11 @@ from omni_contracts import (
 from inventory_service.adapters.availability_feed import AvailabilityFeed, StreamMetrics, tailing
 from inventory_service.adapters.metrics import InventoryMetrics
 from inventory_service.adapters.seed import load_seed
+from inventory_service.domain import AvailabilityUpdate
 from inventory_service.entrypoints import consumers
 from inventory_service.entrypoints.http import build_router
 from inventory_service.entrypoints.stream import build_stream_router
-from inventory_service.service import handlers
+from inventory_service.service import handlers, locations
 from inventory_service.service.handlers import Inventory
 from inventory_service.settings import InventorySettings
 
@@ -41,11 +42,15 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         # Advisory locks are database-wide: name them after the schema they guard.
         lock_namespace=config.schema,
         reservation_ttl=timedelta(seconds=config.inventory_reservation_ttl_s),
+        policy_batch=config.inventory_policy_batch,
     )
     metrics = InventoryMetrics(runtime.metrics)
     runtime.provide(inventory=inventory, metrics=metrics)
     runtime.subscribe(*consumers.subscriptions())
-    runtime.timers(consumers.TIMERS, poll_interval_s=config.inventory_timer_poll_s)
+    runtime.timers(
+        {**consumers.TIMERS, locations.POLICY_CHANGE: locations.policy_changes_due},
+        poll_interval_s=config.inventory_timer_poll_s,
+    )
     runtime.publishes(INVENTORY_AVAILABILITY, INVENTORY_RESERVATIONS)
     # A till or stock system resends within days; a month of sale and adjustment ids is ample.
     runtime.relay.retain("applied_facts", "applied_at", timedelta(days=35))
@@ -84,9 +89,12 @@ async def seed_from_file(
     Idempotent: safe on every start of every instance.
     """
     seed = load_seed(source)
+    for entry in seed.locations:
+        # Each its own transactions: a changed policy is told in batches (service.locations).
+        await locations.change_location(
+            runtime.transaction, inventory, entry.to_location(default_threshold), _unobserved
+        )
     async with runtime.transaction() as tx:
-        for entry in seed.locations:
-            await handlers.save_location(inventory, tx, entry.to_location(default_threshold))
         await handlers.seed_stock(inventory, tx, [entry.to_level() for entry in seed.stock])
     log.info(
         "seeded %d locations and %d stock rows from %s",
@@ -94,6 +102,10 @@ async def seed_from_file(
         len(seed.stock),
         source,
     )
+
+
+def _unobserved(_: list[AvailabilityUpdate]) -> None:
+    """Seeding tells no metric: it is set-up, not the business."""
 
 
 @contextlib.asynccontextmanager

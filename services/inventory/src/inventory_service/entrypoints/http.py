@@ -27,8 +27,8 @@ from inventory_service.domain import (
     sellable_online,
     stock_status,
 )
-from inventory_service.service import handlers
 from inventory_service.service.handlers import Inventory
+from inventory_service.service.locations import PolicyChangePending, change_location
 
 Identifier = Annotated[str, Path(min_length=1, max_length=200, pattern=r"^[^\x00]+$")]
 
@@ -176,7 +176,10 @@ def build_router(
     @router.put(
         "/locations/{location_id}",
         response_model=LocationView,
-        responses={201: {"model": LocationView, "description": "Created"}},
+        responses={
+            201: {"model": LocationView, "description": "Created"},
+            503: {"description": "Another change of this location is being told: retry"},
+        },
     )
     async def put_location(
         location_id: Identifier,
@@ -185,7 +188,12 @@ def build_router(
         runtime: Runtime,
         _caller: LocationWriter,
     ) -> LocationView:
-        """Create or update a store or warehouse (201 when created, 200 when updated)."""
+        """Create or update a store or warehouse (201 when created, 200 when updated).
+
+        A change of its shipping, safety stock or threshold is told on
+        ``inventory.availability.v1`` for every SKU stocked there whose availability it
+        changed before the answer comes.
+        """
         location = Location(
             location_id=location_id,
             name=body.name,
@@ -197,9 +205,18 @@ def build_router(
                 default_threshold if body.low_stock_threshold is None else body.low_stock_threshold
             ),
         )
-        async with runtime.transaction() as tx:
-            created, outcome = await handlers.save_location(inventory, tx, location)
-        metrics.availability_written(outcome.updates, None)
+        try:
+            created = await change_location(
+                runtime.transaction,
+                inventory,
+                location,
+                metrics.told_without_cause,
+            )
+        except PolicyChangePending as exc:
+            # Another change of this location is being told right now: a moment's wait.
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE, str(exc), headers={"Retry-After": "1"}
+            ) from exc
         response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
         return LocationView.of(location)
 

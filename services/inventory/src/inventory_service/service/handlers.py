@@ -34,7 +34,6 @@ from omni_contracts.envelope import Envelope
 
 from inventory_service.adapters.repository import InventoryRepository
 from inventory_service.domain import (
-    Location,
     OrderLine,
     ReservationPlan,
     StockLevel,
@@ -62,6 +61,8 @@ class Inventory:
 
     lock_namespace: str = "inventory"
     reservation_ttl: timedelta = timedelta(minutes=15)
+    # SKUs told per transaction of a location's policy change (service.locations).
+    policy_batch: int = 500
 
     def repo(self, tx: Tx) -> InventoryRepository:
         """The repository on ``tx``'s connection."""
@@ -384,37 +385,6 @@ async def restock_return(
     for line in resellable:
         stock.set(restock(stock.level(line.sku, returned.location_id), line.qty))
     return Outcome(await stock.commit(AvailabilityCause.RETURN, envelope))
-
-
-# -- locations -------------------------------------------------------------------------------
-
-
-async def save_location(inv: Inventory, tx: Tx, location: Location) -> tuple[bool, Outcome]:
-    """Create or update a location; returns (created, outcome).
-
-    A policy change (safety stock, threshold, shipping) re-tells the availability of every
-    SKU stocked there whose status or ``online_available`` it changed.
-    """
-    repo = inv.repo(tx)
-    old = await repo.location(location.location_id, for_update=True)
-    policy_changed = old is not None and (
-        old.ships_online,
-        old.safety_stock,
-        old.low_stock_threshold,
-    ) != (location.ships_online, location.safety_stock, location.low_stock_threshold)
-    if not policy_changed:
-        created = await repo.save_location(location)
-        return created, Outcome()
-    # A SKU first stocked here while this runs is told with the policy it read; its next
-    # change tells the new one.
-    stock = await StockSession.open(
-        tx, repo, await repo.skus_at(location.location_id), [location.location_id]
-    )
-    before = dict(stock.locations)
-    await repo.save_location(location)
-    stock.locations[location.location_id] = location
-    updates = await stock.commit(AvailabilityCause.ADJUSTMENT, locations_before=before)
-    return False, Outcome(updates)
 
 
 async def seed_stock(inv: Inventory, tx: Tx, levels: Sequence[StockLevel]) -> Outcome:
