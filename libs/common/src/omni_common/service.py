@@ -76,7 +76,7 @@ class Tx:
     the events it handles; never if it rolls back.
     """
 
-    __slots__ = ("_after", "_runtime", "_traces", "conn", "origin", "rows")
+    __slots__ = ("_after", "_runtime", "_traces", "conn", "origin", "rows", "shared")
 
     def __init__(
         self,
@@ -88,6 +88,9 @@ class Tx:
         self.origin: str | None = None
         """Who is writing (a handler's or timer's name): named when it emits a bad event."""
         self.rows: list[OutboxRow] = []
+        self.shared: dict[str, Any] = {}
+        """What the handlers of this transaction share: a lot's stock, read once by its
+        ``prepare``, serves every handler after it."""
         self._runtime = runtime
         self._traces = traces or {}
         self._after: list[Callable[[], None]] = []

@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections import Counter
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -34,6 +35,9 @@ def body(record: Any) -> dict[str, Any]:
 
 def ce_type(record: Any) -> str:
     return record_headers(record)["ce_type"].rsplit(".", 1)[-1]
+
+
+NOW = datetime.now(UTC)
 
 
 async def stock_row(runtime: Any, sku: str, location_id: str) -> tuple[int, int]:
@@ -140,7 +144,7 @@ async def test_multi_sku_orders_in_opposite_orders_do_not_deadlock(start_invento
 
         async def place(lines: tuple[tuple[str, int], ...]) -> None:
             async with runtime.transaction() as tx:
-                await handlers.reserve(inv, tx, ev.order(*lines))
+                await handlers.reserve(inv, tx, [(ev.order(*lines), None)], now=NOW)
 
         shapes = [
             (("A", 1), ("B", 1), ("C", 1)),
@@ -346,10 +350,18 @@ async def test_lost_demand_report_lists_the_biggest_losses_first(start_inventory
         inv = Inventory(lock_namespace=runtime.settings.schema)
         async with runtime.transaction() as tx:
             await handlers.adjust_stock(inv, tx, ev.receipt("store-1", "TV", 1))
-            await handlers.reserve(inv, tx, ev.order(("TV", 3), price="499.00"))  # 2 short
-            await handlers.reserve(inv, tx, ev.order(("SOCKS", 10), price="2.50"))
-            await handlers.reserve(inv, tx, ev.order(("TV", 1), pickup_at="store-1"))  # 1 held
-            await handlers.reserve(inv, tx, ev.order(("TV", 1), pickup_at="store-1", price="450"))
+            await handlers.reserve(
+                inv, tx, [(ev.order(("TV", 3), price="499.00"), None)], now=NOW
+            )  # 2 short
+            await handlers.reserve(
+                inv, tx, [(ev.order(("SOCKS", 10), price="2.50"), None)], now=NOW
+            )
+            await handlers.reserve(
+                inv, tx, [(ev.order(("TV", 1), pickup_at="store-1"), None)], now=NOW
+            )  # 1 held
+            await handlers.reserve(
+                inv, tx, [(ev.order(("TV", 1), pickup_at="store-1", price="450"), None)], now=NOW
+            )
         report = (await http.get("/lost-demand", params={"limit": 2})).json()
         assert [
             (r["sku"], r["location_id"], r["units"], r["revenue"]["amount"]) for r in report

@@ -14,6 +14,7 @@ on ``inventory.availability.v1`` never goes back in time.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -67,6 +68,33 @@ class Reservation:
     expires_at: datetime | None
     holds: tuple[Hold, ...]
     correlation_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewReservation:
+    """A reservation to record: ``held`` with its holds, or ``rejected`` with why."""
+
+    order_id: str
+    state: str
+    fulfillment: str
+    pickup_location_id: str | None
+    channel: str
+    customer_id: str | None
+    expires_at: datetime | None
+    holds: tuple[Hold, ...]
+    reason: str | None
+    correlation_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LostDemand:
+    """What a rejected order would have sold."""
+
+    order_id: str
+    fulfillment: str
+    location_id: str | None
+    channel: str | None
+    shortfalls: tuple[Shortfall, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +343,76 @@ class InventoryRepository:
             [(order_id, h.sku, h.location_id, h.qty) for h in holds],
         )
 
+    async def reserved(self, order_ids: Sequence[str]) -> set[str]:
+        """Which of these orders have a reservation already (of any state)."""
+        rows = await self.conn.fetch(
+            "SELECT order_id FROM reservations WHERE order_id = ANY($1::text[])", list(order_ids)
+        )
+        return {r["order_id"] for r in rows}
+
+    async def reservations(self, order_ids: Sequence[str]) -> dict[str, Reservation]:
+        """The reservations of these orders, locked for this transaction in id order."""
+        rows = await self.conn.fetch(
+            "SELECT r.order_id, r.state, r.fulfillment, r.expires_at, r.correlation_id,"
+            " (SELECT coalesce(json_agg(json_build_object('sku', h.sku, 'location_id',"
+            " h.location_id, 'qty', h.qty) ORDER BY h.sku, h.location_id), '[]')"
+            " FROM reservation_holds h WHERE h.order_id = r.order_id) AS holds"
+            " FROM reservations r WHERE r.order_id = ANY($1::text[])"
+            " ORDER BY r.order_id FOR UPDATE OF r",
+            sorted(set(order_ids)),
+        )
+        return {
+            row["order_id"]: Reservation(
+                order_id=row["order_id"],
+                state=row["state"],
+                fulfillment=row["fulfillment"],
+                expires_at=row["expires_at"],
+                holds=tuple(
+                    Hold(h["sku"], h["location_id"], h["qty"]) for h in json.loads(row["holds"])
+                ),
+                correlation_id=row["correlation_id"],
+            )
+            for row in rows
+        }
+
+    async def add_reservations(self, added: Sequence[NewReservation]) -> None:
+        """Record reservations (``held`` with their holds, or ``rejected``) in one statement."""
+        if not added:
+            return
+        holds = [(r.order_id, h) for r in added for h in r.holds]
+        await self.conn.execute(
+            "WITH r AS ("
+            "  INSERT INTO reservations (order_id, state, fulfillment, pickup_location_id,"
+            "   channel, customer_id, expires_at, closed_reason, correlation_id)"
+            "  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
+            "   $6::text[], $7::timestamptz[], $8::text[], $9::text[])"
+            ") INSERT INTO reservation_holds (order_id, sku, location_id, qty)"
+            " SELECT * FROM unnest($10::text[], $11::text[], $12::text[], $13::int[])",
+            [r.order_id for r in added],
+            [r.state for r in added],
+            [r.fulfillment for r in added],
+            [r.pickup_location_id for r in added],
+            [r.channel for r in added],
+            [r.customer_id for r in added],
+            [r.expires_at for r in added],
+            [r.reason for r in added],
+            [r.correlation_id for r in added],
+            [order_id for order_id, _ in holds],
+            [h.sku for _, h in holds],
+            [h.location_id for _, h in holds],
+            [h.qty for _, h in holds],
+        )
+
+    async def set_reservation_states(self, order_ids: Sequence[str], state: str) -> None:
+        """Move these reservations to ``state`` in one statement."""
+        if order_ids:
+            await self.conn.execute(
+                "UPDATE reservations SET state = $2, updated_at = now()"
+                " WHERE order_id = ANY($1::text[])",
+                list(order_ids),
+                state,
+            )
+
     async def set_reservation_state(
         self, order_id: str, state: str, reason: str | None = None
     ) -> None:
@@ -329,16 +427,11 @@ class InventoryRepository:
 
     # -- lost demand, discrepancies, returns ---------------------------------------------------
 
-    async def record_lost_demand(
-        self,
-        *,
-        order_id: str,
-        fulfillment: str,
-        location_id: str | None,
-        channel: str | None,
-        shortfalls: Sequence[Shortfall],
-    ) -> None:
-        """Record what a rejected order would have sold (once per order and SKU)."""
+    async def record_lost_demand(self, lost: Sequence[LostDemand]) -> None:
+        """Record what rejected orders would have sold (once per order and SKU)."""
+        rows = [(d, s) for d in lost for s in d.shortfalls]
+        if not rows:
+            return
         await self.conn.executemany(
             "INSERT INTO lost_demand (order_id, sku, location_id, fulfillment, channel,"
             " requested, available, missing, unit_price, currency, revenue)"
@@ -346,11 +439,11 @@ class InventoryRepository:
             " ON CONFLICT (order_id, sku) DO NOTHING",
             [
                 (
-                    order_id,
+                    d.order_id,
                     s.sku,
-                    location_id,
-                    fulfillment,
-                    channel,
+                    d.location_id,
+                    d.fulfillment,
+                    d.channel,
                     s.requested,
                     s.available,
                     s.missing,
@@ -358,7 +451,7 @@ class InventoryRepository:
                     s.currency,
                     s.lost_revenue.quantize(Decimal("0.01")),
                 )
-                for s in shortfalls
+                for d, s in rows
             ],
         )
 
@@ -412,6 +505,34 @@ class InventoryRepository:
                 fact_id,
             )
         )
+
+    async def first_applications(self, kind: str, fact_ids: Sequence[str]) -> set[str]:
+        """Record that these facts are applied; returns the ones that were not before."""
+        rows = await self.conn.fetch(
+            "INSERT INTO applied_facts (kind, fact_id) SELECT $1, * FROM unnest($2::text[])"
+            " ON CONFLICT DO NOTHING RETURNING fact_id",
+            kind,
+            list(fact_ids),
+        )
+        return {r["fact_id"] for r in rows}
+
+    async def counted_after(
+        self, facts: Sequence[tuple[str, str, datetime]]
+    ) -> set[tuple[str, str, datetime]]:
+        """Which ``(location_id, sku, occurred_at)`` were counted after they occurred
+        (strictly after, as :meth:`counted_since`), in one statement."""
+        if not facts:
+            return set()
+        rows = await self.conn.fetch(
+            "SELECT f.location_id, f.sku, f.occurred_at FROM unnest($1::text[], $2::text[],"
+            " $3::timestamptz[]) AS f(location_id, sku, occurred_at)"
+            " JOIN stock_counts c ON c.location_id = f.location_id AND c.sku = f.sku"
+            " AND c.counted_at > f.occurred_at",
+            [f[0] for f in facts],
+            [f[1] for f in facts],
+            [f[2] for f in facts],
+        )
+        return {(r["location_id"], r["sku"], r["occurred_at"]) for r in rows}
 
     async def counted_since(
         self, location_id: str, skus: Sequence[str], occurred_at: datetime

@@ -42,6 +42,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         # Advisory locks are database-wide: name them after the schema they guard.
         lock_namespace=config.schema,
         reservation_ttl=timedelta(seconds=config.inventory_reservation_ttl_s),
+        clock=runtime.clock,
         policy_batch=config.inventory_policy_batch,
     )
     metrics = InventoryMetrics(runtime.metrics)

@@ -25,18 +25,20 @@ from omni_contracts import (
     SaleRecorded,
     StockAdjusted,
 )
-from omni_contracts.envelope import Envelope
 
 from inventory_service.adapters.metrics import InventoryMetrics
 from inventory_service.adapters.repository import InventoryRepository
 from inventory_service.service import handlers
 from inventory_service.service.handlers import RESERVATION_EXPIRY, Inventory
-from inventory_service.service.stock import Outcome
+from inventory_service.service.stock import Outcome, StockSession
 
 
-def _observe(tx: Tx, metrics: InventoryMetrics, outcome: Outcome, envelope: Envelope) -> None:
+def _observe(tx: Tx, metrics: InventoryMetrics, outcome: Outcome, lot: Lot[Event]) -> None:
+    # A lot's changes are timed from its oldest event.
+    caused_at = min(envelope.time for _, envelope in lot)
+
     def count() -> None:  # committed: now it is true
-        metrics.availability_written(outcome.updates, envelope.time)
+        metrics.availability_written(outcome.updates, caused_at)
         metrics.demand_lost(outcome.shortfalls)
 
     tx.after_commit(count)
@@ -45,10 +47,8 @@ def _observe(tx: Tx, metrics: InventoryMetrics, outcome: Outcome, envelope: Enve
 async def sales_recorded(
     sales: Lot[SaleRecorded], tx: Tx, inventory: Inventory, metrics: InventoryMetrics
 ) -> None:
-    """A till sale lowers on-hand at its store."""
-    for sale, envelope in sales:
-        outcome = await handlers.record_sale(inventory, tx, sale, envelope)
-        _observe(tx, metrics, outcome, envelope)
+    """Till sales lower on-hand at their stores."""
+    _observe(tx, metrics, await handlers.record_sales(inventory, tx, sales), sales)
 
 
 async def stock_adjusted(
@@ -57,7 +57,7 @@ async def stock_adjusted(
     """A receipt, count, damage or transfer leg changes on-hand at its location."""
     for adjustment, envelope in adjustments:
         outcome = await handlers.adjust_stock(inventory, tx, adjustment, envelope)
-        _observe(tx, metrics, outcome, envelope)
+        _observe(tx, metrics, outcome, [(adjustment, envelope)])
 
 
 async def orders_placed(
@@ -67,16 +67,13 @@ async def orders_placed(
     metrics: InventoryMetrics,
     clock: Clock,
 ) -> None:
-    """A placed order gets its stock reserved (or rejected)."""
-    for order, envelope in orders:
-        outcome = await handlers.reserve(inventory, tx, order, envelope, now=clock())
-        _observe(tx, metrics, outcome, envelope)
+    """Placed orders get their stock reserved (or rejected)."""
+    _observe(tx, metrics, await handlers.reserve(inventory, tx, orders, now=clock()), orders)
 
 
 async def orders_confirmed(orders: Lot[OrderConfirmed], tx: Tx, inventory: Inventory) -> None:
-    """A confirmed order's reservation holds until fulfilment or cancellation."""
-    for order, _ in orders:
-        await handlers.confirm(inventory, tx, order.order_id)
+    """Confirmed orders' reservations hold until fulfilment or cancellation."""
+    await handlers.confirm(inventory, tx, [order.order_id for order, _ in orders])
 
 
 async def orders_ended(
@@ -92,7 +89,7 @@ async def orders_ended(
         outcome = await handlers.release_reservation(
             inventory, tx, order.order_id, reason, envelope
         )
-        _observe(tx, metrics, outcome, envelope)
+        _observe(tx, metrics, outcome, [(order, envelope)])
 
 
 async def orders_fulfilled(
@@ -104,7 +101,7 @@ async def orders_fulfilled(
     """A picked-up or shipped order's held units leave their locations."""
     for order, envelope in orders:
         outcome = await handlers.fulfil_order(inventory, tx, order.order_id, envelope)
-        _observe(tx, metrics, outcome, envelope)
+        _observe(tx, metrics, outcome, [(order, envelope)])
 
 
 async def returns_received(
@@ -113,7 +110,7 @@ async def returns_received(
     """Resellable returned units go back on hand where they were handed in."""
     for returned, envelope in returns:
         outcome = await handlers.restock_return(inventory, tx, returned, envelope)
-        _observe(tx, metrics, outcome, envelope)
+        _observe(tx, metrics, outcome, [(returned, envelope)])
 
 
 async def reservations_expired(due: list[Due], tx: Tx, inventory: Inventory) -> None:
@@ -123,30 +120,42 @@ async def reservations_expired(due: list[Due], tx: Tx, inventory: Inventory) -> 
 
 
 async def lock_stock(events: Lot[Event], tx: Tx, inventory: Inventory) -> None:
-    """Lock, in one sorted sweep, the stock of every SKU a lot of sales, adjustments or
-    placed orders names.
+    """Take first, in one sorted sweep each, every lock a lot's handlers will take: the
+    expiry timers of confirmed orders, then the stock of every SKU its sales, adjustments
+    and placed orders name (read once, for every handler of the lot).
 
-    Handled in a lot, its events would otherwise lock SKUs event by event, and two lots of
-    different partitions (the same SKU sells in several stores) could deadlock. The
-    handlers' own locks are then already held (advisory locks are re-entrant).
+    Handled in a lot, its events would otherwise lock event by event, and two lots of
+    different partitions (the same SKU sells in several stores) could deadlock; timers go
+    before stock as the expiry timer takes them. The handlers' own locks are then already
+    held (advisory locks are re-entrant).
     """
+    confirmed = [e.order_id for e, _ in events if isinstance(e, OrderConfirmed)]
+    if confirmed:
+        await handlers.take_expiry_timers(tx, confirmed)
     skus: set[str] = set()
+    locations: set[str] = set()
     for event, _ in events:
         if isinstance(event, SaleRecorded):
             skus.update(line.sku for line in event.lines)
+            locations.add(event.location_id)
         elif isinstance(event, StockAdjusted):
             skus.add(event.sku)
+            locations.add(event.location_id)
         elif isinstance(event, OrderPlaced):
             skus.update(line.sku for line in event.lines)
+            if (pickup := handlers.pickup_location(event)) is not None:
+                locations.add(pickup)
     if skus:
-        await InventoryRepository(tx.conn, inventory.lock_namespace).lock_and_read(skus)
+        repo = InventoryRepository(tx.conn, inventory.lock_namespace)
+        await StockSession.open(tx, repo, skus, locations, inventory.clock)
 
 
 def joins_lot(event: Event) -> bool:
-    """Placed orders name their SKUs, which ``lock_stock`` takes first; the other order
-    events read theirs from the reservation (timer row, reservation row, then stock, as the
-    expiry timer does), so each is handled alone."""
-    return isinstance(event, OrderPlaced)
+    """Placed orders name their SKUs and confirmed ones touch no stock: ``lock_stock`` takes
+    their locks first. Cancelled, rejected and fulfilled orders read their SKUs from the
+    reservation (timer row, reservation row, then stock, as the expiry timer does), so each
+    is handled alone."""
+    return isinstance(event, OrderPlaced | OrderConfirmed)
 
 
 def subscriptions() -> list[Subscription]:

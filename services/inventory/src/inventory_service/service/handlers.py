@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
+from omni_common.handlers import Clock
 from omni_common.service import Tx
-from omni_common.timers import cancel_timer, set_timer
+from omni_common.timers import cancel_timer, cancel_timers, set_timers
 from omni_contracts import (
     AdjustmentKind,
     Allocation,
@@ -28,11 +29,12 @@ from omni_contracts import (
     SaleRecorded,
     Shortage,
     StockAdjusted,
+    utcnow,
 )
 from omni_contracts.base import MAX_IDENTIFIER
 from omni_contracts.envelope import Envelope
 
-from inventory_service.adapters.repository import InventoryRepository
+from inventory_service.adapters.repository import InventoryRepository, LostDemand, NewReservation
 from inventory_service.domain import (
     OrderLine,
     ReservationPlan,
@@ -61,6 +63,7 @@ class Inventory:
 
     lock_namespace: str = "inventory"
     reservation_ttl: timedelta = timedelta(minutes=15)
+    clock: Clock = utcnow
     # SKUs told per transaction of a location's policy change (service.locations).
     policy_batch: int = 500
 
@@ -72,52 +75,71 @@ class Inventory:
 # -- the till and the stock room --------------------------------------------------------------
 
 
-async def record_sale(
-    inv: Inventory, tx: Tx, sale: SaleRecorded, envelope: Envelope | None = None
+async def record_sales(
+    inv: Inventory, tx: Tx, sales: Sequence[tuple[SaleRecorded, Envelope | None]]
 ) -> Outcome:
-    """Take a till sale's units off the shelf at its store.
+    """Take till sales' units off the shelf at their stores, each told as its own change.
 
     Never refused: a sale beyond the recorded stock floors it and records a discrepancy
-    asking for a recount. Raises :class:`UnknownLocation` for a store inventory does not know.
+    asking for a recount. Raises :class:`UnknownLocation` for a store inventory does not
+    know. A sale sent again (under a fresh ``ce_id``) has no second effect.
     """
     repo = inv.repo(tx)
-    if not await repo.first_application("sale", sale.sale_id):
-        # The till sent it again under a fresh ce_id: one sale, one effect.
-        log.info("sale %s was applied before; ignored", sale.sale_id)
-        return Outcome()
-    lines = merge_lines(OrderLine(line.sku, line.qty) for line in sale.lines)
-    stock = await StockSession.open(tx, repo, (line.sku for line in lines), [sale.location_id])
-    stock.location(sale.location_id)
-    # Read under the SKU locks: a count committed meanwhile is seen.
-    counted = await repo.counted_since(
-        sale.location_id, [line.sku for line in lines], sale.occurred_at
-    )
-    for line in lines:
-        if line.sku in counted:
-            # Counted after this sale was made: the count already left its units out.
-            log.info("sale %s of %s predates its count; not subtracted", sale.sale_id, line.sku)
+    fresh = await repo.first_applications("sale", [sale.sale_id for sale, _ in sales])
+    todo: list[tuple[SaleRecorded, Envelope | None, list[OrderLine]]] = []
+    for sale, envelope in sales:
+        if sale.sale_id not in fresh:
+            log.info("sale %s was applied before; ignored", sale.sale_id)
             continue
-        level = stock.level(line.sku, sale.location_id)
-        result = apply_sale(level, line.qty)
-        if result.shortfall:
-            log.warning(
-                "sale %s sold %d of %s at %s with %d available: recount needed",
-                sale.sale_id,
-                line.qty,
-                line.sku,
-                sale.location_id,
-                level.available,
-            )
-            await repo.record_discrepancy(
-                sku=line.sku,
-                location_id=sale.location_id,
-                sale_id=sale.sale_id,
-                sold=line.qty,
-                available=level.available,
-                shortfall=result.shortfall,
-            )
-        stock.set(result.level)
-    return Outcome(await stock.commit(AvailabilityCause.SALE, envelope))
+        fresh.discard(sale.sale_id)  # the same sale twice in one lot: once
+        todo.append((sale, envelope, merge_lines(OrderLine(ln.sku, ln.qty) for ln in sale.lines)))
+    if not todo:
+        return Outcome()
+    stock = await StockSession.open(
+        tx,
+        repo,
+        {line.sku for _, _, lines in todo for line in lines},
+        {sale.location_id for sale, _, _ in todo},
+        inv.clock,
+    )
+    for sale, _, _ in todo:
+        stock.location(sale.location_id)
+    # Read under the SKU locks: a count committed meanwhile is seen.
+    counted = await repo.counted_after(
+        [
+            (sale.location_id, line.sku, sale.occurred_at)
+            for sale, _, lines in todo
+            for line in lines
+        ]
+    )
+    for sale, envelope, lines in todo:
+        for line in lines:
+            if (sale.location_id, line.sku, sale.occurred_at) in counted:
+                # Counted after this sale was made: the count already left its units out.
+                log.info("sale %s of %s predates its count; not subtracted", sale.sale_id, line.sku)
+                continue
+            level = stock.level(line.sku, sale.location_id)
+            result = apply_sale(level, line.qty)
+            if result.shortfall:
+                log.warning(
+                    "sale %s sold %d of %s at %s with %d available: recount needed",
+                    sale.sale_id,
+                    line.qty,
+                    line.sku,
+                    sale.location_id,
+                    level.available,
+                )
+                await repo.record_discrepancy(
+                    sku=line.sku,
+                    location_id=sale.location_id,
+                    sale_id=sale.sale_id,
+                    sold=line.qty,
+                    available=level.available,
+                    shortfall=result.shortfall,
+                )
+            stock.set(result.level)
+        stock.tell(AvailabilityCause.SALE, envelope)
+    return Outcome(await stock.commit())
 
 
 async def adjust_stock(
@@ -132,7 +154,7 @@ async def adjust_stock(
     if not await repo.first_application("adjustment", adjustment.adjustment_id):
         log.info("adjustment %s was applied before; ignored", adjustment.adjustment_id)
         return Outcome()
-    stock = await StockSession.open(tx, repo, [adjustment.sku], [adjustment.location_id])
+    stock = await StockSession.open(tx, repo, [adjustment.sku], [adjustment.location_id], inv.clock)
     stock.location(adjustment.location_id)
     sku, location_id, at = adjustment.sku, adjustment.location_id, adjustment.occurred_at
     if adjustment.kind is AdjustmentKind.COUNT:
@@ -171,112 +193,156 @@ def needs_reservation(order: OrderPlaced) -> bool:
 async def reserve(
     inv: Inventory,
     tx: Tx,
-    order: OrderPlaced,
-    envelope: Envelope | None = None,
+    orders: Sequence[tuple[OrderPlaced, Envelope | None]],
     *,
-    now: datetime | None = None,
+    now: datetime,
 ) -> Outcome:
-    """Reserve every line of a placed order, or nothing, and say which.
+    """Reserve every line of each placed order, or nothing, and say which.
 
     Pickup orders reserve at the chosen store only; delivery orders at shipping locations
-    (see :func:`~inventory_service.domain.plan_delivery`). A confirmed reservation expires
-    after the TTL unless the order is confirmed; a rejection records the lost demand.
-    In-store sales (orders born completed) took their stock at the till: nothing to do.
+    (see :func:`~inventory_service.domain.plan_delivery`). Orders are planned one after the
+    other against the stock the ones before them left, read once for all of them. A
+    confirmed reservation expires after the TTL unless the order is confirmed; a rejection
+    records the lost demand. In-store sales (orders born completed) took their stock at the
+    till: nothing to do.
     """
-    if not needs_reservation(order):
-        return Outcome()
     repo = inv.repo(tx)
-    if await repo.reservation(order.order_id) is not None:
-        log.info("order %s already has a reservation; not reserving twice", order.order_id)
+    wanted = [(o, e) for o, e in orders if needs_reservation(o)]
+    reserved = await repo.reserved([o.order_id for o, _ in wanted])
+    todo: list[tuple[OrderPlaced, Envelope | None]] = []
+    for order, envelope in wanted:
+        if order.order_id in reserved:
+            log.info("order %s already has a reservation; not reserving twice", order.order_id)
+            continue
+        reserved.add(order.order_id)
+        todo.append((order, envelope))
+    if not todo:
         return Outcome()
-    lines = [
-        OrderLine(line.sku, line.qty, line.unit_price.amount, line.unit_price.currency)
-        for line in order.lines
-    ]
-    fulfillment = order.fulfillment
-    pickup_id = fulfillment.location_id if fulfillment.type is FulfillmentType.PICKUP else None
     stock = await StockSession.open(
-        tx, repo, (line.sku for line in lines), [pickup_id] if pickup_id else []
+        tx,
+        repo,
+        {line.sku for order, _ in todo for line in order.lines},
+        {p for order, _ in todo if (p := pickup_location(order)) is not None},
+        inv.clock,
     )
-
-    refusal: str | None = None
-    plan = ReservationPlan()
-    if pickup_id is not None:
-        store = stock.locations.get(pickup_id)
-        if store is None:
-            refusal = "unknown_pickup_location"
-        elif not store.offers_pickup:
-            refusal = "pickup_not_offered"
-        else:
-            levels = {line.sku: stock.level(line.sku, pickup_id) for line in lines}
-            plan = plan_pickup(lines, store, levels)
-    else:
-        plan = plan_delivery(lines, stock.locations, stock.levels())
-
-    common = {
-        "order_id": order.order_id,
-        "fulfillment": str(fulfillment.type),
-        "pickup_location_id": pickup_id,
-        "channel": str(order.channel),
-        "customer_id": order.customer_id,
-        "correlation_id": envelope.correlation_id if envelope else None,
-    }
-    if refusal is not None or not plan.confirmed:
-        reason = refusal or "out_of_stock"
-        await repo.add_reservation(
-            **common, expires_at=None, holds=(), state="rejected", reason=reason
-        )
-        shortages = [
-            Shortage(sku=s.sku, requested=s.requested, available=s.available)
-            for s in plan.shortfalls
+    expires_at = now + inv.reservation_ttl
+    added: list[NewReservation] = []
+    lost: list[LostDemand] = []
+    timers: list[tuple[str, datetime, None, dict[str, str] | None]] = []
+    outcome = Outcome()
+    for order, envelope in todo:
+        lines = [
+            OrderLine(line.sku, line.qty, line.unit_price.amount, line.unit_price.currency)
+            for line in order.lines
         ]
+        pickup_id = pickup_location(order)
+        refusal: str | None = None
+        plan = ReservationPlan()
+        if pickup_id is not None:
+            store = stock.locations.get(pickup_id)
+            if store is None:
+                refusal = "unknown_pickup_location"
+            elif not store.offers_pickup:
+                refusal = "pickup_not_offered"
+            else:
+                levels = {line.sku: stock.level(line.sku, pickup_id) for line in lines}
+                plan = plan_pickup(lines, store, levels)
+        else:
+            plan = plan_delivery(lines, stock.locations, stock.levels(ln.sku for ln in lines))
+        confirmed = refusal is None and plan.confirmed
+        reason = None if confirmed else refusal or "out_of_stock"
+        added.append(
+            NewReservation(
+                order_id=order.order_id,
+                state="held" if confirmed else "rejected",
+                fulfillment=str(order.fulfillment.type),
+                pickup_location_id=pickup_id,
+                channel=str(order.channel),
+                customer_id=order.customer_id,
+                expires_at=expires_at if confirmed else None,
+                holds=tuple(plan.holds) if confirmed else (),
+                reason=reason,
+                correlation_id=envelope.correlation_id if envelope else None,
+            )
+        )
+        if not confirmed:
+            assert reason is not None
+            shortages = [
+                Shortage(sku=s.sku, requested=s.requested, available=s.available)
+                for s in plan.shortfalls
+            ]
+            await tx.emit(
+                ReservationRejected(order_id=order.order_id, reason=reason, shortages=shortages),
+                caused_by=envelope,
+            )
+            if plan.shortfalls:
+                lost.append(
+                    LostDemand(
+                        order_id=order.order_id,
+                        fulfillment=str(order.fulfillment.type),
+                        location_id=pickup_id,
+                        channel=str(order.channel),
+                        shortfalls=tuple(plan.shortfalls),
+                    )
+                )
+                outcome.shortfalls.extend(plan.shortfalls)
+            continue
+        for h in plan.holds:
+            location = stock.location(h.location_id)
+            # The write checks the plan's promise again: the safety stock stays available.
+            stock.set(hold(stock.level(h.sku, h.location_id), h.qty), keep=location.safety_stock)
+        timers.append((order.order_id, expires_at, None, tx.trace_of(envelope)))
         await tx.emit(
-            ReservationRejected(order_id=order.order_id, reason=reason, shortages=shortages),
+            ReservationConfirmed(
+                order_id=order.order_id, allocations=_allocations(plan), expires_at=expires_at
+            ),
             caused_by=envelope,
         )
-        if plan.shortfalls:
-            await repo.record_lost_demand(
-                order_id=order.order_id,
-                fulfillment=str(fulfillment.type),
-                location_id=pickup_id,
-                channel=str(order.channel),
-                shortfalls=plan.shortfalls,
-            )
-        return Outcome(shortfalls=list(plan.shortfalls))
-
-    for h in plan.holds:
-        location = stock.location(h.location_id)
-        # The guard repeats the plan's promise in SQL: enough left after the safety stock.
-        stock.set(
-            hold(stock.level(h.sku, h.location_id), h.qty),
-            min_available=h.qty + location.safety_stock,
-        )
-    expires_at = (now or datetime.now(UTC)) + inv.reservation_ttl
-    await repo.add_reservation(**common, expires_at=expires_at, holds=plan.holds)
-    await set_timer(tx.conn, RESERVATION_EXPIRY, order.order_id, expires_at)
-    await tx.emit(
-        ReservationConfirmed(
-            order_id=order.order_id, allocations=_allocations(plan), expires_at=expires_at
-        ),
-        caused_by=envelope,
-    )
-    return Outcome(await stock.commit(AvailabilityCause.RESERVATION, envelope))
+        stock.tell(AvailabilityCause.RESERVATION, envelope)
+    await repo.add_reservations(added)
+    await repo.record_lost_demand(lost)
+    await set_timers(tx.conn, RESERVATION_EXPIRY, timers)
+    outcome.updates = await stock.commit()
+    return outcome
 
 
-async def confirm(inv: Inventory, tx: Tx, order_id: str) -> Outcome:
-    """The order was confirmed: its held units stay held until fulfilment or cancellation."""
-    # Timer row first, reservation row second: the same lock order as the expiry timer.
-    await cancel_timer(tx.conn, RESERVATION_EXPIRY, order_id)
+def pickup_location(order: OrderPlaced) -> str | None:
+    """The store a pickup order is to be collected at (None: a delivery)."""
+    fulfillment = order.fulfillment
+    return fulfillment.location_id if fulfillment.type is FulfillmentType.PICKUP else None
+
+
+_TAKEN_TIMERS = "inventory.expiry-timers-taken"
+
+
+async def take_expiry_timers(tx: Tx, order_ids: Sequence[str]) -> None:
+    """Cancel these orders' expiry timers (their rows locked in key order), once per
+    transaction: a lot's ``prepare`` takes them before any stock."""
+    taken: set[str] = tx.shared.setdefault(_TAKEN_TIMERS, set())
+    todo = [order_id for order_id in order_ids if order_id not in taken]
+    await cancel_timers(tx.conn, RESERVATION_EXPIRY, todo)
+    taken.update(todo)
+
+
+async def confirm(inv: Inventory, tx: Tx, order_ids: Sequence[str]) -> Outcome:
+    """The orders were confirmed: their held units stay held until fulfilment or
+    cancellation."""
+    # Timer rows first, reservation rows second: the lock order of the expiry timer.
+    await take_expiry_timers(tx, order_ids)
     repo = inv.repo(tx)
-    reservation = await repo.reservation(order_id)
-    if reservation is None or reservation.state != "held":
-        log.warning(
-            "order %s confirmed but its reservation is %s",
-            order_id,
-            reservation.state if reservation else "missing",
-        )
-        return Outcome()
-    await repo.set_reservation_state(order_id, "confirmed")
+    reservations = await repo.reservations(order_ids)
+    held = []
+    for order_id in order_ids:
+        reservation = reservations.get(order_id)
+        if reservation is None or reservation.state != "held":
+            log.warning(
+                "order %s confirmed but its reservation is %s",
+                order_id,
+                reservation.state if reservation else "missing",
+            )
+            continue
+        held.append(order_id)
+    await repo.set_reservation_states(held, "confirmed")
     return Outcome()
 
 
@@ -295,7 +361,7 @@ async def release_reservation(
     reservation = await repo.reservation(order_id)
     if reservation is None or reservation.state not in ("held", "confirmed"):
         return Outcome()
-    stock = await StockSession.open(tx, repo, (h.sku for h in reservation.holds))
+    stock = await StockSession.open(tx, repo, (h.sku for h in reservation.holds), (), inv.clock)
     for h in reservation.holds:
         stock.set(release(stock.level(h.sku, h.location_id), h.qty))
     await repo.set_reservation_state(order_id, "released", reason)
@@ -342,7 +408,7 @@ async def fulfil_order(
             reservation.state if reservation else "missing",
         )
         return Outcome()
-    stock = await StockSession.open(tx, repo, (h.sku for h in reservation.holds))
+    stock = await StockSession.open(tx, repo, (h.sku for h in reservation.holds), (), inv.clock)
     for h in reservation.holds:
         level = stock.level(h.sku, h.location_id)
         if reservation.state == "released":
@@ -377,7 +443,7 @@ async def restock_return(
     repo = inv.repo(tx)
     resellable = [line for line in returned.lines if line.resellable]
     stock = await StockSession.open(
-        tx, repo, (line.sku for line in resellable), [returned.location_id]
+        tx, repo, (line.sku for line in resellable), [returned.location_id], inv.clock
     )
     stock.location(returned.location_id)
     if not await repo.first_restock(returned.return_id, returned.order_id, returned.location_id):
@@ -391,7 +457,7 @@ async def seed_stock(inv: Inventory, tx: Tx, levels: Sequence[StockLevel]) -> Ou
     """Set the initial on-hand of rows that do not exist yet (existing stock is kept)."""
     repo = inv.repo(tx)
     stock = await StockSession.open(
-        tx, repo, (lvl.sku for lvl in levels), (lvl.location_id for lvl in levels)
+        tx, repo, (lvl.sku for lvl in levels), (lvl.location_id for lvl in levels), inv.clock
     )
     for level in levels:
         stock.location(level.location_id)

@@ -95,7 +95,7 @@ async def tell_policy_batch(
     skus = [level.sku for level in levels]
     updates: list[AvailabilityUpdate] = []
     if skus:
-        stock = await StockSession.open(tx, repo, skus, [location_id])
+        stock = await StockSession.open(tx, repo, skus, [location_id], inv.clock)
         now = stock.locations.get(location_id)
         if now is not None:
             before = dict(stock.locations) | {location_id: pending.told(now)}
