@@ -128,8 +128,11 @@ def _catalogue() -> dict[str, Any]:
     return dict(TOPICS)
 
 
-def _new_topics(prefix: str, names: Iterable[str] | None) -> list[tuple[NewTopic, NewTopic]]:
-    """(with configs, without configs) pairs for every topic and dead-letter topic wanted."""
+def _new_topics(
+    prefix: str, names: Iterable[str] | None, partitions: int | None = None
+) -> list[tuple[NewTopic, NewTopic]]:
+    """(with configs, without configs) pairs for every topic and dead-letter topic wanted;
+    ``partitions`` caps each topic's count (a machine with fewer cores than that)."""
     catalogue = _catalogue()
     wanted = list(catalogue) if names is None else list(names)
     unknown = sorted(set(wanted) - set(catalogue))
@@ -138,6 +141,7 @@ def _new_topics(prefix: str, names: Iterable[str] | None) -> list[tuple[NewTopic
     pairs: list[tuple[NewTopic, NewTopic]] = []
     for name in wanted:
         spec = catalogue[name]
+        count = spec.partitions if partitions is None else max(1, min(spec.partitions, partitions))
         configs: dict[str, str] = (
             {"cleanup.policy": "compact"}
             if spec.compacted
@@ -147,12 +151,12 @@ def _new_topics(prefix: str, names: Iterable[str] | None) -> list[tuple[NewTopic
         topic = f"{prefix}{spec.name}"
         pairs.append(
             (
-                NewTopic(topic, spec.partitions, 1, topic_configs=configs),
-                NewTopic(topic, spec.partitions, 1),
+                NewTopic(topic, count, 1, topic_configs=configs),
+                NewTopic(topic, count, 1),
             )
         )
         dlq = f"{prefix}{spec.dlq}"
-        dlq_partitions = max(1, min(spec.partitions, DLQ_MAX_PARTITIONS))
+        dlq_partitions = max(1, min(count, DLQ_MAX_PARTITIONS))
         dlq_configs = {
             "cleanup.policy": "delete",
             "retention.ms": str(DLQ_RETENTION_MS),
@@ -168,16 +172,20 @@ def _new_topics(prefix: str, names: Iterable[str] | None) -> list[tuple[NewTopic
 
 
 async def create_topics(
-    bootstrap: str, prefix: str = "", names: Iterable[str] | None = None
+    bootstrap: str,
+    prefix: str = "",
+    names: Iterable[str] | None = None,
+    partitions: int | None = None,
 ) -> list[str]:
     """Create the catalogue topics ``names`` (default: all) and their ``.dlq`` topics.
 
-    Topic names get ``prefix`` prepended. Partitions come from each ``TopicSpec``; dead-letter
-    topics get 1-3 partitions. Compaction/retention are set where the broker accepts topic
-    configs; a broker that rejects them gets the topics without. Topics that already exist are
-    left alone. Returns the names of the topics this call created.
+    Topic names get ``prefix`` prepended. Partitions come from each ``TopicSpec`` (at most
+    ``partitions`` when given); dead-letter topics get 1-3 partitions. Compaction/retention
+    are set where the broker accepts topic configs; a broker that rejects them gets the topics
+    without. Topics that already exist are left alone. Returns the names of the topics this
+    call created.
     """
-    pairs = _new_topics(prefix, names)
+    pairs = _new_topics(prefix, names, partitions)
     if not pairs:
         return []
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)

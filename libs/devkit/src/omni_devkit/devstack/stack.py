@@ -74,6 +74,28 @@ def _echo(line: str) -> None:
 # -- service discovery -------------------------------------------------------------------------
 
 
+PARTITIONS_ENV = "OMNI_TOPIC_PARTITIONS"
+
+
+def topic_partitions() -> int:
+    """Partitions per topic of the dev stack: ``$OMNI_TOPIC_PARTITIONS``, else one per core.
+
+    One instance of each service consumes everything here: a partition more than it has
+    cores to work them adds requests, not parallelism. Production keeps the catalogue's
+    counts (``deploy/``), sized for several pods.
+    """
+    raw = os.environ.get(PARTITIONS_ENV, "").strip()
+    if not raw:
+        return max(1, os.cpu_count() or 1)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise DevStackError(f"{PARTITIONS_ENV}={raw!r} is not a whole number") from None
+    if value < 1:
+        raise DevStackError(f"{PARTITIONS_ENV} must be at least 1")
+    return value
+
+
 def discover_services() -> dict[str, str]:
     """Installed services, in start order: ``{name: "module:factory"}``.
 
@@ -521,8 +543,12 @@ class DevStack:
         self.broker.start(timeout=max(cfg.ready_timeout, 90.0))
         assert self.broker.pid is not None
         self._record("kafka", self.broker.pid)
-        created = run_blocking(create_topics(cfg.bootstrap_servers))
-        self.echo(f"  Kafka ready in {timer}, {len(created)} topics created")
+        partitions = topic_partitions()
+        created = run_blocking(create_topics(cfg.bootstrap_servers, partitions=partitions))
+        self.echo(
+            f"  Kafka ready in {timer}, {len(created)} topics created"
+            f" (at most {partitions} partitions each, {PARTITIONS_ENV})"
+        )
 
     def _start_mail_and_push(self) -> None:
         cfg = self.config
