@@ -15,7 +15,7 @@ import json
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -28,7 +28,9 @@ from omni_contracts import (
     StockAdjusted,
 )
 
+from omni_devkit.bench.floor import Floor, WorkRecorder, consumers_per_topic, replay
 from omni_devkit.bench.kit import (
+    CpuMeter,
     StackTarget,
     own_group_consumer,
     progress,
@@ -37,6 +39,7 @@ from omni_devkit.bench.kit import (
     run_on_stack,
     send_args,
     until_assigned,
+    until_drained,
 )
 from omni_devkit.cli import bench_app, fail
 from omni_devkit.devstack.process import DevStackError
@@ -56,11 +59,16 @@ class CheckoutResult:
     stocked_units: int
     oversold_skus: int
     raw_messages_per_s: float
+    # CPU ms per checkout by process, from the first checkout sent until the whole stack had
+    # handled everything it caused (empty when the stack's processes are unknown).
+    cpu_ms: dict[str, float] = field(default_factory=dict)
+    floor: Floor | None = None
+    work: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         """The figures as one JSON object."""
         rate = self.checkouts / self.seconds if self.seconds else 0.0
-        return {
+        figures: dict[str, Any] = {
             "checkouts": self.checkouts,
             "confirmed": self.confirmed,
             "rejected": self.rejected,
@@ -70,6 +78,14 @@ class CheckoutResult:
             "oversold_skus": self.oversold_skus,
             "raw_messages_per_s": round(self.raw_messages_per_s, 1),
         }
+        if self.cpu_ms:
+            figures["cpu_ms_per_checkout"] = self.cpu_ms
+        if self.floor is not None:
+            figures["floor_cpu_ms_per_checkout"] = self.floor.as_json()
+            figures["cpu_vs_floor"] = round(self.cpu_ms["total"] / self.floor.total_ms, 2)
+        if self.work:
+            figures["work_per_checkout"] = self.work
+        return figures
 
 
 async def _stock(
@@ -112,8 +128,11 @@ async def _stock(
                 await asyncio.sleep(0.1)
 
 
-async def measure(target: StackTarget, *, checkouts: int, skus: int, say: Any) -> CheckoutResult:
-    """Stock, publish ``checkouts`` at once, count the outcomes; the raw rate beside it."""
+async def measure(
+    target: StackTarget, *, checkouts: int, skus: int, say: Any, floor: bool = True
+) -> CheckoutResult:
+    """Stock, publish ``checkouts`` at once, count the outcomes; the raw rate beside it, and
+    (when the stack's processes are known) the CPU per checkout of each and the floor."""
     run = uuid.uuid4().hex[:8]
     say(f"raw: {checkouts} messages through the broker ...")
     raw = await raw_round_trip_rate(
@@ -162,6 +181,12 @@ async def measure(target: StackTarget, *, checkouts: int, skus: int, say: Any) -
                 )
                 for n in range(checkouts)
             ]
+            services = [k for k in target.pids if k not in ("kafka", "postgres")]
+            meter = CpuMeter(target.pids).start() if target.pids else None
+            recorder = None
+            if floor and target.pids and target.database_url:
+                recorder = WorkRecorder(target, consumers_per_topic(target))
+                await recorder.start()
             say(f"checkout: publishing {checkouts} checkouts at once ...")
             started = time.perf_counter()
             sends = [await producer.send(**send_args(b, target.topic_prefix)) for b in bodies]
@@ -193,6 +218,18 @@ async def measure(target: StackTarget, *, checkouts: int, skus: int, say: Any) -
             seconds = time.perf_counter() - started
             for n, body in enumerate(bodies):
                 sku_of[body.customer_id] = sku_ids[n % skus]
+            cpu: dict[str, float] = {}
+            floor_figures, work_figures = None, {}
+            if meter is not None:
+                say("checkout: waiting until every service has handled what they caused ...")
+                groups = [f"{target.topic_prefix}{s}.main" for s in services]
+                await until_drained(target.bootstrap, groups)
+                meter.stop()
+                cpu = meter.per_unit_ms(checkouts)
+            if recorder is not None:
+                work = await recorder.stop(checkouts, say)
+                work_figures = work.as_json()
+                floor_figures = await replay(target, work, say)
     finally:
         await producer.stop()
     confirmed = Counter(sku_of[c] for c, t in outcomes.items() if t == "order.confirmed")
@@ -204,6 +241,9 @@ async def measure(target: StackTarget, *, checkouts: int, skus: int, say: Any) -
         stocked_units=units * skus,
         oversold_skus=sum(1 for n in confirmed.values() if n > units),
         raw_messages_per_s=raw,
+        cpu_ms=cpu,
+        floor=floor_figures,
+        work=work_figures,
     )
 
 
@@ -216,8 +256,9 @@ def checkout(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line")] = False,
 ) -> None:
-    """Placed -> confirmed for N checkouts through order + inventory, 0 oversold, against the
-    raw broker rate; target >= 1,000 checkouts/s."""
+    """Placed -> confirmed for N checkouts through the stack, 0 oversold, against the raw
+    broker rate; the CPU per checkout of each process and the floor (the same work without
+    the platform) in the same run. Targets: >= 400 checkouts/s, CPU <= 3x the floor."""
 
     say = progress(as_json)
 
@@ -234,9 +275,19 @@ def checkout(
         typer.echo(
             f"checkout: {figures['checkouts']} checkouts -> {figures['confirmed']} confirmed, "
             f"{figures['rejected']} rejected in {figures['seconds']} s = "
-            f"{figures['checkouts_per_s']} checkouts/s (target >= 1,000); raw broker "
+            f"{figures['checkouts_per_s']} checkouts/s (target >= 400); raw broker "
             f"{figures['raw_messages_per_s']} msgs/s; stocked {figures['stocked_units']} units, "
             f"oversold SKUs: {figures['oversold_skus']}"
         )
+        if cpu := figures.get("cpu_ms_per_checkout"):
+            parts = ", ".join(f"{k} {v}" for k, v in cpu.items() if k != "total")
+            typer.echo(f"  CPU per checkout: {cpu['total']} ms ({parts})")
+        if floor := figures.get("floor_cpu_ms_per_checkout"):
+            typer.echo(
+                f"  floor: {floor['total']} ms (broker {floor['kafka']}, PostgreSQL"
+                f" {floor['postgres']}, clients {floor['client']}); the stack spends"
+                f" {figures['cpu_vs_floor']}x the floor (target <= 3x);"
+                f" work per checkout: {figures['work_per_checkout']}"
+            )
     if result.oversold_skus or result.confirmed > result.stocked_units:
         fail(f"oversold: {result.oversold_skus} SKUs confirmed beyond their stock")

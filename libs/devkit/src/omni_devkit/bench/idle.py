@@ -23,7 +23,7 @@ from typing import Annotated
 import psutil
 import typer
 
-from omni_devkit.bench.kit import progress
+from omni_devkit.bench.kit import cpu_seconds, progress
 from omni_devkit.cli import bench_app, fail
 from omni_devkit.devstack.process import DevStackError
 
@@ -66,19 +66,6 @@ class IdleResult:
         }
 
 
-def _cpu_seconds(process: psutil.Process) -> float:
-    """CPU time of a process and all its live descendants (PostgreSQL's backends)."""
-    total = 0.0
-    family = [process]
-    with contextlib.suppress(psutil.Error):
-        family += process.children(recursive=True)
-    for member in family:
-        with contextlib.suppress(psutil.Error):
-            times = member.cpu_times()
-            total += times.user + times.system
-    return total
-
-
 def measure_idle(pids: dict[str, int], seconds: float) -> IdleResult:
     """CPU share of one core of each named process tree over ``seconds``."""
     processes = {}
@@ -87,7 +74,7 @@ def measure_idle(pids: dict[str, int], seconds: float) -> IdleResult:
             processes[name] = psutil.Process(pid)
     if not processes:
         raise DevStackError("none of the stack's processes is running")
-    before = {name: _cpu_seconds(p) for name, p in processes.items()}
+    before = {name: cpu_seconds(p.pid) for name, p in processes.items()}
     age = 0.0
     with contextlib.suppress(psutil.Error):
         age = time.time() - min(p.create_time() for p in processes.values())
@@ -96,7 +83,10 @@ def measure_idle(pids: dict[str, int], seconds: float) -> IdleResult:
     elapsed = time.monotonic() - started
     return IdleResult(
         elapsed,
-        {name: max(0.0, _cpu_seconds(p) - before[name]) / elapsed for name, p in processes.items()},
+        {
+            name: max(0.0, cpu_seconds(p.pid) - before[name]) / elapsed
+            for name, p in processes.items()
+        },
         age,
     )
 

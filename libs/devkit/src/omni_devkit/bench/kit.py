@@ -16,11 +16,12 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import psutil
 import typer
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -44,6 +45,10 @@ class StackTarget:
     urls: dict[str, str]
     api_key: str
     topic_prefix: str = ""
+    # The stack's processes by name (kafka, postgres, each service), when known: their CPU
+    # is what a bench reports per unit of work.
+    pids: dict[str, int] = field(default_factory=dict)
+    database_url: str | None = None
 
     def url(self, service: str) -> str:
         """The base URL of ``service``."""
@@ -63,6 +68,12 @@ def dev_stack_target(services: Sequence[str], state_dir: Path | None = None) -> 
 
     env_file = (state_dir or default_state_dir()) / "dev.env"
     values = read_kv_file(env_file)
+    pid_file = env_file.with_name("dev.pid")
+    pids = {
+        k: int(v)
+        for k, v in read_kv_file(pid_file).items()
+        if k not in ("supervisor", "console") and v.isdigit()
+    }
     wanted = ["KAFKA_BOOTSTRAP_SERVERS", "API_KEY", "TOPIC_PREFIX", *map(_url_key, services)]
     values |= {k: os.environ[k] for k in wanted if os.environ.get(k)}
     missing = [k for k in wanted if k != "TOPIC_PREFIX" and k not in values]
@@ -73,13 +84,15 @@ def dev_stack_target(services: Sequence[str], state_dir: Path | None = None) -> 
         {s: values[_url_key(s)] for s in services},
         values["API_KEY"],
         values.get("TOPIC_PREFIX", ""),
+        pids,
+        values.get("DATABASE_URL"),
     )
 
 
 @contextlib.contextmanager
 def private_stack(services: Sequence[str], say: Callable[[str], None]) -> Iterator[StackTarget]:
     """A private stack (PostgreSQL, broker, ``services`` as processes) in a temp dir."""
-    from omni_devkit.devstack.stack import DevStack, DevStackConfig, read_kv_file
+    from omni_devkit.devstack.stack import DevStack, DevStackConfig, read_kv_file, read_pids
 
     previous = os.environ.get("OMNI_SERVICES")
     os.environ["OMNI_SERVICES"] = ",".join(services)
@@ -92,10 +105,15 @@ def private_stack(services: Sequence[str], say: Callable[[str], None]) -> Iterat
             stack.up()
             try:
                 env = read_kv_file(config.env_file)
+                pids = {
+                    k: v for k, v in read_pids(config).items() if k not in ("supervisor", "console")
+                }
                 yield StackTarget(
                     env["KAFKA_BOOTSTRAP_SERVERS"],
                     {s: env[_url_key(s)] for s in services},
                     env["API_KEY"],
+                    pids=pids,
+                    database_url=env.get("DATABASE_URL"),
                 )
             finally:
                 stack.stop(quiet=True)
@@ -374,3 +392,91 @@ async def record_arrivals(
                 ident = key_of(header_map(record.headers or ()))
                 if ident is not None:
                     inflight.received(ident, now)
+
+
+# -- CPU of the stack, and waiting for it to finish ---------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process, of its children that have ended (PostgreSQL's backends of
+    connections closed meanwhile) and of its live descendants."""
+    total = 0.0
+    with contextlib.suppress(psutil.Error):
+        process = psutil.Process(pid)
+        times = process.cpu_times()
+        total += times.children_user + times.children_system
+        family = [process]
+        with contextlib.suppress(psutil.Error):
+            family += process.children(recursive=True)
+        for member in family:
+            with contextlib.suppress(psutil.Error):
+                times = member.cpu_times()
+                total += times.user + times.system
+    return total
+
+
+class CpuMeter:
+    """CPU seconds each named process tree spent between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = dict(pids)
+        self._before: dict[str, float] = {}
+        self.spent: dict[str, float] = {}
+
+    def start(self) -> CpuMeter:
+        """Take the first reading."""
+        self._before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        return self
+
+    def stop(self) -> dict[str, float]:
+        """Take the second reading; returns the seconds spent per process."""
+        self.spent = {
+            name: max(0.0, cpu_seconds(pid) - self._before.get(name, 0.0))
+            for name, pid in self.pids.items()
+        }
+        return self.spent
+
+    def per_unit_ms(self, units: int) -> dict[str, float]:
+        """Milliseconds of CPU per unit of work, per process and in total."""
+        figures = {name: round(1000 * s / units, 3) for name, s in sorted(self.spent.items())}
+        figures["total"] = round(1000 * sum(self.spent.values()) / units, 3)
+        return figures
+
+
+async def until_drained(
+    bootstrap: str, groups: Sequence[str], *, timeout_s: float = 120.0, settle_s: float = 1.5
+) -> None:
+    """Wait until every consumer group has committed the end of every partition it reads,
+    and nothing more arrives for ``settle_s`` (relays publish what handlers wrote)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await admin.start()
+    await probe.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        quiet_since: float | None = None
+        last: dict[Any, int] = {}
+        while True:
+            lag, ends = 0, {}
+            for group in groups:
+                committed = await admin.list_consumer_group_offsets(group)
+                if not committed:
+                    continue
+                tps = list(committed)
+                group_ends = await probe.end_offsets(tps)
+                ends.update(group_ends)
+                lag += sum(max(0, group_ends[tp] - committed[tp].offset) for tp in tps)
+            now = time.monotonic()
+            if lag == 0 and ends == last:
+                quiet_since = quiet_since or now
+                if now - quiet_since >= settle_s:
+                    return
+            else:
+                quiet_since = None
+            last = ends
+            if now > deadline:
+                raise DevStackError(f"the stack did not drain within {timeout_s:g} s (lag {lag})")
+            await asyncio.sleep(0.25)
+    finally:
+        await probe.stop()
+        await admin.close()
