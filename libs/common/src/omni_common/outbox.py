@@ -11,9 +11,9 @@ delay of any writer it did not hear.
 is active at a time (a PostgreSQL advisory lock elects it), which keeps per-key order even
 with several instances running; the others stand by and take over when it dies. The
 leader's session dies with it within seconds (TCP keepalives, ``idle_session_timeout``), so
-a frozen or unplugged leader never holds the lock for long. A crash between the publish and
-the ``published_at`` update republishes the batch: consumers dedup by ``ce_id``
-(at-least-once, never lost).
+a frozen or unplugged leader never holds the lock for long. Published rows are deleted; a
+crash between the publish and the delete republishes the batch: consumers dedup by
+``ce_id`` (at-least-once, never lost).
 
 A row the broker will never take (larger than the topic accepts, invalid) is parked with
 its error (``parked_at``, ``last_error``) instead of wedging the outbox: the rest of the
@@ -371,8 +371,8 @@ class OutboxRelay:
         leaves the whole batch pending (nothing is marked) for the next round.
 
         No transaction and no row locks: only the leader relays (its advisory lock), and a
-        row published twice (a leader dying before its mark) is deduplicated by consumers
-        anyway. Two round trips a batch instead of four.
+        row published twice (a leader dying before it deleted the rows) is deduplicated by
+        consumers anyway. Two round trips a batch: read, publish, delete what was taken.
         """
         rows = await conn.fetch(
             "SELECT id, ce_type, topic, key, headers, payload FROM outbox"
@@ -400,9 +400,10 @@ class OutboxRelay:
                 raise OutboxPublishError(f"{type(exc).__name__}: {exc}") from exc
         published = [m for m, e in zip(messages, outcomes, strict=True) if e is None]
         if published:
+            # Deleted rather than marked: a mark is a new version of every row and of its
+            # index entries; a delete touches each row once (the events live on in Kafka).
             await conn.execute(
-                "UPDATE outbox SET published_at = clock_timestamp() WHERE id = ANY($1::bigint[])",
-                [m.id for m in published],
+                "DELETE FROM outbox WHERE id = ANY($1::bigint[])", [m.id for m in published]
             )
         types = {r["id"]: r["ce_type"] for r in rows}
         for message, exc in failures:
