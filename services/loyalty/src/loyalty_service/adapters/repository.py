@@ -8,6 +8,7 @@ queue up and every ledger entry's ``balance`` is exact.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -109,6 +110,35 @@ class LoyaltyRepository:
         account = await self.customer_account(customer_id)
         assert account is not None
         return account
+
+    async def ensure_customer_accounts(self, customer_ids: Sequence[str]) -> dict[str, Account]:
+        """The customers' accounts, opened with no points where there is none; locked, in
+        account order (two statements for any number of customers)."""
+        wanted = sorted(set(customer_ids))
+        if not wanted:
+            return {}
+        await self.conn.execute(
+            "INSERT INTO accounts (customer_id) SELECT * FROM unnest($1::text[])"
+            " ORDER BY 1 ON CONFLICT (customer_id) DO NOTHING",
+            wanted,
+        )
+        rows = await self.conn.fetch(
+            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE customer_id = ANY($1::text[])"
+            " ORDER BY account_id FOR UPDATE",
+            wanted,
+        )
+        return {row["customer_id"]: Account(**dict(row)) for row in rows}
+
+    async def set_preferred_stores(self, stores: Mapping[int, str | None]) -> None:
+        """Remember where each shopper likes to shop (offers check stock there)."""
+        if stores:
+            await self.conn.execute(
+                "UPDATE accounts a SET preferred_store = v.store"
+                " FROM unnest($1::bigint[], $2::text[]) AS v(account_id, store)"
+                " WHERE a.account_id = v.account_id",
+                list(stores),
+                list(stores.values()),
+            )
 
     async def card_account(self, card: str) -> Account:
         """The account a card collects on: its customer's once linked, else its own."""
@@ -311,6 +341,36 @@ class LoyaltyRepository:
         )
         return bool(inserted)
 
+    async def add_orders(self, orders: Sequence[OrderRecord]) -> set[str]:
+        """Remember orders as placed; returns the ids of those not known before."""
+        if not orders:
+            return set()
+        rows = await self.conn.fetch(
+            "INSERT INTO orders (order_id, account_id, channel, currency, gross, lines,"
+            " points_to_redeem) SELECT o.order_id, o.account_id, o.channel, o.currency,"
+            " o.gross, o.lines::jsonb, o.points_to_redeem FROM unnest($1::text[], $2::bigint[],"
+            " $3::text[], $4::text[], $5::numeric[], $6::text[], $7::int[])"
+            " AS o(order_id, account_id, channel, currency, gross, lines, points_to_redeem)"
+            " ON CONFLICT (order_id) DO NOTHING RETURNING order_id",
+            [o.order_id for o in orders],
+            [o.account_id for o in orders],
+            [o.channel for o in orders],
+            [o.currency for o in orders],
+            [o.gross for o in orders],
+            [json.dumps(o.lines) for o in orders],
+            [o.points_to_redeem for o in orders],
+        )
+        return {r["order_id"] for r in rows}
+
+    async def holds(self, order_ids: Sequence[str]) -> dict[str, asyncpg.Record]:
+        """The holds of these orders (locked), by order."""
+        rows = await self.conn.fetch(
+            "SELECT order_id, account_id, points, status FROM holds"
+            " WHERE order_id = ANY($1::text[]) ORDER BY order_id FOR UPDATE",
+            list(order_ids),
+        )
+        return {r["order_id"]: r for r in rows}
+
     async def order(self, order_id: str) -> OrderRecord | None:
         """An order loyalty saw placed (locked), or None."""
         row = await self.conn.fetchrow(
@@ -484,27 +544,39 @@ class LoyaltyRepository:
         )
         return [r["sku"] for r in rows]
 
-    async def record_stock(
-        self, sku: str, location_id: str, available: int, online: int, at: datetime
-    ) -> None:
-        """Keep the newest stock figure of ``sku`` at ``location_id``; ``online_available``
-        is per SKU, so every row of the SKU takes the newest one."""
+    async def record_stocks(self, changes: Sequence[tuple[str, str, int, int, datetime]]) -> None:
+        """Keep the newest stock figure of each ``(sku, location_id, available, online,
+        changed_at)``, and each SKU's newest ``online_available`` on all its rows: two
+        statements for any number of changes."""
+        newest: dict[tuple[str, str], tuple[str, str, int, int, datetime]] = {}
+        for change in changes:
+            key = (change[0], change[1])
+            if key not in newest or newest[key][4] <= change[4]:
+                newest[key] = change
+        online: dict[str, tuple[int, datetime]] = {}
+        for sku, _, _, on, at in newest.values():
+            if sku not in online or online[sku][1] <= at:
+                online[sku] = (on, at)
+        rows = sorted(newest.values())
         await self.conn.execute(
             "INSERT INTO stock (sku, location_id, available, online_available, changed_at)"
-            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (sku, location_id) DO UPDATE SET"
+            " SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::int[],"
+            " $5::timestamptz[]) ON CONFLICT (sku, location_id) DO UPDATE SET"
             " available = EXCLUDED.available, online_available = EXCLUDED.online_available,"
             " changed_at = EXCLUDED.changed_at WHERE stock.changed_at <= EXCLUDED.changed_at",
-            sku,
-            location_id,
-            available,
-            online,
-            at,
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            [r[3] for r in rows],
+            [r[4] for r in rows],
         )
         await self.conn.execute(
-            "UPDATE stock SET online_available = $2 WHERE sku = $1 AND changed_at <= $3",
-            sku,
-            online,
-            at,
+            "UPDATE stock t SET online_available = o.online"
+            " FROM unnest($1::text[], $2::int[], $3::timestamptz[]) AS o(sku, online, at)"
+            " WHERE t.sku = o.sku AND t.changed_at <= o.at",
+            list(online),
+            [v[0] for v in online.values()],
+            [v[1] for v in online.values()],
         )
 
     async def open_offer(self, account_id: int, now: datetime) -> asyncpg.Record | None:

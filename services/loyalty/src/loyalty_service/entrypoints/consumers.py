@@ -40,15 +40,13 @@ from loyalty_service.service.ledger import (
 
 
 async def orders_placed(orders: Lot[OrderPlaced], tx: Tx, loyalty: LoyaltyService) -> None:
-    """Remember the order; hold its points if it awaits loyalty; a store sale earns."""
-    for order, envelope in orders:
-        await loyalty.order_placed(tx, order, envelope)
+    """Remember the orders; hold points of those awaiting loyalty; store sales earn."""
+    await loyalty.orders_placed(tx, orders)
 
 
 async def orders_confirmed(orders: Lot[OrderConfirmed], tx: Tx, loyalty: LoyaltyService) -> None:
-    """The order is confirmed: its held points are spent."""
-    for order, envelope in orders:
-        await loyalty.order_confirmed(tx, order, envelope)
+    """Confirmed orders spend the points held for them."""
+    await loyalty.orders_confirmed(tx, orders)
 
 
 async def orders_ended(
@@ -76,9 +74,8 @@ async def returns_received(
 
 
 async def profiles_updated(profiles: Lot[ProfileUpdated], tx: Tx, loyalty: LoyaltyService) -> None:
-    """A profile: its cards now collect for the customer; points a card collected move."""
-    for profile, envelope in profiles:
-        await loyalty.profile_updated(tx, profile, envelope)
+    """Profiles: their cards now collect for the customer; points a card collected move."""
+    await loyalty.profiles_updated(tx, profiles)
 
 
 async def profiles_merged(merges: Lot[ProfilesMerged], tx: Tx, loyalty: LoyaltyService) -> None:
@@ -97,8 +94,7 @@ async def availability_changed(
     changes: Lot[AvailabilityChanged], tx: Tx, loyalty: LoyaltyService
 ) -> None:
     """Keep the stock that offers are filtered by."""
-    for change, envelope in changes:
-        await loyalty.availability(tx, change, envelope)
+    await loyalty.stock_changed(tx, changes)
 
 
 async def holds_expired(due: list[Due], tx: Tx, loyalty: LoyaltyService) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -194,6 +194,77 @@ class LoyaltyService:
         """The ledger as ``tx`` writes it, caused by ``envelope`` (if an event)."""
         return Ledger(tx, envelope, self.metrics)
 
+    # -- lots: what most events need, with one statement per table -----------------------
+
+    async def orders_placed(self, tx: Tx, orders: Sequence[tuple[OrderPlaced, Envelope]]) -> None:
+        """Remember placed orders, their buyers' accounts opened, all at once. In-store sales
+        earn at once, and orders awaiting loyalty hold points: those go through
+        :meth:`order_placed`."""
+        if any(o.points_to_redeem and LOYALTY in (o.awaiting or ()) for o, _ in orders):
+            # A hold decides on the account as the orders before it left it: one by one.
+            for order, envelope in orders:
+                await self.order_placed(tx, order, envelope)
+            return
+        online = [(o, e) for o, e in orders if o.status is not OrderStatus.COMPLETED]
+        repo = LoyaltyRepository(tx.conn)
+        accounts = await repo.ensure_customer_accounts(
+            [o.customer_id for o, _ in online if o.customer_id]
+        )
+        records: list[OrderRecord] = []
+        for order, _ in online:
+            account = accounts.get(order.customer_id) if order.customer_id else None
+            if account is None and order.loyalty_card:
+                account = await repo.card_account(order.loyalty_card)
+            records.append(_order_record(order, None if account and account.erased else account))
+        await repo.add_orders(records)
+        for order, envelope in orders:
+            if order.status is OrderStatus.COMPLETED:
+                await self.order_placed(tx, order, envelope)
+
+    async def orders_confirmed(
+        self, tx: Tx, orders: Sequence[tuple[OrderConfirmed, Envelope]]
+    ) -> None:
+        """Confirmed orders spend the points held for them (most held none: one look)."""
+        holds = await LoyaltyRepository(tx.conn).holds([o.order_id for o, _ in orders])
+        for order, envelope in orders:
+            if order.order_id in holds:
+                await self.order_confirmed(tx, order, envelope)
+
+    async def profiles_updated(
+        self, tx: Tx, profiles: Sequence[tuple[ProfileUpdated, Envelope]]
+    ) -> None:
+        """Profiles: their accounts opened (all at once), preferred stores kept, cards
+        linked (each card collects for its customer; points it collected move)."""
+        now = self.clock()
+        repo = LoyaltyRepository(tx.conn)
+        accounts = await repo.ensure_customer_accounts([p.customer_id for p, _ in profiles])
+        stores: dict[int, str | None] = {}
+        for profile, envelope in profiles:
+            account = accounts[profile.customer_id]
+            if account.erased:
+                continue
+            current = stores.get(account.account_id, account.preferred_store)
+            if profile.preferred_store != current:
+                stores[account.account_id] = profile.preferred_store
+            cards = {
+                *profile.loyalty_cards,
+                *([profile.loyalty_card] if profile.loyalty_card else []),
+            }
+            for card in sorted(cards):
+                await self._link(self.ledger(tx, envelope), card, account, now)
+        await repo.set_preferred_stores(stores)
+
+    async def stock_changed(
+        self, tx: Tx, changes: Sequence[tuple[AvailabilityChanged, Envelope]]
+    ) -> None:
+        """Keep the stock that offers are filtered by (the newest figure of each row)."""
+        await LoyaltyRepository(tx.conn).record_stocks(
+            [
+                (c.sku, c.location_id, c.available, c.online_available, c.changed_at)
+                for c, _ in changes
+            ]
+        )
+
     # -- order.lifecycle.v1 ---------------------------------------------------------------
 
     async def order_placed(self, tx: Tx, event: OrderPlaced, envelope: Envelope) -> None:
@@ -203,23 +274,7 @@ class LoyaltyService:
         if event.points_to_redeem and LOYALTY in (event.awaiting or ()):
             await self._hold(w, event, now)
         account = await self._buyer(w, event)
-        lines = [
-            {"sku": ln.sku, "qty": ln.qty, "unit_price": str(ln.unit_price.amount)}
-            for ln in event.lines
-        ]
-        gross = sum((ln.unit_price.amount * ln.qty for ln in event.lines), Decimal(0))
-        record = OrderRecord(
-            order_id=event.order_id,
-            account_id=account.account_id if account else None,
-            channel=event.channel.value,
-            currency=event.lines[0].unit_price.currency,
-            gross=gross,
-            lines=lines,
-            points_to_redeem=event.points_to_redeem,
-            redeemed=0,
-            given_back=0,
-            returned_value=Decimal(0),
-        )
+        record = _order_record(event, account)
         if not await w.repo.add_order(record):
             return
         if event.status is OrderStatus.COMPLETED:  # an in-store sale: bought now
@@ -355,19 +410,6 @@ class LoyaltyService:
 
     # -- customer.profile.v1 --------------------------------------------------------------
 
-    async def profile_updated(self, tx: Tx, event: ProfileUpdated, envelope: Envelope) -> None:
-        """A profile: its cards now collect for the customer; points a card collected move."""
-        w = self.ledger(tx, envelope)
-        now = self.clock()
-        account = await w.repo.ensure_customer_account(event.customer_id)
-        if account.erased:
-            return
-        if event.preferred_store != account.preferred_store:
-            await w.repo.set_preferred_store(account.account_id, event.preferred_store)
-        cards = {*event.loyalty_cards, *([event.loyalty_card] if event.loyalty_card else [])}
-        for card in sorted(cards):
-            await self._link(w, card, account, now)
-
     async def profile_erased(self, tx: Tx, event: ProfileErased, envelope: Envelope) -> None:
         """Erasure: pseudonymise the account (the ledger keeps only figures)."""
         w = self.ledger(tx, envelope)
@@ -377,17 +419,6 @@ class LoyaltyService:
                 await cancel_timer(w.conn, kind, str(account_id))
 
     # -- inventory.availability.v1 --------------------------------------------------------
-
-    async def availability(self, tx: Tx, event: AvailabilityChanged, envelope: Envelope) -> None:
-        """Keep the stock that offers are filtered by."""
-        w = self.ledger(tx, envelope)
-        await w.repo.record_stock(
-            event.sku,
-            event.location_id,
-            event.available,
-            event.online_available,
-            event.changed_at,
-        )
 
     # -- corrections ----------------------------------------------------------------------
 
@@ -868,3 +899,22 @@ def _returned_value(order: OrderRecord, returned: dict[str, int]) -> Decimal:
             value += Decimal(line["unit_price"]) * take
             left -= take
     return value
+
+
+def _order_record(order: OrderPlaced, account: Account | None) -> OrderRecord:
+    """A placed order as loyalty keeps it."""
+    return OrderRecord(
+        order_id=order.order_id,
+        account_id=account.account_id if account else None,
+        channel=order.channel.value,
+        currency=order.lines[0].unit_price.currency,
+        gross=sum((ln.unit_price.amount * ln.qty for ln in order.lines), Decimal(0)),
+        lines=[
+            {"sku": ln.sku, "qty": ln.qty, "unit_price": str(ln.unit_price.amount)}
+            for ln in order.lines
+        ],
+        points_to_redeem=order.points_to_redeem,
+        redeemed=0,
+        given_back=0,
+        returned_value=Decimal(0),
+    )
