@@ -52,8 +52,8 @@ _tracer = trace.get_tracer("omni_common.kafka")
 KAFKA_FETCH_MAX_WAIT_MS = 1000
 TANSU_FETCH_MAX_WAIT_MS = 5
 # How often an idle fetch loop wakes (aiokafka's default, 200 ms, is an idle consumer's
-# main cost). Fetch answers, resumed partitions and rebalances wake it anyway.
-CONSUMER_IDLE_WAKE_MS = 1000
+# main cost). Records, fetch answers, resumed partitions and rebalances wake it anyway.
+CONSUMER_IDLE_WAKE_MS = 5000
 
 
 def broker_security(settings: ServiceSettings) -> BaseSecurity | None:
@@ -333,7 +333,7 @@ class KafkaRuntime:
         if workers:
             log.info("dropped %d revoked partition worker(s)", len(workers))
 
-    async def _sample_lag(self, every_s: float = 5.0) -> None:
+    async def _sample_lag(self, every_s: float = 10.0) -> None:
         m = self.metrics
         group = self.settings.group_id()
         while True:

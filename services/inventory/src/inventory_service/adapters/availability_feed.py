@@ -352,7 +352,7 @@ async def _run(
     m = feed.metrics
     while True:
         try:
-            batches = await consumer.getmany(timeout_ms=1000, max_records=1000)
+            batches = await consumer.getmany(timeout_ms=CONSUMER_IDLE_WAKE_MS, max_records=1000)
         except asyncio.CancelledError:
             raise
         except Exception:
