@@ -50,6 +50,14 @@ UNSTORABLE: tuple[type[Exception], ...] = (
 """Database errors that say the value itself is wrong (HTTP answers them 422)."""
 
 
+class HandledBefore(Exception):
+    """Some events of a lot were already in the inbox (a redelivery).
+
+    The lot rolls back and its events are handled one by one, where each duplicate is
+    recognised before its effect.
+    """
+
+
 class InvalidOutgoingEvent(Exception):
     """A handler emitted an event its own model refuses: our bug, not the incoming event's.
 
@@ -216,13 +224,12 @@ def dlq_headers(
 
 
 def _lot_span(topic: str, events: Sequence[Valid]) -> trace.Span:
-    links = [
-        trace.Link(trace.get_current_span(v.trace).get_span_context())
-        for v in events
-        if isinstance(v.trace, otel_context.Context)
-    ]
+    """A span for handling a lot: in the first event's trace, linked to every other's."""
+    contexts = [v.trace for v in events if isinstance(v.trace, otel_context.Context)]
+    links = [trace.Link(trace.get_current_span(c).get_span_context()) for c in contexts[1:]]
     return _tracer.start_span(
         f"{topic} process lot",
+        context=contexts[0] if contexts else None,
         kind=trace.SpanKind.CONSUMER,
         links=links,
         attributes={"messaging.system": "kafka", "messaging.batch.message_count": len(events)},
@@ -315,8 +322,9 @@ class Dispatcher:
 
     # -- handling -------------------------------------------------------------------------
 
-    async def handle_lot(self, sources: Sequence[Sequence[Entry]]) -> bool:
-        """Handle valid events of one topic in one transaction; False if the lot rolled back.
+    async def handle_lot(self, sources: Sequence[Sequence[Entry]]) -> Exception | None:
+        """Handle valid events of one topic in one transaction; how it failed if the lot
+        rolled back (None: committed).
 
         ``sources``: the lot's entries per partition, in order. One commit (and one inbox
         and outbox statement) for all of them instead of one per event.
@@ -340,16 +348,17 @@ class Dispatcher:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            m.batches_split.labels(m.service, route.topic).inc()
-            first = sources[0][0].record
-            log.info(
-                "%d events of %s[%d] could not be handled together (%s); one by one",
-                len(events),
-                first.topic,
-                first.partition,
-                type(exc).__name__,
-            )
-            return False
+            if len(events) > 1:
+                m.batches_split.labels(m.service, route.topic).inc()
+                first = sources[0][0].record
+                log.info(
+                    "%d events of %s[%d] could not be handled together (%s); one by one",
+                    len(events),
+                    first.topic,
+                    first.partition,
+                    type(exc).__name__,
+                )
+            return exc
         finally:
             if span is not None:
                 otel_context.detach(token)  # type: ignore[arg-type]
@@ -357,11 +366,15 @@ class Dispatcher:
         m.batch_size.labels(m.service, route.topic).observe(len(events))
         for v in events:
             self.count(route.topic, v.envelope.type, "handled")
-        return True
+        return None
 
-    async def handle_alone(self, entry: Entry) -> None:
+    async def handle_alone(self, entry: Entry, failed: Exception | None = None) -> None:
         """Handle one valid event until it succeeds, is refused, or keeps failing on a
-        healthy world; raises only if it could not even be dead-lettered."""
+        healthy world; raises only if it could not even be dead-lettered.
+
+        ``failed``: how its first attempt (a lot of this one event) failed; the retries go
+        on from there rather than starting over.
+        """
         v = entry.verdict
         assert isinstance(v, Valid)
         s, m, topic = self.settings, self.metrics, entry.route.topic
@@ -375,27 +388,38 @@ class Dispatcher:
         token = otel_context.attach(context)
         try:
             while True:
-                try:
-                    async with self.transactions.handling([v], check_first=True) as tx:
-                        if tx is None:
-                            log.info("duplicate %s %s ignored", v.envelope.type, v.envelope.id)
-                            self.count(topic, v.envelope.type, "duplicate")
-                            return
-                        tx.origin = v.handling.name
-                        await v.handling.handler([Received(v.event, v.envelope)], tx)
-                except Refusal as exc:
+                if failed is None:
+                    try:
+                        async with self.transactions.handling([v], check_first=True) as tx:
+                            if tx is None:
+                                log.info("duplicate %s %s ignored", v.envelope.type, v.envelope.id)
+                                self.count(topic, v.envelope.type, "duplicate")
+                                return
+                            tx.origin = v.handling.name
+                            await v.handling.handler([Received(v.event, v.envelope)], tx)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:
+                        failed = exc
+                    else:
+                        self.count(topic, v.envelope.type, "handled")
+                        return
+                exc, failed = failed, None
+                if isinstance(exc, HandledBefore):
+                    continue  # the inbox is asked first now
+                if isinstance(exc, Refusal):
                     log.warning("refused %s %s: %s", v.envelope.type, v.envelope.id, exc)
                     invalid = Invalid(exc.reason, exc.detail or exc.reason, v.envelope.type)
                     await self.dead_letter(entry, invalid)
                     for observe in self.refusal_observers:
                         observe(exc)
                     return
-                except InvalidOutgoingEvent as exc:
+                if isinstance(exc, InvalidOutgoingEvent):
                     log.error("%s", exc)
                     invalid = Invalid("invalid_output", str(exc), v.envelope.type)
                     await self.dead_letter(entry, invalid)
                     return
-                except UNSTORABLE as exc:
+                if isinstance(exc, UNSTORABLE):
                     # A value no column can hold: retrying cannot help.
                     log.warning("unstorable %s %s: %s", v.envelope.type, v.envelope.id, exc)
                     error = type(exc).__name__
@@ -403,54 +427,49 @@ class Dispatcher:
                         entry, Invalid("unstorable_value", error, v.envelope.type)
                     )
                     return
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    m.handler_retries.labels(m.service, topic).inc()
-                    if is_infrastructure_error(exc) and (problem := await self._unhealthy()):
-                        log.warning(
-                            "%s %s waits for the infrastructure (%s): %r",
-                            v.envelope.type,
-                            v.envelope.id,
-                            problem,
-                            exc,
-                        )
-                        await self._wait_until_healthy(entry)
-                        attempt = 0  # the outage was not the event's fault
-                        backoff.reset()
-                        continue
-                    if is_contention(exc):
-                        log.info("retrying %s %s after %r", v.envelope.type, v.envelope.id, exc)
-                        await backoff.sleep()
-                        continue
-                    attempt += 1
-                    if attempt < s.handler_max_attempts:
-                        log.warning(
-                            "retrying %s %s (attempt %d): %r",
-                            v.envelope.type,
-                            v.envelope.id,
-                            attempt,
-                            exc,
-                        )
-                        await backoff.sleep()
-                        continue
-                    if await self._unhealthy():
-                        await self._wait_until_healthy(entry)
-                        attempt = 0
-                        backoff.reset()
-                        continue
-                    log.exception(
-                        "giving up on %s %s after %d attempts",
+                m.handler_retries.labels(m.service, topic).inc()
+                if is_infrastructure_error(exc) and (problem := await self._unhealthy()):
+                    log.warning(
+                        "%s %s waits for the infrastructure (%s): %r",
+                        v.envelope.type,
+                        v.envelope.id,
+                        problem,
+                        exc,
+                    )
+                    await self._wait_until_healthy(entry)
+                    attempt = 0  # the outage was not the event's fault
+                    backoff.reset()
+                    continue
+                if is_contention(exc):
+                    log.info("retrying %s %s after %r", v.envelope.type, v.envelope.id, exc)
+                    await backoff.sleep()
+                    continue
+                attempt += 1
+                if attempt < s.handler_max_attempts:
+                    log.warning(
+                        "retrying %s %s (attempt %d): %r",
                         v.envelope.type,
                         v.envelope.id,
                         attempt,
+                        exc,
                     )
-                    error = f"{type(exc).__name__}: {exc} (after {attempt} attempts)"
-                    await self.dead_letter(entry, Invalid("handler_failed", error, v.envelope.type))
-                    return
-                else:
-                    self.count(topic, v.envelope.type, "handled")
-                    return
+                    await backoff.sleep()
+                    continue
+                if await self._unhealthy():
+                    await self._wait_until_healthy(entry)
+                    attempt = 0
+                    backoff.reset()
+                    continue
+                log.error(
+                    "giving up on %s %s after %d attempts",
+                    v.envelope.type,
+                    v.envelope.id,
+                    attempt,
+                    exc_info=exc,
+                )
+                error = f"{type(exc).__name__}: {exc} (after {attempt} attempts)"
+                await self.dead_letter(entry, Invalid("handler_failed", error, v.envelope.type))
+                return
         finally:
             otel_context.detach(token)
 

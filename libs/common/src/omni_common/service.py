@@ -35,6 +35,7 @@ from opentelemetry import context as otel_context
 from omni_common.db import create_pool, migrate
 from omni_common.dispatch import (
     Dispatcher,
+    HandledBefore,
     Handling,
     InvalidOutgoingEvent,
     Route,
@@ -158,14 +159,6 @@ class Tx:
                 f"{self.origin or 'a transaction'} emitted an invalid {event.ce_type}: {exc}"
             ) from exc
         return row
-
-
-class HandledBefore(Exception):
-    """Some events of a lot were already in the inbox (a redelivery).
-
-    The lot rolls back and its events are handled one by one, where each duplicate is
-    recognised before its effect.
-    """
 
 
 _RECORD = (

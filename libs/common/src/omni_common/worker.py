@@ -162,23 +162,26 @@ class PartitionWorker:
         valid = [e for e in stretch if isinstance(e.verdict, Valid)]
         started = time.perf_counter()
         together = False
+        failed: Exception | None = None
         if valid:
+            # Even one event goes as a lot: its inbox record is written with what it emits,
+            # in one statement, instead of asked for first (a redelivery is rare; it rolls
+            # back and comes again alone, where the inbox is asked first).
             lenders = self._borrow(self.lot_size - len(valid))
-            if len(valid) + sum(len(taken) for _, taken in lenders) > 1:
-                try:
-                    sources = [valid] + [
-                        [e for e in taken if isinstance(e.verdict, Valid)] for _, taken in lenders
-                    ]
-                    together = await self.dispatcher.handle_lot(sources)
-                finally:
-                    for lender, taken in lenders:
-                        lender._give_back(taken, handled=together)
-            else:
-                for lender, taken in lenders:  # nothing to share a transaction with
-                    lender._give_back(taken, handled=False)
+            try:
+                sources = [valid] + [
+                    [e for e in taken if isinstance(e.verdict, Valid)] for _, taken in lenders
+                ]
+                failed = await self.dispatcher.handle_lot(sources)
+                together = failed is None
+            finally:
+                for lender, taken in lenders:
+                    lender._give_back(taken, handled=together)
+            if sum(map(len, sources)) > 1:
+                failed = None  # whose failure it was is not known: each starts afresh
         for entry in stretch:
             if isinstance(entry.verdict, Valid) and not together:
-                if not await self._alone(entry):
+                if not await self._alone(entry, failed):
                     return False
             elif isinstance(entry.verdict, Invalid):
                 try:
@@ -194,11 +197,12 @@ class PartitionWorker:
         self.committer.handled(self.consumer, stretch[-1].record)
         return True
 
-    async def _alone(self, entry: Entry) -> bool:
-        """One valid event with its own retries and DLQ; False after a rewind to it."""
+    async def _alone(self, entry: Entry, failed: Exception | None = None) -> bool:
+        """One valid event with its own retries and DLQ (``failed``: how its first attempt
+        failed); False after a rewind to it."""
         started = time.perf_counter()
         try:
-            await self.dispatcher.handle_alone(entry)
+            await self.dispatcher.handle_alone(entry, failed)
         except asyncio.CancelledError:
             raise
         except Exception:

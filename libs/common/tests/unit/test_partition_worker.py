@@ -66,16 +66,16 @@ class FakeDispatcher:
     def count(self, *_: Any) -> None:
         pass
 
-    async def handle_lot(self, sources: list[list[Entry]]) -> bool:
+    async def handle_lot(self, sources: list[list[Entry]]) -> Exception | None:
         await asyncio.sleep(0)
         if self.lots_fail:
-            return False
+            return RuntimeError("the lot rolled back")
         lot = [(e.record.partition, e.record.offset) for source in sources for e in source]
         self.lots.append(lot)
         self.order.extend(("lot", o) for _, o in lot)
-        return True
+        return None
 
-    async def handle_alone(self, entry: Entry) -> None:
+    async def handle_alone(self, entry: Entry, failed: Exception | None = None) -> None:
         await self.release.wait()
         self.alone.append((entry.record.partition, entry.record.offset))
         self.order.append(("alone", entry.record.offset))
