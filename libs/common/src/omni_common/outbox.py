@@ -188,6 +188,9 @@ class OutboxRelay:
         self._stop_grace_s = stop_grace_s
         self._lease_s = max(3 * poll_interval_s, publish_timeout_s + 5)
         self._wakeup = asyncio.Event()
+        # Ids published and not yet deleted: deleted by the next round's read, in its one
+        # statement (a crash before republishes them; consumers dedup).
+        self._published: list[int] = []
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.leading = False
@@ -276,7 +279,7 @@ class OutboxRelay:
         while not self._stopping:
             self._wakeup.clear()
             pending = True
-            if not woken:
+            if not woken and not self._published:
                 # A poll nobody woke: one statement tells whether rows of writers not heard
                 # from wait, before a transaction looks for them.
                 pending = await self._observe_backlog(conn) > 0
@@ -303,6 +306,9 @@ class OutboxRelay:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self._poll_interval_s)
                 woken = True
+        if self._published:  # a clean stop republishes nothing
+            done, self._published = self._published, []
+            await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", done)
 
     async def purge(self, conn: asyncpg.Connection) -> bool:
         """Delete expired outbox, inbox and retained rows, ``purge_batch_size`` a statement.
@@ -372,14 +378,22 @@ class OutboxRelay:
 
         No transaction and no row locks: only the leader relays (its advisory lock), and a
         row published twice (a leader dying before it deleted the rows) is deduplicated by
-        consumers anyway. Two round trips a batch: read, publish, delete what was taken.
+        consumers anyway. One statement a round: it deletes what the round before published
+        and reads what to publish now.
         """
-        rows = await conn.fetch(
-            "SELECT id, ce_type, topic, key, headers, payload FROM outbox"
-            " WHERE published_at IS NULL AND parked_at IS NULL"
-            " ORDER BY id LIMIT $1",
-            self._batch_size,
-        )
+        done, self._published = self._published, []
+        try:
+            rows = await conn.fetch(
+                "WITH gone AS (DELETE FROM outbox WHERE id = ANY($2::bigint[]))"
+                " SELECT id, ce_type, topic, key, headers, payload FROM outbox"
+                " WHERE published_at IS NULL AND parked_at IS NULL AND id <> ALL($2::bigint[])"
+                " ORDER BY id LIMIT $1",
+                self._batch_size,
+                done,
+            )
+        except BaseException:
+            self._published = done + self._published
+            raise
         if not rows:
             return 0
         messages = [
@@ -399,12 +413,9 @@ class OutboxRelay:
                 # Leave the rows pending (none is marked) and note why.
                 raise OutboxPublishError(f"{type(exc).__name__}: {exc}") from exc
         published = [m for m, e in zip(messages, outcomes, strict=True) if e is None]
-        if published:
-            # Deleted rather than marked: a mark is a new version of every row and of its
-            # index entries; a delete touches each row once (the events live on in Kafka).
-            await conn.execute(
-                "DELETE FROM outbox WHERE id = ANY($1::bigint[])", [m.id for m in published]
-            )
+        # Deleted rather than marked (a mark is a new version of every row and of its index
+        # entries; the events live on in Kafka), by the next round's read.
+        self._published += [m.id for m in published]
         types = {r["id"]: r["ce_type"] for r in rows}
         for message, exc in failures:
             await self._park(conn, message, types[message.id], exc)
