@@ -118,6 +118,16 @@ class PolicyChange:
         )
 
 
+def _numbered(skus: Sequence[str], wanted: Mapping[str, int], last: Mapping[str, int]) -> list[int]:
+    """Versions for ``skus`` in order, given each SKU's count and its last version now."""
+    next_of = {sku: last[sku] - wanted[sku] + 1 for sku in wanted}
+    versions = []
+    for sku in skus:
+        versions.append(next_of[sku])
+        next_of[sku] += 1
+    return versions
+
+
 def _location(row: Mapping[str, Any]) -> Location:
     return Location(
         location_id=row["location_id"],
@@ -167,8 +177,13 @@ class InventoryRepository:
                 locations[row["location_id"]] = _location(row)
         return levels, told, locations
 
-    async def write_stock(self, writes: Sequence[StockWrite], new_rows: Iterable[Key]) -> None:
-        """Create ``new_rows`` (empty), then apply ``writes`` as guarded deltas.
+    async def write_stock(
+        self, writes: Sequence[StockWrite], new_rows: Iterable[Key], told: Sequence[str] = ()
+    ) -> list[int]:
+        """Create ``new_rows`` (empty), then apply ``writes`` as guarded deltas and number the
+        availability events of ``told`` (one per item, in order), in one statement; returns
+        the versions. The counter's row lock is held until commit, so versions of a SKU rise
+        in the order the events reach the outbox.
 
         Raises :class:`StockConflict` when a guard stops any of them.
         """
@@ -180,28 +195,42 @@ class InventoryRepository:
                 [sku for sku, _ in fresh],
                 [loc for _, loc in fresh],
             )
-        if not writes:
-            return
+        if not writes and not told:
+            return []
         ordered = sorted(writes, key=lambda w: (w.sku, w.location_id))
-        applied = await self.conn.fetch(
-            "UPDATE stock AS s"
-            "   SET on_hand = s.on_hand + c.on_hand_delta,"
-            "       reserved = s.reserved + c.reserved_delta,"
-            "       status = c.status, updated_at = now()"
-            "  FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::text[], $6::int[])"
-            "       AS c(sku, location_id, on_hand_delta, reserved_delta, status, min_available)"
-            " WHERE s.sku = c.sku AND s.location_id = c.location_id"
-            "   AND s.on_hand - s.reserved >= c.min_available"
-            " RETURNING s.sku",
+        wanted: dict[str, int] = {}
+        for sku in told:
+            wanted[sku] = wanted.get(sku, 0) + 1
+        rows = await self.conn.fetch(
+            "WITH w AS ("
+            "  UPDATE stock AS s"
+            "     SET on_hand = s.on_hand + c.on_hand_delta,"
+            "         reserved = s.reserved + c.reserved_delta,"
+            "         status = c.status, updated_at = now()"
+            "    FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::text[], $6::int[])"
+            "         AS c(sku, location_id, on_hand_delta, reserved_delta, status, min_available)"
+            "   WHERE s.sku = c.sku AND s.location_id = c.location_id"
+            "     AND s.on_hand - s.reserved >= c.min_available"
+            "  RETURNING s.sku"
+            "), v AS ("
+            "  INSERT INTO sku_versions (sku, version)"
+            "  SELECT * FROM unnest($7::text[], $8::bigint[]) ORDER BY 1"
+            "  ON CONFLICT (sku) DO UPDATE SET version = sku_versions.version + EXCLUDED.version"
+            "  RETURNING sku, version"
+            ") SELECT sku, NULL::bigint AS version FROM w UNION ALL SELECT sku, version FROM v",
             [w.sku for w in ordered],
             [w.location_id for w in ordered],
             [w.on_hand_delta for w in ordered],
             [w.reserved_delta for w in ordered],
             [str(w.status) for w in ordered],
             [w.min_available for w in ordered],
+            list(wanted),
+            list(wanted.values()),
         )
-        if len(applied) != len(ordered):
-            raise StockConflict(f"{len(ordered) - len(applied)} stock update(s) did not apply")
+        applied = sum(1 for r in rows if r["version"] is None)
+        if applied != len(ordered):
+            raise StockConflict(f"{len(ordered) - applied} stock update(s) did not apply")
+        return _numbered(told, wanted, {r["sku"]: r["version"] for r in rows if r["version"]})
 
     # -- locations -----------------------------------------------------------------------------
 
@@ -469,32 +498,6 @@ class InventoryRepository:
         )
         return [dict(row) for row in rows]
 
-    async def next_versions(self, skus: Sequence[str]) -> list[int]:
-        """The availability versions of the next events of ``skus`` (one per item, in order).
-
-        One round trip. The counter's row lock is held until commit, so versions of a SKU
-        rise in the order the events reach the outbox.
-        """
-        if not skus:
-            return []
-        wanted: dict[str, int] = {}
-        for sku in skus:
-            wanted[sku] = wanted.get(sku, 0) + 1
-        rows = await self.conn.fetch(
-            "INSERT INTO sku_versions (sku, version)"
-            " SELECT * FROM unnest($1::text[], $2::bigint[]) ORDER BY 1"
-            " ON CONFLICT (sku) DO UPDATE SET version = sku_versions.version + EXCLUDED.version"
-            " RETURNING sku, version",
-            list(wanted),
-            list(wanted.values()),
-        )
-        next_of = {r["sku"]: r["version"] - wanted[r["sku"]] + 1 for r in rows}
-        versions = []
-        for sku in skus:
-            versions.append(next_of[sku])
-            next_of[sku] += 1
-        return versions
-
     async def first_application(self, kind: str, fact_id: str) -> bool:
         """Record that the fact ``(kind, fact_id)`` is applied; False if it was before."""
         return bool(
@@ -506,33 +509,29 @@ class InventoryRepository:
             )
         )
 
-    async def first_applications(self, kind: str, fact_ids: Sequence[str]) -> set[str]:
-        """Record that these facts are applied; returns the ones that were not before."""
+    async def first_sales(
+        self, sale_ids: Sequence[str], lines: Sequence[tuple[str, str, datetime]]
+    ) -> tuple[set[str], set[tuple[str, str, datetime]]]:
+        """Record these sales as applied (returns those that were not before) and find which
+        of their lines ``(location_id, sku, occurred_at)`` were counted after they occurred
+        (strictly after, as :meth:`counted_since`), in one statement, under the SKUs' locks."""
         rows = await self.conn.fetch(
-            "INSERT INTO applied_facts (kind, fact_id) SELECT $1, * FROM unnest($2::text[])"
-            " ON CONFLICT DO NOTHING RETURNING fact_id",
-            kind,
-            list(fact_ids),
-        )
-        return {r["fact_id"] for r in rows}
-
-    async def counted_after(
-        self, facts: Sequence[tuple[str, str, datetime]]
-    ) -> set[tuple[str, str, datetime]]:
-        """Which ``(location_id, sku, occurred_at)`` were counted after they occurred
-        (strictly after, as :meth:`counted_since`), in one statement."""
-        if not facts:
-            return set()
-        rows = await self.conn.fetch(
-            "SELECT f.location_id, f.sku, f.occurred_at FROM unnest($1::text[], $2::text[],"
-            " $3::timestamptz[]) AS f(location_id, sku, occurred_at)"
+            "WITH fresh AS (INSERT INTO applied_facts (kind, fact_id)"
+            "  SELECT 'sale', * FROM unnest($1::text[]) ON CONFLICT DO NOTHING RETURNING fact_id)"
+            " SELECT fact_id, NULL AS location_id, NULL AS sku, NULL::timestamptz AS at"
+            " FROM fresh UNION ALL"
+            " SELECT NULL, f.location_id, f.sku, f.occurred_at FROM unnest($2::text[],"
+            " $3::text[], $4::timestamptz[]) AS f(location_id, sku, occurred_at)"
             " JOIN stock_counts c ON c.location_id = f.location_id AND c.sku = f.sku"
             " AND c.counted_at > f.occurred_at",
-            [f[0] for f in facts],
-            [f[1] for f in facts],
-            [f[2] for f in facts],
+            list(sale_ids),
+            [f[0] for f in lines],
+            [f[1] for f in lines],
+            [f[2] for f in lines],
         )
-        return {(r["location_id"], r["sku"], r["occurred_at"]) for r in rows}
+        fresh = {r["fact_id"] for r in rows if r["fact_id"] is not None}
+        counted = {(r["location_id"], r["sku"], r["at"]) for r in rows if r["fact_id"] is None}
+        return fresh, counted
 
     async def counted_since(
         self, location_id: str, skus: Sequence[str], occurred_at: datetime

@@ -85,33 +85,31 @@ async def record_sales(
     know. A sale sent again (under a fresh ``ce_id``) has no second effect.
     """
     repo = inv.repo(tx)
-    fresh = await repo.first_applications("sale", [sale.sale_id for sale, _ in sales])
-    todo: list[tuple[SaleRecorded, Envelope | None, list[OrderLine]]] = []
-    for sale, envelope in sales:
-        if sale.sale_id not in fresh:
-            log.info("sale %s was applied before; ignored", sale.sale_id)
-            continue
-        fresh.discard(sale.sale_id)  # the same sale twice in one lot: once
-        todo.append((sale, envelope, merge_lines(OrderLine(ln.sku, ln.qty) for ln in sale.lines)))
-    if not todo:
-        return Outcome()
+    merged = [
+        (sale, e, merge_lines(OrderLine(ln.sku, ln.qty) for ln in sale.lines)) for sale, e in sales
+    ]
     stock = await StockSession.open(
         tx,
         repo,
-        {line.sku for _, _, lines in todo for line in lines},
-        {sale.location_id for sale, _, _ in todo},
+        {line.sku for _, _, lines in merged for line in lines},
+        {sale.location_id for sale, _, _ in merged},
         inv.clock,
     )
-    for sale, _, _ in todo:
+    for sale, _, _ in merged:
         stock.location(sale.location_id)
     # Read under the SKU locks: a count committed meanwhile is seen.
-    counted = await repo.counted_after(
-        [
-            (sale.location_id, line.sku, sale.occurred_at)
-            for sale, _, lines in todo
-            for line in lines
-        ]
+    fresh, counted = await repo.first_sales(
+        [sale.sale_id for sale, _, _ in merged],
+        [(sale.location_id, ln.sku, sale.occurred_at) for sale, _, lines in merged for ln in lines],
     )
+    todo: list[tuple[SaleRecorded, Envelope | None, list[OrderLine]]] = []
+    for sale, envelope, lines in merged:
+        if sale.sale_id not in fresh:
+            # The till sent it again under a fresh ce_id: one sale, one effect.
+            log.info("sale %s was applied before; ignored", sale.sale_id)
+            continue
+        fresh.discard(sale.sale_id)  # the same sale twice in one lot: once
+        todo.append((sale, envelope, lines))
     for sale, envelope, lines in todo:
         for line in lines:
             if (sale.location_id, line.sku, sale.occurred_at) in counted:

@@ -239,15 +239,16 @@ class StockSession:
                     ),
                 )
             )
-        await self.repo.write_stock(
-            writes, (key for key in self._levels if key not in self._written)
+        versions = await self.repo.write_stock(
+            writes,
+            (key for key in self._levels if key not in self._written),
+            [u.level.sku for u, _, _, _ in pending],
         )
         self._written = dict(self._levels)
         self._keep.clear()
         if not pending:
             return []
         changed_at = self.clock()
-        versions = await self.repo.next_versions([u.level.sku for u, _, _, _ in pending])
         for (update, why, cause_of, correlation), version in zip(pending, versions, strict=True):
             await self.tx.emit(
                 availability_event(update, why, changed_at, version),
