@@ -216,9 +216,16 @@ def run_on_stack(
 
 @contextlib.asynccontextmanager
 async def own_group_consumer(
-    bootstrap: str, topic: str, group: str, *, fetch_max_wait_ms: int = 5
+    bootstrap: str, topic: str, group: str, *, fetch_max_wait_ms: int | None = None
 ) -> AsyncIterator[AIOKafkaConsumer]:
-    """A consumer in its own group, as a channel's would be, starting at the end."""
+    """A consumer in its own group, as a channel's would be, starting at the end.
+
+    It waits on the broker as the services do (unless told): Apache Kafka answers a fetch as
+    soon as data arrives, so a long wait costs no latency and no empty fetches; Tansu holds
+    an empty fetch for the whole wait, so it gets a short one.
+    """
+    if fetch_max_wait_ms is None:
+        fetch_max_wait_ms = await fetch_wait_for(bootstrap)
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
@@ -232,6 +239,20 @@ async def own_group_consumer(
         yield consumer
     finally:
         await consumer.stop()
+
+
+_FETCH_WAITS: dict[str, int] = {}
+
+
+async def fetch_wait_for(bootstrap: str) -> int:
+    """The fetch wait the services use on the broker at ``bootstrap``."""
+    if bootstrap not in _FETCH_WAITS:
+        from omni_common.kafka import KAFKA_FETCH_MAX_WAIT_MS, TANSU_FETCH_MAX_WAIT_MS
+        from omni_common.producer import idempotence_supported
+
+        kafka, _ = await idempotence_supported(bootstrap, timeout_s=5)
+        _FETCH_WAITS[bootstrap] = KAFKA_FETCH_MAX_WAIT_MS if kafka else TANSU_FETCH_MAX_WAIT_MS
+    return _FETCH_WAITS[bootstrap]
 
 
 async def until_assigned(consumers: Sequence[AIOKafkaConsumer], timeout_s: float = 60.0) -> None:
