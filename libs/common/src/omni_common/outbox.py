@@ -153,6 +153,7 @@ class OutboxRelay:
         stop_grace_s: float = 5.0,
         publish_timeout_s: float = 7.0,
         purge_batch_size: int = 1000,
+        linger_s: float = 0.0,
     ) -> None:
         self._dsn = dsn
         self._schema = schema
@@ -160,6 +161,9 @@ class OutboxRelay:
         self._metrics = metrics
         self._batch_size = batch_size
         self._poll_interval_s = poll_interval_s
+        # After a round that published, rows committed meanwhile wait this long to go
+        # together in the next: fewer rounds and produce requests where no shopper waits.
+        self._linger_s = linger_s
         self._retention = retention
         # A redelivery can only come from what the topics still hold (7 days by default):
         # inbox rows older than that guard nothing.
@@ -303,6 +307,8 @@ class OutboxRelay:
                     woken = True
                     continue
             woken = False
+            if published and self._linger_s and not self._stopping:
+                await asyncio.sleep(self._linger_s)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self._poll_interval_s)
                 woken = True

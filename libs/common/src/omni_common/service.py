@@ -206,6 +206,7 @@ class ServiceRuntime:
             schema=settings.schema,
             publish=self.kafka.publish_outbox_message,
             metrics=self.metrics,
+            linger_s=settings.outbox_relay_linger_ms / 1000,
         )
         self.ready = False
         # One inbox name per service: a ce_id is unique across topics.

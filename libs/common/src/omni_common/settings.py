@@ -154,6 +154,10 @@ class ServiceSettings(BaseSettings):
     # busy service makes fewer fetches and fewer transactions. The first event after a
     # quiet spell is not delayed. 0 (the default) for services a shopper waits on.
     consumer_linger_ms: int = Field(default=0, ge=0, le=1000)
+    # After the outbox relay published a round, what commits meanwhile waits this long and
+    # goes in the next round together: fewer statements and produce requests under load.
+    # The first event after a quiet spell is not delayed. 0 where a shopper waits.
+    outbox_relay_linger_ms: int = Field(default=0, ge=0, le=1000)
     # Group membership timing. Tansu holds a join for about half the session timeout, so
     # tests use a short one; production keeps Kafka's defaults.
     # Handled offsets are committed this often (a crash redelivers at most this much work,

@@ -215,3 +215,38 @@ async def test_the_relay_purges_expired_rows_in_short_bounded_statements(omni_en
             assert len(sizes) >= 3 and max(sizes) <= bound, (table, sizes)
     finally:
         await runtime.stop()
+
+
+async def test_a_lingering_relay_publishes_the_first_row_at_once_and_the_next_together(
+    omni_env,
+) -> None:
+    """``OUTBOX_RELAY_LINGER_MS``: a quiet relay never waits; after a round that published,
+    what commits meanwhile goes out in one round."""
+    runtime = ServiceRuntime(omni_env.settings("writer", outbox_relay_linger_ms=1000))
+    rounds: list[int] = []
+    relay_once = runtime.relay.relay_once
+
+    async def counted(conn):  # type: ignore[no-untyped-def]
+        published = await relay_once(conn)
+        if published:
+            rounds.append(published)
+        return published
+
+    runtime.relay.relay_once = counted  # type: ignore[method-assign]
+    await runtime.start()
+    try:
+        reader = omni_env.reader(TOPIC)
+        async with reader:
+            await asyncio.sleep(1.5)  # quiet: the relay waits for rows
+            started = time.monotonic()
+            async with runtime.transaction() as tx:
+                await tx.emit(availability("SKU-0", 1))
+            assert len(await reader.collect(1, timeout=10)) == 1
+            assert time.monotonic() - started < 0.9  # not delayed by the linger
+            for n in range(5):  # each its own transaction, each waking the relay
+                async with runtime.transaction() as tx:
+                    await tx.emit(availability(f"SKU-{n + 1}", n))
+            assert len(await reader.collect(5, timeout=10)) == 5
+        assert rounds == [1, 5]
+    finally:
+        await runtime.stop()

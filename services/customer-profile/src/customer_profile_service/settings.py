@@ -28,6 +28,7 @@ class ProfileSettings(ServiceSettings):
     # No shopper waits on its consumers: under load, events gather for a moment and are
     # handled in lots (see ServiceSettings.consumer_linger_ms).
     consumer_linger_ms: int = Field(default=100, ge=0, le=1000)
+    outbox_relay_linger_ms: int = Field(default=50, ge=0, le=1000)
     cart_abandonment_delay: Duration = timedelta(hours=1)
     cart_timer_poll_s: float = Field(default=0.5, gt=0)
     cart_timer_batch: int = Field(default=500, gt=0)

@@ -43,6 +43,7 @@ class LoyaltySettings(ServiceSettings):
     # No shopper waits on its consumers: under load, events gather for a moment and are
     # handled in lots (see ServiceSettings.consumer_linger_ms).
     consumer_linger_ms: int = Field(default=100, ge=0, le=1000)
+    outbox_relay_linger_ms: int = Field(default=50, ge=0, le=1000)
 
     loyalty_points_per_unit: Decimal = Field(default=Decimal(1), ge=0)
     loyalty_point_value: Decimal = Field(default=Decimal("0.01"), gt=0)

@@ -30,6 +30,7 @@ class NotificationSettings(ServiceSettings):
     # No shopper waits on its consumers: under load, events gather for a moment and are
     # handled in lots (see ServiceSettings.consumer_linger_ms).
     consumer_linger_ms: int = Field(default=100, ge=0, le=1000)
+    outbox_relay_linger_ms: int = Field(default=50, ge=0, le=1000)
 
     smtp_url: str | None = None
     smtp_host: str | None = None
