@@ -104,6 +104,8 @@ def _up_status_down(
     ports = ["--kafka-port", str(kafka), "--pg-port", str(pg), "--http-base-port", str(base)]
     ports += ["--metrics-base-port", str(base + n)]
     where = ["--state-dir", str(state_dir)]
+    # The console's own port too: a developer's stack may hold the default one.
+    env = {**env, "OMNI_CONSOLE_PORT": str(free_port())}
 
     up = omni("dev", "up", "--detach", *where, *ports, env=env, timeout=300)
     assert up.returncode == 0, up.stdout + up.stderr
