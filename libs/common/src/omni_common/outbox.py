@@ -135,6 +135,11 @@ async def insert_outbox_rows(conn: asyncpg.Connection, rows: Sequence[OutboxRow]
 Publisher = Callable[[OutboxMessage], Awaitable[Awaitable[object]]]
 
 
+# A relay with nothing more to publish deletes what it published this long after (a busy
+# one deletes it with its next round's read, in the same statement).
+FORGET_PUBLISHED_AFTER_S = 0.1
+
+
 class OutboxRelay:
     """Publishes a service's outbox to Kafka; run one per service instance."""
 
@@ -306,13 +311,27 @@ class OutboxRelay:
                     # Interrupted by rows to relay (or the stop): relay them, then purge on.
                     woken = True
                     continue
-            woken = False
             if published and self._linger_s and not self._stopping:
                 await asyncio.sleep(self._linger_s)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self._poll_interval_s)
-                woken = True
-        if self._published:  # a clean stop republishes nothing
+            woken = False
+            if self._published:
+                # What was published goes with the next round's read; when none comes
+                # soon, now: an erasure must find no published copy of a shopper's data.
+                woken = await self._woken_within(FORGET_PUBLISHED_AFTER_S)
+                if not woken:
+                    await self._forget_published(conn)
+            if not woken:
+                woken = await self._woken_within(self._poll_interval_s)
+        await self._forget_published(conn)  # a clean stop republishes nothing
+
+    async def _woken_within(self, seconds: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), seconds)
+            return True
+        return False
+
+    async def _forget_published(self, conn: asyncpg.Connection) -> None:
+        if self._published:
             done, self._published = self._published, []
             await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", done)
 

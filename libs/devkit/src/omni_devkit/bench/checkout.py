@@ -28,6 +28,7 @@ from omni_contracts import (
     StockAdjusted,
 )
 
+from omni_devkit.bench.broker import BrokerMeter
 from omni_devkit.bench.floor import Floor, WorkRecorder, consumers_per_topic, replay
 from omni_devkit.bench.kit import (
     CpuMeter,
@@ -64,6 +65,10 @@ class CheckoutResult:
     cpu_ms: dict[str, float] = field(default_factory=dict)
     floor: Floor | None = None
     work: dict[str, Any] = field(default_factory=dict)
+    # The broker's own counters over the same window: requests per checkout by kind, and
+    # the record bytes sent to consumers over those they had to fetch (1.0: none twice).
+    broker_requests: dict[str, float] = field(default_factory=dict)
+    fetched_vs_needed: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The figures as one JSON object."""
@@ -85,6 +90,10 @@ class CheckoutResult:
             figures["cpu_vs_floor"] = round(self.cpu_ms["total"] / self.floor.total_ms, 2)
         if self.work:
             figures["work_per_checkout"] = self.work
+        if self.broker_requests:
+            figures["broker_requests_per_checkout"] = self.broker_requests
+        if self.fetched_vs_needed is not None:
+            figures["broker_fetched_vs_needed"] = self.fetched_vs_needed
         return figures
 
 
@@ -183,6 +192,7 @@ async def measure(
             ]
             services = [k for k in target.pids if k not in ("kafka", "postgres")]
             meter = CpuMeter(target.pids).start() if target.pids else None
+            broker = BrokerMeter(target.pids.get("kafka")).start()
             recorder = None
             if floor and target.pids and target.database_url:
                 recorder = WorkRecorder(target, consumers_per_topic(target))
@@ -226,6 +236,11 @@ async def measure(
                 await until_drained(target.bootstrap, groups)
                 meter.stop()
                 cpu = meter.per_unit_ms(checkouts)
+            broker.stop()
+            if broker.why_not:
+                say(f"checkout: no broker request counts ({broker.why_not})")
+            readers = consumers_per_topic(target)
+            readers[lifecycle] = readers.get(lifecycle, 0) + 1  # this bench's own consumer
             if recorder is not None:
                 work = await recorder.stop(checkouts, say)
                 work_figures = work.as_json()
@@ -244,6 +259,8 @@ async def measure(
         cpu_ms=cpu,
         floor=floor_figures,
         work=work_figures,
+        broker_requests=broker.requests_per_unit(checkouts),
+        fetched_vs_needed=broker.fetched_vs_needed(readers),
     )
 
 
@@ -288,6 +305,11 @@ def checkout(
                 f" {floor['postgres']}, clients {floor['client']}); the stack spends"
                 f" {figures['cpu_vs_floor']}x the floor (target <= 3x);"
                 f" work per checkout: {figures['work_per_checkout']}"
+            )
+        if requests := figures.get("broker_requests_per_checkout"):
+            typer.echo(
+                f"  broker requests per checkout: {requests}; record bytes fetched"
+                f" {figures.get('broker_fetched_vs_needed')}x those needed"
             )
     if result.oversold_skus or result.confirmed > result.stocked_units:
         fail(f"oversold: {result.oversold_skus} SKUs confirmed beyond their stock")
