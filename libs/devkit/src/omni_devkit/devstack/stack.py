@@ -575,6 +575,8 @@ class DevStack:
             LOG_JSON="true" if cfg.log_json else "false",
             PYTHONUNBUFFERED="1",
         )
+        # The stack is a developer's machine, unless the environment says otherwise.
+        env.setdefault("OMNI_ENV", "development")
         # Kafka answers a fetch as soon as data arrives; only Tansu needs the short wait.
         env.setdefault("CONSUMER_FETCH_MAX_WAIT_MS", str(fetch_max_wait_ms(self._broker_kind)))
         env.update(self._mail_and_push_env())
