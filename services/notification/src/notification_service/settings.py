@@ -49,8 +49,16 @@ class NotificationSettings(ServiceSettings):
 
     notify_public_url: str = "http://127.0.0.1:8004"
     shop_url: str = "http://127.0.0.1:3000"
-    # Empty: a random secret per process (links die with it); set one in every deployment.
+    # Empty: a random secret per process (links die with it), in development only: elsewhere
+    # the service refuses to start without one (see startup_refusals).
     unsubscribe_secret: SecretStr = SecretStr("")
+    # The secret being rotated out: links it signed still verify; new ones use the current.
+    unsubscribe_secret_previous: SecretStr = SecretStr("")
+    # Longer than any mail client keeps a message's link alive, short enough that a leaked
+    # link does not work forever.
+    unsubscribe_token_max_age_days: float = Field(default=90.0, gt=0)
+    # Requests to /unsubscribe per client address per minute (GET and POST together).
+    notify_unsubscribe_per_minute: int = Field(default=60, ge=1)
 
     cart_reminder_second_after: Duration = timedelta(hours=24)
     notify_marketing_per_day: int = Field(default=2, ge=0)
@@ -85,12 +93,32 @@ class NotificationSettings(ServiceSettings):
 
     # Checked here too (UnsubscribeTokens refuses it) so that it stops the service with the
     # settings' one-line message, which never quotes a secret, rather than a traceback.
-    @field_validator("unsubscribe_secret")
+    @field_validator("unsubscribe_secret", "unsubscribe_secret_previous")
     @classmethod
     def _long_enough(cls, value: SecretStr) -> SecretStr:
         if 0 < len(value.get_secret_value().encode()) < 16:
-            raise ValueError("needs at least 16 bytes (or none: a random one per process)")
+            raise ValueError("needs at least 16 bytes")
         return value
+
+    def startup_refusals(self) -> list[str]:
+        """Outside development, one-click unsubscribe links must verify on every replica and
+        after every restart: a secret per process would break them."""
+        refusals = super().startup_refusals()
+        if not self.development and not self.unsubscribe_secret.get_secret_value():
+            refusals.append(
+                "UNSUBSCRIBE_SECRET is not set (unsubscribe links would verify on this process"
+                " alone); OMNI_ENV=development allows that on a developer's machine"
+            )
+        return refusals
+
+    def startup_warnings(self) -> list[str]:
+        """The platform's, and a development instance signing with a secret of its own."""
+        warnings = super().startup_warnings()
+        if not self.unsubscribe_secret.get_secret_value():
+            warnings.append(
+                "UNSUBSCRIBE_SECRET is not set: unsubscribe links die with this process"
+            )
+        return warnings
 
     @field_validator("notify_templates_dir")
     @classmethod

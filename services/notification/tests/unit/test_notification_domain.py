@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, time
+from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from notification_service.adapters.templates import Templates, UnknownTemplate
-from notification_service.adapters.tokens import BadToken, Unsubscribe, UnsubscribeTokens
+from notification_service.adapters.tokens import (
+    BadToken,
+    ExpiredToken,
+    Unsubscribe,
+    UnsubscribeTokens,
+)
 from notification_service.domain.model import (
     Contact,
     Purpose,
@@ -127,6 +132,48 @@ def test_unsubscribe_tokens_cannot_be_forged() -> None:
             tokens.verify(bad)
 
 
+def test_unsubscribe_tokens_are_decoded_strictly() -> None:
+    tokens = UnsubscribeTokens(b"0123456789abcdef0123")
+    token = tokens.sign(Unsubscribe("cust-1", "email", "marketing"))
+    # Whatever follows or pads a valid signature, a lenient base64 decoder would skip it.
+    last = token[-1]
+    sibling = next(  # the same bytes in another spelling: the unused low bits set
+        c for c in "AEIMQUYcgkosw048BFJNRVZdhlptx159" if c != last and _same_bytes(token, c)
+    )
+    for bad in (
+        token + "=",
+        token + '"><img src=x onerror=alert(1)>',
+        token + "==<b>",
+        token[:-1] + sibling,
+        token.replace(".", "..", 1),
+        " " + token,
+        token + "A" * 600,
+    ):
+        with pytest.raises(BadToken):
+            tokens.verify(bad)
+
+
+def _same_bytes(token: str, last: str) -> bool:
+    from itsdangerous.encoding import base64_decode
+
+    signature = token.rsplit(".", 1)[1]
+    try:
+        return base64_decode(signature[:-1] + last) == base64_decode(signature)
+    except Exception:
+        return False
+
+
+def test_unsubscribe_tokens_expire_and_survive_a_rotation() -> None:
+    old = UnsubscribeTokens(b"the-old-secret-0123")
+    token = old.sign(Unsubscribe("cust-1", "email", "marketing"))
+    rotated = UnsubscribeTokens(b"the-new-secret-0123", previous=[b"the-old-secret-0123"])
+    assert rotated.verify(token).customer_id == "cust-1"
+    with pytest.raises(BadToken):
+        UnsubscribeTokens(b"the-new-secret-0123").verify(token)
+    with pytest.raises(ExpiredToken):
+        UnsubscribeTokens(b"the-old-secret-0123", max_age=timedelta(seconds=-1)).verify(token)
+
+
 def test_templates_escape_html_fall_back_to_the_default_language_and_name_unknown_kinds() -> None:
     templates = Templates("en")
     values = {
@@ -176,7 +223,9 @@ def test_the_second_reminder_takes_seconds_or_iso_8601(monkeypatch: pytest.Monke
 
 
 def test_a_short_unsubscribe_secret_is_a_settings_error_that_does_not_quote_it() -> None:
-    assert NotificationSettings(unsubscribe_secret="")  # none: a random one per process
+    # None: a random one per process, in development only (production refuses to start).
+    assert NotificationSettings(unsubscribe_secret="", omni_env="development")
+    assert NotificationSettings(unsubscribe_secret="").startup_refusals()
     with pytest.raises(ValueError, match="at least 16 bytes") as refused:
         NotificationSettings(unsubscribe_secret="short-secret")
     assert "short-secret" not in str(refused.value)

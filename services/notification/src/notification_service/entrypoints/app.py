@@ -6,6 +6,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
@@ -21,7 +22,7 @@ from notification_service.adapters.providers import FcmPush, SmtpEmail, WebPush
 from notification_service.adapters.templates import Templates
 from notification_service.adapters.tokens import UnsubscribeTokens
 from notification_service.entrypoints import consumers
-from notification_service.entrypoints.http import build_router
+from notification_service.entrypoints.http import RateLimiter, build_router
 from notification_service.service.delivery import Dispatcher
 from notification_service.service.notify import Notifier
 from notification_service.settings import NotificationSettings
@@ -36,11 +37,15 @@ back in stock, loyalty. E-mail over SMTP, Web Push (VAPID) and FCM. Publishes
 
 
 def _tokens(settings: NotificationSettings) -> UnsubscribeTokens:
-    secret = settings.unsubscribe_secret.get_secret_value().encode()
-    if not secret:
-        log.warning("UNSUBSCRIBE_SECRET is not set: unsubscribe links die with this process")
-        secret = secrets.token_bytes(32)
-    return UnsubscribeTokens(secret)
+    # Without a secret (development only: the service refuses to start elsewhere, and says
+    # so at start-up) a random one: links then die with the process.
+    secret = settings.unsubscribe_secret.get_secret_value().encode() or secrets.token_bytes(32)
+    previous = settings.unsubscribe_secret_previous.get_secret_value().encode()
+    return UnsubscribeTokens(
+        secret,
+        previous=[previous] if previous else [],
+        max_age=timedelta(days=settings.unsubscribe_token_max_age_days),
+    )
 
 
 class Providers:
@@ -107,6 +112,13 @@ def create_app(settings: ServiceSettings | None = None, **overrides: Any) -> Fas
         runtime,
         title="Notification service",
         description=DESCRIPTION,
-        routers=[build_router(notifier, tokens, config.max_page_size)],
+        routers=[
+            build_router(
+                notifier,
+                tokens,
+                config.max_page_size,
+                RateLimiter(config.notify_unsubscribe_per_minute),
+            )
+        ],
     )
     return app
