@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from omni_common.settings import Duration, ServiceSettings
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 
 class NotificationSettings(ServiceSettings):
@@ -42,6 +42,12 @@ class NotificationSettings(ServiceSettings):
     vapid_public_key: str | None = None
     vapid_subject: str = "mailto:ops@omni.example"
     push_ttl_s: int = Field(default=24 * 3600, ge=0)
+    # A push subscription's endpoint is the shopper's to choose: deny keeps it outside the
+    # service's own network (https, public addresses only, checked when connecting). allow
+    # is for a developer's machine and tests, whose push service runs on loopback.
+    notify_push_private_endpoints: Literal["allow", "deny"] = "deny"
+    # One request to a push service at most (each device, each attempt).
+    notify_push_timeout_s: float = Field(default=5.0, gt=0)
 
     fcm_project_id: str | None = None
     fcm_access_token: SecretStr | None = None
@@ -72,6 +78,9 @@ class NotificationSettings(ServiceSettings):
     notify_retry_backoff_max_s: float = Field(default=5.0, gt=0)
     # A message claimed for sending longer ago than this is taken as interrupted by a crash.
     notify_send_lease_s: float = Field(default=60.0, gt=0)
+    # One delivery (every channel, device and retry) is over by then, and its outcome is
+    # recorded before the lease runs out: a live send is never taken over.
+    notify_delivery_deadline_s: float = Field(default=30.0, gt=0)
     notify_dispatch_concurrency: int = Field(default=4, ge=1)
     # New messages wake the dispatcher once committed; the poll finds retries come due and
     # messages queued by other instances.
@@ -112,13 +121,28 @@ class NotificationSettings(ServiceSettings):
         return refusals
 
     def startup_warnings(self) -> list[str]:
-        """The platform's, and a development instance signing with a secret of its own."""
+        """The platform's, a development instance signing with a secret of its own, and push
+        endpoints allowed inside the network outside development."""
         warnings = super().startup_warnings()
+        if self.notify_push_private_endpoints == "allow" and not self.development:
+            warnings.append(
+                "NOTIFY_PUSH_PRIVATE_ENDPOINTS=allow outside development: a shopper's push"
+                " subscription may make this service call addresses inside its network"
+            )
         if not self.unsubscribe_secret.get_secret_value():
             warnings.append(
                 "UNSUBSCRIBE_SECRET is not set: unsubscribe links die with this process"
             )
         return warnings
+
+    @model_validator(mode="after")
+    def _deadline_within_the_lease(self) -> NotificationSettings:
+        if self.notify_delivery_deadline_s >= self.notify_send_lease_s:
+            raise ValueError(
+                "NOTIFY_DELIVERY_DEADLINE_S must be shorter than NOTIFY_SEND_LEASE_S (a send"
+                " still running when its lease ends would be taken over and sent twice)"
+            )
+        return self
 
     @field_validator("notify_templates_dir")
     @classmethod

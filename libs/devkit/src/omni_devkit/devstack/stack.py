@@ -584,6 +584,8 @@ class DevStack:
             # Unsubscribe links in e-mails point back at this service.
             env.setdefault("NOTIFY_PUBLIC_URL", f"http://{cfg.host}:{port}")
             env.setdefault("UNSUBSCRIBE_SECRET", self._unsubscribe_secret())
+            # Push services a developer runs (the console's, a test's) listen on loopback.
+            env.setdefault("NOTIFY_PUSH_PRIVATE_ENDPOINTS", "allow")
         # A few demo stores, a warehouse and stock, so the platform is usable at once.
         env.setdefault("INVENTORY_SEED_FILE", "demo")
         # Timers of seconds, not days, so `omni demo` and the console's stories can be watched.

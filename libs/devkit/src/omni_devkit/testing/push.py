@@ -6,7 +6,10 @@ to the web app. Every message posted to that endpoint is checked as a real push 
 and user agent would: the VAPID JWT (RFC 8292) must be signed by the key in ``k`` (and, when
 ``vapid_public_key`` is given, be that key), ``aud`` must be this origin and ``exp`` within
 24 h; the body must decrypt (RFC 8291, ``aes128gcm``) with the subscription's private key.
-A subscription can be made ``gone`` (410), ``not_found`` (404) or ``flaky`` (429 first).
+A subscription can be made ``gone`` (410), ``not_found`` (404) or ``flaky`` (429 first), or
+be a push service one should not trust: ``hang`` (never answers), ``redirect`` (307 elsewhere),
+``huge`` (a refusal whose body is tens of megabytes; ``huge_bytes_sent`` says how much of it
+the client took).
 
 FCM HTTP v1: ``POST /v1/projects/{project}/messages:send`` checks the request shape
 (bearer token, ``message.token``, string-only ``data``) and answers like Google does,
@@ -109,6 +112,7 @@ class _Subscription:
     auth: bytes
     behaviour: str
     failures_left: int = 0
+    redirect_to: str | None = None
 
 
 @dataclass
@@ -132,6 +136,10 @@ class PushEndpoint:
     messages: list[PushMessage] = field(default_factory=list)
     fcm_messages: list[FcmMessage] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    # Requests that reached a ``hang`` subscription (each is held until the endpoint stops).
+    hanging: int = 0
+    huge_bytes_sent: int = 0
+    HUGE_BODY_BYTES = 32 * 1024 * 1024
     _subs: dict[str, _Subscription] = field(default_factory=dict)
     _tokens: dict[str, str] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
@@ -166,16 +174,22 @@ class PushEndpoint:
 
     # -- playing the browser and the app -------------------------------------------------------
 
-    def subscribe(self, behaviour: str = "ok", failures: int = 0) -> dict[str, Any]:
+    def subscribe(
+        self, behaviour: str = "ok", failures: int = 0, redirect_to: str | None = None
+    ) -> dict[str, Any]:
         """A new browser subscription (``PushSubscription.toJSON()``).
 
         ``behaviour``: ``ok``; ``gone`` (410) or ``not_found`` (404): the push service forgot
-        it; ``flaky``: ``failures`` answers 429 with ``Retry-After: 0`` first, then ok.
+        it; ``flaky``: ``failures`` answers 429 with ``Retry-After: 0`` first, then ok;
+        ``hang``: the request is never answered; ``redirect``: 307 to ``redirect_to``;
+        ``huge``: 400 with a body of :attr:`HUGE_BODY_BYTES`.
         """
         sub_id = uuid.uuid4().hex
         private_key = ec.generate_private_key(ec.SECP256R1())
         auth = os.urandom(16)
-        self._subs[sub_id] = _Subscription(sub_id, private_key, auth, behaviour, failures)
+        self._subs[sub_id] = _Subscription(
+            sub_id, private_key, auth, behaviour, failures, redirect_to
+        )
         public = private_key.public_key().public_bytes(
             serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
         )
@@ -211,12 +225,19 @@ class PushEndpoint:
 
     # -- the push service ------------------------------------------------------------------------
 
-    async def _push(self, request: web.Request) -> web.Response:
+    async def _push(self, request: web.Request) -> web.StreamResponse:
         sub = self._subs.get(request.match_info["sub_id"])
         if sub is None or sub.behaviour == "not_found":
             return web.Response(status=404, text="no such subscription")
         if sub.behaviour == "gone":
             return web.Response(status=410, text="subscription expired")
+        if sub.behaviour == "hang":
+            self.hanging += 1
+            await asyncio.Event().wait()  # until the endpoint stops (the task is cancelled)
+        if sub.behaviour == "redirect":
+            return web.Response(status=307, headers={"Location": sub.redirect_to or "/"})
+        if sub.behaviour == "huge":
+            return await self._huge(request)
         if sub.failures_left > 0:
             sub.failures_left -= 1
             return web.Response(status=429, headers={"Retry-After": "0"}, text="slow down")
@@ -244,6 +265,19 @@ class PushEndpoint:
         headers = {k.lower(): v for k, v in request.headers.items()}
         self.messages.append(PushMessage(sub.id, payload, headers, claims))
         return web.Response(status=201, headers={"Location": f"{self.origin}/msg/{uuid.uuid4()}"})
+
+    async def _huge(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=400, headers={"Content-Type": "text/plain"})
+        response.content_length = self.HUGE_BODY_BYTES
+        await response.prepare(request)
+        chunk = b"x" * 65536
+        try:
+            while self.huge_bytes_sent < self.HUGE_BODY_BYTES:
+                await response.write(chunk)
+                self.huge_bytes_sent += len(chunk)
+        except (ConnectionError, RuntimeError):
+            pass  # the client hung up, as it should
+        return response
 
     async def _fcm(self, request: web.Request) -> web.Response:
         if request.headers.get("Authorization") != f"Bearer {self.fcm_access_token}":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -63,6 +64,17 @@ class NotificationRow:
             updated_at=record["updated_at"],
             subject=record["subject"],
         )
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A notification claimed for sending: the row, the claim's token (the fence), whether
+    it was taken over from an interrupted send, and whether that had happened before."""
+
+    row: NotificationRow
+    token: uuid.UUID
+    taken_over: bool
+    taken_over_before: bool
 
 
 def _contact(record: asyncpg.Record) -> Contact:
@@ -385,17 +397,18 @@ class NotificationRepository:
             )
         )
 
-    async def claim(self, lease_s: float) -> tuple[NotificationRow, bool, bool] | None:
+    async def claim(self, lease_s: float) -> Claim | None:
         """Take the next message to send and record the intent (committed by the caller).
 
-        Returns the row, whether it was taken over from an interrupted send (a ``sending``
-        row whose lease ran out: the process died between intent and outcome), and whether
-        it had been taken over before.
+        The claim writes a new token: only its holder may record the outcome (:meth:`finish`).
+        A ``sending`` row whose lease ran out (the process died between intent and outcome) is
+        taken over; the claim says so, and whether it had been taken over before.
 
         A shopper's messages go out one at a time, oldest first: one waits while an older
         one of the same shopper is pending or being sent (the dispatcher's workers would
         otherwise race, and a refund could arrive before its ready-for-pickup).
         """
+        token = uuid.uuid4()
         row = await self.conn.fetchrow(
             """
             WITH next AS (
@@ -410,20 +423,24 @@ class NotificationRepository:
                 ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED
             )
             UPDATE notifications n SET status = 'sending', attempts = n.attempts + 1,
-                claimed_at = now(), updated_at = now(),
+                claimed_at = now(), updated_at = now(), claim_token = $2,
                 recovered = n.recovered OR next.was = 'sending'
             FROM next WHERE n.notification_id = next.notification_id
             RETURNING n.*, next.was AS was, next.was_recovered AS was_recovered
             """,
             lease_s,
+            token,
         )
         if row is None:
             return None
-        return NotificationRow.of(row), row["was"] == "sending", bool(row["was_recovered"])
+        return Claim(
+            NotificationRow.of(row), token, row["was"] == "sending", bool(row["was_recovered"])
+        )
 
     async def finish(
         self,
         notification_id: str,
+        token: uuid.UUID,
         status: str,
         *,
         channel: str | None,
@@ -432,14 +449,15 @@ class NotificationRepository:
         language: str | None = None,
         subject: str | None = None,
         body: str | None = None,
-    ) -> None:
-        """Record a send's outcome."""
-        await self.conn.execute(
+    ) -> bool:
+        """Record a send's outcome, if the claim ``token`` still holds it; False when another
+        claim took it over meanwhile (its outcome is then that claim's to record)."""
+        result = await self.conn.execute(
             """
             UPDATE notifications SET status = $2, channel = $3, reason = $4,
                 provider_message_id = $5, language = $6, subject = $7, body = $8,
                 updated_at = now()
-            WHERE notification_id = $1
+            WHERE notification_id = $1 AND status = 'sending' AND claim_token = $9
             """,
             notification_id,
             status,
@@ -449,7 +467,9 @@ class NotificationRepository:
             language,
             subject,
             body,
+            token,
         )
+        return result != "UPDATE 0"
 
     async def list_for(self, customer_id: str, limit: int) -> list[NotificationRow]:
         """The shopper's notifications, newest first."""

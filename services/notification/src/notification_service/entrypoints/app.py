@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
-import aiohttp
 import httpx
 from fastapi import FastAPI
 from omni_common.http import create_http_app
@@ -18,7 +17,8 @@ from omni_common.settings import ServiceSettings
 from omni_contracts import CUSTOMER_SIGNALS, NOTIFICATION_DISPATCHED
 
 from notification_service.adapters.metrics import NotificationMetrics
-from notification_service.adapters.providers import FcmPush, SmtpEmail, WebPush
+from notification_service.adapters.outbound import EndpointPolicy
+from notification_service.adapters.providers import FcmPush, SmtpEmail, WebPush, web_push_session
 from notification_service.adapters.templates import Templates
 from notification_service.adapters.tokens import UnsubscribeTokens
 from notification_service.entrypoints import consumers
@@ -60,16 +60,27 @@ class Providers:
         """Open the push sessions, attach the providers, run the dispatcher."""
         s = self.settings
         dispatcher = self._ref[0]
+        policy = EndpointPolicy(allow_private=s.notify_push_private_endpoints == "allow")
         async with (
-            aiohttp.ClientSession() as session,
-            httpx.AsyncClient(timeout=10) as client,
+            web_push_session(policy) as session,
+            # FCM is where the operator said: no redirect is followed there either.
+            httpx.AsyncClient(timeout=s.notify_push_timeout_s, follow_redirects=False) as client,
         ):
             vapid = WebPush.load_key(
                 pem_file=s.vapid_private_key_file,
                 pem=s.vapid_private_key.get_secret_value() if s.vapid_private_key else None,
             )
             dispatcher.webpush = (
-                WebPush(vapid, s.vapid_subject, s.push_ttl_s, session) if vapid else None
+                WebPush(
+                    vapid,
+                    s.vapid_subject,
+                    s.push_ttl_s,
+                    session,
+                    policy,
+                    request_timeout=s.notify_push_timeout_s,
+                )
+                if vapid
+                else None
             )
             if s.fcm_project_id and s.fcm_access_token:
                 dispatcher.fcm = FcmPush(

@@ -1,12 +1,19 @@
 """The dispatcher: sends pending notifications through the providers, exactly once if it can,
 at most twice if the process dies mid-send.
 
-For each message: a transaction claims it and records the intent (``sending``, attempts+1);
-the provider is called outside any transaction; another transaction records the outcome and
-emits ``notification.sent`` / ``notification.failed`` through the outbox. A crash between
-intent and outcome leaves the row ``sending``; once its lease has run out another worker
-takes it over and sends it again, with the same Message-ID / push ``Topic`` so the receiver
-can tell; a second interruption fails it instead of sending a third time.
+For each message: a transaction claims it and records the intent (``sending``, attempts+1,
+a new claim token); the provider is called outside any transaction, under one deadline for
+the whole delivery (every channel, device and retry) that ends before the claim's lease;
+another transaction records the outcome and emits ``notification.sent`` /
+``notification.failed`` through the outbox, if the claim still holds the token. A crash
+between intent and outcome leaves the row ``sending``; once its lease has run out another
+worker takes it over and sends it again, with the same Message-ID / push ``Topic`` so the
+receiver can tell; a second interruption fails it instead of sending a third time. A live
+send is never taken over: it is over, one way or the other, before its lease ends.
+
+What a failure tells the shopper (the row's reason, ``notification.failed``'s ``error``) is
+codes, ``channel:code`` per channel tried (``push:endpoint_refused; email:timeout``), never
+a provider's words: those go to the log.
 """
 
 from __future__ import annotations
@@ -35,13 +42,19 @@ from notification_service.adapters.providers import (
     FcmPush,
     GoneAddress,
     InvalidAddress,
+    NotConfigured,
     ProviderError,
     PushContent,
     SmtpEmail,
+    TimedOut,
     TransientError,
     WebPush,
 )
-from notification_service.adapters.repository import NotificationRepository, NotificationRow
+from notification_service.adapters.repository import (
+    Claim,
+    NotificationRepository,
+    NotificationRow,
+)
 from notification_service.adapters.templates import (
     Rendered,
     TemplateFailed,
@@ -160,13 +173,15 @@ class Dispatcher:
         """Send the next pending notification; False when there was none."""
         async with self.runtime.transaction() as tx:
             repo = NotificationRepository(tx.conn)
-            claimed = await repo.claim(self.settings.notify_send_lease_s)
-            if claimed is None:
+            claim = await repo.claim(self.settings.notify_send_lease_s)
+            if claim is None:
                 return False
-            row, taken_over, taken_over_before = claimed
-            if taken_over and taken_over_before:
+            # The deadline counts from the claim: the lease does too.
+            deadline = asyncio.get_running_loop().time() + self.settings.notify_delivery_deadline_s
+            row = claim.row
+            if claim.taken_over and claim.taken_over_before:
                 # Interrupted twice: a third send could reach the shopper a third time.
-                await self._finish(tx, row, Outcome(Status.FAILED, error="interrupted_twice"))
+                await self._finish(tx, claim, Outcome(Status.FAILED, error="interrupted_twice"))
                 return True
             contact = await repo.contact(row.customer_id)
             refusal = route(contact, Purpose(row.purpose)).refusal
@@ -177,22 +192,24 @@ class Dispatcher:
             ):
                 refusal = Reason.ALREADY_BOUGHT
             if refusal is not None:
-                await self._finish(tx, row, Outcome(Status.SUPPRESSED, reason=refusal))
+                await self._finish(tx, claim, Outcome(Status.SUPPRESSED, reason=refusal))
                 return True
-        if taken_over:
+        if claim.taken_over:
             log.warning("resending %s after an interrupted send", row.notification_id)
         assert contact is not None
-        outcome = await self.deliver(row, contact)
+        outcome = await self.deliver(row, contact, deadline)
         async with self.runtime.transaction() as tx:
-            await self._finish(tx, row, outcome)
+            await self._finish(tx, claim, outcome)
         return True
 
-    async def _finish(self, tx: Tx, row: NotificationRow, outcome: Outcome) -> None:
+    async def _finish(self, tx: Tx, claim: Claim, outcome: Outcome) -> None:
         repo = NotificationRepository(tx.conn)
+        row = claim.row
         channel = outcome.channel.value if outcome.channel else None
         rendered = outcome.rendered
-        await repo.finish(
+        held = await repo.finish(
             row.notification_id,
+            claim.token,
             outcome.status.value,
             channel=channel,
             reason=outcome.reason.value if outcome.reason else outcome.error,
@@ -201,6 +218,10 @@ class Dispatcher:
             subject=rendered.subject if rendered else None,
             body=outcome.body,
         )
+        if not held:
+            # Another claim took the message over: its outcome, and its events, are its own.
+            log.warning("outcome of %s not recorded: its claim was taken over", row.notification_id)
+            return
         if outcome.gone_endpoints or outcome.gone_tokens:
             await repo.remove_push_addresses(
                 row.customer_id, outcome.gone_endpoints, outcome.gone_tokens
@@ -246,7 +267,7 @@ class Dispatcher:
         self.metrics.outcome(
             row.kind,
             outcome.status.value,
-            outcome.reason.value if outcome.reason else (outcome.error or "").split(":")[0],
+            outcome.reason.value if outcome.reason else (outcome.error or "").split(";")[0],
         )
 
     # -- delivering ------------------------------------------------------------------------
@@ -261,8 +282,9 @@ class Dispatcher:
         values.setdefault("url", None)
         return values
 
-    async def deliver(self, row: NotificationRow, contact: Contact) -> Outcome:
-        """Try the shopper's channels in order until one provider accepts the message."""
+    async def deliver(self, row: NotificationRow, contact: Contact, deadline: float) -> Outcome:
+        """Try the shopper's channels in order until one provider accepts the message, all by
+        ``deadline`` (the event loop's clock): once it passes, no channel is tried any more."""
         purpose = Purpose(row.purpose)
         language = contact.preferences.language
         errors: list[str] = []
@@ -284,53 +306,74 @@ class Dispatcher:
             except (UnknownTemplate, TemplateFailed) as exc:
                 # Not the channel's fault: no other channel can do better.
                 code = "unknown_template" if isinstance(exc, UnknownTemplate) else "template_error"
-                return Outcome(Status.FAILED, error=f"{code}: {exc}")
+                log.warning("%s of %s: %s", code, row.notification_id, exc)
+                return Outcome(Status.FAILED, error=code)
             try:
-                if channel is NotificationChannel.EMAIL:
-                    message_id = await self._email(row, contact, rendered, unsubscribe_url)
-                    return Outcome(
-                        Status.SENT,
-                        channel,
-                        message_id,
-                        rendered=rendered,
-                        body=rendered.text,
-                        gone_endpoints=gone_endpoints,
-                        gone_tokens=gone_tokens,
-                    )
-                if channel is NotificationChannel.PUSH:
-                    message_id = await self._push(
-                        row, contact, rendered, values, purpose, gone_endpoints, gone_tokens
-                    )
-                    return Outcome(
-                        Status.SENT,
-                        channel,
-                        message_id,
-                        rendered=rendered,
-                        body=rendered.push,
-                        gone_endpoints=gone_endpoints,
-                        gone_tokens=gone_tokens,
-                    )
-                raise ProviderError("no SMS provider configured")
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise TimedOut("the delivery's deadline passed before this channel")
+                # The providers bound each call; this bounds the channel as a whole.
+                async with asyncio.timeout_at(deadline):
+                    if channel is NotificationChannel.EMAIL:
+                        message_id = await self._email(
+                            row, contact, rendered, unsubscribe_url, deadline
+                        )
+                        body = rendered.text
+                    elif channel is NotificationChannel.PUSH:
+                        message_id = await self._push(
+                            row,
+                            contact,
+                            rendered,
+                            values,
+                            purpose,
+                            gone_endpoints,
+                            gone_tokens,
+                            deadline,
+                        )
+                        body = rendered.push
+                    else:
+                        raise NotConfigured("no SMS provider configured")
+            except TimeoutError:
+                error: ProviderError = TimedOut("the delivery's deadline passed")
             except ProviderError as exc:
-                kind = type(exc).__name__
-                self.metrics.provider_errors.labels(self.metrics.service, channel.value, kind).inc()
-                errors.append(f"{channel.value}: {exc}")
-                log.info(
-                    "%s for %s failed (%s); next channel", channel.value, row.notification_id, kind
+                error = exc
+            else:
+                return Outcome(
+                    Status.SENT,
+                    channel,
+                    message_id,
+                    rendered=rendered,
+                    body=body,
+                    gone_endpoints=gone_endpoints,
+                    gone_tokens=gone_tokens,
                 )
+            kind = type(error).__name__
+            self.metrics.provider_errors.labels(self.metrics.service, channel.value, kind).inc()
+            errors.append(f"{channel.value}:{error.code}")
+            log.info(
+                "%s for %s failed (%s: %s); next channel",
+                channel.value,
+                row.notification_id,
+                error.code,
+                error,
+            )
         return Outcome(
             Status.FAILED,
             last_channel,
-            error="; ".join(errors) or "no channel",
+            error="; ".join(errors) or "no_channel",
             gone_endpoints=gone_endpoints,
             gone_tokens=gone_tokens,
         )
 
     async def _email(
-        self, row: NotificationRow, contact: Contact, rendered: Rendered, unsubscribe: str | None
+        self,
+        row: NotificationRow,
+        contact: Contact,
+        rendered: Rendered,
+        unsubscribe: str | None,
+        deadline: float,
     ) -> str:
         if self.email is None:
-            raise ProviderError("no SMTP relay configured")
+            raise NotConfigured("no SMTP relay configured")
         assert contact.email
         content = EmailContent(
             subject=rendered.subject,
@@ -340,7 +383,9 @@ class Dispatcher:
             unsubscribe_url=unsubscribe,
         )
         email, to = self.email, contact.email
-        return await self._retrying("email", lambda: email.send(to, content))
+        return await self._retrying(
+            "email", lambda: email.send(to, content, deadline=deadline), deadline
+        )
 
     async def _push(
         self,
@@ -351,6 +396,7 @@ class Dispatcher:
         purpose: Purpose,
         gone_endpoints: list[str],
         gone_tokens: list[str],
+        deadline: float,
     ) -> str:
         content = PushContent(
             title=rendered.subject,
@@ -360,36 +406,54 @@ class Dispatcher:
             data={"notification_id": row.notification_id, "kind": row.kind},
             urgency="high" if purpose is Purpose.TRANSACTIONAL else "normal",
         )
-        delivered: list[str] = []
-        errors: list[str] = []
         targets: list[tuple[Any, Any, list[str], str]] = []
         for sub in contact.push_subscriptions:
             targets.append((self.webpush, dict(sub), gone_endpoints, str(sub.get("endpoint"))))
         for token in contact.push_tokens:
             targets.append((self.fcm, token, gone_tokens, token))
-        # Every device the shopper registered gets the message.
-        for provider, address, gone, key in targets:
-            if provider is None:
-                errors.append("no provider configured")
-                continue
-            try:
-                delivered.append(
-                    await self._retrying("push", lambda p=provider, a=address: p.send(a, content))
-                )
-            except GoneAddress as exc:
-                gone.append(key)
-                errors.append(str(exc))
-            except ProviderError as exc:
-                errors.append(str(exc))
-        if not delivered:
-            if errors and all("gone" in e or "unregistered" in e.lower() for e in errors):
-                raise GoneAddress("; ".join(errors))
-            raise ProviderError("; ".join(errors) or "no push address")
-        return delivered[0]
 
-    async def _retrying(self, channel: str, call: Callable[[], Awaitable[T]]) -> T:
-        """Call a provider; retry transient failures (429/5xx) with exponential backoff."""
+        async def one(provider: Any, address: Any) -> str:
+            if provider is None:
+                raise NotConfigured("no push provider configured")
+            return await self._retrying(
+                "push", lambda: provider.send(address, content, deadline=deadline), deadline
+            )
+
+        # Every device the shopper registered gets the message, all at once: a slow one
+        # does not hold the others up.
+        results = await asyncio.gather(
+            *(one(provider, address) for provider, address, _, _ in targets),
+            return_exceptions=True,
+        )
+        delivered: list[str] = []
+        failures: list[ProviderError] = []
+        for (_, _, gone, key), result in zip(targets, results, strict=True):
+            if isinstance(result, str):
+                delivered.append(result)
+            elif isinstance(result, GoneAddress):
+                gone.append(key)
+                failures.append(result)
+            elif isinstance(result, ProviderError):
+                failures.append(result)
+            elif isinstance(result, BaseException):
+                raise result
+        if delivered:
+            return delivered[0]
+        if not failures:
+            raise InvalidAddress("no push address")
+        for failure in failures:
+            log.info("push to a device of %s failed: %s", row.notification_id, failure)
+        if all(isinstance(f, GoneAddress) for f in failures):
+            raise GoneAddress("every push address is gone")
+        # The shopper is told one code: the first device's that is not merely gone.
+        first = next(f for f in failures if not isinstance(f, GoneAddress))
+        raise ProviderError("no push device took the message", code=first.code)
+
+    async def _retrying(self, channel: str, call: Callable[[], Awaitable[T]], deadline: float) -> T:
+        """Call a provider; retry transient failures (429/5xx) with exponential backoff, as
+        long as the next attempt would start before ``deadline``."""
         s = self.settings
+        loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
             for attempt in range(1, s.notify_send_attempts + 1):
@@ -403,16 +467,22 @@ class Dispatcher:
                     exc = TransientError(f"{channel} provider call cancelled (its timeout)")
                     if attempt == s.notify_send_attempts:
                         raise exc from None
-                    await asyncio.sleep(min(s.notify_retry_backoff_s, s.notify_retry_backoff_max_s))
+                    delay = min(s.notify_retry_backoff_s, s.notify_retry_backoff_max_s)
+                    if loop.time() + delay >= deadline:
+                        raise TimedOut(f"{channel}: no time left for another attempt") from None
+                    await asyncio.sleep(delay)
                 except TransientError as exc:
                     self.metrics.provider_errors.labels(
-                        self.metrics.service, channel, "TransientError"
+                        self.metrics.service, channel, type(exc).__name__
                     ).inc()
                     if attempt == s.notify_send_attempts:
                         raise
                     backoff = s.notify_retry_backoff_s * 2 ** (attempt - 1)
                     delay = exc.retry_after if exc.retry_after is not None else backoff
-                    await asyncio.sleep(min(delay, s.notify_retry_backoff_max_s))
+                    delay = min(delay, s.notify_retry_backoff_max_s)
+                    if loop.time() + delay >= deadline:
+                        raise
+                    await asyncio.sleep(delay)
             raise AssertionError("unreachable")
         finally:
             self.metrics.provider_seconds.labels(self.metrics.service, channel).observe(
