@@ -86,6 +86,9 @@ class NotificationSettings(ServiceSettings):
     # messages queued by other instances.
     notify_dispatch_poll_s: float = Field(default=2.0, gt=0)
     notify_timer_poll_s: float = Field(default=0.5, gt=0)
+    # Shoppers told per transaction when a SKU is back: each takes an advisory lock until the
+    # batch commits, and PostgreSQL's lock table is shared by every session.
+    notify_fanout_batch: int = Field(default=200, ge=1, le=5000)
     # The largest page of GET /customers/{id}/notifications.
     max_page_size: int = Field(default=200, ge=1)
 

@@ -254,21 +254,49 @@ class NotificationRepository:
         )
         return result == "INSERT 0 1"
 
+    async def alerts_waiting(self, sku: str) -> bool:
+        """Whether any shopper waits for ``sku`` (anywhere)."""
+        return bool(
+            await self.conn.fetchval(
+                "SELECT 1 FROM stock_alerts WHERE sku = $1 AND done_at IS NULL LIMIT 1", sku
+            )
+        )
+
+    async def store_available(self, sku: str, location_id: str) -> int:
+        """The latest ``available`` of ``sku`` at ``location_id`` (0 when never seen)."""
+        value = await self.conn.fetchval(
+            "SELECT available FROM availability WHERE sku = $1 AND location_id = $2",
+            sku,
+            location_id,
+        )
+        return int(value or 0)
+
     async def take_alerts(
-        self, sku: str, location_id: str, store_available: bool, online_available: bool
+        self,
+        sku: str,
+        location_id: str,
+        store_available: bool,
+        online_available: bool,
+        limit: int,
     ) -> list[asyncpg.Record]:
-        """Close and return the open alerts this availability satisfies (each fires once)."""
+        """Close and return up to ``limit`` of the open alerts this availability satisfies,
+        oldest first (each fires once; alerts another transaction is taking are skipped)."""
         return await self.conn.fetch(
             """
             UPDATE stock_alerts SET done_at = now()
-            WHERE done_at IS NULL AND sku = $1
-              AND ((location_id = $2 AND $3) OR (location_id IS NULL AND $4))
+            WHERE alert_id IN (
+                SELECT alert_id FROM stock_alerts
+                WHERE done_at IS NULL AND sku = $1
+                  AND ((location_id = $2 AND $3) OR (location_id IS NULL AND $4))
+                ORDER BY requested_at, alert_id LIMIT $5 FOR UPDATE SKIP LOCKED
+            )
             RETURNING alert_id, customer_id, sku, location_id
             """,
             sku,
             location_id,
             store_available,
             online_available,
+            limit,
         )
 
     # -- offers --------------------------------------------------------------------------

@@ -64,6 +64,8 @@ log = logging.getLogger(__name__)
 
 DEFERRED_TIMER = "notification.deferred"
 CART_REMINDER_TIMER = "cart.reminder"
+# One per SKU x location whose shoppers are being told it is back: key ["sku", "location"].
+STOCK_ALERT_TIMER = "stock_alert.fanout"
 
 
 @dataclass(frozen=True)
@@ -122,8 +124,13 @@ class Notifier:
         envelope: Envelope | None,
         *,
         refusal: Reason | None = None,
+        caused_by: str | None = None,
+        correlation_id: str | None = None,
     ) -> Decision:
-        """Decide ``trigger``: duplicate, refused, suppressed, deferred or pending."""
+        """Decide ``trigger``: duplicate, refused, suppressed, deferred or pending.
+
+        ``caused_by`` and ``correlation_id`` stand for the envelope's when the trigger comes
+        from a timer that remembered them."""
         repo = NotificationRepository(tx.conn)
         await repo.lock_customer(trigger.customer_id)
         notification_id = str(uuid.uuid4())
@@ -147,8 +154,8 @@ class Notifier:
             channel=None,
             params=trigger.params,
             deferred_until=until,
-            correlation_id=envelope.correlation_id if envelope else None,
-            caused_by=envelope.id if envelope else None,
+            correlation_id=envelope.correlation_id if envelope else correlation_id,
+            caused_by=envelope.id if envelope else caused_by,
         )
         decision = Decision(notification_id, status, refusal, until)
         await self._announce(tx, trigger.customer_id, trigger.kind, decision, envelope)
@@ -390,26 +397,69 @@ class Notifier:
 
     async def availability_changed(
         self, tx: Tx, event: AvailabilityChanged, envelope: Envelope
-    ) -> list[Decision]:
-        """Keep the latest availability; fire the alerts it satisfies, once each."""
+    ) -> None:
+        """Keep the latest availability; when it may satisfy alerts, arm their fan-out.
+
+        The shoppers waiting are told in bounded batches, each its own transaction (the
+        fan-out timer, :meth:`alerts_due`): however many wait, the event's transaction stays
+        small, and a fan-out stopped half-way resumes where it was.
+        """
         repo = NotificationRepository(tx.conn)
         await repo.save_availability(
             event.sku, event.location_id, event.available, event.online_available, event.changed_at
         )
-        decisions = []
-        for alert in await repo.take_alerts(
-            event.sku, event.location_id, event.available > 0, event.online_available > 0
+        if (event.available > 0 or event.online_available > 0) and await repo.alerts_waiting(
+            event.sku
         ):
+            await set_timer(
+                tx.conn,
+                STOCK_ALERT_TIMER,
+                json.dumps([event.sku, event.location_id]),
+                self.clock(),
+                {
+                    "sku": event.sku,
+                    "location_id": event.location_id,
+                    "caused_by": envelope.id,
+                    "correlation_id": envelope.correlation_id,
+                },
+            )
+
+    async def alerts_due(self, tx: Tx, payload: dict[str, Any]) -> list[Decision]:
+        """Timer: tell one batch of the shoppers waiting for a SKU that it is back (at the
+        store, or online), as availability stands now; arm the next batch if there may be
+        more. Each alert fires once."""
+        repo = NotificationRepository(tx.conn)
+        sku, location_id = payload["sku"], payload["location_id"]
+        store = await repo.store_available(sku, location_id) > 0
+        online = (await repo.online_available([sku])).get(sku, 0) > 0
+        batch = self.settings.notify_fanout_batch
+        alerts = await repo.take_alerts(sku, location_id, store, online, batch)
+        decisions = []
+        # Shoppers in one order in every batch: concurrent batches lock them alike.
+        for alert in sorted(alerts, key=lambda a: (a["customer_id"], a["alert_id"])):
+            product = f"{self.settings.shop_url.rstrip('/')}/products/{alert['sku']}"
             params = {
                 "sku": alert["sku"],
                 "location_id": alert["location_id"],
-                "product_url": f"{self.settings.shop_url.rstrip('/')}/products/{alert['sku']}",
-                "url": f"{self.settings.shop_url.rstrip('/')}/products/{alert['sku']}",
+                "product_url": product,
+                "url": product,
             }
             trigger = Trigger(
                 alert["customer_id"], "back_in_stock", f"stock_alert:{alert['alert_id']}", params
             )
-            decisions.append(await self.notify(tx, trigger, envelope))
+            decisions.append(
+                await self.notify(
+                    tx,
+                    trigger,
+                    None,
+                    caused_by=payload.get("caused_by"),
+                    correlation_id=payload.get("correlation_id"),
+                )
+            )
+        if len(alerts) == batch:
+            await set_timer(
+                tx.conn, STOCK_ALERT_TIMER, json.dumps([sku, location_id]), self.clock(), payload
+            )
         return decisions
 
     # -- loyalty ---------------------------------------------------------------------------
