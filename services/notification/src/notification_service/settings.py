@@ -51,6 +51,9 @@ class NotificationSettings(ServiceSettings):
 
     fcm_project_id: str | None = None
     fcm_access_token: SecretStr | None = None
+    # A Google service account key (JSON): access tokens are fetched and refreshed from it
+    # (the JWT bearer grant); wins over FCM_ACCESS_TOKEN, which expires within the hour.
+    fcm_service_account_file: str | None = None
     fcm_endpoint: str = "https://fcm.googleapis.com"
 
     notify_public_url: str = "http://127.0.0.1:8004"
@@ -146,6 +149,16 @@ class NotificationSettings(ServiceSettings):
                 " still running when its lease ends would be taken over and sent twice)"
             )
         return self
+
+    # Read here so that a key that is not one stops the start, not the first push.
+    @field_validator("fcm_service_account_file")
+    @classmethod
+    def _a_service_account_key(cls, value: str | None) -> str | None:
+        if value:
+            from notification_service.adapters.providers import ServiceAccountTokens
+
+            ServiceAccountTokens.load(value)
+        return value
 
     @field_validator("notify_templates_dir")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -383,3 +384,34 @@ async def test_a_merge_moves_alerts_to_the_surviving_profile(
         (message,) = await push_endpoint.wait_for(browser)
         assert message.json()["kind"] == "back_in_stock"
         assert await ev.notifications(svc, anonymous) == []
+
+
+async def test_fcm_tokens_come_from_a_service_account_and_are_refreshed(
+    start_notification, channel, push_endpoint, tmp_path, ev
+) -> None:
+    # Google's tokens live an hour; two seconds here.
+    account = push_endpoint.service_account(project="omni-shop", expires_in=2)
+    key_file = tmp_path / "service-account.json"
+    key_file.write_text(json.dumps(account))
+    customer, app_token = ev.uid("cust"), push_endpoint.fcm_token()
+    async with start_notification(
+        fcm_access_token=None, fcm_project_id=None, fcm_service_account_file=str(key_file)
+    ) as svc:
+        await ev.given_profile(channel, svc, customer, push_tokens=[app_token])
+
+        async def confirmed(count: int) -> None:
+            await channel.publish(
+                OrderConfirmed(order_id=ev.uid("order"), customer_id=customer, channel=Channel.WEB)
+            )
+            await ev.wait_until(lambda: len(push_endpoint.fcm_messages) >= count)
+
+        await confirmed(1)
+        await asyncio.sleep(2.5)  # the first token has expired: a new one is fetched first
+        await confirmed(2)
+        push_endpoint.revoke_tokens()  # FCM refuses the current one: fetched again, once
+        await confirmed(3)
+        rows = await ev.settled(svc, customer, 3)
+    assert [r["status"] for r in rows] == ["sent"] * 3
+    assert {m.project for m in push_endpoint.fcm_messages} == {"omni-shop"}
+    assert len({m.authorization for m in push_endpoint.fcm_messages}) == 3
+    assert push_endpoint.rejected == []

@@ -14,6 +14,12 @@ the client took).
 FCM HTTP v1: ``POST /v1/projects/{project}/messages:send`` checks the request shape
 (bearer token, ``message.token``, string-only ``data``) and answers like Google does,
 including ``404 UNREGISTERED`` for a token made ``gone``. It is a shape check, not Google.
+
+Google's OAuth token endpoint for service accounts: :meth:`PushEndpoint.service_account`
+makes a key (the JSON Google hands out, its ``token_uri`` here); ``POST /token`` takes the
+JWT bearer grant (RFC 7523), verifies the assertion's RS256 signature with that key, its
+``iss``, ``aud``, ``scope`` and lifetime, and issues access tokens that live
+``expires_in`` seconds, which the FCM look-alike then accepts (401 once expired or revoked).
 """
 
 from __future__ import annotations
@@ -28,10 +34,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import http_ece
+import jwt
 from aiohttp import web
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from omni_devkit.devstack.process import free_port
@@ -136,6 +143,9 @@ class PushEndpoint:
     messages: list[PushMessage] = field(default_factory=list)
     fcm_messages: list[FcmMessage] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    # Access tokens issued by the token endpoint: token -> (expiry on time.time(), account).
+    issued: dict[str, tuple[float, str]] = field(default_factory=dict)
+    _accounts: dict[str, tuple[Any, int]] = field(default_factory=dict)
     # Requests that reached a ``hang`` subscription (each is held until the endpoint stops).
     hanging: int = 0
     huge_bytes_sent: int = 0
@@ -155,6 +165,7 @@ class PushEndpoint:
         app = web.Application()
         app.router.add_post("/push/{sub_id}", self._push)
         app.router.add_post("/v1/projects/{project}/messages:send", self._fcm)
+        app.router.add_post("/token", self._token)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()
@@ -203,6 +214,31 @@ class PushEndpoint:
         token = f"fcm-{uuid.uuid4().hex}"
         self._tokens[token] = behaviour
         return token
+
+    def service_account(self, project: str = "omni-test", expires_in: int = 3600) -> dict[str, Any]:
+        """A service account key as Google gives it out, whose ``token_uri`` is this endpoint;
+        the access tokens it gets live ``expires_in`` seconds."""
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        email = f"notify-{uuid.uuid4().hex[:8]}@{project}.iam.gserviceaccount.com"
+        self._accounts[email] = (key.public_key(), expires_in)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return {
+            "type": "service_account",
+            "project_id": project,
+            "private_key_id": uuid.uuid4().hex,
+            "private_key": pem.decode(),
+            "client_email": email,
+            "client_id": str(uuid.uuid4().int)[:21],
+            "token_uri": f"{self.origin}/token",
+        }
+
+    def revoke_tokens(self) -> None:
+        """Every access token issued so far stops working (FCM answers 401)."""
+        self.issued.clear()
 
     def received(self, subscription: dict[str, Any]) -> list[PushMessage]:
         """The messages decrypted for ``subscription``."""
@@ -279,8 +315,46 @@ class PushEndpoint:
             pass  # the client hung up, as it should
         return response
 
+    async def _token(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        if form.get("grant_type") != "urn:ietf:params:oauth:grant-type:jwt-bearer":
+            return web.json_response({"error": "unsupported_grant_type"}, status=400)
+        assertion = str(form.get("assertion", ""))
+        try:
+            issuer = jwt.decode(assertion, options={"verify_signature": False})["iss"]
+            public_key, expires_in = self._accounts[issuer]
+            claims = jwt.decode(
+                assertion,
+                public_key,
+                algorithms=["RS256"],
+                audience=f"{self.origin}/token",
+                issuer=issuer,
+                options={"require": ["iat", "exp", "scope"]},
+            )
+            if "https://www.googleapis.com/auth/firebase.messaging" not in claims["scope"]:
+                raise ValueError("scope")
+            if claims["exp"] - claims["iat"] > 3600:
+                raise ValueError("an assertion lives an hour at most")
+        except (jwt.PyJWTError, KeyError, ValueError, TypeError) as exc:
+            self.rejected.append(f"token: {exc}")
+            return web.json_response({"error": "invalid_grant"}, status=400)
+        token = f"ya29.{uuid.uuid4().hex}"
+        self.issued[token] = (time.time() + expires_in, issuer)
+        return web.json_response(
+            {"access_token": token, "expires_in": expires_in, "token_type": "Bearer"}
+        )
+
+    def _authorised(self, authorization: str | None) -> bool:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme != "Bearer":
+            return False
+        if token == self.fcm_access_token:
+            return True
+        expiry = self.issued.get(token)
+        return expiry is not None and time.time() < expiry[0]
+
     async def _fcm(self, request: web.Request) -> web.Response:
-        if request.headers.get("Authorization") != f"Bearer {self.fcm_access_token}":
+        if not self._authorised(request.headers.get("Authorization")):
             return _fcm_error(401, "UNAUTHENTICATED", "bad credentials")
         try:
             body = await request.json()

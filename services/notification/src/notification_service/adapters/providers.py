@@ -21,12 +21,14 @@ import time
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
 import aiosmtplib
 import httpx
+import jwt
 from email_validator import EmailNotValidError, validate_email
 from py_vapid import Vapid
 from pywebpush import WebPusher, WebPushException
@@ -320,6 +322,77 @@ class WebPush:
         if status >= 400:
             raise ProviderError(f"push service refused the message ({status})")
         return location or content.topic
+
+
+class ServiceAccountTokens:
+    """OAuth access tokens for FCM from a Google service account key (the JSON file Google
+    gives out): the JWT bearer grant (RFC 7523), a token at a time, fetched again before it
+    expires or when FCM refuses it. Call it for the current token."""
+
+    SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
+    GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+
+    def __init__(self, key: dict[str, Any], client: httpx.AsyncClient) -> None:
+        self.client_email = str(key["client_email"])
+        self.token_uri = str(key["token_uri"])
+        self.key_id = key.get("private_key_id")
+        self._private_key = key["private_key"]
+        self.client = client
+        self._token: str | None = None
+        self._refresh_at = 0.0
+        self._lock = asyncio.Lock()
+
+    @staticmethod
+    def load(path: str) -> dict[str, Any]:
+        """The key file's content; ValueError, naming what is missing, if it is not one."""
+        try:
+            key = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"not a readable JSON file ({type(exc).__name__})") from None
+        if not isinstance(key, dict):
+            raise ValueError("not a service account key (a JSON object)")
+        missing = [f for f in ("client_email", "private_key", "token_uri") if not key.get(f)]
+        if missing:
+            raise ValueError(f"not a service account key (no {', '.join(missing)})")
+        return key
+
+    async def __call__(self, *, refresh: bool = False) -> str:
+        """The current access token; a new one when asked, or when this one nears its end."""
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            if refresh or self._token is None or loop.time() >= self._refresh_at:
+                self._token, lifetime = await self._fetch()
+                # Early enough that a token is never used in its last moments.
+                self._refresh_at = loop.time() + lifetime - min(300.0, lifetime / 10)
+            return self._token
+
+    async def _fetch(self) -> tuple[str, float]:
+        now = int(time.time())
+        assertion = jwt.encode(
+            {
+                "iss": self.client_email,
+                "scope": self.SCOPE,
+                "aud": self.token_uri,
+                "iat": now,
+                "exp": now + 3600,
+            },
+            self._private_key,
+            algorithm="RS256",
+            headers={"kid": self.key_id} if self.key_id else None,
+        )
+        try:
+            response = await self.client.post(
+                self.token_uri, data={"grant_type": self.GRANT, "assertion": assertion}
+            )
+        except httpx.HTTPError as exc:
+            raise TransientError(f"token endpoint unreachable: {type(exc).__name__}") from None
+        if response.status_code != 200:
+            raise TransientError(f"token endpoint answered {response.status_code}")
+        try:
+            answer = response.json()
+            return str(answer["access_token"]), float(answer.get("expires_in", 3600))
+        except (ValueError, KeyError, TypeError):
+            raise TransientError("token endpoint answered no access token") from None
 
 
 class FcmPush:

@@ -18,7 +18,13 @@ from omni_contracts import CUSTOMER_SIGNALS, NOTIFICATION_DISPATCHED
 
 from notification_service.adapters.metrics import NotificationMetrics
 from notification_service.adapters.outbound import EndpointPolicy
-from notification_service.adapters.providers import FcmPush, SmtpEmail, WebPush, web_push_session
+from notification_service.adapters.providers import (
+    FcmPush,
+    ServiceAccountTokens,
+    SmtpEmail,
+    WebPush,
+    web_push_session,
+)
 from notification_service.adapters.templates import Templates
 from notification_service.adapters.tokens import UnsubscribeTokens
 from notification_service.entrypoints import consumers
@@ -82,7 +88,13 @@ class Providers:
                 if vapid
                 else None
             )
-            if s.fcm_project_id and s.fcm_access_token:
+            if s.fcm_service_account_file:
+                key = ServiceAccountTokens.load(s.fcm_service_account_file)
+                project = s.fcm_project_id or str(key.get("project_id") or "")
+                dispatcher.fcm = FcmPush(
+                    s.fcm_endpoint, project, ServiceAccountTokens(key, client), client
+                )
+            elif s.fcm_project_id and s.fcm_access_token:
                 dispatcher.fcm = FcmPush(
                     s.fcm_endpoint, s.fcm_project_id, s.fcm_access_token.get_secret_value(), client
                 )
