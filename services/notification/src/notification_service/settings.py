@@ -11,6 +11,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from omni_common.settings import Duration, ServiceSettings
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from notification_service.domain.model import Budget, Purpose, PurposePolicy
+
 
 class NotificationSettings(ServiceSettings):
     """Notification-specific knobs; each is also an env var of the same name in upper case.
@@ -22,7 +24,7 @@ class NotificationSettings(ServiceSettings):
     - ``NOTIFY_PUBLIC_URL``: where this service is reached from the outside (unsubscribe
       links); ``SHOP_URL``: the web shop (links back to carts); ``UNSUBSCRIBE_SECRET``;
     - ``CART_REMINDER_SECOND_AFTER`` (default 24 h; seconds or ISO 8601 duration),
-      ``NOTIFY_MARKETING_PER_DAY`` (default 2), ``NOTIFY_DEFAULT_TIME_ZONE``,
+      the contact budget (``NOTIFY_BUDGET_*``) and digest, ``NOTIFY_DEFAULT_TIME_ZONE``,
       ``NOTIFY_DEFAULT_LANGUAGE``, ``NOTIFY_TEMPLATES_DIR`` (replaces the packaged templates).
     """
 
@@ -70,7 +72,19 @@ class NotificationSettings(ServiceSettings):
     notify_unsubscribe_per_minute: int = Field(default=60, ge=1)
 
     cart_reminder_second_after: Duration = timedelta(hours=24)
-    notify_marketing_per_day: int = Field(default=2, ge=0)
+    # The contact budget: per shopper, over a rolling window, every channel counted, a digest
+    # once. Marketing goes only while the shopper had fewer contacts than its budget, else it
+    # waits for the next slot inside the budget and outside quiet hours (never dropped, unless
+    # that slot is more than NOTIFY_DEFER_MAX_HOURS after it was first decided: by then it
+    # would not be news). Transactional messages are never held back; they use the budget up
+    # unless NOTIFY_BUDGET_COUNTS_TRANSACTIONAL is false.
+    notify_budget_window_hours: float = Field(default=24.0, gt=0)
+    notify_budget_marketing: int = Field(default=2, ge=1)
+    notify_budget_counts_transactional: bool = True
+    notify_defer_max_hours: float = Field(default=72.0, gt=0)
+    # Marketing messages that come due together go as one digest; a message may wait this long
+    # for others to join it (0: only those due at the same moment).
+    notify_digest_wait_s: float = Field(default=0.0, ge=0)
     notify_default_time_zone: str = "UTC"
     notify_default_language: str = "en"
     notify_templates_dir: str | None = None
@@ -166,6 +180,21 @@ class NotificationSettings(ServiceSettings):
         if value is not None and not Path(value).is_dir():
             raise ValueError(f"{value!r} is not a directory")
         return value
+
+    def purpose_policy(self, purpose: Purpose) -> PurposePolicy:
+        """How ``purpose`` meets the contact budget (see the budget's settings)."""
+        if purpose is Purpose.MARKETING:
+            return PurposePolicy(counted=True, deferred=True, digest=True)
+        return PurposePolicy(
+            counted=self.notify_budget_counts_transactional, deferred=False, digest=False
+        )
+
+    @property
+    def budget(self) -> Budget:
+        """The contact budget a deferrable message waits for."""
+        return Budget(
+            self.notify_budget_marketing, timedelta(hours=self.notify_budget_window_hours)
+        )
 
     def smtp_target(self) -> tuple[str, int, dict[str, Any]] | None:
         """``(host, port, aiosmtplib options)`` of the SMTP relay, None if not configured."""

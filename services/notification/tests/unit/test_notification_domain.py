@@ -15,14 +15,15 @@ from notification_service.adapters.tokens import (
     UnsubscribeTokens,
 )
 from notification_service.domain.model import (
+    Budget,
     Contact,
     Purpose,
     Reason,
     check_cart,
+    next_slot,
     push_topic,
     quiet_until,
     route,
-    throttled,
 )
 from notification_service.settings import NotificationSettings
 from omni_contracts import Line, Money, NotificationChannel, Preferences
@@ -94,10 +95,30 @@ def test_quiet_hours_ending_in_a_skipped_dst_hour_end_after_the_jump() -> None:
     assert until is not None and until > datetime(2027, 3, 28, 0, 0, tzinfo=UTC)
 
 
-def test_the_daily_cap() -> None:
-    assert not throttled(1, 2)
-    assert throttled(2, 2)
-    assert throttled(0, 0)
+def _at(hhmm: str) -> datetime:
+    return datetime.fromisoformat(f"2026-12-02T{hhmm}:00+00:00")
+
+
+def test_the_next_slot_inside_the_contact_budget_and_outside_quiet_hours() -> None:
+    day = Budget(2, timedelta(hours=24))
+    none = Preferences()
+    # Room in the budget: now.
+    assert next_slot(_at("12:00"), [_at("09:00")], day, none, "UTC") == (_at("12:00"), None)
+    # Spent: when the oldest that keeps it spent is a window old.
+    spent = [_at("08:00"), _at("09:00"), _at("10:00")]
+    slot, why = next_slot(_at("12:00"), spent, day, none, "UTC")
+    assert (slot, why) == (_at("09:00") + timedelta(hours=24), Reason.BUDGET)
+    # Contacts older than the window do not count.
+    assert (
+        next_slot(_at("12:00"), [_at("09:00") - timedelta(days=1)] * 5, day, none, "UTC")[1] is None
+    )
+    # Quiet hours at the slot: their end; the budget is why it waits.
+    night = Preferences(quiet_hours_start=time(8, 30), quiet_hours_end=time(9, 30))
+    slot, why = next_slot(_at("12:00"), spent, day, night, "UTC")
+    assert (slot, why) == (_at("09:30") + timedelta(hours=24), Reason.BUDGET)
+    # Only quiet hours: their end, and they are why.
+    lunch = Preferences(quiet_hours_start=time(11), quiet_hours_end=time(13))
+    assert next_slot(_at("12:00"), [], day, lunch, "UTC") == (_at("13:00"), Reason.QUIET_HOURS)
 
 
 def _line(sku: str) -> Line:

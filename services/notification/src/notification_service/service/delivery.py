@@ -82,7 +82,7 @@ _TIME_PARAMS = ("promised_by", "eta", "collect_by", "valid_until", "expires_at")
 
 @dataclass
 class Outcome:
-    """What one send produced."""
+    """What one send produced (for one message, or for every message of a digest)."""
 
     status: Status
     channel: NotificationChannel | None = None
@@ -93,6 +93,23 @@ class Outcome:
     body: str | None = None
     gone_endpoints: list[str] = field(default_factory=list)
     gone_tokens: list[str] = field(default_factory=list)
+    # A digest's messages, each with its own subject (what it was about).
+    subjects: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Message:
+    """What goes out on one channel: one notification, or a digest of several."""
+
+    rows: tuple[NotificationRow, ...]
+    rendered: Rendered
+    push_data: dict[str, str]
+    subjects: dict[str, str]
+
+    @property
+    def first(self) -> NotificationRow:
+        """The notification that names the message (its Message-ID, its push Topic)."""
+        return self.rows[0]
 
 
 def _being_cancelled() -> bool:
@@ -170,7 +187,8 @@ class Dispatcher:
     # -- one message -----------------------------------------------------------------------
 
     async def dispatch_one(self) -> bool:
-        """Send the next pending notification; False when there was none."""
+        """Send the next pending notification (with the digest it heads); False when there
+        was none."""
         async with self.runtime.transaction() as tx:
             repo = NotificationRepository(tx.conn)
             claim = await repo.claim(self.settings.notify_send_lease_s)
@@ -178,57 +196,91 @@ class Dispatcher:
                 return False
             # The deadline counts from the claim: the lease does too.
             deadline = asyncio.get_running_loop().time() + self.settings.notify_delivery_deadline_s
-            row = claim.row
             if claim.taken_over and claim.taken_over_before:
                 # Interrupted twice: a third send could reach the shopper a third time.
-                await self._finish(tx, claim, Outcome(Status.FAILED, error="interrupted_twice"))
+                await self._finish(
+                    tx, claim, claim.rows, Outcome(Status.FAILED, error="interrupted_twice")
+                )
                 return True
+            row = claim.row
             contact = await repo.contact(row.customer_id)
             refusal = route(contact, Purpose(row.purpose)).refusal
-            if (
-                refusal is None
-                and row.kind == "cart_reminder"
-                and await repo.cart_closed(str(row.params.get("cart_id")))
-            ):
-                refusal = Reason.ALREADY_BOUGHT
             if refusal is not None:
-                await self._finish(tx, claim, Outcome(Status.SUPPRESSED, reason=refusal))
+                await self._finish(
+                    tx, claim, claim.rows, Outcome(Status.SUPPRESSED, reason=refusal)
+                )
                 return True
+            going: list[NotificationRow] = []
+            for each in claim.rows:
+                if each.kind == "cart_reminder" and await repo.cart_closed(
+                    str(each.params.get("cart_id"))
+                ):
+                    bought = Outcome(Status.SUPPRESSED, reason=Reason.ALREADY_BOUGHT)
+                    await self._finish(tx, claim, [each], bought)
+                else:
+                    going.append(each)
+        if not going:
+            return True
         if claim.taken_over:
             log.warning("resending %s after an interrupted send", row.notification_id)
         assert contact is not None
-        outcome = await self.deliver(row, contact, deadline)
+        outcome, failed = await self.deliver(going, contact, deadline)
         async with self.runtime.transaction() as tx:
-            await self._finish(tx, claim, outcome)
+            for each, failure in failed:
+                await self._finish(tx, claim, [each], failure)
+            alone = {each.notification_id for each, _ in failed}
+            await self._finish(
+                tx, claim, [r for r in going if r.notification_id not in alone], outcome
+            )
         return True
 
-    async def _finish(self, tx: Tx, claim: Claim, outcome: Outcome) -> None:
+    async def _finish(
+        self,
+        tx: Tx,
+        claim: Claim,
+        rows: list[NotificationRow] | tuple[NotificationRow, ...],
+        outcome: Outcome,
+    ) -> None:
+        """Record ``outcome`` for ``rows`` (a message, or a digest's messages) and tell it,
+        as long as ``claim`` still holds them."""
         repo = NotificationRepository(tx.conn)
-        row = claim.row
         channel = outcome.channel.value if outcome.channel else None
         rendered = outcome.rendered
-        held = await repo.finish(
-            row.notification_id,
-            claim.token,
-            outcome.status.value,
-            channel=channel,
-            reason=outcome.reason.value if outcome.reason else outcome.error,
-            provider_message_id=outcome.provider_message_id,
-            language=rendered.language if rendered else None,
-            subject=rendered.subject if rendered else None,
-            body=outcome.body,
-        )
-        if not held:
-            # Another claim took the message over: its outcome, and its events, are its own.
-            log.warning("outcome of %s not recorded: its claim was taken over", row.notification_id)
+        told = []
+        for row in rows:
+            held = await repo.finish(
+                row.notification_id,
+                claim.token,
+                outcome.status.value,
+                channel=channel,
+                reason=outcome.reason.value if outcome.reason else outcome.error,
+                provider_message_id=outcome.provider_message_id,
+                language=rendered.language if rendered else None,
+                subject=outcome.subjects.get(
+                    row.notification_id, rendered.subject if rendered else None
+                ),
+                body=outcome.body,
+            )
+            if held:
+                told.append(row)
+            else:
+                # Another claim took the message over: its outcome, and its events, are its own.
+                log.warning(
+                    "outcome of %s not recorded: its claim was taken over", row.notification_id
+                )
+        if not told:
             return
         if outcome.gone_endpoints or outcome.gone_tokens:
             await repo.remove_push_addresses(
-                row.customer_id, outcome.gone_endpoints, outcome.gone_tokens
+                told[0].customer_id, outcome.gone_endpoints, outcome.gone_tokens
             )
             self.metrics.addresses_removed.labels(self.metrics.service).inc(
                 len(outcome.gone_endpoints) + len(outcome.gone_tokens)
             )
+        for row in told:
+            await self._tell(tx, row, outcome)
+
+    async def _tell(self, tx: Tx, row: NotificationRow, outcome: Outcome) -> None:
         common: dict[str, Any] = {
             "customer_id": row.customer_id,
             "notification_id": row.notification_id,
@@ -241,6 +293,7 @@ class Dispatcher:
                     **common,
                     channel=outcome.channel,
                     provider_message_id=outcome.provider_message_id[:200],
+                    digest_id=row.digest_id,
                 ),
                 correlation_id=row.correlation_id,
             )
@@ -251,6 +304,7 @@ class Dispatcher:
                     error=(outcome.error or "failed")[:200],
                     channel=outcome.channel,
                     attempts=max(row.attempts, 1),
+                    digest_id=row.digest_id,
                 ),
                 correlation_id=row.correlation_id,
             )
@@ -282,54 +336,116 @@ class Dispatcher:
         values.setdefault("url", None)
         return values
 
-    async def deliver(self, row: NotificationRow, contact: Contact, deadline: float) -> Outcome:
-        """Try the shopper's channels in order until one provider accepts the message, all by
-        ``deadline`` (the event loop's clock): once it passes, no channel is tried any more."""
-        purpose = Purpose(row.purpose)
+    def _message(
+        self,
+        rows: list[NotificationRow],
+        members: dict[str, Rendered],
+        contact: Contact,
+        unsubscribe_url: str | None,
+    ) -> Message:
+        """One notification as its template renders it, or a digest of several (the
+        ``digest`` template, given each one's own rendering)."""
         language = contact.preferences.language
+        first = rows[0]
+        if len(rows) == 1:
+            values = self._values(first, contact)
+            values["unsubscribe_url"] = unsubscribe_url
+            rendered = self.templates.render(first.kind, language, values)
+            data = {"notification_id": first.notification_id, "kind": first.kind}
+            return Message(tuple(rows), rendered, data, {})
+        items = [
+            {
+                "kind": row.kind,
+                "subject": members[row.notification_id].subject,
+                "text": members[row.notification_id].text,
+                "push": members[row.notification_id].push,
+                "url": row.params.get("url"),
+            }
+            for row in rows
+        ]
+        values = {
+            "items": items,
+            "count": len(items),
+            "url": self.settings.shop_url,
+            "unsubscribe_url": unsubscribe_url,
+        }
+        rendered = self.templates.render("digest", language, values)
+        data = {
+            "notification_id": first.notification_id,
+            "kind": "digest",
+            "count": str(len(items)),
+        }
+        subjects = {r.notification_id: members[r.notification_id].subject for r in rows}
+        return Message(tuple(rows), rendered, data, subjects)
+
+    async def deliver(
+        self, rows: list[NotificationRow], contact: Contact, deadline: float
+    ) -> tuple[Outcome, list[tuple[NotificationRow, Outcome]]]:
+        """Try the shopper's channels in order until one provider accepts the message (one
+        notification, or a digest of the shopper's marketing messages that came due
+        together), all by ``deadline`` (the event loop's clock): once it passes, no channel is
+        tried any more. Returns the outcome, and the digest's messages that failed on their
+        own (their template) with theirs."""
+        purpose = Purpose(rows[0].purpose)
+        failed: list[tuple[NotificationRow, Outcome]] = []
+        members: dict[str, Rendered] = {}
+        if len(rows) > 1:
+            # Each message of a digest as it would go alone (no unsubscribe link: the
+            # digest has one); one whose template fails fails alone.
+            for row in rows:
+                try:
+                    values = {**self._values(row, contact), "unsubscribe_url": None}
+                    members[row.notification_id] = self.templates.render(
+                        row.kind, contact.preferences.language, values
+                    )
+                except (UnknownTemplate, TemplateFailed) as exc:
+                    failed.append((row, self._template_failure(row, exc)))
+            rows = [r for r in rows if r.notification_id in members]
+            if len(rows) == 1:
+                members.clear()  # the one left goes alone, as its own message
+            if not rows:
+                return Outcome(Status.FAILED, error="template_error"), failed
         errors: list[str] = []
         gone_endpoints: list[str] = []
         gone_tokens: list[str] = []
         last_channel: NotificationChannel | None = None
         for channel in route(contact, purpose).channels:
             last_channel = channel
-            values = self._values(row, contact)
             unsubscribe_url = None
             if channel is NotificationChannel.EMAIL and purpose is Purpose.MARKETING:
-                token = self.tokens.sign(Unsubscribe(row.customer_id, "email", purpose.value))
+                token = self.tokens.sign(Unsubscribe(rows[0].customer_id, "email", purpose.value))
                 unsubscribe_url = (
                     f"{self.settings.notify_public_url.rstrip('/')}/unsubscribe/{token}"
                 )
-            values["unsubscribe_url"] = unsubscribe_url
             try:
-                rendered = self.templates.render(row.kind, language, values)
+                message = self._message(rows, members, contact, unsubscribe_url)
             except (UnknownTemplate, TemplateFailed) as exc:
                 # Not the channel's fault: no other channel can do better.
-                code = "unknown_template" if isinstance(exc, UnknownTemplate) else "template_error"
-                log.warning("%s of %s: %s", code, row.notification_id, exc)
-                return Outcome(Status.FAILED, error=code)
+                return self._template_failure(rows[0], exc), failed
             try:
                 if asyncio.get_running_loop().time() >= deadline:
                     raise TimedOut("the delivery's deadline passed before this channel")
                 # The providers bound each call; this bounds the channel as a whole.
                 async with asyncio.timeout_at(deadline):
                     if channel is NotificationChannel.EMAIL:
-                        message_id = await self._email(
-                            row, contact, rendered, unsubscribe_url, deadline
-                        )
-                        body = rendered.text
+                        message_id = await self._email(message, contact, unsubscribe_url, deadline)
+                        body = message.rendered.text
                     elif channel is NotificationChannel.PUSH:
+                        url = (
+                            self._values(rows[0], contact).get("url")
+                            if len(rows) == 1
+                            else self.settings.shop_url
+                        )
                         message_id = await self._push(
-                            row,
+                            message,
                             contact,
-                            rendered,
-                            values,
+                            url,
                             purpose,
                             gone_endpoints,
                             gone_tokens,
                             deadline,
                         )
-                        body = rendered.push
+                        body = message.rendered.push
                     else:
                         raise NotConfigured("no SMS provider configured")
             except TimeoutError:
@@ -337,14 +453,18 @@ class Dispatcher:
             except ProviderError as exc:
                 error = exc
             else:
-                return Outcome(
-                    Status.SENT,
-                    channel,
-                    message_id,
-                    rendered=rendered,
-                    body=body,
-                    gone_endpoints=gone_endpoints,
-                    gone_tokens=gone_tokens,
+                return (
+                    Outcome(
+                        Status.SENT,
+                        channel,
+                        message_id,
+                        rendered=message.rendered,
+                        body=body,
+                        gone_endpoints=gone_endpoints,
+                        gone_tokens=gone_tokens,
+                        subjects=message.subjects,
+                    ),
+                    failed,
                 )
             kind = type(error).__name__
             self.metrics.provider_errors.labels(self.metrics.service, channel.value, kind).inc()
@@ -352,34 +472,37 @@ class Dispatcher:
             log.info(
                 "%s for %s failed (%s: %s); next channel",
                 channel.value,
-                row.notification_id,
+                rows[0].notification_id,
                 error.code,
                 error,
             )
-        return Outcome(
+        outcome = Outcome(
             Status.FAILED,
             last_channel,
             error="; ".join(errors) or "no_channel",
             gone_endpoints=gone_endpoints,
             gone_tokens=gone_tokens,
         )
+        return outcome, failed
+
+    @staticmethod
+    def _template_failure(row: NotificationRow, exc: Exception) -> Outcome:
+        code = "unknown_template" if isinstance(exc, UnknownTemplate) else "template_error"
+        log.warning("%s of %s: %s", code, row.notification_id, exc)
+        return Outcome(Status.FAILED, error=code)
 
     async def _email(
-        self,
-        row: NotificationRow,
-        contact: Contact,
-        rendered: Rendered,
-        unsubscribe: str | None,
-        deadline: float,
+        self, message: Message, contact: Contact, unsubscribe: str | None, deadline: float
     ) -> str:
         if self.email is None:
             raise NotConfigured("no SMTP relay configured")
         assert contact.email
+        rendered = message.rendered
         content = EmailContent(
             subject=rendered.subject,
             text=rendered.text,
             html=rendered.html,
-            message_id=f"<{row.notification_id}@{self._message_id_domain}>",
+            message_id=f"<{message.first.notification_id}@{self._message_id_domain}>",
             unsubscribe_url=unsubscribe,
         )
         email, to = self.email, contact.email
@@ -389,21 +512,21 @@ class Dispatcher:
 
     async def _push(
         self,
-        row: NotificationRow,
+        message: Message,
         contact: Contact,
-        rendered: Rendered,
-        values: dict[str, Any],
+        url: str | None,
         purpose: Purpose,
         gone_endpoints: list[str],
         gone_tokens: list[str],
         deadline: float,
     ) -> str:
+        row = message.first
         content = PushContent(
-            title=rendered.subject,
-            body=rendered.push,
-            url=values.get("url"),
+            title=message.rendered.subject,
+            body=message.rendered.push,
+            url=url,
             topic=push_topic(row.notification_id),
-            data={"notification_id": row.notification_id, "kind": row.kind},
+            data=message.push_data,
             urgency="high" if purpose is Purpose.TRANSACTIONAL else "normal",
         )
         targets: list[tuple[Any, Any, list[str], str]] = []
