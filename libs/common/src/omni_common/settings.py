@@ -209,7 +209,9 @@ class ServiceSettings(BaseSettings):
     def startup_warnings(self) -> list[str]:
         """What the service should say once at start-up: settings it runs without that a
         production deployment wants. A service's settings may add their own."""
-        warnings = []
+        warnings: list[str] = []
+        if not ShopperTokens.from_settings(self).configured:
+            return warnings  # no shopper token is accepted at all: nothing to pin
         # Without them a token another application of the same identity provider was given
         # (another audience) or another provider signed with a shared key would be accepted.
         for variable, value in (

@@ -165,13 +165,16 @@ def test_a_service_warns_at_start_up_when_shopper_tokens_are_not_pinned(
         shopper_token_audience="omni",
     )
     assert pinned.startup_warnings() == []
+    # No shopper token accepted at all: nothing to pin.
+    assert ServiceSettings().startup_warnings() == []
 
     class Refusing(ServiceSettings):
         def startup_refusals(self) -> list[str]:
             return ["SOMETHING is not set"]
 
     async def start() -> None:
-        app = create_http_app(ServiceRuntime(Refusing(service_name="probe")), title="probe")
+        refusing = Refusing(service_name="probe", shopper_token_hs256_secret="s" * 32)
+        app = create_http_app(ServiceRuntime(refusing), title="probe")
         async with app.router.lifespan_context(app):
             pass
 

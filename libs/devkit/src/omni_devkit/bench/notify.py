@@ -70,6 +70,7 @@ async def _service(
 
     settings = ServiceSettings(
         service_name="notification",
+        omni_env="development",  # a developer's machine: its push endpoint is on loopback
         kafka_bootstrap_servers=bootstrap,
         database_url=database,
         topic_prefix=_prefix(database),
