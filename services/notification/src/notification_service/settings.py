@@ -19,10 +19,15 @@ class NotificationSettings(ServiceSettings):
 
     - ``SMTP_URL`` (``smtp://[user:pass@]host:port``, ``smtps://`` for implicit TLS,
       ``?starttls=true``), or ``SMTP_HOST``/``SMTP_PORT``; ``SMTP_FROM`` the sender;
-    - ``VAPID_PRIVATE_KEY_FILE`` (PEM) or ``VAPID_PRIVATE_KEY``, ``VAPID_SUBJECT``: Web Push;
-    - ``FCM_PROJECT_ID``, ``FCM_ACCESS_TOKEN``, ``FCM_ENDPOINT``: native app push (FCM v1);
+    - ``VAPID_PRIVATE_KEY_FILE`` (PEM) or ``VAPID_PRIVATE_KEY``, ``VAPID_SUBJECT``: Web Push,
+      to endpoints ``NOTIFY_PUSH_PRIVATE_ENDPOINTS`` allows;
+    - ``FCM_SERVICE_ACCOUNT_FILE`` or ``FCM_PROJECT_ID`` + ``FCM_ACCESS_TOKEN``,
+      ``FCM_ENDPOINT``: native app push (FCM v1);
     - ``NOTIFY_PUBLIC_URL``: where this service is reached from the outside (unsubscribe
-      links); ``SHOP_URL``: the web shop (links back to carts); ``UNSUBSCRIBE_SECRET``;
+      links); ``SHOP_URL``: the web shop (links back to carts); ``UNSUBSCRIBE_SECRET``
+      (required outside development), ``UNSUBSCRIBE_SECRET_PREVIOUS``,
+      ``UNSUBSCRIBE_TOKEN_MAX_AGE_DAYS``, ``NOTIFY_UNSUBSCRIBE_PER_MINUTE``;
+    - sending once: ``NOTIFY_SEND_LEASE_S`` and the shorter ``NOTIFY_DELIVERY_DEADLINE_S``;
     - ``CART_REMINDER_SECOND_AFTER`` (default 24 h; seconds or ISO 8601 duration),
       the contact budget (``NOTIFY_BUDGET_*``) and digest, ``NOTIFY_DEFAULT_TIME_ZONE``,
       ``NOTIFY_DEFAULT_LANGUAGE``, ``NOTIFY_TEMPLATES_DIR`` (replaces the packaged templates).
