@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 from typing import Any
 
@@ -251,3 +252,74 @@ def test_dashboards_are_shipped_as_configmaps() -> None:
         if cm["metadata"].get("labels", {}).get("grafana_dashboard") == "1":
             shipped.update(cm["data"])
     assert shipped == files
+
+
+# What a Secret holds, in the shape the settings check (anything else: a long random string).
+SECRET_SHAPES = {
+    "API_KEYS": "ops:stand-in-key-0123456789:admin",
+    "DATABASE_URL": "postgresql://omni:stand-in@omni-pg-rw/omni",
+}
+
+
+def _environment(objects: tuple[dict[str, Any], ...], name: str) -> dict[str, str]:
+    """What a service's container finds in its environment: its ConfigMap's literals, then its
+    own env (a value from a Secret as a stand-in of its shape)."""
+    (container,) = _containers(_service_deployments(objects)[name])
+    configmaps = by_kind(objects, "ConfigMap")
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(configmaps[source["configMapRef"]["name"]].get("data", {}))
+    for entry in container["env"]:
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+        elif "secretKeyRef" in entry.get("valueFrom", {}):
+            env[entry["name"]] = SECRET_SHAPES.get(
+                entry["name"], f"from-a-secret-{entry['name'].lower()}-0123456789"
+            )
+    return env
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_service_starts_with_what_its_overlay_gives_it(overlay: str) -> None:
+    """No service refuses its overlay's settings; prod's also pin shopper tokens' issuer and
+    audience (so no start-up warning), from Secrets, and sign unsubscribe links with one
+    secret for every replica."""
+    from omni_common.service import service_factories
+    from omni_common.settings import ServiceSettings
+
+    objects = render_overlay(overlay)
+    for name in _service_deployments(objects):
+        # The service's own settings class, from an app built (not started) to describe it.
+        app = service_factories()[name].load()(ServiceSettings(service_name=name))
+        settings_class = type(app.state.runtime.settings)
+        with pytest.MonkeyPatch.context() as patch:
+            for variable in list(os.environ):
+                if variable.isupper() and not variable.startswith(("PATH", "HOME", "PYTHON")):
+                    patch.delenv(variable)
+            for variable, value in _environment(objects, name).items():
+                patch.setenv(variable, value)
+            settings = settings_class()
+        assert settings.startup_refusals() == [], f"{overlay}/{name}"
+        assert settings.development is (overlay == "dev"), f"{overlay}/{name}"
+        if overlay == "prod":
+            assert settings.startup_warnings() == [], f"{overlay}/{name}"
+            (container,) = _containers(_service_deployments(objects)[name])
+            refs = {
+                e["name"]: e["valueFrom"]["secretKeyRef"]
+                for e in container["env"]
+                if "secretKeyRef" in e.get("valueFrom", {})
+            }
+            assert refs["SHOPPER_TOKEN_ISSUER"]["name"] == "omni-shopper-tokens", name
+            assert refs["SHOPPER_TOKEN_AUDIENCE"]["name"] == "omni-shopper-tokens", name
+            if name == "notification":
+                assert refs["UNSUBSCRIBE_SECRET"]["name"] == "omni-notification"
+                assert refs["UNSUBSCRIBE_SECRET_PREVIOUS"].get("optional") is True
+
+
+def test_prod_postgres_replicates_synchronously() -> None:
+    """A commit is on a standby's disk too before it returns, and waits when none can confirm:
+    a failover never loses an effect whose Kafka offset was committed after it."""
+    (cluster,) = by_kind(render_overlay("prod"), "Cluster").values()
+    spec = cluster["spec"]
+    assert spec["minSyncReplicas"] >= 1
+    assert spec["minSyncReplicas"] <= spec["maxSyncReplicas"] < spec["instances"]

@@ -15,6 +15,7 @@ machine would have them (:data:`MATERIALISED`).
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from omni_common.settings import ServiceSettings
 from omni_devkit.testing.services import running
 from pydantic import ValidationError
@@ -108,6 +109,29 @@ def _private_key_file(path: Path) -> None:
     )
 
 
+def _service_account_key(path: Path) -> None:
+    """A Google service account key file (as the Cloud console downloads it)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        json.dumps(
+            {
+                "type": "service_account",
+                "project_id": "omni-shop",
+                "private_key_id": "0" * 40,
+                "private_key": pem.decode(),
+                "client_email": "notify@omni-shop.iam.gserviceaccount.com",
+                "token_uri": "https://oauth2.googleapis.com/token",
+            }
+        )
+    )
+
+
 def _templates_copy(path: Path) -> None:
     packaged = Path(str(files("notification_service") / "templates"))
     shutil.copytree(packaged, path, dirs_exist_ok=True)
@@ -116,6 +140,7 @@ def _templates_copy(path: Path) -> None:
 # Examples that name a file or directory, and how it comes to exist on a user's machine.
 MATERIALISED: dict[str, Callable[[Path], None]] = {
     "VAPID_PRIVATE_KEY_FILE": _private_key_file,  # as `omni dev up` writes it
+    "FCM_SERVICE_ACCOUNT_FILE": _service_account_key,  # as Google gives it out
     "NOTIFY_TEMPLATES_DIR": _templates_copy,  # a copy of the packaged templates, to edit
 }
 

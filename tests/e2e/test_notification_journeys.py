@@ -123,6 +123,7 @@ async def _services(env: OmniTestEnv, smtp: Any, vapid: Any) -> AsyncIterator[Pl
             smtp_url=smtp.url,
             vapid_private_key_file=str(vapid.private_key_file),
             unsubscribe_secret="an-e2e-secret-of-enough-length",
+            notify_push_private_endpoints="allow",  # the push service is on loopback
             notify_dispatch_poll_s=0.1,
             notify_timer_poll_s=0.1,
         )

@@ -29,6 +29,7 @@ from omni_common.auth import ShopperTokens, api_key_of
 from omni_common.dispatch import UNSTORABLE
 from omni_common.faults import Backoff, is_contention
 from omni_common.service import ServiceRuntime
+from omni_common.settings import Misconfigured
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,11 @@ def create_http_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for warning in settings.startup_warnings():
+            log.warning("%s", warning)
+        if refusals := settings.startup_refusals():
+            # Before anything binds or migrates: a misconfigured instance never takes work.
+            raise Misconfigured(f"{settings.service_name} refuses to start: {'; '.join(refusals)}")
         # Bound first: a port already taken stops the start before anything migrates. Open
         # until the runtime has stopped, so the drain can still be watched.
         async with serve_metrics(

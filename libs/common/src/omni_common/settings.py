@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from datetime import timedelta
 from functools import cached_property
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     BeforeValidator,
@@ -73,6 +73,11 @@ Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 """A duration setting: seconds (``3600``, ``0.5``) or ISO 8601 (``PT1H``, ``P7D``)."""
 
 
+class Misconfigured(RuntimeError):
+    """A service refuses to start with its settings (the message names variables, never
+    their values)."""
+
+
 class ServiceSettings(BaseSettings):
     """What a service needs to know about the world it runs in.
 
@@ -86,6 +91,10 @@ class ServiceSettings(BaseSettings):
     )
 
     service_name: str = "omni"
+    # Where the service runs. `omni dev up` and the test fixtures say "development"; anything
+    # else is production, so a deployment that forgets the variable is held to production's
+    # rules (see startup_refusals) rather than to a laptop's.
+    omni_env: Literal["development", "production"] = "production"
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     # PLAINTEXT (dev, compose), SSL, or SASL_SSL with SCRAM (Strimzi KafkaUser in Kubernetes).
     kafka_security_protocol: str = "PLAINTEXT"
@@ -195,6 +204,36 @@ class ServiceSettings(BaseSettings):
             return settings
         values = {name: getattr(settings, name) for name in settings.model_fields_set}
         return cls(**(values | overrides))
+
+    @property
+    def development(self) -> bool:
+        """Whether the service runs on a developer's machine (``OMNI_ENV=development``)."""
+        return self.omni_env == "development"
+
+    def startup_warnings(self) -> list[str]:
+        """What the service should say once at start-up: settings it runs without that a
+        production deployment wants. A service's settings may add their own."""
+        warnings: list[str] = []
+        if not ShopperTokens.from_settings(self).configured:
+            return warnings  # no shopper token is accepted at all: nothing to pin
+        # Without them a token another application of the same identity provider was given
+        # (another audience) or another provider signed with a shared key would be accepted.
+        for variable, value in (
+            ("SHOPPER_TOKEN_ISSUER", self.shopper_token_issuer),
+            ("SHOPPER_TOKEN_AUDIENCE", self.shopper_token_audience),
+        ):
+            if not value:
+                warnings.append(
+                    f"{variable} is not set: shopper tokens are accepted whatever their "
+                    f"{'iss' if variable.endswith('ISSUER') else 'aud'} claim says"
+                )
+        return warnings
+
+    def startup_refusals(self) -> list[str]:
+        """Why the service must not start with these settings (none by default). Checked at
+        start-up, not when the settings are built: building an app to describe it (its topics,
+        its contract) needs no secret."""
+        return []
 
     @property
     def schema(self) -> str:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 from fastapi import APIRouter
 from omni_common.http import Channel, create_http_app, serve_metrics
 from omni_common.service import ServiceRuntime
-from omni_common.settings import ServiceSettings
+from omni_common.settings import Misconfigured, ServiceSettings
 
 
 def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -137,3 +139,45 @@ def test_a_service_keeps_what_the_platform_settings_set_and_its_own_defaults_oth
     assert mine.own_field == 3  # its own fields from the environment
     assert mine.consumer_linger_ms == 100  # not the platform's default of 0
     assert _LingeringSettings.from_settings(mine) is mine
+
+
+def test_omni_env_is_production_unless_said_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMNI_ENV", raising=False)
+    assert not ServiceSettings().development
+    monkeypatch.setenv("OMNI_ENV", "development")
+    assert ServiceSettings().development
+    monkeypatch.setenv("OMNI_ENV", "laptop")
+    with pytest.raises(ValueError, match="omni_env"):
+        ServiceSettings()
+
+
+def test_a_service_warns_at_start_up_when_shopper_tokens_are_not_pinned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loose = ServiceSettings(shopper_token_hs256_secret="s" * 32)
+    assert [w.split()[0] for w in loose.startup_warnings()] == [
+        "SHOPPER_TOKEN_ISSUER",
+        "SHOPPER_TOKEN_AUDIENCE",
+    ]
+    pinned = ServiceSettings(
+        shopper_token_hs256_secret="s" * 32,
+        shopper_token_issuer="https://id.example",
+        shopper_token_audience="omni",
+    )
+    assert pinned.startup_warnings() == []
+    # No shopper token accepted at all: nothing to pin.
+    assert ServiceSettings().startup_warnings() == []
+
+    class Refusing(ServiceSettings):
+        def startup_refusals(self) -> list[str]:
+            return ["SOMETHING is not set"]
+
+    async def start() -> None:
+        refusing = Refusing(service_name="probe", shopper_token_hs256_secret="s" * 32)
+        app = create_http_app(ServiceRuntime(refusing), title="probe")
+        async with app.router.lifespan_context(app):
+            pass
+
+    with caplog.at_level("WARNING"), pytest.raises(Misconfigured, match="SOMETHING is not set"):
+        asyncio.run(start())
+    assert "SHOPPER_TOKEN_ISSUER is not set" in caplog.text

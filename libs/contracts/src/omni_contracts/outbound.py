@@ -705,7 +705,8 @@ class NotificationSent(NotificationEvent):
     """A message went out to a shopper by e-mail, push or SMS.
 
     Produced by notification once the provider accepted it. Channels and support can show
-    what the shopper was told.
+    what the shopper was told. Marketing messages that came due together went out as one
+    digest: each is told, with the same ``provider_message_id`` and ``digest_id``.
     """
 
     ce_type = "notification.sent"
@@ -713,12 +714,19 @@ class NotificationSent(NotificationEvent):
     channel: NotificationChannel
     template: NonEmptyStr
     provider_message_id: NonEmptyStr
+    # The digest this message went out in: the notification_id of its first message.
+    digest_id: NonEmptyStr | None = None
 
 
 class NotificationFailed(NotificationEvent):
     """A message could not be delivered to the provider.
 
-    Produced by notification after its retries are exhausted. SRE watch the rate.
+    Produced by notification after its retries are exhausted. SRE watch the rate. ``error``
+    is codes, never a provider's words: ``channel:code`` for each channel tried, joined by
+    ``; `` (``push:endpoint_refused; email:timeout``), the codes being ``endpoint_refused``,
+    ``endpoint_gone``, ``timeout``, ``unavailable``, ``rejected``, ``invalid_address`` and
+    ``not_configured``; or one code for the message itself (``unknown_template``,
+    ``template_error``, ``interrupted_twice``, ``no_channel``).
     """
 
     ce_type = "notification.failed"
@@ -727,6 +735,8 @@ class NotificationFailed(NotificationEvent):
     channel: NotificationChannel | None = None
     template: NonEmptyStr | None = None
     attempts: int | None = Field(default=None, ge=1)
+    # The digest this message was to go out in (see notification.sent).
+    digest_id: NonEmptyStr | None = None
 
 
 class NotificationSuppressed(NotificationEvent):
@@ -743,9 +753,11 @@ class NotificationSuppressed(NotificationEvent):
 
 
 class NotificationDeferred(NotificationEvent):
-    """A message was held back until a better time (e.g. after quiet hours).
+    """A message was held back until a better time.
 
-    Produced by notification, which sends it at ``until``.
+    Produced by notification, which decides it again at ``until``. ``reason`` says why:
+    ``budget`` (the shopper's contact budget over its rolling window is spent, every channel
+    and purpose counted) or ``quiet_hours`` (the shopper's); when both, ``budget``.
     """
 
     ce_type = "notification.deferred"

@@ -149,6 +149,8 @@ def start_notification(
             "notify_public_url": "http://notification.test",
             "shop_url": "https://shop.example",
             "unsubscribe_secret": "a-test-secret-of-enough-length",
+            # The push endpoint is the test's own, on loopback (production says deny).
+            "notify_push_private_endpoints": "allow",
             "notify_timer_poll_s": 0.1,
             "notify_dispatch_poll_s": 0.1,
             "notify_retry_backoff_s": 0.01,

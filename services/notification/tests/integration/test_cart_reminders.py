@@ -254,26 +254,6 @@ async def test_the_second_reminder_follows_if_the_cart_is_still_abandoned(
         assert [r["status"] for r in rows] == ["sent", "sent"]
 
 
-async def test_the_daily_marketing_cap_holds(start_notification, channel, smtp_server, ev) -> None:
-    customer, address = ev.uid("cust"), f"{ev.uid('shopper')}@example.com"
-    async with start_notification(notify_marketing_per_day=2) as svc:
-        await ev.given_profile(
-            channel, svc, customer, email=address, preferences=ev.MARKETING_EMAIL
-        )
-        for sku in ("SKU-1", "SKU-2", "SKU-3", "SKU-4"):
-            await channel.publish(ev.cart(customer, sku))
-        rows = await ev.settled(svc, customer, 4)
-        statuses = sorted((r["status"], r["reason"]) for r in rows)
-        assert statuses == [
-            ("sent", None),
-            ("sent", None),
-            ("suppressed", "throttled"),
-            ("suppressed", "throttled"),
-        ]
-        await smtp_server.wait_for(address, 2)
-        assert len(smtp_server.messages_to(address)) == 2
-
-
 async def test_a_redelivered_trigger_never_sends_twice(
     start_notification, channel, smtp_server, ev
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -221,12 +222,13 @@ async def test_bad_input_gets_a_clear_outcome(
                 eta=datetime.now(UTC) + timedelta(days=1),
             )
         )
+        # Codes, never a provider's words (those are in the log).
         (row,) = await ev.settled(svc, invalid)
-        assert row["status"] == "failed" and "invalid e-mail address" in row["reason"]
+        assert (row["status"], row["reason"]) == ("failed", "email:invalid_address")
         (row,) = await ev.settled(svc, malformed)
-        assert row["status"] == "failed" and "malformed push subscription" in row["reason"]
+        assert (row["status"], row["reason"]) == ("failed", "push:invalid_address")
         (row,) = await ev.settled(svc, templateless)
-        assert row["status"] == "failed" and row["reason"].startswith("unknown_template")
+        assert (row["status"], row["reason"]) == ("failed", "unknown_template")
         dead = await dlq.next()
         assert record_headers(dead)["dlq_reason"]
 
@@ -269,7 +271,7 @@ async def test_a_send_interrupted_by_a_crash_is_resent_once_with_the_same_messag
     start_notification, channel, smtp_server, ev
 ) -> None:
     customer, address = ev.uid("cust"), f"{ev.uid('shopper')}@example.com"
-    async with start_notification(notify_send_lease_s=2.0) as svc:
+    async with start_notification(notify_send_lease_s=2.0, notify_delivery_deadline_s=1.5) as svc:
         await ev.given_profile(
             channel, svc, customer, email=address, preferences=ev.MARKETING_EMAIL
         )
@@ -382,3 +384,34 @@ async def test_a_merge_moves_alerts_to_the_surviving_profile(
         (message,) = await push_endpoint.wait_for(browser)
         assert message.json()["kind"] == "back_in_stock"
         assert await ev.notifications(svc, anonymous) == []
+
+
+async def test_fcm_tokens_come_from_a_service_account_and_are_refreshed(
+    start_notification, channel, push_endpoint, tmp_path, ev
+) -> None:
+    # Google's tokens live an hour; two seconds here.
+    account = push_endpoint.service_account(project="omni-shop", expires_in=2)
+    key_file = tmp_path / "service-account.json"
+    key_file.write_text(json.dumps(account))
+    customer, app_token = ev.uid("cust"), push_endpoint.fcm_token()
+    async with start_notification(
+        fcm_access_token=None, fcm_project_id=None, fcm_service_account_file=str(key_file)
+    ) as svc:
+        await ev.given_profile(channel, svc, customer, push_tokens=[app_token])
+
+        async def confirmed(count: int) -> None:
+            await channel.publish(
+                OrderConfirmed(order_id=ev.uid("order"), customer_id=customer, channel=Channel.WEB)
+            )
+            await ev.wait_until(lambda: len(push_endpoint.fcm_messages) >= count)
+
+        await confirmed(1)
+        await asyncio.sleep(2.5)  # the first token has expired: a new one is fetched first
+        await confirmed(2)
+        push_endpoint.revoke_tokens()  # FCM refuses the current one: fetched again, once
+        await confirmed(3)
+        rows = await ev.settled(svc, customer, 3)
+    assert [r["status"] for r in rows] == ["sent"] * 3
+    assert {m.project for m in push_endpoint.fcm_messages} == {"omni-shop"}
+    assert len({m.authorization for m in push_endpoint.fcm_messages}) == 3
+    assert push_endpoint.rejected == []

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, time
+from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from notification_service.adapters.templates import Templates, UnknownTemplate
-from notification_service.adapters.tokens import BadToken, Unsubscribe, UnsubscribeTokens
+from notification_service.adapters.tokens import (
+    BadToken,
+    ExpiredToken,
+    Unsubscribe,
+    UnsubscribeTokens,
+)
 from notification_service.domain.model import (
+    Budget,
     Contact,
     Purpose,
     Reason,
     check_cart,
+    next_slot,
     push_topic,
     quiet_until,
     route,
-    throttled,
 )
 from notification_service.settings import NotificationSettings
 from omni_contracts import Line, Money, NotificationChannel, Preferences
@@ -89,10 +95,30 @@ def test_quiet_hours_ending_in_a_skipped_dst_hour_end_after_the_jump() -> None:
     assert until is not None and until > datetime(2027, 3, 28, 0, 0, tzinfo=UTC)
 
 
-def test_the_daily_cap() -> None:
-    assert not throttled(1, 2)
-    assert throttled(2, 2)
-    assert throttled(0, 0)
+def _at(hhmm: str) -> datetime:
+    return datetime.fromisoformat(f"2026-12-02T{hhmm}:00+00:00")
+
+
+def test_the_next_slot_inside_the_contact_budget_and_outside_quiet_hours() -> None:
+    day = Budget(2, timedelta(hours=24))
+    none = Preferences()
+    # Room in the budget: now.
+    assert next_slot(_at("12:00"), [_at("09:00")], day, none, "UTC") == (_at("12:00"), None)
+    # Spent: when the oldest that keeps it spent is a window old.
+    spent = [_at("08:00"), _at("09:00"), _at("10:00")]
+    slot, why = next_slot(_at("12:00"), spent, day, none, "UTC")
+    assert (slot, why) == (_at("09:00") + timedelta(hours=24), Reason.BUDGET)
+    # Contacts older than the window do not count.
+    assert (
+        next_slot(_at("12:00"), [_at("09:00") - timedelta(days=1)] * 5, day, none, "UTC")[1] is None
+    )
+    # Quiet hours at the slot: their end; the budget is why it waits.
+    night = Preferences(quiet_hours_start=time(8, 30), quiet_hours_end=time(9, 30))
+    slot, why = next_slot(_at("12:00"), spent, day, night, "UTC")
+    assert (slot, why) == (_at("09:30") + timedelta(hours=24), Reason.BUDGET)
+    # Only quiet hours: their end, and they are why.
+    lunch = Preferences(quiet_hours_start=time(11), quiet_hours_end=time(13))
+    assert next_slot(_at("12:00"), [], day, lunch, "UTC") == (_at("13:00"), Reason.QUIET_HOURS)
 
 
 def _line(sku: str) -> Line:
@@ -125,6 +151,48 @@ def test_unsubscribe_tokens_cannot_be_forged() -> None:
     for bad in (other, token[:-2], "garbage", token.split(".")[0] + ".AAAA"):
         with pytest.raises(BadToken):
             tokens.verify(bad)
+
+
+def test_unsubscribe_tokens_are_decoded_strictly() -> None:
+    tokens = UnsubscribeTokens(b"0123456789abcdef0123")
+    token = tokens.sign(Unsubscribe("cust-1", "email", "marketing"))
+    # Whatever follows or pads a valid signature, a lenient base64 decoder would skip it.
+    last = token[-1]
+    sibling = next(  # the same bytes in another spelling: the unused low bits set
+        c for c in "AEIMQUYcgkosw048BFJNRVZdhlptx159" if c != last and _same_bytes(token, c)
+    )
+    for bad in (
+        token + "=",
+        token + '"><img src=x onerror=alert(1)>',
+        token + "==<b>",
+        token[:-1] + sibling,
+        token.replace(".", "..", 1),
+        " " + token,
+        token + "A" * 600,
+    ):
+        with pytest.raises(BadToken):
+            tokens.verify(bad)
+
+
+def _same_bytes(token: str, last: str) -> bool:
+    from itsdangerous.encoding import base64_decode
+
+    signature = token.rsplit(".", 1)[1]
+    try:
+        return base64_decode(signature[:-1] + last) == base64_decode(signature)
+    except Exception:
+        return False
+
+
+def test_unsubscribe_tokens_expire_and_survive_a_rotation() -> None:
+    old = UnsubscribeTokens(b"the-old-secret-0123")
+    token = old.sign(Unsubscribe("cust-1", "email", "marketing"))
+    rotated = UnsubscribeTokens(b"the-new-secret-0123", previous=[b"the-old-secret-0123"])
+    assert rotated.verify(token).customer_id == "cust-1"
+    with pytest.raises(BadToken):
+        UnsubscribeTokens(b"the-new-secret-0123").verify(token)
+    with pytest.raises(ExpiredToken):
+        UnsubscribeTokens(b"the-old-secret-0123", max_age=timedelta(seconds=-1)).verify(token)
 
 
 def test_templates_escape_html_fall_back_to_the_default_language_and_name_unknown_kinds() -> None:
@@ -176,7 +244,9 @@ def test_the_second_reminder_takes_seconds_or_iso_8601(monkeypatch: pytest.Monke
 
 
 def test_a_short_unsubscribe_secret_is_a_settings_error_that_does_not_quote_it() -> None:
-    assert NotificationSettings(unsubscribe_secret="")  # none: a random one per process
+    # None: a random one per process, in development only (production refuses to start).
+    assert NotificationSettings(unsubscribe_secret="", omni_env="development")
+    assert NotificationSettings(unsubscribe_secret="").startup_refusals()
     with pytest.raises(ValueError, match="at least 16 bytes") as refused:
         NotificationSettings(unsubscribe_secret="short-secret")
     assert "short-secret" not in str(refused.value)

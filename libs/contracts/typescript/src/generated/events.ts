@@ -922,9 +922,11 @@ export interface TierChanged {
   previous_tier?: string | null;
 }
 /**
- * A message was held back until a better time (e.g. after quiet hours).
+ * A message was held back until a better time.
  *
- * Produced by notification, which sends it at `until`.
+ * Produced by notification, which decides it again at `until`. `reason` says why:
+ * `budget` (the shopper's contact budget over its rolling window is spent, every channel
+ * and purpose counted) or `quiet_hours` (the shopper's); when both, `budget`.
  */
 export interface NotificationDeferred {
   customer_id: string;
@@ -944,7 +946,12 @@ export interface NotificationDeferred {
 /**
  * A message could not be delivered to the provider.
  *
- * Produced by notification after its retries are exhausted. SRE watch the rate.
+ * Produced by notification after its retries are exhausted. SRE watch the rate. `error`
+ * is codes, never a provider's words: `channel:code` for each channel tried, joined by
+ * `; ` (`push:endpoint_refused; email:timeout`), the codes being `endpoint_refused`,
+ * `endpoint_gone`, `timeout`, `unavailable`, `rejected`, `invalid_address` and
+ * `not_configured`; or one code for the message itself (`unknown_template`,
+ * `template_error`, `interrupted_twice`, `no_channel`).
  */
 export interface NotificationFailed {
   customer_id: string;
@@ -957,12 +964,14 @@ export interface NotificationFailed {
   channel?: NotificationChannel | null;
   template?: string | null;
   attempts?: number | null;
+  digest_id?: string | null;
 }
 /**
  * A message went out to a shopper by e-mail, push or SMS.
  *
  * Produced by notification once the provider accepted it. Channels and support can show
- * what the shopper was told.
+ * what the shopper was told. Marketing messages that came due together went out as one
+ * digest: each is told, with the same `provider_message_id` and `digest_id`.
  */
 export interface NotificationSent {
   customer_id: string;
@@ -974,6 +983,7 @@ export interface NotificationSent {
   channel: NotificationChannel;
   template: string;
   provider_message_id: string;
+  digest_id?: string | null;
 }
 /**
  * A message was deliberately not sent (no consent, quiet hours, throttled, ...).

@@ -70,6 +70,7 @@ async def _service(
 
     settings = ServiceSettings(
         service_name="notification",
+        omni_env="development",  # a developer's machine: its push endpoint is on loopback
         kafka_bootstrap_servers=bootstrap,
         database_url=database,
         topic_prefix=_prefix(database),
@@ -87,6 +88,7 @@ async def _service(
         smtp_url=smtp.url,
         vapid_private_key_file=key_file,
         unsubscribe_secret="bench-secret-0123456789",
+        notify_push_private_endpoints="allow",  # the bench's push endpoint is on loopback
         notify_dispatch_poll_s=0.05,
         notify_dispatch_concurrency=8,
     )

@@ -601,6 +601,8 @@ class DevStack:
             LOG_JSON="true" if cfg.log_json else "false",
             PYTHONUNBUFFERED="1",
         )
+        # The stack is a developer's machine, unless the environment says otherwise.
+        env.setdefault("OMNI_ENV", "development")
         # Kafka answers a fetch as soon as data arrives; only Tansu needs the short wait.
         env.setdefault("CONSUMER_FETCH_MAX_WAIT_MS", str(fetch_max_wait_ms(self._broker_kind)))
         env.update(self._mail_and_push_env())
@@ -608,6 +610,8 @@ class DevStack:
             # Unsubscribe links in e-mails point back at this service.
             env.setdefault("NOTIFY_PUBLIC_URL", f"http://{cfg.host}:{port}")
             env.setdefault("UNSUBSCRIBE_SECRET", self._unsubscribe_secret())
+            # Push services a developer runs (the console's, a test's) listen on loopback.
+            env.setdefault("NOTIFY_PUSH_PRIVATE_ENDPOINTS", "allow")
         # A few demo stores, a warehouse and stock, so the platform is usable at once.
         env.setdefault("INVENTORY_SEED_FILE", "demo")
         # Timers of seconds, not days, so `omni demo` and the console's stories can be watched.

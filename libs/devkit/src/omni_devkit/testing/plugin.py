@@ -407,6 +407,9 @@ class OmniTestEnv:
         """Settings for a service instance running in this test."""
         values: dict[str, Any] = {
             "service_name": service_name,
+            # A developer's world: what production refuses (no unsubscribe secret) a test
+            # may leave out; a test of production's rules says omni_env="production".
+            "omni_env": "development",
             "kafka_bootstrap_servers": self.bootstrap,
             "database_url": self.database_url,
             "topic_prefix": self.prefix,

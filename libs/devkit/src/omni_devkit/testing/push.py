@@ -6,11 +6,20 @@ to the web app. Every message posted to that endpoint is checked as a real push 
 and user agent would: the VAPID JWT (RFC 8292) must be signed by the key in ``k`` (and, when
 ``vapid_public_key`` is given, be that key), ``aud`` must be this origin and ``exp`` within
 24 h; the body must decrypt (RFC 8291, ``aes128gcm``) with the subscription's private key.
-A subscription can be made ``gone`` (410), ``not_found`` (404) or ``flaky`` (429 first).
+A subscription can be made ``gone`` (410), ``not_found`` (404) or ``flaky`` (429 first), or
+be a push service one should not trust: ``hang`` (never answers), ``redirect`` (307 elsewhere),
+``huge`` (a refusal whose body is tens of megabytes; ``huge_bytes_sent`` says how much of it
+the client took).
 
 FCM HTTP v1: ``POST /v1/projects/{project}/messages:send`` checks the request shape
 (bearer token, ``message.token``, string-only ``data``) and answers like Google does,
 including ``404 UNREGISTERED`` for a token made ``gone``. It is a shape check, not Google.
+
+Google's OAuth token endpoint for service accounts: :meth:`PushEndpoint.service_account`
+makes a key (the JSON Google hands out, its ``token_uri`` here); ``POST /token`` takes the
+JWT bearer grant (RFC 7523), verifies the assertion's RS256 signature with that key, its
+``iss``, ``aud``, ``scope`` and lifetime, and issues access tokens that live
+``expires_in`` seconds, which the FCM look-alike then accepts (401 once expired or revoked).
 """
 
 from __future__ import annotations
@@ -25,10 +34,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import http_ece
+import jwt
 from aiohttp import web
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from omni_devkit.devstack.process import free_port
@@ -109,6 +119,7 @@ class _Subscription:
     auth: bytes
     behaviour: str
     failures_left: int = 0
+    redirect_to: str | None = None
 
 
 @dataclass
@@ -132,6 +143,13 @@ class PushEndpoint:
     messages: list[PushMessage] = field(default_factory=list)
     fcm_messages: list[FcmMessage] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    # Access tokens issued by the token endpoint: token -> (expiry on time.time(), account).
+    issued: dict[str, tuple[float, str]] = field(default_factory=dict)
+    _accounts: dict[str, tuple[Any, int]] = field(default_factory=dict)
+    # Requests that reached a ``hang`` subscription (each is held until the endpoint stops).
+    hanging: int = 0
+    huge_bytes_sent: int = 0
+    HUGE_BODY_BYTES = 32 * 1024 * 1024
     _subs: dict[str, _Subscription] = field(default_factory=dict)
     _tokens: dict[str, str] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
@@ -147,6 +165,7 @@ class PushEndpoint:
         app = web.Application()
         app.router.add_post("/push/{sub_id}", self._push)
         app.router.add_post("/v1/projects/{project}/messages:send", self._fcm)
+        app.router.add_post("/token", self._token)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()
@@ -166,16 +185,22 @@ class PushEndpoint:
 
     # -- playing the browser and the app -------------------------------------------------------
 
-    def subscribe(self, behaviour: str = "ok", failures: int = 0) -> dict[str, Any]:
+    def subscribe(
+        self, behaviour: str = "ok", failures: int = 0, redirect_to: str | None = None
+    ) -> dict[str, Any]:
         """A new browser subscription (``PushSubscription.toJSON()``).
 
         ``behaviour``: ``ok``; ``gone`` (410) or ``not_found`` (404): the push service forgot
-        it; ``flaky``: ``failures`` answers 429 with ``Retry-After: 0`` first, then ok.
+        it; ``flaky``: ``failures`` answers 429 with ``Retry-After: 0`` first, then ok;
+        ``hang``: the request is never answered; ``redirect``: 307 to ``redirect_to``;
+        ``huge``: 400 with a body of :attr:`HUGE_BODY_BYTES`.
         """
         sub_id = uuid.uuid4().hex
         private_key = ec.generate_private_key(ec.SECP256R1())
         auth = os.urandom(16)
-        self._subs[sub_id] = _Subscription(sub_id, private_key, auth, behaviour, failures)
+        self._subs[sub_id] = _Subscription(
+            sub_id, private_key, auth, behaviour, failures, redirect_to
+        )
         public = private_key.public_key().public_bytes(
             serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
         )
@@ -189,6 +214,31 @@ class PushEndpoint:
         token = f"fcm-{uuid.uuid4().hex}"
         self._tokens[token] = behaviour
         return token
+
+    def service_account(self, project: str = "omni-test", expires_in: int = 3600) -> dict[str, Any]:
+        """A service account key as Google gives it out, whose ``token_uri`` is this endpoint;
+        the access tokens it gets live ``expires_in`` seconds."""
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        email = f"notify-{uuid.uuid4().hex[:8]}@{project}.iam.gserviceaccount.com"
+        self._accounts[email] = (key.public_key(), expires_in)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return {
+            "type": "service_account",
+            "project_id": project,
+            "private_key_id": uuid.uuid4().hex,
+            "private_key": pem.decode(),
+            "client_email": email,
+            "client_id": str(uuid.uuid4().int)[:21],
+            "token_uri": f"{self.origin}/token",
+        }
+
+    def revoke_tokens(self) -> None:
+        """Every access token issued so far stops working (FCM answers 401)."""
+        self.issued.clear()
 
     def received(self, subscription: dict[str, Any]) -> list[PushMessage]:
         """The messages decrypted for ``subscription``."""
@@ -211,12 +261,19 @@ class PushEndpoint:
 
     # -- the push service ------------------------------------------------------------------------
 
-    async def _push(self, request: web.Request) -> web.Response:
+    async def _push(self, request: web.Request) -> web.StreamResponse:
         sub = self._subs.get(request.match_info["sub_id"])
         if sub is None or sub.behaviour == "not_found":
             return web.Response(status=404, text="no such subscription")
         if sub.behaviour == "gone":
             return web.Response(status=410, text="subscription expired")
+        if sub.behaviour == "hang":
+            self.hanging += 1
+            await asyncio.Event().wait()  # until the endpoint stops (the task is cancelled)
+        if sub.behaviour == "redirect":
+            return web.Response(status=307, headers={"Location": sub.redirect_to or "/"})
+        if sub.behaviour == "huge":
+            return await self._huge(request)
         if sub.failures_left > 0:
             sub.failures_left -= 1
             return web.Response(status=429, headers={"Retry-After": "0"}, text="slow down")
@@ -245,8 +302,59 @@ class PushEndpoint:
         self.messages.append(PushMessage(sub.id, payload, headers, claims))
         return web.Response(status=201, headers={"Location": f"{self.origin}/msg/{uuid.uuid4()}"})
 
+    async def _huge(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=400, headers={"Content-Type": "text/plain"})
+        response.content_length = self.HUGE_BODY_BYTES
+        await response.prepare(request)
+        chunk = b"x" * 65536
+        try:
+            while self.huge_bytes_sent < self.HUGE_BODY_BYTES:
+                await response.write(chunk)
+                self.huge_bytes_sent += len(chunk)
+        except (ConnectionError, RuntimeError):
+            pass  # the client hung up, as it should
+        return response
+
+    async def _token(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        if form.get("grant_type") != "urn:ietf:params:oauth:grant-type:jwt-bearer":
+            return web.json_response({"error": "unsupported_grant_type"}, status=400)
+        assertion = str(form.get("assertion", ""))
+        try:
+            issuer = jwt.decode(assertion, options={"verify_signature": False})["iss"]
+            public_key, expires_in = self._accounts[issuer]
+            claims = jwt.decode(
+                assertion,
+                public_key,
+                algorithms=["RS256"],
+                audience=f"{self.origin}/token",
+                issuer=issuer,
+                options={"require": ["iat", "exp", "scope"]},
+            )
+            if "https://www.googleapis.com/auth/firebase.messaging" not in claims["scope"]:
+                raise ValueError("scope")
+            if claims["exp"] - claims["iat"] > 3600:
+                raise ValueError("an assertion lives an hour at most")
+        except (jwt.PyJWTError, KeyError, ValueError, TypeError) as exc:
+            self.rejected.append(f"token: {exc}")
+            return web.json_response({"error": "invalid_grant"}, status=400)
+        token = f"ya29.{uuid.uuid4().hex}"
+        self.issued[token] = (time.time() + expires_in, issuer)
+        return web.json_response(
+            {"access_token": token, "expires_in": expires_in, "token_type": "Bearer"}
+        )
+
+    def _authorised(self, authorization: str | None) -> bool:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme != "Bearer":
+            return False
+        if token == self.fcm_access_token:
+            return True
+        expiry = self.issued.get(token)
+        return expiry is not None and time.time() < expiry[0]
+
     async def _fcm(self, request: web.Request) -> web.Response:
-        if request.headers.get("Authorization") != f"Bearer {self.fcm_access_token}":
+        if not self._authorised(request.headers.get("Authorization")):
             return _fcm_error(401, "UNAUTHENTICATED", "bad credentials")
         try:
             body = await request.json()

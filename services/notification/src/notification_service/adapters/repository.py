@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -37,6 +38,8 @@ class NotificationRow:
     created_at: datetime
     updated_at: datetime
     subject: str | None = None
+    digest_id: str | None = None
+    not_before: datetime | None = None
 
     @classmethod
     def of(cls, record: asyncpg.Record) -> NotificationRow:
@@ -62,7 +65,27 @@ class NotificationRow:
             created_at=record["created_at"],
             updated_at=record["updated_at"],
             subject=record["subject"],
+            digest_id=record["digest_id"],
+            not_before=record["not_before"],
         )
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Notifications claimed for sending together: the first (``row``) and the marketing
+    messages of the same shopper that go with it as one digest (``rows``, the first
+    included), the claim's token (the fence), whether it was taken over from an interrupted
+    send, and whether that had happened before."""
+
+    rows: tuple[NotificationRow, ...]
+    token: uuid.UUID
+    taken_over: bool
+    taken_over_before: bool
+
+    @property
+    def row(self) -> NotificationRow:
+        """The first of the claimed messages (the digest's id when there are several)."""
+        return self.rows[0]
 
 
 def _contact(record: asyncpg.Record) -> Contact:
@@ -242,21 +265,49 @@ class NotificationRepository:
         )
         return result == "INSERT 0 1"
 
+    async def alerts_waiting(self, sku: str) -> bool:
+        """Whether any shopper waits for ``sku`` (anywhere)."""
+        return bool(
+            await self.conn.fetchval(
+                "SELECT 1 FROM stock_alerts WHERE sku = $1 AND done_at IS NULL LIMIT 1", sku
+            )
+        )
+
+    async def store_available(self, sku: str, location_id: str) -> int:
+        """The latest ``available`` of ``sku`` at ``location_id`` (0 when never seen)."""
+        value = await self.conn.fetchval(
+            "SELECT available FROM availability WHERE sku = $1 AND location_id = $2",
+            sku,
+            location_id,
+        )
+        return int(value or 0)
+
     async def take_alerts(
-        self, sku: str, location_id: str, store_available: bool, online_available: bool
+        self,
+        sku: str,
+        location_id: str,
+        store_available: bool,
+        online_available: bool,
+        limit: int,
     ) -> list[asyncpg.Record]:
-        """Close and return the open alerts this availability satisfies (each fires once)."""
+        """Close and return up to ``limit`` of the open alerts this availability satisfies,
+        oldest first (each fires once; alerts another transaction is taking are skipped)."""
         return await self.conn.fetch(
             """
             UPDATE stock_alerts SET done_at = now()
-            WHERE done_at IS NULL AND sku = $1
-              AND ((location_id = $2 AND $3) OR (location_id IS NULL AND $4))
+            WHERE alert_id IN (
+                SELECT alert_id FROM stock_alerts
+                WHERE done_at IS NULL AND sku = $1
+                  AND ((location_id = $2 AND $3) OR (location_id IS NULL AND $4))
+                ORDER BY requested_at, alert_id LIMIT $5 FOR UPDATE SKIP LOCKED
+            )
             RETURNING alert_id, customer_id, sku, location_id
             """,
             sku,
             location_id,
             store_available,
             online_available,
+            limit,
         )
 
     # -- offers --------------------------------------------------------------------------
@@ -333,13 +384,15 @@ class NotificationRepository:
         deferred_until: datetime | None,
         correlation_id: str | None,
         caused_by: str | None,
+        not_before: datetime | None = None,
     ) -> None:
         """Record a decided notification."""
         await self.conn.execute(
             """
             INSERT INTO notifications (notification_id, customer_id, dedup_key, kind, purpose,
-                status, reason, channel, params, deferred_until, correlation_id, caused_by)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                status, reason, channel, params, deferred_until, correlation_id, caused_by,
+                not_before)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
             """,
             notification_id,
             customer_id,
@@ -353,6 +406,7 @@ class NotificationRepository:
             deferred_until,
             correlation_id,
             caused_by,
+            not_before,
         )
 
     async def decide(
@@ -362,68 +416,172 @@ class NotificationRepository:
         *,
         reason: str | None = None,
         deferred_until: datetime | None = None,
+        not_before: datetime | None = None,
     ) -> None:
         """A deferred notification's new decision (pending, deferred again, suppressed)."""
         await self.conn.execute(
             "UPDATE notifications SET status = $2, reason = $3, deferred_until = $4,"
-            " decided_at = now(), updated_at = now() WHERE notification_id = $1",
+            " not_before = $5, decided_at = now(), updated_at = now()"
+            " WHERE notification_id = $1",
             notification_id,
             status,
             reason,
             deferred_until,
+            not_before,
         )
 
-    async def marketing_since(self, customer_id: str, since: datetime) -> int:
-        """Marketing messages sent or on their way to the shopper since ``since``."""
-        return int(
-            await self.conn.fetchval(
-                "SELECT count(*) FROM notifications WHERE customer_id = $1"
-                " AND purpose = 'marketing' AND status IN ('pending', 'sending', 'sent')"
-                " AND decided_at > $2",
-                customer_id,
-                since,
+    async def contacts_since(
+        self, customer_id: str, since: datetime, *, transactional: bool
+    ) -> list[datetime]:
+        """When the shopper was contacted (or is about to be) since ``since``: one time per
+        message, on every channel; a digest, and the marketing messages waiting to go
+        together, count once. Transactional messages count when ``transactional``."""
+        rows = await self.conn.fetch(
+            """
+            SELECT min(decided_at) AS at FROM notifications
+            WHERE customer_id = $1 AND status IN ('pending', 'sending', 'sent')
+              AND decided_at > $2 AND (purpose = 'marketing' OR $3)
+            GROUP BY coalesce(digest_id, CASE WHEN status = 'pending' AND purpose = 'marketing'
+                                             THEN '' ELSE notification_id END)
+            """,
+            customer_id,
+            since,
+            transactional,
+        )
+        return [r["at"] for r in rows]
+
+    async def open_digest(self, customer_id: str) -> NotificationRow | None:
+        """The shopper's oldest marketing message waiting to be sent (not yet claimed): what
+        comes due now goes with it."""
+        row = await self.conn.fetchrow(
+            "SELECT * FROM notifications WHERE customer_id = $1 AND purpose = 'marketing'"
+            " AND status = 'pending' ORDER BY created_at LIMIT 1",
+            customer_id,
+        )
+        return NotificationRow.of(row) if row else None
+
+    async def deferred_due(
+        self, customer_id: str, until: datetime, timer_kind: str, exclude: str
+    ) -> list[NotificationRow]:
+        """The shopper's other deferred messages due by ``until``, locked with their timers
+        (those another transaction is firing are left to it), oldest first; their timers are
+        removed: they are decided now."""
+        rows = await self.conn.fetch(
+            """
+            SELECT n.* FROM notifications n
+            JOIN timers t ON t.kind = $3 AND t.key = n.notification_id
+            WHERE n.customer_id = $1 AND n.status = 'deferred' AND n.deferred_until <= $2
+              AND n.notification_id <> $4
+            ORDER BY n.created_at FOR UPDATE OF n, t SKIP LOCKED
+            """,
+            customer_id,
+            until,
+            timer_kind,
+            exclude,
+        )
+        found = [NotificationRow.of(r) for r in rows]
+        if found:
+            await self.conn.execute(
+                "DELETE FROM timers WHERE kind = $1 AND key = ANY($2::text[])",
+                timer_kind,
+                [r.notification_id for r in found],
             )
-        )
+        return found
 
-    async def claim(self, lease_s: float) -> tuple[NotificationRow, bool, bool] | None:
+    async def claim(self, lease_s: float) -> Claim | None:
         """Take the next message to send and record the intent (committed by the caller).
 
-        Returns the row, whether it was taken over from an interrupted send (a ``sending``
-        row whose lease ran out: the process died between intent and outcome), and whether
-        it had been taken over before.
+        The claim writes a new token: only its holder may record the outcome (:meth:`finish`).
+        A ``sending`` row whose lease ran out (the process died between intent and outcome) is
+        taken over, with the digest it was sent in; the claim says so, and whether it had
+        been taken over before. A marketing message takes the shopper's other pending
+        marketing messages with it: they go as one digest.
 
         A shopper's messages go out one at a time, oldest first: one waits while an older
-        one of the same shopper is pending or being sent (the dispatcher's workers would
-        otherwise race, and a refund could arrive before its ready-for-pickup).
+        one of the same shopper is due or being sent (the dispatcher's workers would
+        otherwise race, and a refund could arrive before its ready-for-pickup). A marketing
+        message waiting for its digest (``not_before``) is not due yet and holds nothing up.
         """
+        token = uuid.uuid4()
         row = await self.conn.fetchrow(
             """
             WITH next AS (
-                SELECT notification_id, status AS was, recovered AS was_recovered
+                SELECT notification_id, status AS was, recovered AS was_recovered,
+                       claim_token AS was_token
                 FROM notifications c
-                WHERE (status = 'pending'
+                WHERE ((status = 'pending' AND (not_before IS NULL OR not_before <= now()))
                        OR (status = 'sending' AND claimed_at < now() - make_interval(secs => $1)))
                   AND NOT EXISTS (
                       SELECT 1 FROM notifications o
                       WHERE o.customer_id = c.customer_id AND o.created_at < c.created_at
-                        AND o.status IN ('pending', 'sending'))
+                        AND (o.status = 'sending' OR (o.status = 'pending'
+                             AND (o.not_before IS NULL OR o.not_before <= now()))))
                 ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED
             )
             UPDATE notifications n SET status = 'sending', attempts = n.attempts + 1,
-                claimed_at = now(), updated_at = now(),
+                claimed_at = now(), updated_at = now(), claim_token = $2,
                 recovered = n.recovered OR next.was = 'sending'
             FROM next WHERE n.notification_id = next.notification_id
-            RETURNING n.*, next.was AS was, next.was_recovered AS was_recovered
+            RETURNING n.*, next.was AS was, next.was_recovered AS was_recovered,
+                      next.was_token AS was_token
             """,
             lease_s,
+            token,
         )
         if row is None:
             return None
-        return NotificationRow.of(row), row["was"] == "sending", bool(row["was_recovered"])
+        first = NotificationRow.of(row)
+        taken_over = row["was"] == "sending"
+        others: list[asyncpg.Record] = []
+        if taken_over and row["was_token"] is not None:
+            # The digest it was sent in (the same claim) is taken over with it.
+            others = await self.conn.fetch(
+                """
+                UPDATE notifications SET attempts = attempts + 1, claimed_at = now(),
+                    updated_at = now(), claim_token = $3, recovered = true
+                WHERE claim_token = $1 AND status = 'sending' AND notification_id <> $2
+                RETURNING *
+                """,
+                row["was_token"],
+                first.notification_id,
+                token,
+            )
+        elif not taken_over and first.purpose == "marketing":
+            # Decisions for the shopper hold this lock until they commit: a message decided
+            # to join the digest is either in it now or decided after it (and counted so).
+            await self.lock_customer(first.customer_id)
+            others = await self.conn.fetch(
+                """
+                WITH joining AS (
+                    SELECT notification_id FROM notifications
+                    WHERE customer_id = $1 AND purpose = 'marketing' AND status = 'pending'
+                      AND notification_id <> $2
+                    ORDER BY created_at FOR UPDATE SKIP LOCKED
+                )
+                UPDATE notifications n SET status = 'sending', attempts = n.attempts + 1,
+                    claimed_at = now(), updated_at = now(), claim_token = $3
+                FROM joining WHERE n.notification_id = joining.notification_id
+                RETURNING n.*
+                """,
+                first.customer_id,
+                first.notification_id,
+                token,
+            )
+        rest = sorted((NotificationRow.of(r) for r in others), key=lambda r: r.created_at)
+        rows = (first, *rest)
+        if rest and not taken_over:
+            await self.conn.execute(
+                "UPDATE notifications SET digest_id = $1 WHERE claim_token = $2",
+                first.notification_id,
+                token,
+            )
+            rows = tuple(replace(r, digest_id=first.notification_id) for r in rows)
+        return Claim(rows, token, taken_over, bool(row["was_recovered"]))
 
     async def finish(
         self,
         notification_id: str,
+        token: uuid.UUID,
         status: str,
         *,
         channel: str | None,
@@ -432,14 +590,15 @@ class NotificationRepository:
         language: str | None = None,
         subject: str | None = None,
         body: str | None = None,
-    ) -> None:
-        """Record a send's outcome."""
-        await self.conn.execute(
+    ) -> bool:
+        """Record a send's outcome, if the claim ``token`` still holds it; False when another
+        claim took it over meanwhile (its outcome is then that claim's to record)."""
+        result = await self.conn.execute(
             """
             UPDATE notifications SET status = $2, channel = $3, reason = $4,
                 provider_message_id = $5, language = $6, subject = $7, body = $8,
                 updated_at = now()
-            WHERE notification_id = $1
+            WHERE notification_id = $1 AND status = 'sending' AND claim_token = $9
             """,
             notification_id,
             status,
@@ -449,7 +608,9 @@ class NotificationRepository:
             language,
             subject,
             body,
+            token,
         )
+        return result != "UPDATE 0"
 
     async def list_for(self, customer_id: str, limit: int) -> list[NotificationRow]:
         """The shopper's notifications, newest first."""

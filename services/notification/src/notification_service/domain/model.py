@@ -15,11 +15,13 @@ from omni_contracts import Line, NotificationChannel, Preferences
 
 
 class Purpose(StrEnum):
-    """Why a message is sent: consent and the fatigue cap depend on it."""
+    """Why a message is sent: consent, the contact budget and the digest depend on it."""
 
-    # Order updates the shopper expects: sent unless they said no on that channel.
+    # Order updates the shopper expects: sent unless they said no on that channel; they use
+    # up the contact budget but never wait for it.
     TRANSACTIONAL = "transactional"
-    # Reminders, offers, alerts: only where the shopper said yes; capped per day.
+    # Reminders, offers, alerts: only where the shopper said yes; they wait for room in the
+    # contact budget and for the end of quiet hours, and go together as one digest.
     MARKETING = "marketing"
 
 
@@ -29,7 +31,7 @@ class Status(StrEnum):
     PENDING = "pending"  # decided, waiting for the dispatcher
     SENDING = "sending"  # the intent is recorded; the provider is being called
     SENT = "sent"
-    DEFERRED = "deferred"  # held until ``deferred_until`` (quiet hours)
+    DEFERRED = "deferred"  # held until ``deferred_until`` (the budget, quiet hours)
     SUPPRESSED = "suppressed"
     FAILED = "failed"
 
@@ -39,6 +41,9 @@ class Reason(StrEnum):
 
     NO_CONSENT = "no_consent"
     QUIET_HOURS = "quiet_hours"
+    # Deferred: the shopper's contact budget over its window is spent.
+    BUDGET = "budget"
+    # Suppressed: deferred so long that it would no longer be news.
     THROTTLED = "throttled"
     DUPLICATE = "duplicate"
     NO_CONTACT = "no_contact"
@@ -179,9 +184,55 @@ def _local(day: date, at: time, zone: ZoneInfo) -> datetime:
     return roundtrip if roundtrip.replace(tzinfo=None) != moment.replace(tzinfo=None) else moment
 
 
-def throttled(marketing_in_last_day: int, per_day: int) -> bool:
-    """Whether one more marketing message would pass the rolling 24 h cap."""
-    return marketing_in_last_day >= per_day
+@dataclass(frozen=True)
+class PurposePolicy:
+    """How a purpose meets the contact budget: whether its messages use it up, wait for room
+    in it (and for the end of quiet hours), and go together as one digest."""
+
+    counted: bool
+    deferred: bool
+    digest: bool
+
+
+@dataclass(frozen=True)
+class Budget:
+    """At most ``limit`` contacts (messages or digests, every channel) per rolling ``window``
+    for a message of a purpose that waits for it."""
+
+    limit: int
+    window: timedelta
+
+
+def next_slot(
+    now: datetime,
+    contacts: Iterable[datetime],
+    budget: Budget,
+    prefs: Preferences,
+    default_zone: str,
+) -> tuple[datetime, Reason | None]:
+    """The earliest moment from ``now`` inside the budget and outside quiet hours, and why it
+    is not ``now`` (``budget`` when the budget moved it at all, else ``quiet_hours``).
+
+    ``contacts`` are when the shopper was contacted; one counts while it is less than a
+    window old. Those to come are not known: the message is decided again at the slot.
+    """
+    sent = sorted(contacts)
+    slot, why = now, None
+    # Each round moves the slot later; the budget only frees up as time passes, so a few
+    # rounds settle it (quiet hours, then the budget again, at most).
+    for _ in range(8):
+        counted = [c for c in sent if c > slot - budget.window]
+        moved = False
+        if len(counted) >= budget.limit:
+            # When the oldest contacts that keep the count at the limit leave the window.
+            slot = counted[len(counted) - budget.limit] + budget.window
+            why, moved = why or Reason.BUDGET, True
+        quiet = quiet_until(slot, prefs, default_zone)
+        if quiet is not None and quiet > slot:
+            slot, why, moved = quiet, why or Reason.QUIET_HOURS, True
+        if not moved:
+            break
+    return slot, why
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
-import aiohttp
 import httpx
 from fastapi import FastAPI
 from omni_common.http import create_http_app
@@ -17,11 +17,18 @@ from omni_common.settings import ServiceSettings
 from omni_contracts import CUSTOMER_SIGNALS, NOTIFICATION_DISPATCHED
 
 from notification_service.adapters.metrics import NotificationMetrics
-from notification_service.adapters.providers import FcmPush, SmtpEmail, WebPush
+from notification_service.adapters.outbound import EndpointPolicy
+from notification_service.adapters.providers import (
+    FcmPush,
+    ServiceAccountTokens,
+    SmtpEmail,
+    WebPush,
+    web_push_session,
+)
 from notification_service.adapters.templates import Templates
 from notification_service.adapters.tokens import UnsubscribeTokens
 from notification_service.entrypoints import consumers
-from notification_service.entrypoints.http import build_router
+from notification_service.entrypoints.http import RateLimiter, build_router
 from notification_service.service.delivery import Dispatcher
 from notification_service.service.notify import Notifier
 from notification_service.settings import NotificationSettings
@@ -36,11 +43,15 @@ back in stock, loyalty. E-mail over SMTP, Web Push (VAPID) and FCM. Publishes
 
 
 def _tokens(settings: NotificationSettings) -> UnsubscribeTokens:
-    secret = settings.unsubscribe_secret.get_secret_value().encode()
-    if not secret:
-        log.warning("UNSUBSCRIBE_SECRET is not set: unsubscribe links die with this process")
-        secret = secrets.token_bytes(32)
-    return UnsubscribeTokens(secret)
+    # Without a secret (development only: the service refuses to start elsewhere, and says
+    # so at start-up) a random one: links then die with the process.
+    secret = settings.unsubscribe_secret.get_secret_value().encode() or secrets.token_bytes(32)
+    previous = settings.unsubscribe_secret_previous.get_secret_value().encode()
+    return UnsubscribeTokens(
+        secret,
+        previous=[previous] if previous else [],
+        max_age=timedelta(days=settings.unsubscribe_token_max_age_days),
+    )
 
 
 class Providers:
@@ -55,18 +66,35 @@ class Providers:
         """Open the push sessions, attach the providers, run the dispatcher."""
         s = self.settings
         dispatcher = self._ref[0]
+        policy = EndpointPolicy(allow_private=s.notify_push_private_endpoints == "allow")
         async with (
-            aiohttp.ClientSession() as session,
-            httpx.AsyncClient(timeout=10) as client,
+            web_push_session(policy) as session,
+            # FCM is where the operator said: no redirect is followed there either.
+            httpx.AsyncClient(timeout=s.notify_push_timeout_s, follow_redirects=False) as client,
         ):
             vapid = WebPush.load_key(
                 pem_file=s.vapid_private_key_file,
                 pem=s.vapid_private_key.get_secret_value() if s.vapid_private_key else None,
             )
             dispatcher.webpush = (
-                WebPush(vapid, s.vapid_subject, s.push_ttl_s, session) if vapid else None
+                WebPush(
+                    vapid,
+                    s.vapid_subject,
+                    s.push_ttl_s,
+                    session,
+                    policy,
+                    request_timeout=s.notify_push_timeout_s,
+                )
+                if vapid
+                else None
             )
-            if s.fcm_project_id and s.fcm_access_token:
+            if s.fcm_service_account_file:
+                key = ServiceAccountTokens.load(s.fcm_service_account_file)
+                project = s.fcm_project_id or str(key.get("project_id") or "")
+                dispatcher.fcm = FcmPush(
+                    s.fcm_endpoint, project, ServiceAccountTokens(key, client), client
+                )
+            elif s.fcm_project_id and s.fcm_access_token:
                 dispatcher.fcm = FcmPush(
                     s.fcm_endpoint, s.fcm_project_id, s.fcm_access_token.get_secret_value(), client
                 )
@@ -107,6 +135,13 @@ def create_app(settings: ServiceSettings | None = None, **overrides: Any) -> Fas
         runtime,
         title="Notification service",
         description=DESCRIPTION,
-        routers=[build_router(notifier, tokens, config.max_page_size)],
+        routers=[
+            build_router(
+                notifier,
+                tokens,
+                config.max_page_size,
+                RateLimiter(config.notify_unsubscribe_per_minute),
+            )
+        ],
     )
     return app

@@ -38,7 +38,12 @@ from omni_contracts import (
 )
 
 from notification_service.adapters.repository import NotificationRepository
-from notification_service.service.notify import CART_REMINDER_TIMER, DEFERRED_TIMER, Notifier
+from notification_service.service.notify import (
+    CART_REMINDER_TIMER,
+    DEFERRED_TIMER,
+    STOCK_ALERT_TIMER,
+    Notifier,
+)
 
 
 async def profiles_updated(profiles: Lot[ProfileUpdated], tx: Tx) -> None:
@@ -120,6 +125,12 @@ async def deferred_due(due: list[Due], tx: Tx, notifier: Notifier) -> None:
         await notifier.deferred_due(tx, timer.key)
 
 
+async def stock_alerts_due(due: list[Due], tx: Tx, notifier: Notifier) -> None:
+    """Timer: the next batch of shoppers waiting for a SKU back in stock is told."""
+    for timer in due:
+        await notifier.alerts_due(tx, timer.payload)
+
+
 async def second_reminders_due(due: list[Due], tx: Tx, notifier: Notifier) -> None:
     """Timer: the cart is still abandoned a day later; re-check and remind again."""
     for timer in due:
@@ -159,5 +170,9 @@ def subscriptions() -> list[Subscription]:
     ]
 
 
-TIMERS = {DEFERRED_TIMER: deferred_due, CART_REMINDER_TIMER: second_reminders_due}
+TIMERS = {
+    DEFERRED_TIMER: deferred_due,
+    CART_REMINDER_TIMER: second_reminders_due,
+    STOCK_ALERT_TIMER: stock_alerts_due,
+}
 """The notification service's durable timers, by kind."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import time
+from collections import OrderedDict
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import HTMLResponse
@@ -42,7 +45,59 @@ class UnsubscribeResult(BaseModel):
     purpose: str
 
 
-def build_router(notifier: Notifier, tokens: UnsubscribeTokens, max_page: int) -> APIRouter:
+class RateLimiter:
+    """A token bucket per key (a client's address): ``per_minute`` requests a minute, as a
+    burst or spread out. The keys kept are bounded: the least recently seen go first."""
+
+    def __init__(self, per_minute: int, max_keys: int = 10_000) -> None:
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, key: str) -> float:
+        """0 when ``key`` may go on (one token taken), else the seconds until it may."""
+        now = time.monotonic()
+        tokens, at = self._buckets.pop(key, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - at) * self.rate)
+        wait = 0.0
+        if tokens >= 1:
+            tokens -= 1
+        else:
+            wait = (1 - tokens) / self.rate
+        self._buckets[key] = (tokens, now)
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return wait
+
+
+# The unsubscribe page runs nothing and loads nothing; it may only post its own form back
+# to itself, be framed by nobody, and tell no other site the link it was reached by.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
+UNSUBSCRIBE_PAGE = (
+    '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Unsubscribe</title>'
+    '</head><body><form method="post">'
+    '<input type="hidden" name="List-Unsubscribe" value="One-Click">'
+    "<p>Stop receiving these e-mails?</p><button>Unsubscribe</button></form></body></html>"
+)
+"""No value from the request is in it: the form posts back to the very URL it came from."""
+
+_REFUSALS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Not a valid unsubscribe link, or an expired one"},
+    429: {"description": "Too many requests from this address; see Retry-After"},
+}
+
+
+def build_router(
+    notifier: Notifier, tokens: UnsubscribeTokens, max_page: int, limiter: RateLimiter
+) -> APIRouter:
     """The service's routes, bound to its use cases."""
     router = APIRouter()
 
@@ -79,24 +134,28 @@ def build_router(notifier: Notifier, tokens: UnsubscribeTokens, max_page: int) -
             for r in rows
         ]
 
-    def _verify(token: str) -> tuple[str, str, str]:
+    def _verify(token: str, request: Request) -> tuple[str, str, str]:
+        client = request.client.host if request.client else "unknown"
+        if wait := limiter.take(client):
+            raise HTTPException(
+                status_code=429,
+                detail="too many unsubscribe requests; try again later",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
         try:
             what = tokens.verify(token)
         except BadToken as exc:
+            # The reason is ours, never the token: nothing of the request is echoed.
             raise HTTPException(
                 status_code=400, detail=f"invalid unsubscribe link: {exc}"
             ) from None
-        if what.channel not in ("email", "push", "sms") or what.purpose not in (
-            "marketing",
-            "transactional",
-        ):
-            raise HTTPException(status_code=400, detail="invalid unsubscribe link")
         return what.customer_id, what.channel, what.purpose
 
     @router.post(
         "/unsubscribe/{token}",
         response_model=UnsubscribeResult,
         tags=["consent"],
+        responses=_REFUSALS,
         dependencies=[Depends(public("the signed token in the link is the authorisation"))],
     )
     async def unsubscribe(token: str, request: Request, runtime: Runtime) -> UnsubscribeResult:
@@ -105,7 +164,7 @@ def build_router(notifier: Notifier, tokens: UnsubscribeTokens, max_page: int) -
         Mail clients POST ``List-Unsubscribe=One-Click``; the consent is withdrawn here at
         once and ``customer.preferences.updated`` tells the profile, which owns consent.
         """
-        customer_id, channel, purpose = _verify(token)
+        customer_id, channel, purpose = _verify(token, request)
         async with runtime.transaction() as tx:
             await notifier.unsubscribe(tx, customer_id, channel, purpose)
         return UnsubscribeResult(status="unsubscribed", channel=channel, purpose=purpose)
@@ -114,16 +173,12 @@ def build_router(notifier: Notifier, tokens: UnsubscribeTokens, max_page: int) -
         "/unsubscribe/{token}",
         response_class=HTMLResponse,
         tags=["consent"],
+        responses=_REFUSALS,
         dependencies=[Depends(public("the signed token in the link is the authorisation"))],
     )
-    async def unsubscribe_page(token: str) -> HTMLResponse:
+    async def unsubscribe_page(token: str, request: Request) -> HTMLResponse:
         """A page with a button: a GET never unsubscribes (link scanners follow links)."""
-        _verify(token)
-        return HTMLResponse(
-            "<!doctype html><title>Unsubscribe</title>"
-            f'<form method="post" action="/unsubscribe/{token}">'
-            '<input type="hidden" name="List-Unsubscribe" value="One-Click">'
-            "<p>Stop receiving these e-mails?</p><button>Unsubscribe</button></form>"
-        )
+        _verify(token, request)
+        return HTMLResponse(UNSUBSCRIBE_PAGE, headers=PAGE_HEADERS)
 
     return router

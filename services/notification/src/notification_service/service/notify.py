@@ -1,10 +1,12 @@
 """Use cases: turn triggers into decided notifications (the dispatcher sends them).
 
 Every use case takes the transaction (``Tx``) it runs in. A decision is one of: suppressed
-(with the reason), deferred to the end of quiet hours (a durable timer re-checks it then),
-or pending (the dispatcher records the intent, calls the provider, records the outcome).
-Decisions for one shopper are serialised by an advisory lock, so the daily cap and the
-duplicate check hold with several instances.
+(with the reason), deferred to the next slot inside the shopper's contact budget and outside
+quiet hours (a durable timer decides it again then, with whatever else of the shopper's is
+due by then), or pending (the dispatcher records the intent, calls the provider, records the
+outcome; pending marketing messages of one shopper go as one digest). Decisions for one
+shopper are serialised by an advisory lock, so the budget and the duplicate check hold with
+several instances.
 """
 
 from __future__ import annotations
@@ -54,9 +56,8 @@ from notification_service.domain.model import (
     Reason,
     Status,
     check_cart,
-    quiet_until,
+    next_slot,
     route,
-    throttled,
 )
 from notification_service.settings import NotificationSettings
 
@@ -64,6 +65,8 @@ log = logging.getLogger(__name__)
 
 DEFERRED_TIMER = "notification.deferred"
 CART_REMINDER_TIMER = "cart.reminder"
+# One per SKU x location whose shoppers are being told it is back: key ["sku", "location"].
+STOCK_ALERT_TIMER = "stock_alert.fanout"
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,17 @@ class Trigger:
     def purpose(self) -> Purpose:
         """Transactional or marketing, from the kind."""
         return KINDS[self.kind].purpose
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the rules say of a message now: its status, why, until when it is deferred, and
+    until when it waits for others to join its digest."""
+
+    status: Status
+    reason: Reason | None = None
+    until: datetime | None = None
+    not_before: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -122,56 +136,84 @@ class Notifier:
         envelope: Envelope | None,
         *,
         refusal: Reason | None = None,
+        caused_by: str | None = None,
+        correlation_id: str | None = None,
     ) -> Decision:
-        """Decide ``trigger``: duplicate, refused, suppressed, deferred or pending."""
+        """Decide ``trigger``: duplicate, refused, suppressed, deferred or pending.
+
+        ``caused_by`` and ``correlation_id`` stand for the envelope's when the trigger comes
+        from a timer that remembered them."""
         repo = NotificationRepository(tx.conn)
         await repo.lock_customer(trigger.customer_id)
         notification_id = str(uuid.uuid4())
         dedup_key = trigger.dedup_key
         if dedup_key and await repo.by_dedup_key(dedup_key) is not None:
             refusal, dedup_key = Reason.DUPLICATE, None
-        if refusal is None:
-            status, refusal, until = await self._evaluate(
-                repo, trigger.customer_id, trigger.purpose
-            )
-        else:
-            status, until = Status.SUPPRESSED, None
+        verdict = (
+            await self._evaluate(repo, trigger.customer_id, trigger.purpose, self.clock())
+            if refusal is None
+            else Verdict(Status.SUPPRESSED, refusal)
+        )
         await repo.insert(
             notification_id=notification_id,
             customer_id=trigger.customer_id,
             dedup_key=dedup_key,
             kind=trigger.kind,
             purpose=trigger.purpose.value,
-            status=status.value,
-            reason=refusal.value if refusal else None,
+            status=verdict.status.value,
+            reason=verdict.reason.value if verdict.reason else None,
             channel=None,
             params=trigger.params,
-            deferred_until=until,
-            correlation_id=envelope.correlation_id if envelope else None,
-            caused_by=envelope.id if envelope else None,
+            deferred_until=verdict.until,
+            correlation_id=envelope.correlation_id if envelope else correlation_id,
+            caused_by=envelope.id if envelope else caused_by,
+            not_before=verdict.not_before,
         )
-        decision = Decision(notification_id, status, refusal, until)
+        decision = Decision(notification_id, verdict.status, verdict.reason, verdict.until)
         await self._announce(tx, trigger.customer_id, trigger.kind, decision, envelope)
         return decision
 
     async def _evaluate(
-        self, repo: NotificationRepository, customer_id: str, purpose: Purpose
-    ) -> tuple[Status, Reason | None, datetime | None]:
+        self,
+        repo: NotificationRepository,
+        customer_id: str,
+        purpose: Purpose,
+        first_decided: datetime,
+    ) -> Verdict:
+        """Route and consent, then the contact budget and quiet hours for what waits for
+        them: go now (alone, or with the digest waiting to go), or wait for the next slot."""
         contact = await repo.contact(customer_id)
         routed = route(contact, purpose)
         if routed.refusal is not None:
-            return Status.SUPPRESSED, routed.refusal, None
+            return Verdict(Status.SUPPRESSED, routed.refusal)
         assert contact is not None
-        if purpose is Purpose.MARKETING:
-            now = self.clock()
-            recent = await repo.marketing_since(customer_id, now - timedelta(hours=24))
-            if throttled(recent, self.settings.notify_marketing_per_day):
-                return Status.SUPPRESSED, Reason.THROTTLED, None
-            # Order updates go at once; what the shopper did not ask for waits for morning.
-            until = quiet_until(now, contact.preferences, self.settings.notify_default_time_zone)
-            if until is not None:
-                return Status.DEFERRED, Reason.QUIET_HOURS, until
-        return Status.PENDING, None, None
+        policy = self.settings.purpose_policy(purpose)
+        if not policy.deferred:
+            # Order updates go at once, whatever the budget (they count in it).
+            return Verdict(Status.PENDING)
+        now = self.clock()
+        if policy.digest and (waiting := await repo.open_digest(customer_id)) is not None:
+            # A message of the same purpose is about to go: this one goes with it, in one
+            # digest, one contact. It was allowed in the budget and outside quiet hours.
+            return Verdict(Status.PENDING, not_before=waiting.not_before)
+        budget = self.settings.budget
+        contacts = await repo.contacts_since(
+            customer_id,
+            now - budget.window,
+            transactional=self.settings.purpose_policy(Purpose.TRANSACTIONAL).counted,
+        )
+        slot, why = next_slot(
+            now, contacts, budget, contact.preferences, self.settings.notify_default_time_zone
+        )
+        if why is None:
+            wait = self.settings.notify_digest_wait_s
+            return Verdict(
+                Status.PENDING, not_before=now + timedelta(seconds=wait) if wait else None
+            )
+        if slot - first_decided > timedelta(hours=self.settings.notify_defer_max_hours):
+            # Held that long it would no longer be news.
+            return Verdict(Status.SUPPRESSED, Reason.THROTTLED)
+        return Verdict(Status.DEFERRED, why, until=slot)
 
     async def _announce(
         self, tx: Tx, customer_id: str, kind: str, decision: Decision, envelope: Envelope | None
@@ -193,7 +235,8 @@ class Notifier:
             reason_value = decision.reason.value
             tx.after_commit(lambda: self.metrics.outcome(kind, "suppressed", reason_value))
         elif decision.status is Status.DEFERRED:
-            assert decision.until is not None
+            assert decision.until is not None and decision.reason is not None
+            why = decision.reason.value
             await set_timer(
                 tx.conn,
                 DEFERRED_TIMER,
@@ -207,48 +250,60 @@ class Notifier:
                     notification_id=decision.notification_id,
                     until=decision.until,
                     template=kind,
-                    reason=Reason.QUIET_HOURS.value,
+                    reason=why,
                 ),
                 caused_by=envelope,
             )
-            tx.after_commit(
-                lambda: self.metrics.outcome(kind, "deferred", Reason.QUIET_HOURS.value)
-            )
+            tx.after_commit(lambda: self.metrics.outcome(kind, "deferred", why))
         else:
             # Once committed the dispatcher can see it: wake it rather than wait for its poll.
             tx.after_commit(self.wake)
 
     async def deferred_due(self, tx: Tx, notification_id: str) -> None:
-        """Timer: quiet hours are over; decide again (consent, cap, cart bought meanwhile)."""
+        """Timer: a deferred message's slot came; decide it again (consent, the budget, quiet
+        hours, a cart bought meanwhile), with the shopper's other deferred messages that are
+        due by now: they come due together, so they go together (one digest)."""
         repo = NotificationRepository(tx.conn)
         row = await repo.get(notification_id, lock=True)
         if row is None or row.status != Status.DEFERRED.value:
             return
         await repo.lock_customer(row.customer_id)
-        refusal: Reason | None = None
+        due = [
+            row,
+            *await repo.deferred_due(
+                row.customer_id, self.clock(), DEFERRED_TIMER, exclude=notification_id
+            ),
+        ]
+        for each in sorted(due, key=lambda r: r.created_at):
+            await self._decide_again(tx, repo, each)
+
+    async def _decide_again(
+        self, tx: Tx, repo: NotificationRepository, row: NotificationRow
+    ) -> None:
+        verdict: Verdict | None = None
         if row.kind == "cart_reminder":
             params, refusal = await self._recheck_cart(repo, row)
             if params != row.params:
                 await tx.conn.execute(
                     "UPDATE notifications SET params = $2 WHERE notification_id = $1",
-                    notification_id,
+                    row.notification_id,
                     json.dumps(params),
                 )
-        if refusal is None:
-            status, refusal, until = await self._evaluate(
-                repo, row.customer_id, Purpose(row.purpose)
+            if refusal is not None:
+                verdict = Verdict(Status.SUPPRESSED, refusal)
+        if verdict is None:
+            verdict = await self._evaluate(
+                repo, row.customer_id, Purpose(row.purpose), row.created_at
             )
-        else:
-            status, until = Status.SUPPRESSED, None
         await repo.decide(
-            notification_id,
-            status.value,
-            reason=refusal.value if refusal else None,
-            deferred_until=until,
+            row.notification_id,
+            verdict.status.value,
+            reason=verdict.reason.value if verdict.reason else None,
+            deferred_until=verdict.until,
+            not_before=verdict.not_before,
         )
-        await self._announce(
-            tx, row.customer_id, row.kind, Decision(notification_id, status, refusal, until), None
-        )
+        decision = Decision(row.notification_id, verdict.status, verdict.reason, verdict.until)
+        await self._announce(tx, row.customer_id, row.kind, decision, None)
 
     # -- carts -----------------------------------------------------------------------------
 
@@ -390,26 +445,69 @@ class Notifier:
 
     async def availability_changed(
         self, tx: Tx, event: AvailabilityChanged, envelope: Envelope
-    ) -> list[Decision]:
-        """Keep the latest availability; fire the alerts it satisfies, once each."""
+    ) -> None:
+        """Keep the latest availability; when it may satisfy alerts, arm their fan-out.
+
+        The shoppers waiting are told in bounded batches, each its own transaction (the
+        fan-out timer, :meth:`alerts_due`): however many wait, the event's transaction stays
+        small, and a fan-out stopped half-way resumes where it was.
+        """
         repo = NotificationRepository(tx.conn)
         await repo.save_availability(
             event.sku, event.location_id, event.available, event.online_available, event.changed_at
         )
-        decisions = []
-        for alert in await repo.take_alerts(
-            event.sku, event.location_id, event.available > 0, event.online_available > 0
+        if (event.available > 0 or event.online_available > 0) and await repo.alerts_waiting(
+            event.sku
         ):
+            await set_timer(
+                tx.conn,
+                STOCK_ALERT_TIMER,
+                json.dumps([event.sku, event.location_id]),
+                self.clock(),
+                {
+                    "sku": event.sku,
+                    "location_id": event.location_id,
+                    "caused_by": envelope.id,
+                    "correlation_id": envelope.correlation_id,
+                },
+            )
+
+    async def alerts_due(self, tx: Tx, payload: dict[str, Any]) -> list[Decision]:
+        """Timer: tell one batch of the shoppers waiting for a SKU that it is back (at the
+        store, or online), as availability stands now; arm the next batch if there may be
+        more. Each alert fires once."""
+        repo = NotificationRepository(tx.conn)
+        sku, location_id = payload["sku"], payload["location_id"]
+        store = await repo.store_available(sku, location_id) > 0
+        online = (await repo.online_available([sku])).get(sku, 0) > 0
+        batch = self.settings.notify_fanout_batch
+        alerts = await repo.take_alerts(sku, location_id, store, online, batch)
+        decisions = []
+        # Shoppers in one order in every batch: concurrent batches lock them alike.
+        for alert in sorted(alerts, key=lambda a: (a["customer_id"], a["alert_id"])):
+            product = f"{self.settings.shop_url.rstrip('/')}/products/{alert['sku']}"
             params = {
                 "sku": alert["sku"],
                 "location_id": alert["location_id"],
-                "product_url": f"{self.settings.shop_url.rstrip('/')}/products/{alert['sku']}",
-                "url": f"{self.settings.shop_url.rstrip('/')}/products/{alert['sku']}",
+                "product_url": product,
+                "url": product,
             }
             trigger = Trigger(
                 alert["customer_id"], "back_in_stock", f"stock_alert:{alert['alert_id']}", params
             )
-            decisions.append(await self.notify(tx, trigger, envelope))
+            decisions.append(
+                await self.notify(
+                    tx,
+                    trigger,
+                    None,
+                    caused_by=payload.get("caused_by"),
+                    correlation_id=payload.get("correlation_id"),
+                )
+            )
+        if len(alerts) == batch:
+            await set_timer(
+                tx.conn, STOCK_ALERT_TIMER, json.dumps([sku, location_id]), self.clock(), payload
+            )
         return decisions
 
     # -- loyalty ---------------------------------------------------------------------------
