@@ -274,6 +274,70 @@ async def test_buying_the_items_in_a_store_with_the_loyalty_card_cancels(w: Worl
     assert (await w.customer(customer))["summary"]["preferred_store"] == "store-7"
 
 
+async def test_a_burst_of_orders_ends_as_if_they_came_one_by_one(w: World) -> None:
+    """Orders arriving together are handled as a lot: every shopper still ends known, with
+    every purchase, the store they buy at most, and no reminder of a cart they bought."""
+    shoppers = [uid("cust") for _ in range(4)]
+    carts = {c: uid("cart") for c in shoppers}
+    before = w.metric("omni_cart_abandonments_skipped_total", reason="purchased")
+    for c in shoppers:
+        await w.channel.publish(
+            CartItemAdded(
+                cart_id=carts[c],
+                channel="web",
+                customer_id=c,
+                items=[line("SKU-LOT")],
+                occurred_at=now() - timedelta(seconds=1),
+            )
+        )
+    # Carts and orders travel on different topics: the carts are in before the burst.
+    for c in shoppers:
+        await w.profile_event(c)
+    orders: list[tuple[str, OrderPlaced]] = []
+    for c in shoppers:
+        for store in ("store-2", "store-5", "store-2"):
+            order = OrderPlaced(
+                order_id=uid("ord"),
+                customer_id=c,
+                channel="web",
+                lines=[line("SKU-LOT")],
+                fulfillment={"type": "pickup", "location_id": store},
+                occurred_at=now(),
+            )
+            orders.append((c, order))
+    await asyncio.gather(*(w.channel.publish(o) for _, o in orders))
+    shipped = orders[0][1].order_id
+    await w.channel.publish(OrderShipped(order_id=shipped, customer_id=shoppers[0], channel="web"))
+
+    async def all_kept() -> bool:
+        for c in shoppers:
+            page = (await w.svc.http.get(f"/customers/{c}/history?limit=10")).json()
+            if len(page.get("items", [])) != 3:
+                return False
+        return True
+
+    await w.until(all_kept, timeout=20)
+    # Other tests' carts can be bought meanwhile: the count only has to cover these four.
+    await w.until(
+        lambda: (
+            w.metric("omni_cart_abandonments_skipped_total", reason="purchased")
+            >= before + len(shoppers)
+        )
+    )
+    for c in shoppers:
+        view = await w.customer(c)
+        assert view["summary"]["orders"] == 3
+        assert view["summary"]["preferred_store"] == "store-2"
+
+    async def moved() -> bool:
+        page = (await w.svc.http.get(f"/customers/{shoppers[0]}/history?limit=10")).json()
+        return {i["order_id"]: i["status"] for i in page["items"]}[shipped] == "shipped"
+
+    await w.until(moved)
+    for c in shoppers:
+        await w.no_abandonment(carts[c], wait_s=0.2)
+
+
 # -- identity ----------------------------------------------------------------------------------
 
 

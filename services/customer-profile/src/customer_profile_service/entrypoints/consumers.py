@@ -46,7 +46,7 @@ from omni_contracts import (
 from omni_contracts.envelope import Envelope
 
 from customer_profile_service.adapters.metrics import ProfileMetrics
-from customer_profile_service.service import carts, profiles
+from customer_profile_service.service import carts, profiles, purchases
 from customer_profile_service.service.context import CART_ABANDONMENT, Outcome, Profiles
 
 UseCase = Callable[[Profiles, Tx, Any, Envelope | None], Awaitable[Outcome]]
@@ -57,7 +57,11 @@ async def _each(
 ) -> None:
     for event, envelope in lot:
         outcome = await use_case(policy, tx, event, envelope)
-        tx.after_commit(lambda o=outcome: metrics.observe(o))  # committed: now it is true
+        _observe(tx, metrics, outcome)
+
+
+def _observe(tx: Tx, metrics: ProfileMetrics, outcome: Outcome) -> None:
+    tx.after_commit(lambda: metrics.observe(outcome))  # committed: now it is true
 
 
 async def customers_identified(
@@ -98,20 +102,20 @@ async def sales_recorded(
 async def checkouts_submitted(
     checkouts: Lot[CheckoutSubmitted], tx: Tx, policy: Profiles, metrics: ProfileMetrics
 ) -> None:
-    """A checkout: the shopper is known, and their cart is bought."""
-    await _each(checkouts, tx, policy, metrics, profiles.checkout_submitted)
+    """Checkouts: their shoppers are known, and their carts are bought."""
+    _observe(tx, metrics, await purchases.checkouts_submitted(policy, tx, checkouts))
 
 
 async def orders_placed(
     orders: Lot[OrderPlaced], tx: Tx, policy: Profiles, metrics: ProfileMetrics
 ) -> None:
-    """A placed order joins the shopper's purchase history."""
-    await _each(orders, tx, policy, metrics, profiles.order_placed)
+    """Placed orders join their shoppers' purchase histories."""
+    _observe(tx, metrics, await purchases.orders_placed(policy, tx, orders))
 
 
-async def orders_moved(orders: Lot[Any], tx: Tx, policy: Profiles, metrics: ProfileMetrics) -> None:
-    """An order's later status is kept in the shopper's history."""
-    await _each(orders, tx, policy, metrics, profiles.order_moved)
+async def orders_moved(orders: Lot[Any], tx: Tx, policy: Profiles) -> None:
+    """Orders' later statuses are kept in their shoppers' histories."""
+    await purchases.orders_moved(policy, tx, orders)
 
 
 async def carts_changed(

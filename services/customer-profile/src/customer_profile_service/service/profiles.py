@@ -18,15 +18,11 @@ from omni_common.service import Tx
 from omni_common.timers import cancel_timer, set_timer
 from omni_contracts import (
     CUSTOMER_PROFILE,
-    CheckoutSubmitted,
     ContactDetailsUpdated,
     ContactField,
     CustomerIdentified,
     ErasureRequested,
-    FulfillmentType,
     Line,
-    OrderEvent,
-    OrderPlaced,
     Preferences,
     PreferencesUpdated,
     ProfileErased,
@@ -36,13 +32,12 @@ from omni_contracts import (
 )
 from omni_contracts.envelope import Envelope
 
-from customer_profile_service.adapters.repository import CartRow, ProfileRepository
+from customer_profile_service.adapters.repository import ProfileRepository, ProfileRow
 from customer_profile_service.domain import (
     CartLine,
     Claim,
     IdKind,
     ProfileError,
-    contents_hash,
     covered_by,
     decide_claim,
     is_blocked,
@@ -206,13 +201,18 @@ async def snapshot(repo: ProfileRepository, customer_id: str) -> ProfileUpdated:
     p = await repo.profile(customer_id)
     assert p is not None
     ids = await repo.identifiers(customer_id)
+    return snapshot_of(p, ids, await repo.next_version(customer_id))
+
+
+def snapshot_of(p: ProfileRow, ids: dict[IdKind, list[str]], version: int) -> ProfileUpdated:
+    """A profile and its identifiers as published, at ``version``."""
 
     def with_primary(values: list[str], primary: str | None) -> list[str]:
         return values if primary is None or primary in values else [primary, *values]
 
     return ProfileUpdated(
-        customer_id=customer_id,
-        version=await repo.next_version(customer_id),
+        customer_id=p.customer_id,
+        version=version,
         email=p.email,
         phone=p.phone,
         push_tokens=p.push_tokens,
@@ -390,45 +390,6 @@ async def _after_purchase(
         out.changed.add(customer_id)
 
 
-async def checked_out(
-    profiles: Profiles,
-    tx: Tx,
-    cart_id: str,
-    out: Outcome,
-    *,
-    customer_id: str,
-    channel: str,
-    at: datetime,
-) -> None:
-    """A cart went through checkout: its abandonment is off."""
-    repo = profiles.repo(tx)
-    await repo.lock(profiles.lock_namespace, f"cart:{cart_id}")
-    cart = await repo.cart(cart_id, for_update=True)
-    if cart is None:
-        # The checkout overtook the cart's own events (another topic): remember the cart as
-        # checked out, so its earlier events arriving now do not arm a reminder.
-        await repo.save_cart(
-            CartRow(
-                cart_id=cart_id,
-                customer_id=customer_id,
-                anonymous_id=None,
-                channel=channel,
-                status="checked_out",
-                items=[],
-                value=Decimal(0),
-                currency=None,
-                contents_hash=contents_hash([]),
-                announced_hash=None,
-                last_activity_at=at,
-            )
-        )
-        return
-    if cart.status != "checked_out":
-        await repo.set_cart_status(cart_id, "checked_out")
-    if await cancel_timer(tx.conn, CART_ABANDONMENT, cart_id):
-        out.cart_skips.append("checked_out")
-
-
 def names_a_shopper(sale: SaleRecorded) -> bool:
     """Whether a till sale can join anyone's history: an anonymous one (no customer id, no
     loyalty card) has nothing to change here."""
@@ -481,81 +442,6 @@ async def sale_recorded(
     await _after_purchase(profiles, tx, customer_id, sale.occurred_at, out)
     await publish_snapshots(profiles, tx, out, envelope)
     return out
-
-
-async def checkout_submitted(
-    profiles: Profiles, tx: Tx, checkout: CheckoutSubmitted, envelope: Envelope | None = None
-) -> Outcome:
-    """A checkout makes the shopper known and ends its cart's abandonment."""
-    repo = profiles.repo(tx)
-    out = Outcome()
-    customer_id = await ensure_profile(repo, checkout.customer_id, checkout.occurred_at, out)
-    if customer_id is not None and checkout.cart_id:
-        await checked_out(
-            profiles,
-            tx,
-            checkout.cart_id,
-            out,
-            customer_id=customer_id,
-            channel=checkout.channel.value,
-            at=checkout.occurred_at,
-        )
-    await publish_snapshots(profiles, tx, out, envelope)
-    return out
-
-
-async def order_placed(
-    profiles: Profiles, tx: Tx, order: OrderPlaced, envelope: Envelope | None = None
-) -> Outcome:
-    """An order of any channel (a till sale's included) joins the shopper's history."""
-    repo = profiles.repo(tx)
-    out = Outcome()
-    key = f"sale:{order.sale_id}" if order.sale_id else order.order_id
-    if order.customer_id is None:
-        # A till sale named only by its loyalty card was attributed from store.sales.v1:
-        # remember its order id so its later events (returns) find it.
-        if order.sale_id:
-            await repo.link_order(key, order.order_id)
-        return out
-    customer_id = await ensure_profile(repo, order.customer_id, order.occurred_at, out)
-    if customer_id is None:
-        return out
-    ful = order.fulfillment
-    location = ful.location_id if ful.type is FulfillmentType.PICKUP else None
-    total = order.total.amount if order.total else sum(ln.total().amount for ln in order.lines)
-    await repo.upsert_purchase(
-        purchase_key=key,
-        order_id=order.order_id,
-        customer_id=customer_id,
-        channel=order.channel.value,
-        status=order.status.value,
-        lines=cart_lines(order.lines),
-        total=Decimal(total),
-        currency=order.lines[0].unit_price.currency,
-        location_id=location,
-        placed_at=order.occurred_at,
-    )
-    if order.cart_id:
-        await checked_out(
-            profiles,
-            tx,
-            order.cart_id,
-            out,
-            customer_id=customer_id,
-            channel=order.channel.value,
-            at=order.occurred_at,
-        )
-    await _after_purchase(profiles, tx, customer_id, order.occurred_at, out)
-    await publish_snapshots(profiles, tx, out, envelope)
-    return out
-
-
-async def order_moved(
-    profiles: Profiles, tx: Tx, event: OrderEvent, envelope: Envelope | None = None
-) -> Outcome:
-    """An order's status changed: its history entry follows (unknown orders: nothing)."""
-    await profiles.repo(tx).set_purchase_status(event.order_id, event.status.value)
-    return Outcome()
 
 
 # -- erasure -----------------------------------------------------------------------------------
