@@ -35,6 +35,7 @@ from opentelemetry import propagate, trace
 
 from omni_common.faults import Backoff, is_contention, is_infrastructure_error, wait_until_healthy
 from omni_common.handlers import BoundHandler, Received, Refusal
+from omni_common.logging import redact
 from omni_common.metrics import PlatformMetrics
 from omni_common.settings import ServiceSettings
 from omni_common.telemetry import spans_wanted, trace_headers
@@ -213,7 +214,7 @@ def dlq_headers(
     headers.update(
         {
             "dlq_reason": reason,
-            "dlq_error": error[:2000],
+            "dlq_error": redact(error)[:2000],  # a validation error quotes the input
             "dlq_source_topic": record.topic,
             "dlq_source_partition": str(record.partition),
             "dlq_source_offset": str(record.offset),

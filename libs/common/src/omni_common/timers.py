@@ -26,6 +26,7 @@ import asyncpg
 
 from omni_common.faults import Backoff, HealthCheck, is_infrastructure_error
 from omni_common.handlers import Due
+from omni_common.logging import redact
 from omni_common.metrics import PlatformMetrics
 from omni_common.telemetry import attach_trace_headers, current_trace_headers, detach
 
@@ -328,7 +329,8 @@ class TimerWheel:
     async def _failed(self, row: Any, exc: Exception) -> None:
         """Count a failed firing (its transaction rolled back, so the row is back)."""
         attempts = row["attempts"] + 1
-        error = f"{type(exc).__name__}: {exc}"[:2000]
+        # Kept in the table (dead_timers outlives an erasure of whom it quotes): masked.
+        error = redact(f"{type(exc).__name__}: {exc}")[:2000]
         kind, key = row["kind"], row["key"]
         async with self._transaction() as tx:
             if attempts >= self._max_attempts:

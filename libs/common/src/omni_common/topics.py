@@ -15,8 +15,10 @@ from aiokafka.errors import KafkaError
 
 # The Kafka error code of a CreateTopics answer for a topic that is already there.
 _TOPIC_ALREADY_EXISTS = 36
-# Dead letters are kept longer than the source topic so operators have time to replay them.
-DLQ_RETENTION_MS = 30 * 24 * 3600 * 1000
+# Dead letters keep the original bytes, personal data included, and a topic cannot forget one
+# record: a short retention bounds how long an erased shopper's entries can survive (a week
+# to mend and replay).
+DLQ_RETENTION_MS = 7 * 24 * 3600 * 1000
 DLQ_MAX_PARTITIONS = 3
 # Every topic's max.message.bytes (Kafka's default, made explicit): the producer's
 # max_request_size is derived from it (omni_common.producer).

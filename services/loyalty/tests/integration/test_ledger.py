@@ -362,6 +362,54 @@ async def test_an_erased_shopper_is_pseudonymised_and_the_ledger_keeps_its_figur
     assert row["entries"] >= 1  # figures kept, no name
 
 
+async def test_an_erased_id_stays_erased_whatever_comes_later(loyalty: Loyalty) -> None:
+    """Earn and redeem events that name an erased shopper are acknowledged: no account is
+    opened under the id again, nothing is earned or published for it, a hold is refused."""
+    customer, never_seen = uid("cust"), uid("cust")
+    await loyalty.sale(customer, (uid("SKU"), 1, "9.00"))
+    await loyalty.account_until(customer, lambda a: a["available"] == 9)
+    await loyalty.channel.publish(ProfileErased(customer_id=customer))
+    await loyalty.channel.publish(ProfileErased(customer_id=never_seen))
+
+    async def gone() -> int:
+        return (await loyalty.service.http.get(f"/accounts/{customer}")).status_code
+
+    assert await eventually(gone, lambda status: status == 404) == 404
+    for who in (customer, never_seen):
+        await loyalty.sale(who, (uid("SKU"), 1, "30.00"))
+        await loyalty.channel.publish(ProfileUpdated(customer_id=who, preferred_store=STORE))
+        await loyalty.channel.publish(
+            OrderPlaced(
+                order_id=uid("ord"),
+                customer_id=who,
+                channel=Channel.WEB,
+                lines=[{"sku": "X", "qty": 1, "unit_price": money("5.00")}],
+                fulfillment={"type": "pickup", "location_id": STORE},
+                points_to_redeem=5,
+                awaiting=["inventory", "loyalty"],
+            )
+        )
+        # The hold is answered (the saga must not wait), and refused: nothing to spend.
+        assert await loyalty.entry(who, "loyalty.points.refused")
+    # Nothing earned is published for an id never seen before its erasure (the other's
+    # figures are read from its account below).
+    assert await loyalty.none(never_seen, "loyalty.points.pending", wait_s=1.0)
+    async with loyalty.pool.acquire() as conn:
+        named = await conn.fetchval(
+            "SELECT count(*) FROM accounts WHERE customer_id = ANY($1::text[])",
+            [customer, never_seen],
+        )
+        erased = await conn.fetch(
+            "SELECT a.available, a.preferred_store FROM erased_customers e"
+            " JOIN accounts a USING (account_id) WHERE e.customer_id = ANY($1::text[])",
+            [customer, never_seen],
+        )
+    assert named == 0  # no account under either id again
+    assert sorted(r["available"] for r in erased) == [0, 9]  # nothing more earned
+    assert all(r["preferred_store"] is None for r in erased)
+    assert (await loyalty.service.http.get(f"/accounts/{never_seen}")).status_code == 404
+
+
 async def test_the_read_api_pages_the_ledger_and_needs_a_key(loyalty: Loyalty) -> None:
     customer = uid("cust")
     for _ in range(5):

@@ -85,3 +85,53 @@ async def test_an_outcome_is_recorded_only_by_the_claim_that_holds_the_message(
     finally:
         await conn.close()
     assert (status, channel_) == ("sent", "push")
+
+
+async def test_a_send_in_flight_when_the_erasure_lands_writes_nothing_back(
+    start_notification, omni_env, ev
+) -> None:
+    async with start_notification():
+        pass  # its schema, migrated; no dispatcher of its own in the way
+    customer, address = ev.uid("cust"), f"{ev.uid('shopper')}@example.com"
+    conn = await asyncpg.connect(
+        omni_env.database_url, server_settings={"search_path": "notification"}
+    )
+    try:
+        await conn.execute(
+            "INSERT INTO notifications (notification_id, customer_id, kind, purpose, status)"
+            " VALUES ($1, $2, 'order_confirmed', 'transactional', 'pending')",
+            str(uuid.uuid4()),
+            customer,
+        )
+        await conn.execute(
+            "INSERT INTO dead_timers (kind, key, due_at, payload, trace, attempts, last_error)"
+            " VALUES ('cart.reminder', $1, now(), $2, '{}', 5, $3)",
+            ev.uid("cart"),
+            f'{{"customer_id": "{customer}"}}',
+            f"refused {address}",
+        )
+        repo = NotificationRepository(conn)
+        claim = await repo.claim(lease_s=60)
+        assert claim is not None and claim.row.customer_id == customer
+        await repo.erase(customer)
+        # The delivery ends after the erasure: its subject and body are not written back.
+        held = await repo.finish(
+            claim.row.notification_id,
+            claim.token,
+            "sent",
+            channel="email",
+            subject=f"Hello {address}",
+            body=f"Sent to {address}",
+        )
+        row = await conn.fetchrow(
+            "SELECT status, reason, subject, body FROM notifications WHERE customer_id = $1",
+            customer,
+        )
+        dead = await conn.fetchval(
+            "SELECT count(*) FROM dead_timers WHERE payload->>'customer_id' = $1", customer
+        )
+    finally:
+        await conn.close()
+    assert not held
+    assert dict(row) == {"status": "suppressed", "reason": "erased", "subject": None, "body": None}
+    assert dead == 0

@@ -515,3 +515,37 @@ async def test_points_do_not_pay_when_loyalty_is_not_in_the_saga(
             )
             assert created.status_code == 201, created.text
             assert created.json()["pending_confirmations"] == ["inventory"]
+
+
+async def test_an_erasure_takes_the_address_out_of_events_not_yet_published(w: World) -> None:
+    from order_service.adapters.repository import OrderRepository
+
+    customer, street = f"cust-{uuid.uuid4().hex[:8]}", "17 Rue des Secrets"
+    payload = {
+        "order_id": f"ord-{uuid.uuid4().hex[:8]}",
+        "customer_id": customer,
+        "fulfillment": {"type": "delivery", "address": {"line1": street, "city": "Lyon"}},
+    }
+
+    class Rollback(Exception):
+        pass
+
+    kept: dict[str, Any] = {}
+    with pytest.raises(Rollback):  # nothing committed: the relay never sees the row
+        async with w.svc.runtime.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO outbox (ce_id, ce_type, topic, key, headers, payload)"
+                " VALUES ($1, 'order.placed', 'order.lifecycle.v1', $2, '{}', $3)",
+                uuid.uuid4(),
+                payload["order_id"],
+                json.dumps(payload).encode(),
+            )
+            await OrderRepository(conn).erase_customer(customer)
+            raw = await conn.fetchval(
+                "SELECT payload FROM outbox WHERE key = $1 AND published_at IS NULL",
+                payload["order_id"],
+            )
+            kept.update(json.loads(raw))
+            raise Rollback
+    # The event still goes out (nothing is lost), without the address.
+    assert kept["fulfillment"] == {"type": "delivery"} and street not in json.dumps(kept)

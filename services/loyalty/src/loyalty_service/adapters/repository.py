@@ -24,6 +24,15 @@ _ACCOUNT_COLUMNS = (
 )
 
 
+# The account a customer id names: an erased shopper's id names their pseudonymised account.
+def _named(customer_id: str) -> str:
+    """SQL for the ``customer_id`` of the account the id ``customer_id`` (SQL) names."""
+    return (
+        "coalesce((SELECT 'erased:' || e.account_id FROM erased_customers e"
+        f" WHERE e.customer_id = {customer_id}), {customer_id})"
+    )
+
+
 def _account(row: asyncpg.Record | None) -> Account | None:
     return Account(**dict(row)) if row is not None else None
 
@@ -89,22 +98,26 @@ class LoyaltyRepository:
         return account
 
     async def customer_account(self, customer_id: str, *, lock: bool = True) -> Account | None:
-        """The customer's account (locked unless ``lock`` is False), or None."""
+        """The customer's account (locked unless ``lock`` is False), or None; an erased
+        shopper's is their pseudonymised account, marked erased."""
         return _account(
             await self.conn.fetchrow(
-                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE customer_id = $1"
+                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE customer_id = {_named('$1')}"
                 + (" FOR UPDATE" if lock else ""),
                 customer_id,
             )
         )
 
     async def ensure_customer_account(self, customer_id: str) -> Account:
-        """The customer's account, opened with no points if there is none; locked."""
+        """The customer's account, opened with no points if there is none; locked. An
+        erased shopper's is their pseudonymised account (marked erased), never a new one."""
         account = await self.customer_account(customer_id)
         if account is not None:
             return account
         await self.conn.execute(
-            "INSERT INTO accounts (customer_id) VALUES ($1) ON CONFLICT (customer_id) DO NOTHING",
+            "INSERT INTO accounts (customer_id) SELECT $1::text"
+            " WHERE NOT EXISTS (SELECT 1 FROM erased_customers WHERE customer_id = $1)"
+            " ON CONFLICT (customer_id) DO NOTHING",
             customer_id,
         )
         account = await self.customer_account(customer_id)
@@ -113,21 +126,27 @@ class LoyaltyRepository:
 
     async def ensure_customer_accounts(self, customer_ids: Sequence[str]) -> dict[str, Account]:
         """The customers' accounts, opened with no points where there is none; locked, in
-        account order (two statements for any number of customers)."""
+        account order (two statements for any number of customers). An erased shopper's is
+        their pseudonymised account (marked erased), never a new one."""
         wanted = sorted(set(customer_ids))
         if not wanted:
             return {}
         await self.conn.execute(
-            "INSERT INTO accounts (customer_id) SELECT * FROM unnest($1::text[])"
+            "INSERT INTO accounts (customer_id) SELECT w FROM unnest($1::text[]) AS w"
+            " WHERE NOT EXISTS (SELECT 1 FROM erased_customers e WHERE e.customer_id = w)"
             " ORDER BY 1 ON CONFLICT (customer_id) DO NOTHING",
             wanted,
         )
         rows = await self.conn.fetch(
-            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE customer_id = ANY($1::text[])"
-            " ORDER BY account_id FOR UPDATE",
+            f"SELECT w.id AS wanted, {_ACCOUNT_COLUMNS} FROM unnest($1::text[]) AS w(id)"
+            f" JOIN accounts ON customer_id = {_named('w.id')}"
+            " ORDER BY account_id FOR UPDATE OF accounts",
             wanted,
         )
-        return {row["customer_id"]: Account(**dict(row)) for row in rows}
+        return {
+            row["wanted"]: Account(**{k: v for k, v in row.items() if k != "wanted"})
+            for row in rows
+        }
 
     async def set_preferred_stores(self, stores: Mapping[int, str | None]) -> None:
         """Remember where each shopper likes to shop (offers check stock there)."""
@@ -243,7 +262,12 @@ class LoyaltyRepository:
             )
 
     async def erase(self, customer_id: str) -> int | None:
-        """Pseudonymise a shopper: the account keeps its ledger, loses the name and cards."""
+        """Pseudonymise a shopper: the account keeps its ledger, loses the name and cards.
+
+        Returns the account's id, None when the shopper had none (or was erased before).
+        Either way the id is remembered as erased, with an empty pseudonymised account if
+        there was none, so no later event opens an account under it again.
+        """
         account_id = await self.conn.fetchval(
             "UPDATE accounts SET customer_id = 'erased:' || account_id, preferred_store = NULL,"
             " erased_at = now(), updated_at = now() WHERE customer_id = $1 RETURNING account_id",
@@ -251,6 +275,25 @@ class LoyaltyRepository:
         )
         if account_id is not None:
             await self.conn.execute("DELETE FROM cards WHERE account_id = $1", account_id)
+            pointed_at = account_id
+        elif await self.conn.fetchval(
+            "SELECT true FROM erased_customers WHERE customer_id = $1", customer_id
+        ):
+            return None  # erased before
+        else:
+            # No account yet: an empty pseudonymised one for the id to name.
+            pointed_at = await self.conn.fetchval(
+                "INSERT INTO accounts (account_id, customer_id, erased_at)"
+                " SELECT id, 'erased:' || id, now()"
+                " FROM (SELECT nextval(pg_get_serial_sequence('accounts', 'account_id')) AS id) n"
+                " RETURNING account_id"
+            )
+        await self.conn.execute(
+            "INSERT INTO erased_customers (customer_id, account_id) VALUES ($1, $2)"
+            " ON CONFLICT (customer_id) DO NOTHING",
+            customer_id,
+            pointed_at,
+        )
         return account_id
 
     # -- the ledger ----------------------------------------------------------------------

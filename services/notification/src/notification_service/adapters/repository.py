@@ -662,14 +662,24 @@ class NotificationRepository:
         await self.conn.execute(
             "DELETE FROM timers WHERE payload->>'customer_id' = $1", customer_id
         )
+        await self.conn.execute(
+            "DELETE FROM dead_timers WHERE payload->>'customer_id' = $1 OR key IN"
+            " (SELECT notification_id FROM notifications WHERE customer_id = $1)",
+            customer_id,
+        )
         stopped = await self.conn.fetch(
             "UPDATE notifications SET status = 'suppressed', reason = 'erased', updated_at = now()"
             " WHERE customer_id = $1 AND status IN ('pending', 'deferred')"
             " RETURNING notification_id",
             customer_id,
         )
+        # A send in flight loses its claim: its outcome, recorded after the erasure, would
+        # write the subject and body back (finish() needs the token). Its reason is a code.
         await self.conn.execute(
-            "UPDATE notifications SET params = NULL, subject = NULL, body = NULL"
+            "UPDATE notifications SET params = NULL, subject = NULL, body = NULL,"
+            " claim_token = NULL,"
+            " status = CASE WHEN status = 'sending' THEN 'suppressed' ELSE status END,"
+            " reason = CASE WHEN status = 'sending' THEN 'erased' ELSE reason END"
             " WHERE customer_id = $1",
             customer_id,
         )

@@ -246,8 +246,8 @@ class OrderRepository:
         """Pseudonymise a shopper's orders after an erasure; returns how many orders.
 
         Delivery addresses (with the recipient's name and phone) leave the orders, their
-        history and the published outbox rows; ids, lines, amounts and states stay, as the
-        accounts require.
+        history and the outbox (published rows deleted, unpublished ones redacted); ids,
+        lines, amounts and states stay, as the accounts require.
         """
         order_ids = [
             r["order_id"]
@@ -266,7 +266,16 @@ class OrderRepository:
                 " WHERE order_id = ANY($1::text[])",
                 order_ids,
             )
-        # Unpublished rows are left to the relay (deleting them would lose order events).
+        # Unpublished rows still go out (deleting them would lose order events), without the
+        # address: the contract's fulfillment has it optional, as an erased order's view does.
+        await self.conn.execute(
+            "UPDATE outbox SET payload = convert_to("
+            "(convert_from(payload, 'UTF8')::jsonb #- '{fulfillment,address}')::text, 'UTF8')"
+            " WHERE published_at IS NULL AND payload IS NOT NULL"
+            " AND convert_from(payload, 'UTF8')::jsonb ->> 'customer_id' = $1"
+            " AND convert_from(payload, 'UTF8')::jsonb #> '{fulfillment,address}' IS NOT NULL",
+            customer_id,
+        )
         await self.conn.execute(
             "DELETE FROM outbox WHERE published_at IS NOT NULL AND payload IS NOT NULL"
             " AND convert_from(payload, 'UTF8')::jsonb ->> 'customer_id' = $1",
