@@ -37,6 +37,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         blocked=DEFAULT_BLOCKED | extra_blocked,
         cart_limits=CartLimits(config.cart_max_lines, config.cart_max_qty),
         abandonment_delay=config.cart_abandonment_delay,
+        max_devices=config.profile_max_push_devices,
         lock_namespace=config.schema,
         clock=runtime.clock,
     )
