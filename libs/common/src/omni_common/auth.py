@@ -63,6 +63,7 @@ SCOPES: dict[str, str] = {
     "checkout.write": "submit checkouts (a shopper's own, with the shopper scope)",
     "customers.read": "read any shopper's profile",
     "customers.write": "change any shopper's profile",
+    "identity.write": "undo a wrong merge of two shoppers' profiles (ops, call centre)",
     "loyalty.read": "read any shopper's loyalty account",
     "loyalty.write": "adjust loyalty accounts",
     "notifications.read": "read what was sent to shoppers",
@@ -83,6 +84,7 @@ DEFAULT_SCOPES: dict[str, frozenset[str]] = {
     "call_center": frozenset(
         {
             "customers.read",
+            "identity.write",
             "orders.read",
             "orders.cancel",
             "loyalty.read",

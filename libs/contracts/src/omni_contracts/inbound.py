@@ -8,10 +8,12 @@ channel team following the contract is never rejected. Where the contract names 
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
 from omni_contracts.base import (
+    MAX_IDENTIFIER,
     MAX_LINES,
     Channel,
     Event,
@@ -24,6 +26,7 @@ from omni_contracts.base import (
 from omni_contracts.common import (
     CART_EVENTS,
     CHECKOUT_SUBMITTED,
+    CUSTOMER_IDENTITY_REQUESTS,
     CUSTOMER_SIGNALS,
     FULFILLMENT_EVENTS,
     INVENTORY_ADJUSTMENTS,
@@ -258,7 +261,9 @@ class CustomerIdentified(Event):
     """A shopper logged in or signed up, joining a device's ``anonymous_id`` to a customer.
 
     Produced by web, app and store (e.g. a loyalty card scanned at the till). Customer-profile
-    links the identities and merges the anonymous activity (carts) into the profile.
+    links the identities and merges the anonymous activity (carts) into the profile. A login
+    is proof of who the shopper is: with a loyalty card scanned at a till and a verified
+    e-mail or phone (see ``customer.contact.updated``), it is what may merge two profiles.
     """
 
     topic = CUSTOMER_SIGNALS
@@ -287,8 +292,18 @@ class ContactDetailsUpdated(Event):
     Produced by web, app, store and call centre. A field that is absent or null is unchanged;
     ``cleared`` names the details removed. ``push_token`` is a native app's FCM token;
     ``push_subscription`` a browser's Web Push subscription (``PushSubscription.toJSON()``);
-    a shopper may register several devices, one update each. Customer-profile updates the
-    profile; notification its contact list.
+    a shopper may register several devices, one update each (customer-profile keeps the
+    newest few, and only the subscription's W3C keys). Customer-profile updates the profile;
+    notification its contact list. Any update naming a new ``customer_id`` starts its
+    profile: sign-ups need no login first.
+
+    **Merges need proof.** ``email_verified`` / ``phone_verified`` say the channel proved the
+    shopper controls the address (a link clicked, a code typed); absent means not verified.
+    An unverified address is kept as the shopper's contact (messages go to it) but never
+    merges two profiles and never finds a profile in ``GET /customers/lookup``: anyone can
+    type someone else's address into their own account, and a merge on it would hand that
+    someone's profile, orders and points over. Profiles merge only on a login
+    (``customer.identified``), a loyalty card scanned at a till, or a verified e-mail or phone.
     """
 
     topic = CUSTOMER_SIGNALS
@@ -300,6 +315,9 @@ class ContactDetailsUpdated(Event):
     phone: NonEmptyStr | None = None
     push_token: NonEmptyStr | None = None
     push_subscription: PushSubscription | None = None
+    # The channel proved the shopper controls the address (absent or null: not verified).
+    email_verified: bool | None = None
+    phone_verified: bool | None = None
     # Removals are explicit: null cannot mean "remove", since serialisers write unset fields
     # as null and a re-published partial update would then wipe the other details.
     cleared: list[ContactField] = Field(default_factory=list)
@@ -369,6 +387,67 @@ class StockAlertRequested(Event):
     location_id: NonEmptyStr | None = None
     channel: Channel | None = None
     occurred_at: UtcDatetime = Field(default_factory=utcnow)
+
+
+class PushAddressesGone(Event):
+    """A push service said some of a shopper's devices are gone (HTTP 404 or 410).
+
+    Produced by notification when a Web Push endpoint or an app's FCM token is found gone;
+    customer-profile removes them from the profile, so the next snapshot does not bring them
+    back. A registration newer than this event registers the device again.
+    """
+
+    topic = CUSTOMER_SIGNALS
+    ce_type = "customer.push_addresses.gone"
+    key_field = "customer_id"
+
+    customer_id: NonEmptyStr
+    endpoints: list[Annotated[str, Field(min_length=1, max_length=2048)]] = Field(
+        default_factory=list, max_length=100
+    )
+    push_tokens: list[NonEmptyStr] = Field(default_factory=list, max_length=100)
+    occurred_at: UtcDatetime = Field(default_factory=utcnow)
+
+
+# --- customer.identity.requests.v1 -------------------------------------------------------
+
+
+class UnmergeRequested(Event):
+    """Ops or the call centre found two merged profiles to be two shoppers: undo the merge.
+
+    Produced by ops and call-centre tools (the topic is theirs alone), or through
+    ``POST /customers/{surviving_id}/unmerge``. Customer-profile restores ``merged_id`` with
+    the identifiers, contact, consents, carts and history that were its own, publishes
+    ``customer.profiles.unmerged`` and a fresh snapshot of both; loyalty and notification
+    move back what belongs to the restored id. ``customer_id`` equals ``surviving_id``.
+    """
+
+    topic = CUSTOMER_IDENTITY_REQUESTS
+    ce_type = "customer.profiles.unmerge.requested"
+    key_field = "customer_id"
+
+    customer_id: NonEmptyStr
+    surviving_id: NonEmptyStr
+    merged_id: NonEmptyStr
+    reason: Annotated[str, Field(min_length=1, max_length=MAX_IDENTIFIER)]
+    channel: Channel | None = None
+    occurred_at: UtcDatetime = Field(default_factory=utcnow)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _key_is_survivor(cls, data: Any) -> Any:
+        # The request names surviving_id; the topic's key is customer_id: keep both, equal.
+        if isinstance(data, dict) and data.get("customer_id") is None:
+            return {**data, "customer_id": data.get("surviving_id")}
+        return data
+
+    @model_validator(mode="after")
+    def _two_profiles(self) -> UnmergeRequested:
+        if self.customer_id != self.surviving_id:
+            raise ValueError("customer_id must equal surviving_id")
+        if self.surviving_id == self.merged_id:
+            raise ValueError("merged_id must differ from surviving_id")
+        return self
 
 
 # --- order.requests.v1 -------------------------------------------------------------------
@@ -510,6 +589,8 @@ INBOUND_EVENTS: tuple[type[Event], ...] = (
     PreferencesUpdated,
     ErasureRequested,
     StockAlertRequested,
+    PushAddressesGone,
+    UnmergeRequested,
     OrderCancellationRequested,
     ReadyForPickup,
     PickedUp,

@@ -412,6 +412,11 @@ class ProfilesMerged(ProfileEvent):
     Produced by customer-profile. Keyed by the surviving id (``customer_id`` equals
     ``surviving_id``); consumers move whatever they hold for ``merged_ids`` to it. A fresh
     ``customer.profile.updated`` of the survivor follows, so compaction keeps the profile.
+    Merges happen only on proof (a login, a loyalty card at a till, a verified e-mail or
+    phone; never a typed, unverified address), are kept in the profile's identity log
+    (``GET /customers/{id}/identity-log``) and can be undone (``customer.profiles.unmerged``).
+    Consent survives a merge: per channel and purpose the most restrictive answer of either
+    profile stands until the shopper answers again.
     """
 
     ce_type = "customer.profiles.merged"
@@ -433,6 +438,39 @@ class ProfilesMerged(ProfileEvent):
             raise ValueError("customer_id must equal surviving_id")
         if self.surviving_id in self.merged_ids:
             raise ValueError("surviving_id cannot be among merged_ids")
+        return self
+
+
+class ProfilesUnmerged(ProfileEvent):
+    """A merge found wrong was undone: ``restored_id`` is a profile of its own again.
+
+    Produced by customer-profile after ``customer.profiles.unmerge.requested``. Keyed by the
+    surviving id (``customer_id`` equals ``surviving_id``). The restored profile has back the
+    identifiers, contact, consents, carts and history that were its own; consumers move back
+    what they hold under ``restored_id`` (loyalty: the points earned, held or redeemed under
+    it; notification: its contacts and history). Fresh ``customer.profile.updated``
+    snapshots of both follow, the restored one under its own key.
+    """
+
+    ce_type = "customer.profiles.unmerged"
+
+    surviving_id: NonEmptyStr
+    restored_id: NonEmptyStr
+    reason: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _key_is_survivor(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("customer_id") is None:
+            return {**data, "customer_id": data.get("surviving_id")}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ProfilesUnmerged:
+        if self.customer_id != self.surviving_id:
+            raise ValueError("customer_id must equal surviving_id")
+        if self.surviving_id == self.restored_id:
+            raise ValueError("restored_id must differ from surviving_id")
         return self
 
 
@@ -786,6 +824,7 @@ OUTBOUND_EVENTS: tuple[type[Event], ...] = (
     RefundIssued,
     ProfileUpdated,
     ProfilesMerged,
+    ProfilesUnmerged,
     ProfileErased,
     CartAbandoned,
     PointsEarned,

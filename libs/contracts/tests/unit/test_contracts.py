@@ -70,6 +70,7 @@ EXPECTED: dict[str, tuple[str, str]] = {
             "customer.preferences.updated",
             "customer.erasure.requested",
             "customer.stock_alert.requested",
+            "customer.push_addresses.gone",
         )
     },
     "order.cancellation.requested": ("order.requests.v1", "order_id"),
@@ -101,8 +102,14 @@ EXPECTED: dict[str, tuple[str, str]] = {
     },
     **{
         t: ("customer.profile.v1", "customer_id")
-        for t in ("customer.profile.updated", "customer.profiles.merged", "customer.profile.erased")
+        for t in (
+            "customer.profile.updated",
+            "customer.profiles.merged",
+            "customer.profiles.unmerged",
+            "customer.profile.erased",
+        )
     },
+    "customer.profiles.unmerge.requested": ("customer.identity.requests.v1", "customer_id"),
     "cart.abandoned": ("cart.abandoned.v1", "cart_id"),
     **{
         f"loyalty.{t}": ("loyalty.ledger.v1", "customer_id")
@@ -275,6 +282,13 @@ SAMPLES: dict[str, dict[str, Any]] = {
     },
     "customer.profiles.merged": {"surviving_id": "c-1", "merged_ids": ["c-2"]},
     "customer.profile.erased": {"customer_id": "c-1"},
+    "customer.profiles.unmerged": {"surviving_id": "c-1", "restored_id": "c-2"},
+    "customer.profiles.unmerge.requested": {
+        "surviving_id": "c-1",
+        "merged_id": "c-2",
+        "reason": "two shoppers",
+    },
+    "customer.push_addresses.gone": {"customer_id": "c-1", "endpoints": ["https://p.example/1"]},
     "cart.abandoned": {
         "cart_id": "cart-1",
         "customer_id": "c-1",

@@ -21,7 +21,9 @@ class ProfileSettings(ServiceSettings):
     - ``PROFILE_IDENTITY_LIMITS``: identifiers per kind a profile may hold, e.g.
       ``email=1,phone=2,loyalty_card=2,anonymous_id=5`` (the defaults);
     - ``PROFILE_BLOCKED_IDENTIFIERS``: extra placeholder values that identify nobody,
-      comma-separated (``anonymous``, ``-1``, ``0``, all zeros... are always blocked).
+      comma-separated (``anonymous``, ``-1``, ``0``, all zeros... are always blocked);
+    - ``PROFILE_MAX_PUSH_DEVICES``: push devices a profile keeps (the newest; older ones
+      are dropped, logged and counted).
     """
 
     service_name: str = "customer-profile"
@@ -39,3 +41,5 @@ class ProfileSettings(ServiceSettings):
     cart_max_qty: int = Field(default=999, gt=0)
     profile_identity_limits: str = ""
     profile_blocked_identifiers: str = ""
+    # Push devices (Web Push subscriptions and app tokens) a profile keeps: the newest.
+    profile_max_push_devices: int = Field(default=10, gt=0, le=50)

@@ -367,7 +367,9 @@ async def test_a_shared_device_never_merges_two_known_customers(w: World) -> Non
     # limit stops the merge, the card stays with its first holder.
     card = uid("card")
     for customer, email in ((first, f"{first}@example.com"), (second, f"{second}@example.com")):
-        await w.channel.publish(ContactDetailsUpdated(customer_id=customer, email=email))
+        await w.channel.publish(
+            ContactDetailsUpdated(customer_id=customer, email=email, email_verified=True)
+        )
         await w.profile_event(customer)
     for customer in (first, second):
         await w.channel.publish(
@@ -451,6 +453,7 @@ async def test_history_summary_and_lookup(w: World) -> None:
         ContactDetailsUpdated(
             customer_id=customer,
             email=f"  {customer.upper()}@Example.com ",
+            email_verified=True,
             push_subscription={
                 "endpoint": "https://push.example.net/sub/1",
                 "keys": {"p256dh": "BPk", "auth": "a1"},
@@ -561,7 +564,6 @@ async def test_bad_signals_are_dead_lettered_with_a_reason(w: World) -> None:
         headers = record_headers(record)
         return headers["dlq_reason"], headers["dlq_error"]
 
-    assert (await reason(signals_dlq, unknown.id))[0] == "unknown_customer"
     assert (await reason(signals_dlq, bad_email.id))[0] == "invalid_contact"
     assert (await reason(signals_dlq, placeholder.id))[0] == "blocked_identifier"
     assert (await reason(signals_dlq, bad_zone.id))[0] == "invalid_preferences"
@@ -572,6 +574,8 @@ async def test_bad_signals_are_dead_lettered_with_a_reason(w: World) -> None:
     # The partition goes on: the next signal is handled.
     await w.channel.publish(PreferencesUpdated(customer_id=known, preferences={"language": "de"}))
     assert (await w.profile_event(known))["preferences"]["language"] == "de"
+    # A contact update is a sign-up: it starts the profile of a shopper never seen before.
+    assert unknown.id and (await w.customer(ghost))["contact"]["email"] == "a@b.io"
 
 
 # -- erasure -----------------------------------------------------------------------------------
@@ -581,7 +585,9 @@ async def test_erasure_leaves_no_personal_data(w: World) -> None:
     customer, device, cart = uid("cust"), uid("dev"), uid("cart")
     email, phone = f"{customer}@mail.example", "+44 20 7946 0958"
     await w.identify(customer, device)
-    await w.channel.publish(ContactDetailsUpdated(customer_id=customer, email=email, phone=phone))
+    await w.channel.publish(
+        ContactDetailsUpdated(customer_id=customer, email=email, phone=phone, email_verified=True)
+    )
     await w.profile_event(customer)
     await w.channel.publish(
         CartItemAdded(

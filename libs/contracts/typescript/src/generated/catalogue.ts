@@ -44,6 +44,8 @@ import type {
   ProfileErased,
   ProfileUpdated,
   ProfilesMerged,
+  ProfilesUnmerged,
+  PushAddressesGone,
   ReadyForPickup,
   RefundIssued,
   ReservationConfirmed,
@@ -55,6 +57,7 @@ import type {
   StockAdjusted,
   StockAlertRequested,
   TierChanged,
+  UnmergeRequested,
 } from "./events.js";
 
 /** Every public topic: its Kafka key field, direction and event types. */
@@ -95,6 +98,17 @@ export const TOPICS = {
       "checkout.submitted",
     ],
   },
+  "customer.identity.requests.v1": {
+    key: "customer_id",
+    direction: "inbound",
+    compacted: false,
+    partitions: 6,
+    dlq: "customer.identity.requests.v1.dlq",
+    description: "Identity corrections from ops and the call centre: undo a wrong merge.",
+    eventTypes: [
+      "customer.profiles.unmerge.requested",
+    ],
+  },
   "customer.profile.v1": {
     key: "customer_id",
     direction: "outbound",
@@ -106,6 +120,7 @@ export const TOPICS = {
       "customer.profile.erased",
       "customer.profile.updated",
       "customer.profiles.merged",
+      "customer.profiles.unmerged",
     ],
   },
   "customer.signals.v1": {
@@ -120,6 +135,7 @@ export const TOPICS = {
       "customer.erasure.requested",
       "customer.identified",
       "customer.preferences.updated",
+      "customer.push_addresses.gone",
       "customer.stock_alert.requested",
     ],
   },
@@ -309,6 +325,13 @@ export const EVENT_TYPES = {
     schema: "checkout.submitted.json",
     schemaId: "urn:omni:event:checkout.submitted",
   },
+  "customer.profiles.unmerge.requested": {
+    topic: "customer.identity.requests.v1",
+    key: "customer_id",
+    title: "UnmergeRequested",
+    schema: "customer.profiles.unmerge.requested.json",
+    schemaId: "urn:omni:event:customer.profiles.unmerge.requested",
+  },
   "customer.profile.erased": {
     topic: "customer.profile.v1",
     key: "customer_id",
@@ -329,6 +352,13 @@ export const EVENT_TYPES = {
     title: "ProfilesMerged",
     schema: "customer.profiles.merged.json",
     schemaId: "urn:omni:event:customer.profiles.merged",
+  },
+  "customer.profiles.unmerged": {
+    topic: "customer.profile.v1",
+    key: "customer_id",
+    title: "ProfilesUnmerged",
+    schema: "customer.profiles.unmerged.json",
+    schemaId: "urn:omni:event:customer.profiles.unmerged",
   },
   "customer.contact.updated": {
     topic: "customer.signals.v1",
@@ -357,6 +387,13 @@ export const EVENT_TYPES = {
     title: "PreferencesUpdated",
     schema: "customer.preferences.updated.json",
     schemaId: "urn:omni:event:customer.preferences.updated",
+  },
+  "customer.push_addresses.gone": {
+    topic: "customer.signals.v1",
+    key: "customer_id",
+    title: "PushAddressesGone",
+    schema: "customer.push_addresses.gone.json",
+    schemaId: "urn:omni:event:customer.push_addresses.gone",
   },
   "customer.stock_alert.requested": {
     topic: "customer.signals.v1",
@@ -664,13 +701,16 @@ export interface EventDataMap {
   "cart.item.removed": CartItemRemoved;
   "cart.viewed": CartViewed;
   "checkout.submitted": CheckoutSubmitted;
+  "customer.profiles.unmerge.requested": UnmergeRequested;
   "customer.profile.erased": ProfileErased;
   "customer.profile.updated": ProfileUpdated;
   "customer.profiles.merged": ProfilesMerged;
+  "customer.profiles.unmerged": ProfilesUnmerged;
   "customer.contact.updated": ContactDetailsUpdated;
   "customer.erasure.requested": ErasureRequested;
   "customer.identified": CustomerIdentified;
   "customer.preferences.updated": PreferencesUpdated;
+  "customer.push_addresses.gone": PushAddressesGone;
   "customer.stock_alert.requested": StockAlertRequested;
   "fulfillment.delivered": Delivered;
   "fulfillment.eta_changed": EtaChanged;
@@ -729,11 +769,16 @@ export type CartEventsV1Event =
 export type CheckoutSubmittedV1Event =
   | CheckoutSubmitted;
 
+/** The data of the events on `customer.identity.requests.v1`. */
+export type CustomerIdentityRequestsV1Event =
+  | UnmergeRequested;
+
 /** The data of the events on `customer.profile.v1`. */
 export type CustomerProfileV1Event =
   | ProfileErased
   | ProfileUpdated
-  | ProfilesMerged;
+  | ProfilesMerged
+  | ProfilesUnmerged;
 
 /** The data of the events on `customer.signals.v1`. */
 export type CustomerSignalsV1Event =
@@ -741,6 +786,7 @@ export type CustomerSignalsV1Event =
   | ErasureRequested
   | CustomerIdentified
   | PreferencesUpdated
+  | PushAddressesGone
   | StockAlertRequested;
 
 /** The data of the events on `fulfillment.events.v1`. */
@@ -818,6 +864,7 @@ export interface TopicDataMap {
   "cart.abandoned.v1": CartAbandonedV1Event;
   "cart.events.v1": CartEventsV1Event;
   "checkout.submitted.v1": CheckoutSubmittedV1Event;
+  "customer.identity.requests.v1": CustomerIdentityRequestsV1Event;
   "customer.profile.v1": CustomerProfileV1Event;
   "customer.signals.v1": CustomerSignalsV1Event;
   "fulfillment.events.v1": FulfillmentEventsV1Event;

@@ -11,13 +11,16 @@ export type EventData =
   | CartItemRemoved
   | CartViewed
   | CheckoutSubmitted
+  | UnmergeRequested
   | ProfileErased
   | ProfileUpdated
   | ProfilesMerged
+  | ProfilesUnmerged
   | ContactDetailsUpdated
   | ErasureRequested
   | CustomerIdentified
   | PreferencesUpdated
+  | PushAddressesGone
   | StockAlertRequested
   | Delivered
   | EtaChanged
@@ -285,6 +288,26 @@ export interface Payment {
   method?: string | null;
 }
 /**
+ * Ops or the call centre found two merged profiles to be two shoppers: undo the merge.
+ *
+ * Produced by ops and call-centre tools (the topic is theirs alone), or through
+ * `POST /customers/{surviving_id}/unmerge`. Customer-profile restores `merged_id` with
+ * the identifiers, contact, consents, carts and history that were its own, publishes
+ * `customer.profiles.unmerged` and a fresh snapshot of both; loyalty and notification
+ * move back what belongs to the restored id. `customer_id` equals `surviving_id`.
+ */
+export interface UnmergeRequested {
+  customer_id: string;
+  surviving_id: string;
+  merged_id: string;
+  reason: string;
+  channel?: Channel | null;
+  /**
+   * RFC 3339 date-time in UTC, such as `2026-12-01T10:00:00Z`: a string, never a Date.
+   */
+  occurred_at?: string;
+}
+/**
  * A shopper's personal data was erased on request.
  *
  * Produced by customer-profile after `customer.erasure.requested`. Every service and
@@ -378,6 +401,11 @@ export interface Consents {
  * Produced by customer-profile. Keyed by the surviving id (`customer_id` equals
  * `surviving_id`); consumers move whatever they hold for `merged_ids` to it. A fresh
  * `customer.profile.updated` of the survivor follows, so compaction keeps the profile.
+ * Merges happen only on proof (a login, a loyalty card at a till, a verified e-mail or
+ * phone; never a typed, unverified address), are kept in the profile's identity log
+ * (`GET /customers/{id}/identity-log`) and can be undone (`customer.profiles.unmerged`).
+ * Consent survives a merge: per channel and purpose the most restrictive answer of either
+ * profile stands until the shopper answers again.
  */
 export interface ProfilesMerged {
   customer_id: string;
@@ -392,13 +420,43 @@ export interface ProfilesMerged {
   merged_ids: string[];
 }
 /**
+ * A merge found wrong was undone: `restored_id` is a profile of its own again.
+ *
+ * Produced by customer-profile after `customer.profiles.unmerge.requested`. Keyed by the
+ * surviving id (`customer_id` equals `surviving_id`). The restored profile has back the
+ * identifiers, contact, consents, carts and history that were its own; consumers move back
+ * what they hold under `restored_id` (loyalty: the points earned, held or redeemed under
+ * it; notification: its contacts and history). Fresh `customer.profile.updated`
+ * snapshots of both follow, the restored one under its own key.
+ */
+export interface ProfilesUnmerged {
+  customer_id: string;
+  /**
+   * RFC 3339 date-time in UTC, such as `2026-12-01T10:00:00Z`: a string, never a Date.
+   */
+  occurred_at?: string;
+  surviving_id: string;
+  restored_id: string;
+  reason?: string | null;
+}
+/**
  * A shopper changed or removed an e-mail address, phone number or push registration.
  *
  * Produced by web, app, store and call centre. A field that is absent or null is unchanged;
  * `cleared` names the details removed. `push_token` is a native app's FCM token;
  * `push_subscription` a browser's Web Push subscription (`PushSubscription.toJSON()`);
- * a shopper may register several devices, one update each. Customer-profile updates the
- * profile; notification its contact list.
+ * a shopper may register several devices, one update each (customer-profile keeps the
+ * newest few, and only the subscription's W3C keys). Customer-profile updates the profile;
+ * notification its contact list. Any update naming a new `customer_id` starts its
+ * profile: sign-ups need no login first.
+ *
+ * **Merges need proof.** `email_verified` / `phone_verified` say the channel proved the
+ * shopper controls the address (a link clicked, a code typed); absent means not verified.
+ * An unverified address is kept as the shopper's contact (messages go to it) but never
+ * merges two profiles and never finds a profile in `GET /customers/lookup`: anyone can
+ * type someone else's address into their own account, and a merge on it would hand that
+ * someone's profile, orders and points over. Profiles merge only on a login
+ * (`customer.identified`), a loyalty card scanned at a till, or a verified e-mail or phone.
  */
 export interface ContactDetailsUpdated {
   customer_id: string;
@@ -406,6 +464,8 @@ export interface ContactDetailsUpdated {
   phone?: string | null;
   push_token?: string | null;
   push_subscription?: PushSubscription | null;
+  email_verified?: boolean | null;
+  phone_verified?: boolean | null;
   cleared?: ContactField[];
   channel?: Channel | null;
   /**
@@ -432,7 +492,9 @@ export interface ErasureRequested {
  * A shopper logged in or signed up, joining a device's `anonymous_id` to a customer.
  *
  * Produced by web, app and store (e.g. a loyalty card scanned at the till). Customer-profile
- * links the identities and merges the anonymous activity (carts) into the profile.
+ * links the identities and merges the anonymous activity (carts) into the profile. A login
+ * is proof of who the shopper is: with a loyalty card scanned at a till and a verified
+ * e-mail or phone (see `customer.contact.updated`), it is what may merge two profiles.
  */
 export interface CustomerIdentified {
   customer_id: string;
@@ -454,6 +516,28 @@ export interface PreferencesUpdated {
   customer_id: string;
   preferences?: Preferences;
   channel?: Channel | null;
+  /**
+   * RFC 3339 date-time in UTC, such as `2026-12-01T10:00:00Z`: a string, never a Date.
+   */
+  occurred_at?: string;
+}
+/**
+ * A push service said some of a shopper's devices are gone (HTTP 404 or 410).
+ *
+ * Produced by notification when a Web Push endpoint or an app's FCM token is found gone;
+ * customer-profile removes them from the profile, so the next snapshot does not bring them
+ * back. A registration newer than this event registers the device again.
+ */
+export interface PushAddressesGone {
+  customer_id: string;
+  /**
+   * @maxItems 100
+   */
+  endpoints?: string[];
+  /**
+   * @maxItems 100
+   */
+  push_tokens?: string[];
   /**
    * RFC 3339 date-time in UTC, such as `2026-12-01T10:00:00Z`: a string, never a Date.
    */

@@ -27,6 +27,15 @@ class ProfileMetrics:
             ["service", "kind", "reason"],
             registry=r,
         )
+        self.unmerges = Counter(
+            "omni_profile_unmerges", "Merges undone on request", ["service"], registry=r
+        )
+        self.devices_dropped = Counter(
+            "omni_profile_push_devices_dropped",
+            "Push devices dropped: beyond PROFILE_MAX_PUSH_DEVICES (oldest) or found gone",
+            ["service"],
+            registry=r,
+        )
         self.snapshots = Counter(
             "omni_profile_snapshots", "Profile snapshots published", ["service"], registry=r
         )
@@ -55,6 +64,8 @@ class ProfileMetrics:
         """Count what a committed use case did."""
         s = self.service
         self.merges.labels(s).inc(out.merges)
+        self.unmerges.labels(s).inc(out.unmerges)
+        self.devices_dropped.labels(s).inc(out.devices_dropped)
         self.snapshots.labels(s).inc(out.snapshots)
         self.erasures.labels(s).inc(out.erased)
         for kind, reason in out.skipped_identifiers:

@@ -7,7 +7,7 @@ customer-profile schema), so state, inbox record, timers and outbox rows commit 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -15,12 +15,16 @@ from typing import Any
 
 import asyncpg
 
+from customer_profile_service.adapters.cart_tables import CartRow, CartTables, lines_json
 from customer_profile_service.domain import CartLine, IdKind
+
+__all__ = ["CartRow", "HistoryCursor", "ProfileRepository", "ProfileRow"]
 
 # The contact and preference columns a merge carries over and a snapshot shows.
 _PROFILE_COLUMNS = (
     "customer_id, created_at, updated_at, version, merged_into, email, phone, loyalty_card,"
-    " first_name, last_name, push_tokens, push_subscriptions, preferences, preferred_store, tier"
+    " first_name, last_name, push_tokens, push_subscriptions, preferences, preferred_store, tier,"
+    " facts"
 )
 
 
@@ -43,6 +47,8 @@ class ProfileRow:
     preferences: dict[str, Any]
     preferred_store: str | None
     tier: str | None
+    # What each signal said, per origin (see domain/facts.py): the fields above derive from it.
+    facts: dict[str, Any]
 
     @classmethod
     def of(cls, row: asyncpg.Record) -> ProfileRow:
@@ -51,45 +57,8 @@ class ProfileRow:
         values["push_tokens"] = list(values["push_tokens"] or [])
         values["push_subscriptions"] = json.loads(values["push_subscriptions"])
         values["preferences"] = json.loads(values["preferences"])
+        values["facts"] = json.loads(values["facts"])
         return cls(**values)
-
-
-@dataclass
-class CartRow:
-    """A cart as stored."""
-
-    cart_id: str
-    customer_id: str | None
-    anonymous_id: str | None
-    channel: str
-    status: str
-    items: list[CartLine]
-    value: Decimal
-    currency: str | None
-    contents_hash: str
-    announced_hash: str | None
-    last_activity_at: datetime
-
-    @classmethod
-    def of(cls, row: asyncpg.Record) -> CartRow:
-        """From a ``carts`` row."""
-        items = [
-            CartLine(i["sku"], i["qty"], Decimal(i["unit_price"]), i["currency"])
-            for i in json.loads(row["items"])
-        ]
-        return cls(
-            cart_id=row["cart_id"],
-            customer_id=row["customer_id"],
-            anonymous_id=row["anonymous_id"],
-            channel=row["channel"],
-            status=row["status"],
-            items=items,
-            value=row["value"],
-            currency=row["currency"],
-            contents_hash=row["contents_hash"],
-            announced_hash=row["announced_hash"],
-            last_activity_at=row["last_activity_at"],
-        )
 
 
 @dataclass(frozen=True)
@@ -100,21 +69,7 @@ class HistoryCursor:
     purchase_key: str
 
 
-def _lines_json(lines: Iterable[CartLine]) -> str:
-    return json.dumps(
-        [
-            {
-                "sku": ln.sku,
-                "qty": ln.qty,
-                "unit_price": str(ln.unit_price),
-                "currency": ln.currency,
-            }
-            for ln in lines
-        ]
-    )
-
-
-class ProfileRepository:
+class ProfileRepository(CartTables):
     """The customer-profile tables, on one transaction's connection."""
 
     def __init__(self, conn: asyncpg.Connection) -> None:
@@ -141,11 +96,16 @@ class ProfileRepository:
         return ProfileRow.of(row) if row else None
 
     async def create_profile(self, customer_id: str, at: datetime) -> bool:
-        """Create an empty profile; False when it existed already."""
+        """Create an empty profile; False when it existed already.
+
+        An existing profile takes the earlier ``at`` as its start: signals arrive in any
+        order, and the oldest profile is the one a merge keeps.
+        """
         return bool(
             await self.conn.fetchval(
                 "INSERT INTO profiles (customer_id, created_at) VALUES ($1, $2)"
-                " ON CONFLICT DO NOTHING RETURNING true",
+                " ON CONFLICT (customer_id) DO UPDATE SET created_at = EXCLUDED.created_at"
+                " WHERE profiles.created_at > EXCLUDED.created_at RETURNING xmax = 0",
                 customer_id,
                 at,
             )
@@ -164,8 +124,8 @@ class ProfileRepository:
         await self.conn.execute(
             "UPDATE profiles SET email = $2, phone = $3, loyalty_card = $4, first_name = $5,"
             " last_name = $6, push_tokens = $7, push_subscriptions = $8::jsonb,"
-            " preferences = $9::jsonb, preferred_store = $10, updated_at = now()"
-            " WHERE customer_id = $1",
+            " preferences = $9::jsonb, preferred_store = $10, facts = $11::jsonb,"
+            " updated_at = now() WHERE customer_id = $1",
             p.customer_id,
             p.email,
             p.phone,
@@ -176,6 +136,7 @@ class ProfileRepository:
             json.dumps(p.push_subscriptions),
             json.dumps(p.preferences),
             p.preferred_store,
+            json.dumps(p.facts),
         )
 
     async def next_version(self, customer_id: str) -> int:
@@ -196,16 +157,65 @@ class ProfileRepository:
             "UPDATE profiles SET merged_into = $2, email = NULL, phone = NULL,"
             " loyalty_card = NULL, first_name = NULL, last_name = NULL, push_tokens = '{}',"
             " push_subscriptions = '[]', preferences = '{}', preferred_store = NULL,"
-            " updated_at = now() WHERE customer_id = $1",
+            " facts = DEFAULT, updated_at = now() WHERE customer_id = $1",
             merged_id,
             surviving_id,
         )
         for table in ("identities", "purchases", "carts"):
+            # origin_id remembers whose the row was: what an unmerge moves back.
             await self.conn.execute(
-                f"UPDATE {table} SET customer_id = $2 WHERE customer_id = $1",
+                f"UPDATE {table} SET origin_id = coalesce(origin_id, customer_id),"
+                " customer_id = $2 WHERE customer_id = $1",
                 merged_id,
                 surviving_id,
             )
+
+    async def restore(self, surviving_id: str, restored_id: str, origins: Sequence[str]) -> None:
+        """Undo a merge: ``restored_id`` lives again with the rows of ``origins``."""
+        others = [o for o in origins if o != restored_id]
+        await self.conn.execute(
+            "UPDATE profiles SET merged_into = NULL, updated_at = now() WHERE customer_id = $1",
+            restored_id,
+        )
+        await self.conn.execute(
+            "UPDATE profiles SET merged_into = $1 WHERE customer_id = ANY($2::text[])",
+            restored_id,
+            others,
+        )
+        for table in ("identities", "purchases", "carts"):
+            await self.conn.execute(
+                f"UPDATE {table} SET customer_id = $2 WHERE customer_id = $1"
+                " AND origin_id = ANY($3::text[])",
+                surviving_id,
+                restored_id,
+                list(origins),
+            )
+
+    async def log_identity(
+        self, customer_id: str, other_id: str, action: str, proof: str, detail: str | None
+    ) -> None:
+        """Keep a merge or unmerge in the identity log."""
+        await self.conn.execute(
+            "INSERT INTO identity_log (customer_id, other_id, action, proof, detail)"
+            " VALUES ($1, $2, $3, $4, $5)",
+            customer_id,
+            other_id,
+            action,
+            proof,
+            detail,
+        )
+
+    async def identity_log(self, customer_ids: Sequence[str], limit: int) -> list[asyncpg.Record]:
+        """The merges and unmerges these profiles took part in, newest first."""
+        return list(
+            await self.conn.fetch(
+                "SELECT customer_id, other_id, action, proof, detail, at FROM identity_log"
+                " WHERE customer_id = ANY($1::text[]) OR other_id = ANY($1::text[])"
+                " ORDER BY id DESC LIMIT $2",
+                list(customer_ids),
+                limit,
+            )
+        )
 
     async def group_of(self, customer_id: str) -> list[str]:
         """A profile and every profile merged into it."""
@@ -252,16 +262,35 @@ class ProfileRepository:
             found[IdKind(r["kind"])].append(r["value"])
         return found
 
-    async def add_identifier(self, kind: IdKind, value: str, customer_id: str) -> bool:
-        """Give ``customer_id`` an identifier nobody holds; False if someone took it first."""
+    async def add_identifier(
+        self, kind: IdKind, value: str, customer_id: str, origin_id: str | None = None
+    ) -> bool:
+        """Give ``customer_id`` an identifier nobody holds; False if someone took it first.
+
+        ``origin_id``: the customer id whose signal presented it (what an unmerge keeps).
+        """
         return bool(
             await self.conn.fetchval(
-                "INSERT INTO identities (kind, value, customer_id) VALUES ($1, $2, $3)"
-                " ON CONFLICT DO NOTHING RETURNING true",
+                "INSERT INTO identities (kind, value, customer_id, origin_id)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true",
                 kind.value,
                 value,
                 customer_id,
+                origin_id or customer_id,
             )
+        )
+
+    async def release_others(
+        self, kind: IdKind, customer_id: str, origin_id: str, keep: Sequence[str]
+    ) -> None:
+        """``origin_id`` no longer uses its identifiers of ``kind`` except ``keep``."""
+        await self.conn.execute(
+            "DELETE FROM identities WHERE kind = $1 AND customer_id = $2"
+            " AND coalesce(origin_id, customer_id) = $3 AND NOT value = ANY($4::text[])",
+            kind.value,
+            customer_id,
+            origin_id,
+            list(keep),
         )
 
     async def release_identifier(self, kind: IdKind, value: str, customer_id: str) -> None:
@@ -312,12 +341,16 @@ class ProfileRepository:
         currency: str,
         location_id: str | None,
         placed_at: datetime,
+        origin_id: str | None = None,
     ) -> None:
-        """Record a purchase (a till sale and its order meet on the same key)."""
+        """Record a purchase (a till sale and its order meet on the same key).
+
+        ``origin_id``: the customer id the purchase named (what an unmerge gives back).
+        """
         await self.conn.execute(
             "INSERT INTO purchases (purchase_key, order_id, customer_id, channel, status, lines,"
-            " skus, total, currency, location_id, placed_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11)"
+            " skus, total, currency, location_id, placed_at, origin_id)"
+            " VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12)"
             " ON CONFLICT (purchase_key) DO UPDATE SET"
             " order_id = coalesce(purchases.order_id, EXCLUDED.order_id),"
             " status = EXCLUDED.status, updated_at = now()",
@@ -326,12 +359,13 @@ class ProfileRepository:
             customer_id,
             channel,
             status,
-            _lines_json(lines),
+            lines_json(lines),
             sorted({ln.sku for ln in lines}),
             total,
             currency,
             location_id,
             placed_at,
+            origin_id or customer_id,
         )
 
     async def link_order(self, purchase_key: str, order_id: str) -> None:
@@ -408,149 +442,6 @@ class ProfileRepository:
         )
         return n
 
-    # -- carts ----------------------------------------------------------------------------
-
-    async def cart(self, cart_id: str, *, for_update: bool = False) -> CartRow | None:
-        """A cart, locked if asked."""
-        lock = " FOR UPDATE" if for_update else ""
-        row = await self.conn.fetchrow(f"SELECT * FROM carts WHERE cart_id = $1{lock}", cart_id)
-        return CartRow.of(row) if row else None
-
-    async def save_cart(self, cart: CartRow) -> None:
-        """Insert or overwrite a cart."""
-        await self.conn.execute(
-            "INSERT INTO carts (cart_id, customer_id, anonymous_id, channel, status, items, skus,"
-            " value, currency, contents_hash, announced_hash, last_activity_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12)"
-            " ON CONFLICT (cart_id) DO UPDATE SET customer_id = EXCLUDED.customer_id,"
-            " anonymous_id = EXCLUDED.anonymous_id, channel = EXCLUDED.channel,"
-            " status = EXCLUDED.status, items = EXCLUDED.items, skus = EXCLUDED.skus,"
-            " value = EXCLUDED.value, currency = EXCLUDED.currency,"
-            " contents_hash = EXCLUDED.contents_hash, announced_hash = EXCLUDED.announced_hash,"
-            " last_activity_at = EXCLUDED.last_activity_at, updated_at = now()",
-            cart.cart_id,
-            cart.customer_id,
-            cart.anonymous_id,
-            cart.channel,
-            cart.status,
-            _lines_json(cart.items),
-            sorted({ln.sku for ln in cart.items}),
-            cart.value,
-            cart.currency,
-            cart.contents_hash,
-            cart.announced_hash,
-            cart.last_activity_at,
-        )
-
-    async def carts_for_update(self, cart_ids: Sequence[str]) -> dict[str, CartRow]:
-        """Several carts, locked in id order (one round trip for a batch of timers)."""
-        rows = await self.conn.fetch(
-            "SELECT * FROM carts WHERE cart_id = ANY($1::text[]) ORDER BY cart_id FOR UPDATE",
-            list(cart_ids),
-        )
-        return {r["cart_id"]: CartRow.of(r) for r in rows}
-
-    async def profile_states(self, customer_ids: Iterable[str]) -> dict[str, str | None]:
-        """Existing profiles among ``customer_ids``: id -> the profile merged into (or None)."""
-        rows = await self.conn.fetch(
-            "SELECT customer_id, merged_into FROM profiles WHERE customer_id = ANY($1::text[])",
-            list(customer_ids),
-        )
-        return {r["customer_id"]: r["merged_into"] for r in rows}
-
-    async def purchases_since(
-        self, customer_ids: Iterable[str], since: datetime
-    ) -> dict[str, list[tuple[str, datetime]]]:
-        """``(sku, placed_at)`` bought by each shopper at or after ``since`` (not cancelled)."""
-        rows = await self.conn.fetch(
-            "SELECT customer_id, s AS sku, placed_at FROM purchases, unnest(skus) AS s"
-            " WHERE customer_id = ANY($1::text[]) AND placed_at >= $2"
-            " AND status NOT IN ('cancelled', 'rejected')",
-            list(customer_ids),
-            since,
-        )
-        found: dict[str, list[tuple[str, datetime]]] = {}
-        for r in rows:
-            found.setdefault(r["customer_id"], []).append((r["sku"], r["placed_at"]))
-        return found
-
-    async def settle_carts(
-        self, announced: Sequence[tuple[str, str]], purchased: Sequence[str]
-    ) -> None:
-        """Carts announced (with the contents announced) and carts found bought."""
-        if announced:
-            await self.conn.execute(
-                "UPDATE carts SET status = 'abandoned', announced_hash = a.hash,"
-                " updated_at = now() FROM unnest($1::text[], $2::text[]) AS a(cart_id, hash)"
-                " WHERE carts.cart_id = a.cart_id",
-                [a[0] for a in announced],
-                [a[1] for a in announced],
-            )
-        if purchased:
-            await self.conn.execute(
-                "UPDATE carts SET status = 'purchased', updated_at = now()"
-                " WHERE cart_id = ANY($1::text[])",
-                list(purchased),
-            )
-
-    async def set_cart_status(
-        self, cart_id: str, status: str, announced_hash: str | None = None
-    ) -> None:
-        """Move a cart to ``status`` (and remember what was announced, if given)."""
-        await self.conn.execute(
-            "UPDATE carts SET status = $2, announced_hash = coalesce($3, announced_hash),"
-            " updated_at = now() WHERE cart_id = $1",
-            cart_id,
-            status,
-            announced_hash,
-        )
-
-    async def adopt_anonymous_carts(self, anonymous_id: str, customer_id: str) -> list[str]:
-        """The device's ownerless carts become the customer's (their timers run on)."""
-        rows = await self.conn.fetch(
-            "UPDATE carts SET customer_id = $2, updated_at = now()"
-            " WHERE anonymous_id = $1 AND customer_id IS NULL RETURNING cart_id",
-            anonymous_id,
-            customer_id,
-        )
-        return [r["cart_id"] for r in rows]
-
-    async def live_carts_before(self, customer_id: str, at: datetime) -> list[CartRow]:
-        """A shopper's carts still awaiting their timer, last active at or before ``at``."""
-        rows = await self.conn.fetch(
-            "SELECT * FROM carts WHERE customer_id = $1 AND status = 'open'"
-            " AND last_activity_at <= $2 FOR UPDATE",
-            customer_id,
-            at,
-        )
-        return [CartRow.of(r) for r in rows]
-
-    async def lock_timer(self, kind: str, key: str) -> bool:
-        """Lock a timer row (if armed) until commit; True if it is armed."""
-        return bool(
-            await self.conn.fetchval(
-                "SELECT true FROM timers WHERE kind = $1 AND key = $2 FOR UPDATE", kind, key
-            )
-        )
-
-    async def carts_of_devices(self, anonymous_ids: Sequence[str]) -> list[str]:
-        """Every cart id started on these devices."""
-        rows = await self.conn.fetch(
-            "SELECT cart_id FROM carts WHERE anonymous_id = ANY($1::text[])", list(anonymous_ids)
-        )
-        return [r["cart_id"] for r in rows]
-
-    async def delete_carts(self, cart_ids: Sequence[str]) -> None:
-        """Forget these carts."""
-        await self.conn.execute("DELETE FROM carts WHERE cart_id = ANY($1::text[])", list(cart_ids))
-
-    async def carts_of(self, customer_ids: Sequence[str]) -> list[str]:
-        """Every cart id of these shoppers."""
-        rows = await self.conn.fetch(
-            "SELECT cart_id FROM carts WHERE customer_id = ANY($1::text[])", list(customer_ids)
-        )
-        return [r["cart_id"] for r in rows]
-
     # -- erasure --------------------------------------------------------------------------
 
     async def erase(
@@ -569,6 +460,11 @@ class ProfileRepository:
         )
         for table in ("identities", "purchases", "carts"):
             await self.conn.execute(f"DELETE FROM {table} WHERE customer_id = ANY($1::text[])", ids)
+        await self.conn.execute(
+            "DELETE FROM identity_log WHERE customer_id = ANY($1::text[])"
+            " OR other_id = ANY($1::text[])",
+            ids,
+        )
         await self.conn.execute("DELETE FROM profiles WHERE customer_id = ANY($1::text[])", ids)
         await self.conn.execute(
             "DELETE FROM outbox WHERE topic = $2 AND key = ANY($1::text[])", ids, profile_topic

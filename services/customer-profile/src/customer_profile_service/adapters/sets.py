@@ -15,12 +15,8 @@ from decimal import Decimal
 
 import asyncpg
 
-from customer_profile_service.adapters.repository import (
-    _PROFILE_COLUMNS,
-    CartRow,
-    ProfileRow,
-    _lines_json,
-)
+from customer_profile_service.adapters.cart_tables import CartRow, lines_json
+from customer_profile_service.adapters.repository import _PROFILE_COLUMNS, ProfileRow
 from customer_profile_service.domain import CartLine, IdKind
 
 
@@ -38,6 +34,8 @@ class Purchase:
     currency: str
     location_id: str | None
     placed_at: datetime
+    origin_id: str
+    """The customer id the purchase named: what an unmerge gives back."""
 
 
 class ProfileSets:
@@ -63,18 +61,24 @@ class ProfileSets:
         return {r["customer_id"] for r in rows}
 
     async def create_profiles(self, first_seen: Mapping[str, datetime]) -> set[str]:
-        """Create the empty profiles that do not exist yet; returns those created."""
+        """Create the empty profiles that do not exist yet; returns those created.
+
+        A live profile seen earlier by a late signal takes the earlier start, as
+        :meth:`ProfileRepository.create_profile` does.
+        """
         if not first_seen:
             return set()
         ids = sorted(first_seen)
         rows = await self.conn.fetch(
             "INSERT INTO profiles (customer_id, created_at)"
             " SELECT * FROM unnest($1::text[], $2::timestamptz[])"
-            " ON CONFLICT DO NOTHING RETURNING customer_id",
+            " ON CONFLICT (customer_id) DO UPDATE SET created_at = EXCLUDED.created_at"
+            " WHERE profiles.merged_into IS NULL AND profiles.created_at > EXCLUDED.created_at"
+            " RETURNING customer_id, xmax = 0 AS created",
             ids,
             [first_seen[i] for i in ids],
         )
-        return {r["customer_id"] for r in rows}
+        return {r["customer_id"] for r in rows if r["created"]}
 
     async def bump_versions(self, customer_ids: Collection[str]) -> dict[str, ProfileRow]:
         """Bump the snapshot version of these profiles; each row as it now is."""
@@ -110,11 +114,11 @@ class ProfileSets:
         ps = list(purchases)
         await self.conn.execute(
             "INSERT INTO purchases (purchase_key, order_id, customer_id, channel, status, lines,"
-            " skus, total, currency, location_id, placed_at)"
+            " skus, total, currency, location_id, placed_at, origin_id)"
             " SELECT k, o, c, ch, st, l::jsonb, ARRAY(SELECT jsonb_array_elements_text(s::jsonb)),"
-            " t, cur, loc, at FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],"
+            " t, cur, loc, at, og FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],"
             " $5::text[], $6::text[], $7::text[], $8::numeric[], $9::text[], $10::text[],"
-            " $11::timestamptz[]) AS v(k, o, c, ch, st, l, s, t, cur, loc, at)"
+            " $11::timestamptz[], $12::text[]) AS v(k, o, c, ch, st, l, s, t, cur, loc, at, og)"
             " ON CONFLICT (purchase_key) DO UPDATE SET"
             " order_id = coalesce(purchases.order_id, EXCLUDED.order_id),"
             " status = EXCLUDED.status, updated_at = now()",
@@ -123,12 +127,13 @@ class ProfileSets:
             [p.customer_id for p in ps],
             [p.channel for p in ps],
             [p.status for p in ps],
-            [_lines_json(p.lines) for p in ps],
+            [lines_json(p.lines) for p in ps],
             [json.dumps(sorted({ln.sku for ln in p.lines})) for p in ps],
             [p.total for p in ps],
             [p.currency for p in ps],
             [p.location_id for p in ps],
             [p.placed_at for p in ps],
+            [p.origin_id for p in ps],
         )
 
     async def link_orders(self, order_ids: Mapping[str, str]) -> None:
@@ -184,15 +189,16 @@ class ProfileSets:
             return
         await self.conn.execute(
             "INSERT INTO carts (cart_id, customer_id, anonymous_id, channel, status, items, skus,"
-            " value, currency, contents_hash, announced_hash, last_activity_at)"
-            " SELECT i, c, NULL, ch, 'checked_out', '[]'::jsonb, '{}', 0, NULL, h, NULL, at"
-            " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])"
-            " AS v(i, c, ch, h, at) ON CONFLICT (cart_id) DO NOTHING",
+            " value, currency, contents_hash, announced_hash, last_activity_at, origin_id)"
+            " SELECT i, c, NULL, ch, 'checked_out', '[]'::jsonb, '{}', 0, NULL, h, NULL, at, og"
+            " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],"
+            " $6::text[]) AS v(i, c, ch, h, at, og) ON CONFLICT (cart_id) DO NOTHING",
             [c.cart_id for c in carts],
             [c.customer_id for c in carts],
             [c.channel for c in carts],
             [c.contents_hash for c in carts],
             [c.last_activity_at for c in carts],
+            [c.origin_id or c.customer_id for c in carts],
         )
 
     async def set_cart_statuses(self, cart_ids: Collection[str], status: str) -> None:

@@ -11,7 +11,7 @@ from omni_contracts import CART_ABANDONED, CUSTOMER_PROFILE
 from customer_profile_service.adapters.metrics import ProfileMetrics
 from customer_profile_service.domain import DEFAULT_BLOCKED, CartLimits, parse_limits
 from customer_profile_service.entrypoints import consumers
-from customer_profile_service.entrypoints.http import build_router
+from customer_profile_service.entrypoints.http import build_router, build_unmerge_router
 from customer_profile_service.service.context import Profiles
 from customer_profile_service.settings import ProfileSettings
 
@@ -37,6 +37,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         blocked=DEFAULT_BLOCKED | extra_blocked,
         cart_limits=CartLimits(config.cart_max_lines, config.cart_max_qty),
         abandonment_delay=config.cart_abandonment_delay,
+        max_devices=config.profile_max_push_devices,
         lock_namespace=config.schema,
         clock=runtime.clock,
     )
@@ -54,6 +55,6 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         runtime,
         title="Customer profile service",
         description=DESCRIPTION,
-        routers=[build_router()],
+        routers=[build_router(), build_unmerge_router(profiles)],
     )
     return app

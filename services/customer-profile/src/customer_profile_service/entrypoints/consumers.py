@@ -18,6 +18,7 @@ from omni_common.service import Tx
 from omni_contracts import (
     CART_EVENTS,
     CHECKOUT_SUBMITTED,
+    CUSTOMER_IDENTITY_REQUESTS,
     CUSTOMER_SIGNALS,
     ORDER_LIFECYCLE,
     STORE_SALES,
@@ -40,8 +41,10 @@ from omni_contracts import (
     OrderReturnReceived,
     OrderShipped,
     PreferencesUpdated,
+    PushAddressesGone,
     RefundIssued,
     SaleRecorded,
+    UnmergeRequested,
 )
 from omni_contracts.envelope import Envelope
 
@@ -83,6 +86,20 @@ async def preferences_updated(
 ) -> None:
     """A shopper's consent, channel, language or quiet hours changed."""
     await _each(signals, tx, policy, metrics, profiles.preferences_updated)
+
+
+async def push_addresses_gone(
+    signals: Lot[PushAddressesGone], tx: Tx, policy: Profiles, metrics: ProfileMetrics
+) -> None:
+    """A push service said devices are gone: the profile forgets them."""
+    await _each(signals, tx, policy, metrics, profiles.push_addresses_gone)
+
+
+async def unmerges_requested(
+    requests: Lot[UnmergeRequested], tx: Tx, policy: Profiles, metrics: ProfileMetrics
+) -> None:
+    """Ops or the call centre undo a wrong merge."""
+    await _each(requests, tx, policy, metrics, profiles.unmerge_requested)
 
 
 async def erasures_requested(
@@ -155,8 +172,10 @@ def subscriptions() -> list[Subscription]:
                 ContactDetailsUpdated: contacts_updated,
                 PreferencesUpdated: preferences_updated,
                 ErasureRequested: erasures_requested,
+                PushAddressesGone: push_addresses_gone,
             },
         ),
+        Subscription(CUSTOMER_IDENTITY_REQUESTS, {UnmergeRequested: unmerges_requested}),
         Subscription(
             STORE_SALES, {SaleRecorded: only_when(profiles.names_a_shopper, sales_recorded)}
         ),

@@ -14,20 +14,56 @@ from decimal import Decimal
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
-from omni_common.auth import require_shopper
+from omni_common.auth import require, require_shopper
+from omni_common.handlers import Refusal
 from omni_common.http import Runtime
 from omni_contracts import Money, Preferences, PushSubscription
 from pydantic import BaseModel, Field
 
 from customer_profile_service.adapters.repository import HistoryCursor, ProfileRepository
 from customer_profile_service.domain import IdKind, normalise
-from customer_profile_service.service.profiles import resolve
+from customer_profile_service.service.context import Profiles
+from customer_profile_service.service.identity import resolve, unmerge
 
 Identifier = Annotated[str, Path(min_length=1, max_length=200, pattern=r"^[^\x00]+$")]
 
 # The one place the routes' authorisation is declared: customers.read reaches any shopper;
 # web and app keys reach only their token's shopper (and never the lookup by e-mail/phone).
 ROUTE_DEPENDENCIES = [Depends(require_shopper("customers.read"))]
+# Undoing a merge is staff work: ops (admin) and call-centre keys hold identity.write.
+UNMERGE_DEPENDENCIES = [Depends(require("identity.write"))]
+
+
+class IdentityLogEntry(BaseModel):
+    """One merge or unmerge: what joined (or left) which profile, when, on which proof."""
+
+    customer_id: str = Field(description="The surviving profile")
+    other_id: str = Field(description="The profile merged into it, or restored from it")
+    action: str = Field(description="merged or unmerged")
+    proof: str = Field(description="email, phone, loyalty_card, or request (an unmerge)")
+    detail: str | None
+    at: datetime
+
+
+class IdentityLog(BaseModel):
+    """A profile's merges and unmerges, newest first."""
+
+    customer_id: str
+    entries: list[IdentityLogEntry]
+
+
+class UnmergeBody(BaseModel):
+    """Which profile to restore from this one, and why."""
+
+    merged_id: str = Field(min_length=1, max_length=200)
+    reason: str = Field(min_length=1, max_length=200)
+
+
+class Unmerged(BaseModel):
+    """The merge undone: both profiles live again."""
+
+    surviving_id: str
+    restored_id: str
 
 
 class Identifiers(BaseModel):
@@ -235,5 +271,42 @@ def build_router() -> APIRouter:
             else None
         )
         return HistoryPage(customer_id=live, items=items, next_cursor=next_cursor)
+
+    @router.get("/customers/{customer_id}/identity-log", response_model=IdentityLog)
+    async def identity_log(
+        customer_id: Identifier,
+        runtime: Runtime,
+        limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    ) -> IdentityLog:
+        """Every merge and unmerge of the profile, newest first."""
+        async with runtime.pool.acquire() as conn:
+            repo = ProfileRepository(conn)
+            live = await _live(repo, customer_id)
+            rows = await repo.identity_log(await repo.group_of(live), limit)
+        return IdentityLog(customer_id=live, entries=[IdentityLogEntry(**dict(r)) for r in rows])
+
+    return router
+
+
+def build_unmerge_router(policy: Profiles) -> APIRouter:
+    """The route that undoes a merge (staff keys only)."""
+    router = APIRouter(tags=["customers"], dependencies=UNMERGE_DEPENDENCIES)
+
+    @router.post(
+        "/customers/{customer_id}/unmerge",
+        response_model=Unmerged,
+        responses={409: {"description": "merged_id is not merged into this profile"}},
+    )
+    async def post_unmerge(
+        customer_id: Identifier, body: UnmergeBody, runtime: Runtime
+    ) -> Unmerged:
+        """Restore ``merged_id`` from this profile with what was its own (see the
+        ``customer.profiles.unmerge.requested`` event, which does the same)."""
+        try:
+            async with runtime.transaction("POST unmerge") as tx:
+                await unmerge(policy, tx, customer_id, body.merged_id, body.reason)
+        except Refusal as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        return Unmerged(surviving_id=customer_id, restored_id=body.merged_id)
 
     return router

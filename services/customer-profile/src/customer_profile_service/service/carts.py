@@ -117,6 +117,7 @@ async def cart_changed(
             contents_hash=contents_hash(lines),
             announced_hash=cart.announced_hash if cart else None,
             last_activity_at=last,
+            origin_id=event.customer_id,
         )
     )
     if status == "open":

@@ -25,6 +25,8 @@ class Profiles:
     blocked: frozenset[str] = DEFAULT_BLOCKED
     cart_limits: CartLimits = field(default_factory=CartLimits)
     abandonment_delay: timedelta = timedelta(hours=1)
+    # Push devices (Web Push subscriptions and app tokens) a profile keeps: the newest.
+    max_devices: int = 10
     # Advisory locks are database-wide: named after the schema they guard.
     lock_namespace: str = "customer_profile"
     clock: Clock = utcnow
@@ -42,6 +44,9 @@ class Outcome:
     changed: set[str] = field(default_factory=set)
     skipped_identifiers: list[tuple[str, str]] = field(default_factory=list)
     merges: int = 0
+    unmerges: int = 0
+    # Push devices dropped beyond the bound (oldest first) or found gone.
+    devices_dropped: int = 0
     snapshots: int = 0
     cart_skips: list[str] = field(default_factory=list)
     erased: int = 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from omni_common.service import Tx
@@ -19,33 +18,41 @@ from omni_common.timers import cancel_timer, set_timer
 from omni_contracts import (
     CUSTOMER_PROFILE,
     ContactDetailsUpdated,
-    ContactField,
     CustomerIdentified,
     ErasureRequested,
     Line,
-    Preferences,
     PreferencesUpdated,
     ProfileErased,
-    ProfilesMerged,
-    ProfileUpdated,
+    PushAddressesGone,
     SaleRecorded,
+    UnmergeRequested,
 )
 from omni_contracts.envelope import Envelope
 
-from customer_profile_service.adapters.repository import ProfileRepository, ProfileRow
 from customer_profile_service.domain import (
     CartLine,
-    Claim,
     IdKind,
     ProfileError,
     covered_by,
-    decide_claim,
     is_blocked,
     normalise,
-    survivor,
     validate_contact,
 )
+from customer_profile_service.domain import facts as F
 from customer_profile_service.service.context import CART_ABANDONMENT, Outcome, Profiles
+from customer_profile_service.service.identity import (
+    claim,
+    ensure_profile,
+    load,
+    publish_snapshots,
+    rederive,
+    resolve,
+    start_profile,
+    sync_contacts,
+    unmerge,
+)
+
+__all__ = ["ensure_profile", "publish_snapshots", "resolve"]
 
 log = logging.getLogger(__name__)
 
@@ -53,181 +60,6 @@ log = logging.getLogger(__name__)
 def cart_lines(lines: list[Line]) -> list[CartLine]:
     """Contract lines as domain lines."""
     return [CartLine(ln.sku, ln.qty, ln.unit_price.amount, ln.unit_price.currency) for ln in lines]
-
-
-# -- resolving who is who ------------------------------------------------------------------------
-
-
-async def resolve(repo: ProfileRepository, customer_id: str) -> str | None:
-    """The live profile ``customer_id`` is (itself, or the survivor it was merged into)."""
-    current = customer_id
-    for _ in range(16):  # merges flatten chains; the bound only guards against a cycle
-        profile = await repo.profile(current)
-        if profile is None:
-            return None
-        if profile.merged_into is None:
-            return current
-        current = profile.merged_into
-    raise RuntimeError(f"merge chain of {customer_id} does not end")
-
-
-async def ensure_profile(
-    repo: ProfileRepository, customer_id: str, at: datetime, out: Outcome
-) -> str | None:
-    """The live profile of ``customer_id``, created if new; None if the shopper was erased."""
-    if await repo.is_erased(customer_id):
-        return None
-    live = await resolve(repo, customer_id)
-    if live is not None:
-        return live
-    if await repo.create_profile(customer_id, at):
-        out.changed.add(customer_id)
-    return customer_id
-
-
-async def require_profile(repo: ProfileRepository, customer_id: str) -> str:
-    """The live profile of a known shopper, or :class:`ProfileError` saying why not."""
-    if await repo.is_erased(customer_id):
-        raise ProfileError("erased_customer", f"customer {customer_id} asked to be forgotten")
-    live = await resolve(repo, customer_id)
-    if live is None:
-        raise ProfileError(
-            "unknown_customer",
-            f"no profile {customer_id}: a profile starts with customer.identified,"
-            " a checkout, an order or a store sale",
-        )
-    return live
-
-
-async def claim(
-    profiles: Profiles,
-    tx: Tx,
-    customer_id: str,
-    kind: IdKind,
-    raw_value: str,
-    out: Outcome,
-    envelope: Envelope | None,
-) -> tuple[str, Claim]:
-    """Present an identifier for ``customer_id``: add it, merge with its holder, or skip it.
-
-    Returns the live profile afterwards (the survivor after a merge) and the decision.
-    """
-    repo = profiles.repo(tx)
-    value = normalise(kind, raw_value)
-    owner = await repo.owner(kind, value)
-    counts = await repo.identifier_counts(customer_id)
-    other = await repo.identifier_counts(owner) if owner and owner != customer_id else None
-    decision = decide_claim(
-        kind, value, customer_id, owner, counts, other, profiles.limits, profiles.blocked
-    )
-    if decision.action == "add":
-        if not await repo.add_identifier(kind, value, customer_id):
-            # Taken by a concurrent handler meanwhile: retried, it then sees the owner.
-            raise RuntimeError(f"{kind} identifier claimed concurrently; retrying")
-        out.changed.add(customer_id)
-    elif decision.action == "skip":
-        assert decision.skip is not None
-        await repo.record_skip(kind, value, customer_id, decision.other, decision.skip.value)
-        out.skipped_identifiers.append((kind.value, decision.skip.value))
-        # Never the value itself: identifiers are personal data.
-        log.info(
-            "%s of %s not applied: %s (held by %s)",
-            kind,
-            customer_id,
-            decision.skip,
-            decision.other or "nobody",
-        )
-    elif decision.action == "merge":
-        assert owner is not None
-        return await merge(profiles, tx, customer_id, owner, out, envelope), decision
-    return customer_id, decision
-
-
-async def merge(
-    profiles: Profiles, tx: Tx, a: str, b: str, out: Outcome, envelope: Envelope | None
-) -> str:
-    """Merge two profiles of one shopper into the older; returns the survivor.
-
-    The survivor keeps its own contact details and takes the merged one's where it has none;
-    identifiers, purchases and carts move over. ``customer.profiles.merged`` is published,
-    the merged key is tombstoned, and the survivor's snapshot follows.
-    """
-    repo = profiles.repo(tx)
-    # A fixed lock order: two merges of the same pair never deadlock.
-    first, second = sorted([a, b])
-    p1 = await repo.profile(first, for_update=True)
-    p2 = await repo.profile(second, for_update=True)
-    assert p1 is not None and p2 is not None
-    s_id, m_id = survivor((p1.customer_id, p1.created_at), (p2.customer_id, p2.created_at))
-    kept, gone = (p1, p2) if s_id == p1.customer_id else (p2, p1)
-    for attr in ("email", "phone", "loyalty_card", "first_name", "last_name", "preferred_store"):
-        if getattr(kept, attr) is None:
-            setattr(kept, attr, getattr(gone, attr))
-    kept.push_tokens = list(dict.fromkeys([*kept.push_tokens, *gone.push_tokens]))
-    endpoints = {s["endpoint"] for s in kept.push_subscriptions}
-    kept.push_subscriptions += [
-        s for s in gone.push_subscriptions if s["endpoint"] not in endpoints
-    ]
-    if not kept.preferences:
-        kept.preferences = gone.preferences
-    await repo.save_contact(kept)
-    await repo.mark_merged(m_id, s_id)
-    await tx.emit(ProfilesMerged(surviving_id=s_id, merged_ids=[m_id]), caused_by=envelope)
-    await tx.emit_tombstone(CUSTOMER_PROFILE, m_id)
-    log.info("profile %s merged into %s", m_id, s_id)
-    out.merges += 1
-    out.changed.discard(m_id)
-    out.changed.add(s_id)
-    return s_id
-
-
-async def publish_snapshots(
-    profiles: Profiles, tx: Tx, out: Outcome, envelope: Envelope | None
-) -> None:
-    """Write a full ``customer.profile.updated`` of every changed live profile."""
-    repo = profiles.repo(tx)
-    live: set[str] = set()
-    for customer_id in out.changed:
-        resolved = await resolve(repo, customer_id)
-        if resolved is not None:
-            live.add(resolved)
-    for customer_id in sorted(live):
-        await tx.emit(await snapshot(repo, customer_id), caused_by=envelope)
-        out.snapshots += 1
-
-
-async def snapshot(repo: ProfileRepository, customer_id: str) -> ProfileUpdated:
-    """The full profile as published (its version bumped)."""
-    p = await repo.profile(customer_id)
-    assert p is not None
-    ids = await repo.identifiers(customer_id)
-    return snapshot_of(p, ids, await repo.next_version(customer_id))
-
-
-def snapshot_of(p: ProfileRow, ids: dict[IdKind, list[str]], version: int) -> ProfileUpdated:
-    """A profile and its identifiers as published, at ``version``."""
-
-    def with_primary(values: list[str], primary: str | None) -> list[str]:
-        return values if primary is None or primary in values else [primary, *values]
-
-    return ProfileUpdated(
-        customer_id=p.customer_id,
-        version=version,
-        email=p.email,
-        phone=p.phone,
-        push_tokens=p.push_tokens,
-        push_subscriptions=p.push_subscriptions,
-        first_name=p.first_name,
-        last_name=p.last_name,
-        anonymous_ids=ids[IdKind.ANONYMOUS_ID],
-        loyalty_card=p.loyalty_card,
-        emails=with_primary(ids[IdKind.EMAIL], p.email),
-        phones=with_primary(ids[IdKind.PHONE], p.phone),
-        loyalty_cards=with_primary(ids[IdKind.LOYALTY_CARD], p.loyalty_card),
-        tier=p.tier,
-        preferences=Preferences.model_validate(p.preferences),
-        preferred_store=p.preferred_store,
-    )
 
 
 # -- signals -----------------------------------------------------------------------------------
@@ -249,10 +81,20 @@ async def identified(
     customer_id = await ensure_profile(repo, event.customer_id, event.occurred_at, out)
     assert customer_id is not None
     customer_id, decision = await claim(
-        profiles, tx, customer_id, IdKind.ANONYMOUS_ID, event.anonymous_id, out, envelope
+        profiles,
+        tx,
+        customer_id,
+        IdKind.ANONYMOUS_ID,
+        event.anonymous_id,
+        out,
+        envelope,
+        event.customer_id,
     )
     if decision.skip is None or decision.skip.value != "blocked_value":
-        for cart_id in await repo.adopt_anonymous_carts(event.anonymous_id, customer_id):
+        adopted = await repo.adopt_anonymous_carts(
+            event.anonymous_id, customer_id, event.customer_id
+        )
+        for cart_id in adopted:
             await _rearm_if_fired(profiles, tx, cart_id)
     await publish_snapshots(profiles, tx, out, envelope)
     return out
@@ -279,15 +121,13 @@ async def contact_updated(
 ) -> Outcome:
     """A shopper changed or removed an e-mail, phone or push registration.
 
-    The new e-mail or phone becomes an identifier (which may merge profiles); the one it
-    replaces no longer identifies the shopper. Refused: unknown or erased customers,
-    malformed or placeholder contacts.
+    Starts the profile if this is the first word about the shopper. The contact is kept
+    whatever its proof; only a verified e-mail or phone becomes an identifier (which may
+    merge profiles), and the one it replaces no longer identifies the shopper. Refused:
+    erased customers, malformed or placeholder contacts.
     """
     repo = profiles.repo(tx)
     out = Outcome()
-    customer_id = await require_profile(repo, event.customer_id)
-    p = await repo.profile(customer_id, for_update=True)
-    assert p is not None
     new: dict[IdKind, str] = {}
     for kind, raw in ((IdKind.EMAIL, event.email), (IdKind.PHONE, event.phone)):
         if raw is None:
@@ -296,55 +136,66 @@ async def contact_updated(
         if is_blocked(value, profiles.blocked):
             raise ProfileError("blocked_identifier", f"{kind} is a placeholder value")
         new[kind] = value
-    cleared = set(event.cleared)
-    for kind, attr, field in (
-        (IdKind.EMAIL, "email", ContactField.EMAIL),
-        (IdKind.PHONE, "phone", ContactField.PHONE),
-    ):
-        old = getattr(p, attr)
-        replacing = kind in new and new[kind] != old
-        if old is not None and (replacing or field in cleared):
-            await repo.release_identifier(kind, old, customer_id)
-            setattr(p, attr, None)
-        if replacing:
-            setattr(p, attr, new[kind])
-    if event.push_token is not None and event.push_token not in p.push_tokens:
-        p.push_tokens.append(event.push_token)
-    if ContactField.PUSH_TOKEN in cleared:
-        p.push_tokens = []
-    if event.push_subscription is not None:
-        sub = event.push_subscription.model_dump(mode="json", exclude_none=True)
-        p.push_subscriptions = [
-            s for s in p.push_subscriptions if s["endpoint"] != sub["endpoint"]
-        ] + [sub]
-    if ContactField.PUSH_SUBSCRIPTION in cleared:
-        p.push_subscriptions = []
-    await repo.save_contact(p)
-    out.changed.add(customer_id)
-    for kind, value in new.items():
-        customer_id, _ = await claim(profiles, tx, customer_id, kind, value, out, envelope)
+    live = await start_profile(repo, event.customer_id, event.occurred_at, out)
+    p = await load(repo, live)
+    change = F.ContactChange(
+        email=new.get(IdKind.EMAIL),
+        email_verified=bool(event.email_verified),
+        phone=new.get(IdKind.PHONE),
+        phone_verified=bool(event.phone_verified),
+        push_token=event.push_token,
+        push_subscription=(
+            event.push_subscription.model_dump(mode="json", exclude_none=True)
+            if event.push_subscription
+            else None
+        ),
+        cleared=frozenset(f.value for f in event.cleared),
+    )
+    F.apply_contact(p.facts, event.customer_id, change, _stamp(event.occurred_at, envelope))
+    await rederive(profiles, repo, p, out)
+    await sync_contacts(profiles, tx, live, event.customer_id, p, out, envelope)
     await publish_snapshots(profiles, tx, out, envelope)
     return out
 
 
-def _merge_preferences(old: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(old)
-    for key, value in given.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
-    return merged
+async def push_addresses_gone(
+    profiles: Profiles, tx: Tx, event: PushAddressesGone, envelope: Envelope | None = None
+) -> Outcome:
+    """A push service said devices are gone: the profile forgets them (a newer
+    registration brings one back). Unknown and erased shoppers: nothing to forget."""
+    repo = profiles.repo(tx)
+    out = Outcome()
+    if await repo.is_erased(event.customer_id):
+        return out
+    live = await resolve(repo, event.customer_id)
+    if live is None:
+        return out
+    p = await load(repo, live)
+    gone = F.ContactChange(
+        gone_endpoints=tuple(event.endpoints), gone_tokens=tuple(event.push_tokens)
+    )
+    # Gone wherever it was registered: the device is the push service's, not an origin's.
+    for origin in list(F.origins(p.facts)):
+        F.apply_contact(p.facts, origin, gone, _stamp(event.occurred_at, envelope))
+    before = len(p.push_subscriptions) + len(p.push_tokens)
+    await rederive(profiles, repo, p, out)
+    out.devices_dropped += max(before - len(p.push_subscriptions) - len(p.push_tokens), 0)
+    await publish_snapshots(profiles, tx, out, envelope)
+    return out
+
+
+def _stamp(at: datetime, envelope: Envelope | None) -> F.Stamp:
+    # The event id breaks ties between answers given in the same microsecond, alike everywhere.
+    return F.stamp(at, envelope.id if envelope else "")
 
 
 async def preferences_updated(
     profiles: Profiles, tx: Tx, event: PreferencesUpdated, envelope: Envelope | None = None
 ) -> Outcome:
     """Consent, channel, language, time zone or quiet hours changed (only the non-null
-    values sent; consent is withdrawn with ``false``)."""
+    values sent; consent is withdrawn with ``false``). Starts the profile if new."""
     repo = profiles.repo(tx)
     out = Outcome()
-    customer_id = await require_profile(repo, event.customer_id)
     # Null means "unchanged": producers write every field, nulls included (see the contact
     # update's ``cleared``), so a partial update must not wipe what it does not mention.
     given = event.preferences.model_dump(mode="json", exclude_none=True)
@@ -353,18 +204,24 @@ async def preferences_updated(
             ZoneInfo(zone)
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ProfileError("invalid_preferences", f"unknown time zone {zone!r}") from exc
-    p = await repo.profile(customer_id, for_update=True)
-    assert p is not None
-    merged = _merge_preferences(p.preferences, given)
-    if (merged.get("quiet_hours_start") is None) != (merged.get("quiet_hours_end") is None):
+    live = await start_profile(repo, event.customer_id, event.occurred_at, out)
+    p = await load(repo, live)
+    F.apply_preferences(p.facts, event.customer_id, given, _stamp(event.occurred_at, envelope))
+    derived = F.derive(p.facts, live, profiles.max_devices).preferences
+    if (derived.get("quiet_hours_start") is None) != (derived.get("quiet_hours_end") is None):
         raise ProfileError(
             "invalid_preferences", "quiet hours need both quiet_hours_start and quiet_hours_end"
         )
-    p.preferences = merged
-    await repo.save_contact(p)
-    out.changed.add(customer_id)
+    await rederive(profiles, repo, p, out)
     await publish_snapshots(profiles, tx, out, envelope)
     return out
+
+
+async def unmerge_requested(
+    profiles: Profiles, tx: Tx, event: UnmergeRequested, envelope: Envelope | None = None
+) -> Outcome:
+    """Ops or the call centre undo a wrong merge (see :func:`identity.unmerge`)."""
+    return await unmerge(profiles, tx, event.surviving_id, event.merged_id, event.reason, envelope)
 
 
 # -- purchases ---------------------------------------------------------------------------------
@@ -411,7 +268,14 @@ async def sale_recorded(
     if sale.loyalty_card:
         if customer_id is not None:
             customer_id, decision = await claim(
-                profiles, tx, customer_id, IdKind.LOYALTY_CARD, sale.loyalty_card, out, envelope
+                profiles,
+                tx,
+                customer_id,
+                IdKind.LOYALTY_CARD,
+                sale.loyalty_card,
+                out,
+                envelope,
+                sale.customer_id,
             )
             p = await repo.profile(customer_id, for_update=True)
             if p is not None and p.loyalty_card is None and decision.action != "skip":
@@ -438,6 +302,7 @@ async def sale_recorded(
         currency=sale.lines[0].unit_price.currency,
         location_id=sale.location_id,
         placed_at=sale.occurred_at,
+        origin_id=sale.customer_id,
     )
     await _after_purchase(profiles, tx, customer_id, sale.occurred_at, out)
     await publish_snapshots(profiles, tx, out, envelope)

@@ -24,7 +24,8 @@ from customer_profile_service.adapters.repository import CartRow
 from customer_profile_service.adapters.sets import ProfileSets, Purchase
 from customer_profile_service.domain import contents_hash, covered_by
 from customer_profile_service.service.context import CART_ABANDONMENT, Outcome, Profiles
-from customer_profile_service.service.profiles import cart_lines, resolve, snapshot_of
+from customer_profile_service.service.identity import resolve, snapshot_of
+from customer_profile_service.service.profiles import cart_lines
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class CheckedOut:
     customer_id: str
     channel: str
     at: datetime
+    origin_id: str
+    """The customer id the event named: what an unmerge gives back."""
 
 
 async def shoppers(
@@ -48,15 +51,16 @@ async def shoppers(
         first_seen.setdefault(customer_id, at)
     erased = await sets.erased_among(first_seen)
     live: dict[str, str | None] = dict.fromkeys(erased)
-    known = await profiles.repo(tx).profile_states(i for i in first_seen if i not in erased)
+    # Any signal naming a shopper starts their profile; a late one may move its start back.
+    created = await sets.create_profiles({i: at for i, at in first_seen.items() if i not in erased})
+    out.changed |= created
+    live.update((i, i) for i in created)
+    known = await profiles.repo(tx).profile_states(i for i in first_seen if i not in live)
     for customer_id, merged_into in known.items():
         # Merged shoppers are rare: their chains are followed one profile at a time.
         live[customer_id] = (
             customer_id if merged_into is None else await resolve(profiles.repo(tx), merged_into)
         )
-    new = {i: at for i, at in first_seen.items() if i not in live}
-    out.changed |= await sets.create_profiles(new)
-    live.update((i, i) for i in new)
     return live
 
 
@@ -117,6 +121,7 @@ def _checked_out_cart(c: CheckedOut) -> CartRow:
         contents_hash=contents_hash([]),
         announced_hash=None,
         last_activity_at=c.at,
+        origin_id=c.origin_id,
     )
 
 
@@ -174,7 +179,11 @@ async def checkouts_submitted(profiles: Profiles, tx: Tx, lot: Lot[CheckoutSubmi
         if checkout.cart_id:
             checked_out.append(
                 CheckedOut(
-                    checkout.cart_id, customer_id, checkout.channel.value, checkout.occurred_at
+                    checkout.cart_id,
+                    customer_id,
+                    checkout.channel.value,
+                    checkout.occurred_at,
+                    checkout.customer_id,
                 )
             )
     await carts_checked_out(profiles, tx, checked_out, out)
@@ -223,10 +232,17 @@ async def orders_placed(profiles: Profiles, tx: Tx, lot: Lot[OrderPlaced]) -> Ou
                 currency=order.lines[0].unit_price.currency,
                 location_id=ful.location_id if ful.type is FulfillmentType.PICKUP else None,
                 placed_at=order.occurred_at,
+                origin_id=order.customer_id or customer_id,
             )
         if order.cart_id:
             checked_out.append(
-                CheckedOut(order.cart_id, customer_id, order.channel.value, order.occurred_at)
+                CheckedOut(
+                    order.cart_id,
+                    customer_id,
+                    order.channel.value,
+                    order.occurred_at,
+                    order.customer_id or customer_id,
+                )
             )
         last_purchase[customer_id] = max(
             order.occurred_at, last_purchase.get(customer_id, order.occurred_at)

@@ -33,6 +33,7 @@ from omni_contracts import (
     NotificationFailed,
     NotificationSent,
     NotificationSuppressed,
+    PushAddressesGone,
     SuppressionReason,
 )
 
@@ -276,6 +277,14 @@ class Dispatcher:
             )
             self.metrics.addresses_removed.labels(self.metrics.service).inc(
                 len(outcome.gone_endpoints) + len(outcome.gone_tokens)
+            )
+            # The profile owns the devices: told, so its next snapshot does not bring them back.
+            await tx.emit(
+                PushAddressesGone(
+                    customer_id=told[0].customer_id,
+                    endpoints=outcome.gone_endpoints[:100],
+                    push_tokens=outcome.gone_tokens[:100],
+                )
             )
         for row in told:
             await self._tell(tx, row, outcome)
