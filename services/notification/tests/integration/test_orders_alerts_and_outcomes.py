@@ -415,3 +415,32 @@ async def test_fcm_tokens_come_from_a_service_account_and_are_refreshed(
     assert {m.project for m in push_endpoint.fcm_messages} == {"omni-shop"}
     assert len({m.authorization for m in push_endpoint.fcm_messages}) == 3
     assert push_endpoint.rejected == []
+
+
+async def test_a_burst_of_order_news_tells_each_shopper_once_per_news(
+    start_notification, channel, smtp_server, ev
+) -> None:
+    """Order news arriving together is decided as a lot: every shopper hears of each order
+    once, a producer's second copy in the same burst is a duplicate, and the shoppers' own
+    language still applies."""
+    shoppers = {ev.uid("cust"): f"{ev.uid('shopper')}@example.com" for _ in range(4)}
+    async with start_notification() as svc:
+        for customer, address in shoppers.items():
+            await ev.given_profile(channel, svc, customer, email=address)
+        news = [
+            OrderConfirmed(order_id=ev.uid("order"), customer_id=c, channel=Channel.WEB)
+            for c in shoppers
+        ]
+        # The first shopper's confirmation is published twice (two ce_ids, one order).
+        await asyncio.gather(*(channel.publish(n) for n in [*news, news[0]]))
+        first = next(iter(shoppers))
+        for customer, address in shoppers.items():
+            rows = await ev.settled(svc, customer, 2 if customer == first else 1)
+            expected = [("sent", None)] + (
+                [("suppressed", "duplicate")] if customer == first else []
+            )
+            assert sorted((r["status"], r["reason"]) for r in rows) == expected
+            (mail,) = await smtp_server.wait_for(address)
+            assert "order" in mail["Subject"].lower()
+        await asyncio.sleep(0.3)
+        assert len(smtp_server.messages_to(shoppers[first])) == 1

@@ -38,6 +38,7 @@ from omni_contracts import (
 )
 
 from notification_service.adapters.repository import NotificationRepository
+from notification_service.adapters.sets import NotificationSets
 from notification_service.service.notify import (
     CART_REMINDER_TIMER,
     DEFERRED_TIMER,
@@ -48,9 +49,7 @@ from notification_service.service.notify import (
 
 async def profiles_updated(profiles: Lot[ProfileUpdated], tx: Tx) -> None:
     """A profile snapshot: the contact, consents and preferences to decide with."""
-    repo = NotificationRepository(tx.conn)
-    for profile, _ in profiles:
-        await repo.save_contact(profile)
+    await NotificationSets(tx.conn).save_contacts([profile for profile, _ in profiles])
 
 
 async def profiles_erased(erasures: Lot[ProfileErased], tx: Tx, notifier: Notifier) -> None:
@@ -90,8 +89,7 @@ async def availability_changed(
     changes: Lot[AvailabilityChanged], tx: Tx, notifier: Notifier
 ) -> None:
     """Keep the latest availability; tell the shoppers waiting for it, once each."""
-    for change, envelope in changes:
-        await notifier.availability_changed(tx, change, envelope)
+    await notifier.availability_changed(tx, changes)
 
 
 def _for_a_shopper(order: OrderEvent) -> bool:
@@ -101,14 +99,12 @@ def _for_a_shopper(order: OrderEvent) -> bool:
 
 async def orders_placed(orders: Lot[OrderPlaced], tx: Tx, notifier: Notifier) -> None:
     """Remember what the shopper bought: carts holding it need no reminder."""
-    for order, _ in orders:
-        await notifier.order_placed(tx, order)
+    await notifier.orders_placed(tx, [order for order, _ in orders])
 
 
 async def orders_updated(orders: Lot[OrderEvent], tx: Tx, notifier: Notifier) -> None:
     """Confirmed, ready for pickup, delayed, cancelled, refunded: tell the shopper."""
-    for order, envelope in orders:
-        await notifier.order_update(tx, order, envelope)
+    await notifier.order_updates(tx, orders)
 
 
 async def loyalty_news(

@@ -14,14 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from omni_common.handlers import Clock
 from omni_common.service import Tx
-from omni_common.timers import cancel_timer, set_timer
+from omni_common.timers import cancel_timer, cancel_timers, set_timer
 from omni_contracts import (
     AvailabilityChanged,
     CartAbandoned,
@@ -50,8 +50,10 @@ from omni_contracts.envelope import Envelope
 
 from notification_service.adapters.metrics import NotificationMetrics
 from notification_service.adapters.repository import NotificationRepository, NotificationRow
+from notification_service.adapters.sets import NewNotification, NotificationSets
 from notification_service.domain.model import (
     KINDS,
+    Contact,
     Purpose,
     Reason,
     Status,
@@ -105,6 +107,18 @@ class Decision:
     until: datetime | None = None
 
 
+@dataclass(frozen=True)
+class Ask:
+    """A trigger to decide, with what caused it (an event, or a timer that remembered
+    its cause) and a refusal already known."""
+
+    trigger: Trigger
+    envelope: Envelope | None
+    refusal: Reason | None = None
+    caused_by: str | None = None
+    correlation_id: str | None = None
+
+
 def _contract_reason(reason: Reason) -> SuppressionReason | None:
     try:
         return SuppressionReason(reason.value)
@@ -143,46 +157,76 @@ class Notifier:
 
         ``caused_by`` and ``correlation_id`` stand for the envelope's when the trigger comes
         from a timer that remembered them."""
+        ask = Ask(trigger, envelope, refusal, caused_by, correlation_id)
+        return (await self.notify_all(tx, [ask]))[0]
+
+    async def notify_all(self, tx: Tx, asks: Sequence[Ask]) -> list[Decision]:
+        """Decide a lot of triggers, in order, as :meth:`notify` decides one: the shoppers
+        are locked, their contacts and the dedup keys read, and the decisions written, each
+        with one statement for the lot."""
         repo = NotificationRepository(tx.conn)
-        await repo.lock_customer(trigger.customer_id)
-        notification_id = str(uuid.uuid4())
-        dedup_key = trigger.dedup_key
-        if dedup_key and await repo.by_dedup_key(dedup_key) is not None:
-            refusal, dedup_key = Reason.DUPLICATE, None
-        verdict = (
-            await self._evaluate(repo, trigger.customer_id, trigger.purpose, self.clock())
-            if refusal is None
-            else Verdict(Status.SUPPRESSED, refusal)
+        sets = NotificationSets(tx.conn)
+        await sets.lock_customers({a.trigger.customer_id for a in asks})
+        taken = await sets.taken_dedup_keys(
+            {a.trigger.dedup_key for a in asks if a.trigger.dedup_key}
         )
-        await repo.insert(
-            notification_id=notification_id,
-            customer_id=trigger.customer_id,
-            dedup_key=dedup_key,
-            kind=trigger.kind,
-            purpose=trigger.purpose.value,
-            status=verdict.status.value,
-            reason=verdict.reason.value if verdict.reason else None,
-            channel=None,
-            params=trigger.params,
-            deferred_until=verdict.until,
-            correlation_id=envelope.correlation_id if envelope else correlation_id,
-            caused_by=envelope.id if envelope else caused_by,
-            not_before=verdict.not_before,
-        )
-        decision = Decision(notification_id, verdict.status, verdict.reason, verdict.until)
-        await self._announce(tx, trigger.customer_id, trigger.kind, decision, envelope)
-        return decision
+        contacts = await sets.contacts({a.trigger.customer_id for a in asks})
+        rows: list[NewNotification] = []
+        decisions: list[Decision] = []
+        for a in asks:
+            trigger, refusal, dedup_key = a.trigger, a.refusal, a.trigger.dedup_key
+            if dedup_key and dedup_key in taken:
+                refusal, dedup_key = Reason.DUPLICATE, None
+            elif dedup_key:
+                taken.add(dedup_key)
+            if refusal is not None:
+                verdict = Verdict(Status.SUPPRESSED, refusal)
+            else:
+                if self.settings.purpose_policy(trigger.purpose).deferred:
+                    # The budget and the digest count what is recorded: the lot's earlier
+                    # decisions are written first.
+                    await sets.insert_notifications(rows)
+                    rows = []
+                verdict = await self._evaluate(
+                    repo,
+                    contacts.get(trigger.customer_id),
+                    trigger.customer_id,
+                    trigger.purpose,
+                    self.clock(),
+                )
+            decision = Decision(str(uuid.uuid4()), verdict.status, verdict.reason, verdict.until)
+            rows.append(
+                NewNotification(
+                    notification_id=decision.notification_id,
+                    customer_id=trigger.customer_id,
+                    dedup_key=dedup_key,
+                    kind=trigger.kind,
+                    purpose=trigger.purpose.value,
+                    status=verdict.status.value,
+                    reason=verdict.reason.value if verdict.reason else None,
+                    params=trigger.params,
+                    deferred_until=verdict.until,
+                    correlation_id=a.envelope.correlation_id if a.envelope else a.correlation_id,
+                    caused_by=a.envelope.id if a.envelope else a.caused_by,
+                    not_before=verdict.not_before,
+                )
+            )
+            decisions.append(decision)
+        await sets.insert_notifications(rows)
+        for a, decision in zip(asks, decisions, strict=True):
+            await self._announce(tx, a.trigger.customer_id, a.trigger.kind, decision, a.envelope)
+        return decisions
 
     async def _evaluate(
         self,
         repo: NotificationRepository,
+        contact: Contact | None,
         customer_id: str,
         purpose: Purpose,
         first_decided: datetime,
     ) -> Verdict:
         """Route and consent, then the contact budget and quiet hours for what waits for
         them: go now (alone, or with the digest waiting to go), or wait for the next slot."""
-        contact = await repo.contact(customer_id)
         routed = route(contact, purpose)
         if routed.refusal is not None:
             return Verdict(Status.SUPPRESSED, routed.refusal)
@@ -293,7 +337,11 @@ class Notifier:
                 verdict = Verdict(Status.SUPPRESSED, refusal)
         if verdict is None:
             verdict = await self._evaluate(
-                repo, row.customer_id, Purpose(row.purpose), row.created_at
+                repo,
+                await repo.contact(row.customer_id),
+                row.customer_id,
+                Purpose(row.purpose),
+                row.created_at,
             )
         await repo.decide(
             row.notification_id,
@@ -390,48 +438,35 @@ class Notifier:
         await NotificationRepository(tx.conn).close_cart(cart_id, why)
         await cancel_timer(tx.conn, CART_REMINDER_TIMER, cart_id)
 
-    async def order_placed(self, tx: Tx, event: OrderPlaced) -> None:
-        """Remember what the shopper bought (a store sale too): carts holding it are done."""
-        if event.customer_id is None:
-            return
-        repo = NotificationRepository(tx.conn)
-        await repo.record_purchases(
-            event.customer_id, [line.sku for line in event.lines], event.occurred_at
-        )
-        if event.cart_id:
-            await self.cart_bought(tx, event.cart_id, "order_placed")
+    async def orders_placed(self, tx: Tx, orders: Sequence[OrderPlaced]) -> None:
+        """Remember what shoppers bought (store sales too): carts holding it are done."""
+        bought: dict[tuple[str, str], datetime] = {}
+        carts: dict[str, str] = {}
+        for order in orders:
+            if order.customer_id is None:
+                continue
+            for line in order.lines:
+                key = (order.customer_id, line.sku)
+                bought[key] = max(order.occurred_at, bought.get(key, order.occurred_at))
+            if order.cart_id:
+                carts[order.cart_id] = "order_placed"
+        sets = NotificationSets(tx.conn)
+        await sets.record_purchases(bought)
+        await sets.close_carts(carts)
+        await cancel_timers(tx.conn, CART_REMINDER_TIMER, list(carts))
 
     # -- orders ----------------------------------------------------------------------------
 
-    async def order_update(self, tx: Tx, event: OrderEvent, envelope: Envelope) -> Decision | None:
-        """Confirmed, ready for pickup, delayed, cancelled, refunded: tell the shopper."""
-        if event.customer_id is None:
-            return None  # an anonymous store sale: nobody to tell
-        params: dict[str, Any] = {"order_id": event.order_id, "channel": event.channel.value}
-        dedup = f"order:{event.order_id}:{event.ce_type}"
-        if isinstance(event, OrderConfirmed):
-            kind = "order_confirmed"
-            params["promised_by"] = _iso(event.promised_by)
-        elif isinstance(event, OrderReadyForPickup):
-            kind = "order_ready_for_pickup"
-            params |= {"store": event.location_id or "", "collect_by": _iso(event.collect_by)}
-        elif isinstance(event, OrderDelayed):
-            kind = "order_delayed"
-            params |= {"promised_by": _iso(event.promised_by), "eta": _iso(event.eta)}
-            dedup = f"{dedup}:{_iso(event.eta)}"  # a later ETA is news again
-        elif isinstance(event, OrderCancelled):
-            kind = "order_cancelled"
-            params["reason"] = event.reason
-        elif isinstance(event, RefundIssued):
-            kind = "order_refund_issued"
-            params |= {
-                "return_id": event.return_id,
-                "amount": f"{event.amount.amount} {event.amount.currency}",
-            }
-            dedup = f"{dedup}:{event.return_id}"
-        else:
-            return None
-        return await self.notify(tx, Trigger(event.customer_id, kind, dedup, params), envelope)
+    async def order_updates(
+        self, tx: Tx, events: Sequence[tuple[OrderEvent, Envelope]]
+    ) -> list[Decision]:
+        """Confirmed, ready for pickup, delayed, cancelled, refunded: tell the shoppers."""
+        asks = [
+            Ask(trigger, envelope)
+            for event, envelope in events
+            if (trigger := order_trigger(event)) is not None
+        ]
+        return await self.notify_all(tx, asks) if asks else []
 
     # -- back in stock ---------------------------------------------------------------------
 
@@ -444,7 +479,7 @@ class Notifier:
         )
 
     async def availability_changed(
-        self, tx: Tx, event: AvailabilityChanged, envelope: Envelope
+        self, tx: Tx, changes: Sequence[tuple[AvailabilityChanged, Envelope]]
     ) -> None:
         """Keep the latest availability; when it may satisfy alerts, arm their fan-out.
 
@@ -452,21 +487,21 @@ class Notifier:
         fan-out timer, :meth:`alerts_due`): however many wait, the event's transaction stays
         small, and a fan-out stopped half-way resumes where it was.
         """
-        repo = NotificationRepository(tx.conn)
-        await repo.save_availability(
-            event.sku, event.location_id, event.available, event.online_available, event.changed_at
-        )
-        if (event.available > 0 or event.online_available > 0) and await repo.alerts_waiting(
-            event.sku
-        ):
+        sets = NotificationSets(tx.conn)
+        await sets.save_availabilities([c for c, _ in changes])
+        back = [(c, e) for c, e in changes if c.available > 0 or c.online_available > 0]
+        awaited = await sets.skus_awaited({c.sku for c, _ in back})
+        for change, envelope in back:
+            if change.sku not in awaited:
+                continue
             await set_timer(
                 tx.conn,
                 STOCK_ALERT_TIMER,
-                json.dumps([event.sku, event.location_id]),
+                json.dumps([change.sku, change.location_id]),
                 self.clock(),
                 {
-                    "sku": event.sku,
-                    "location_id": event.location_id,
+                    "sku": change.sku,
+                    "location_id": change.location_id,
                     "caused_by": envelope.id,
                     "correlation_id": envelope.correlation_id,
                 },
@@ -568,6 +603,37 @@ class Notifier:
         for notification_id in stopped:
             await cancel_timer(tx.conn, DEFERRED_TIMER, notification_id)
         return len(stopped)
+
+
+def order_trigger(event: OrderEvent) -> Trigger | None:
+    """What to tell the shopper of an order's news (none for an anonymous store sale)."""
+    if event.customer_id is None:
+        return None  # an anonymous store sale: nobody to tell
+    params: dict[str, Any] = {"order_id": event.order_id, "channel": event.channel.value}
+    dedup = f"order:{event.order_id}:{event.ce_type}"
+    if isinstance(event, OrderConfirmed):
+        kind = "order_confirmed"
+        params["promised_by"] = _iso(event.promised_by)
+    elif isinstance(event, OrderReadyForPickup):
+        kind = "order_ready_for_pickup"
+        params |= {"store": event.location_id or "", "collect_by": _iso(event.collect_by)}
+    elif isinstance(event, OrderDelayed):
+        kind = "order_delayed"
+        params |= {"promised_by": _iso(event.promised_by), "eta": _iso(event.eta)}
+        dedup = f"{dedup}:{_iso(event.eta)}"  # a later ETA is news again
+    elif isinstance(event, OrderCancelled):
+        kind = "order_cancelled"
+        params["reason"] = event.reason
+    elif isinstance(event, RefundIssued):
+        kind = "order_refund_issued"
+        params |= {
+            "return_id": event.return_id,
+            "amount": f"{event.amount.amount} {event.amount.currency}",
+        }
+        dedup = f"{dedup}:{event.return_id}"
+    else:
+        return None
+    return Trigger(event.customer_id, kind, dedup, params)
 
 
 def _item(line: Line) -> dict[str, Any]:
