@@ -6,7 +6,9 @@ fills a cart and leaves it. Nothing is faked in between: customer-profile starts
 profile from those signals, publishes its snapshot, notices the abandoned cart and
 announces it; notification takes the snapshot in and reminds the shopper on the channel
 they chose: e-mail into the real SMTP server's Maildir, Web Push at a loopback push
-service that verifies VAPID and decrypts, or later, after their quiet hours.
+service that verifies VAPID and decrypts, or later, after their quiet hours. And a browser
+subscription the push service says is gone (410) is forgotten by the profile as well, so
+the next snapshot does not hand it back to notification.
 """
 
 from __future__ import annotations
