@@ -183,9 +183,6 @@ async def test_4_push_devices_are_bounded_and_gone_ones_removed(s: Stack) -> Non
     assert all("tracking" not in sub and "spy" not in sub["keys"] for sub in subs)
 
 
-@pytest.mark.xfail(
-    reason="the snapshot after customer.push_addresses.gone still differs", strict=False
-)
 async def test_4_a_device_found_gone_is_removed_at_the_profile(s: Stack) -> None:
     customer = uid("cust")
     endpoints = [f"https://push.example/{customer}/{n}" for n in range(2)]

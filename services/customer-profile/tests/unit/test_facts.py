@@ -124,3 +124,34 @@ def test_a_snapshot_never_exceeds_the_budget() -> None:
     bounded = bound_snapshot(huge)
     assert encoded_size(bounded) <= SNAPSHOT_BUDGET_BYTES
     assert bounded["email"] == "e@x.io"
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.permutations(range(4)))
+def test_a_device_found_gone_stays_gone_whatever_the_clocks_and_the_order(
+    order: list[int],
+) -> None:
+    # The channel's clock runs ahead of notification's: the registration of device 2 is
+    # stamped after the push service's verdict on it, and a channel re-sends it later still.
+    signals = [
+        (F.ContactChange(push_subscription=sub(1)), T0),
+        (F.ContactChange(push_subscription=sub(2)), T0 + timedelta(minutes=2)),
+        (F.ContactChange(gone_endpoints=("https://push.example/2",)), T0 + timedelta(minutes=1)),
+        (F.ContactChange(push_subscription=sub(2)), T0 + timedelta(minutes=3)),
+    ]
+    facts = F.empty()
+    for i in order:
+        change, at = signals[i]
+        F.apply_contact(facts, "c1", change, F.stamp(at, f"ce-{i}"))
+        assert "https://push.example/2" not in F.prune(facts, 10)  # gone, not "dropped"
+    derived = F.derive(facts, "c1", 10)
+    assert [s["endpoint"] for s in derived.push_subscriptions] == ["https://push.example/1"]
+
+
+def test_a_device_found_gone_on_one_side_of_a_merge_is_gone_on_the_survivor() -> None:
+    a, b = F.empty(), F.empty()
+    F.apply_contact(a, "a", F.ContactChange(push_subscription=sub(1)), F.stamp(T0, "1"))
+    gone = F.ContactChange(gone_endpoints=("https://push.example/1",))
+    F.apply_contact(b, "b", gone, F.stamp(T0 - timedelta(hours=1), "2"))
+    merged = F.merge(a, b, "b", T0 + timedelta(hours=1))
+    assert F.derive(merged, "a", 10).push_subscriptions == []

@@ -526,7 +526,9 @@ export interface PreferencesUpdated {
  *
  * Produced by notification when a Web Push endpoint or an app's FCM token is found gone;
  * customer-profile removes them from the profile, so the next snapshot does not bring them
- * back. A registration newer than this event registers the device again.
+ * back. Gone is for good, whatever the clocks say: a push service never hands a gone
+ * endpoint or token out again, so a registration of one (a channel re-sending what it
+ * stored) is ignored; a new subscription has a new endpoint.
  */
 export interface PushAddressesGone {
   customer_id: string;

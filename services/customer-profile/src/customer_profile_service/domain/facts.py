@@ -43,7 +43,8 @@ PREFERENCE_FIELDS = (
 CONSENT_GROUPS = ("consents", "transactional_consents")
 CONSENT_CHANNELS = ("email", "push", "sms")
 SUBSCRIPTION_KEYS = ("p256dh", "auth")
-# Tombstones (removed devices) kept per origin: enough to outlast reordering, bounded.
+# Tombstones (removed devices) and devices found gone kept per origin: enough to outlast
+# reordering and channels re-sending what they stored, bounded.
 MAX_TOMBSTONES = 50
 
 
@@ -60,7 +61,7 @@ def empty() -> Facts:
 def _origin(facts: Facts, origin: str) -> dict[str, Any]:
     return facts["origins"].setdefault(
         origin,
-        {"fields": {}, "verified": {}, "tokens": {}, "subs": {}, "cleared": {}},
+        {"fields": {}, "verified": {}, "tokens": {}, "subs": {}, "cleared": {}, "gone": {}},
     )
 
 
@@ -124,10 +125,29 @@ def apply_contact(facts: Facts, origin: str, change: ContactChange, at: Stamp) -
     for what in ("push_token", "push_subscription"):
         if what in change.cleared and (mine["cleared"].get(what) or ["", ""]) < at:
             mine["cleared"][what] = at
-    for endpoint in change.gone_endpoints:
-        _put(mine["subs"], endpoint, None, at)
-    for token in change.gone_tokens:
-        _put(mine["tokens"], token, None, at)
+    for part, keys in (("subs", change.gone_endpoints), ("tokens", change.gone_tokens)):
+        for key in keys:
+            _bury(mine, part, key, at)
+
+
+def _bury(mine: dict[str, Any], part: str, key: str, at: Stamp) -> None:
+    """Record a device a push service found gone: gone for good, whatever the stamps say.
+
+    The verdict cannot lose to a registration's stamp: notification only knew the device
+    from a snapshot, so the registration came first, even when the channel's clock is
+    ahead of notification's (as a last-writer-wins register the verdict lost there, and
+    the next snapshot brought the device back). A push service never hands a gone endpoint
+    or token out again, so a later registration of it is a channel re-sending what it
+    stored, and is ignored too: whatever the order, the same profile.
+    """
+    gone = mine.setdefault("gone", {}).setdefault(part, {})
+    if gone.get(key, ["", ""]) < at:
+        gone[key] = at
+
+
+def _gone(own: Mapping[str, Any], part: str) -> Mapping[str, Stamp]:
+    # Facts stored before devices could be found gone have no "gone".
+    return (own.get("gone") or {}).get(part) or {}
 
 
 def apply_preferences(facts: Facts, origin: str, given: Mapping[str, Any], at: Stamp) -> None:
@@ -181,6 +201,11 @@ def _union(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     for what, at in b["cleared"].items():
         if (out["cleared"].get(what) or ["", ""]) < at:
             out["cleared"][what] = at
+    for part in ("subs", "tokens"):
+        for key, at in _gone(b, part).items():
+            gone = out.setdefault("gone", {}).setdefault(part, {})
+            if gone.get(key, ["", ""]) < at:
+                gone[key] = at
     return out
 
 
@@ -305,6 +330,13 @@ def derive(facts: Facts, survivor: str, max_devices: int) -> Derived:
 def _devices(facts: Facts) -> list[tuple[str, str, Stamp, Any]]:
     """Every registered device still there: ``(kind, key, stamp, subscription)``."""
     latest: dict[tuple[str, str], tuple[Stamp, Any]] = {}
+    # Found gone under any origin is gone: the device is the push service's, not a shopper's.
+    gone = {
+        (kind, key)
+        for own in facts["origins"].values()
+        for kind, part in (("sub", "subs"), ("token", "tokens"))
+        for key in _gone(own, part)
+    }
     for own in facts["origins"].values():
         for kind, part, cleared_by in (
             ("sub", "subs", "push_subscription"),
@@ -317,7 +349,11 @@ def _devices(facts: Facts) -> list[tuple[str, str, Stamp, Any]]:
                 old = latest.get((kind, key))
                 if old is None or old[0] < at:
                     latest[(kind, key)] = (at, value)
-    return [(k, key, at, v) for (k, key), (at, v) in latest.items() if v is not None]
+    return [
+        (k, key, at, v)
+        for (k, key), (at, v) in latest.items()
+        if v is not None and (k, key) not in gone
+    ]
 
 
 def prune(facts: Facts, max_devices: int) -> list[str]:
@@ -329,14 +365,20 @@ def prune(facts: Facts, max_devices: int) -> list[str]:
     dropped: list[str] = []
     for own in facts["origins"].values():
         for part in ("subs", "tokens"):
+            gone = _gone(own, part)
             live = [(at, key) for key, (value, at) in own[part].items() if value is not None]
             for _at, key in live:
                 if key not in keep:
-                    dropped.append(key)
+                    if key not in gone:  # a gone device is not dropped, it is gone
+                        dropped.append(key)
                     own[part][key] = [None, own[part][key][1]]
             dead = sorted((at, key) for key, (value, at) in own[part].items() if value is None)
             for _at, key in dead[:-MAX_TOMBSTONES] if len(dead) > MAX_TOMBSTONES else []:
                 del own[part][key]
+            if len(gone) > MAX_TOMBSTONES:
+                oldest = sorted(gone, key=lambda k: gone[k])[:-MAX_TOMBSTONES]
+                for key in oldest:
+                    del own["gone"][part][key]
     return dropped
 
 

@@ -161,8 +161,9 @@ async def contact_updated(
 async def push_addresses_gone(
     profiles: Profiles, tx: Tx, event: PushAddressesGone, envelope: Envelope | None = None
 ) -> Outcome:
-    """A push service said devices are gone: the profile forgets them (a newer
-    registration brings one back). Unknown and erased shoppers: nothing to forget."""
+    """A push service said devices are gone: the profile forgets them for good (a push
+    service never hands a gone endpoint or token out again, so a later registration of one
+    is a stale re-send). Unknown and erased shoppers: nothing to forget."""
     repo = profiles.repo(tx)
     out = Outcome()
     if await repo.is_erased(event.customer_id):
