@@ -32,7 +32,7 @@ class LoyaltyMetrics:
         )
         self.unrecovered = Counter(
             "omni_loyalty_points_unrecovered",
-            "Points that a return or a late redemption could not take (already spent)",
+            "Points that a return, a late redemption or an unmerge could not take (already spent)",
             ["service", "what"],
             registry=registry,
         )

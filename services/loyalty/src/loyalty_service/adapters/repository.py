@@ -24,13 +24,24 @@ _ACCOUNT_COLUMNS = (
 )
 
 
-# The account a customer id names: an erased shopper's id names their pseudonymised account.
+# The account a customer id names: an erased shopper's id names their pseudonymised account,
+# a merged id the account its points went to (until an unmerge gives it back its own).
 def _named(customer_id: str) -> str:
     """SQL for the ``customer_id`` of the account the id ``customer_id`` (SQL) names."""
     return (
         "coalesce((SELECT 'erased:' || e.account_id FROM erased_customers e"
-        f" WHERE e.customer_id = {customer_id}), {customer_id})"
+        f" WHERE e.customer_id = {customer_id}),"
+        " (SELECT i.customer_id FROM merged_customers m"
+        " JOIN accounts i ON i.account_id = m.into_account"
+        f" WHERE m.customer_id = {customer_id}), {customer_id})"
     )
+
+
+# No account is opened under an id that is erased or merged (it names another account).
+_NAMED_ELSEWHERE = (
+    "EXISTS (SELECT 1 FROM erased_customers e WHERE e.customer_id = {0})"
+    " OR EXISTS (SELECT 1 FROM merged_customers m WHERE m.customer_id = {0})"
+)
 
 
 def _account(row: asyncpg.Record | None) -> Account | None:
@@ -64,6 +75,7 @@ class OrderRecord:
     redeemed: int
     given_back: int
     returned_value: Decimal
+    origin_account: int | None = None
 
 
 @dataclass
@@ -77,6 +89,7 @@ class Earning:
     lines: list[EarnedLine]
     returned: dict[str, int]
     status: str
+    origin_account: int | None = None
 
 
 class LoyaltyRepository:
@@ -116,7 +129,7 @@ class LoyaltyRepository:
             return account
         await self.conn.execute(
             "INSERT INTO accounts (customer_id) SELECT $1::text"
-            " WHERE NOT EXISTS (SELECT 1 FROM erased_customers WHERE customer_id = $1)"
+            f" WHERE NOT ({_NAMED_ELSEWHERE.format('$1')})"
             " ON CONFLICT (customer_id) DO NOTHING",
             customer_id,
         )
@@ -133,7 +146,7 @@ class LoyaltyRepository:
             return {}
         await self.conn.execute(
             "INSERT INTO accounts (customer_id) SELECT w FROM unnest($1::text[]) AS w"
-            " WHERE NOT EXISTS (SELECT 1 FROM erased_customers e WHERE e.customer_id = w)"
+            f" WHERE NOT ({_NAMED_ELSEWHERE.format('w')})"
             " ORDER BY 1 ON CONFLICT (customer_id) DO NOTHING",
             wanted,
         )
@@ -148,6 +161,56 @@ class LoyaltyRepository:
             for row in rows
         }
 
+    async def origins(self, customer_ids: Sequence[str]) -> dict[str, int]:
+        """Of ``customer_ids``, the merged ones (not erased), each with its own account: what
+        they do now posts on the survivor's account as that account's (``origin_account``)."""
+        rows = await self.conn.fetch(
+            "SELECT m.customer_id, m.account_id FROM merged_customers m"
+            " WHERE m.customer_id = ANY($1::text[]) AND NOT EXISTS"
+            " (SELECT 1 FROM erased_customers e WHERE e.customer_id = m.customer_id)",
+            sorted(set(customer_ids)),
+        )
+        return {r["customer_id"]: r["account_id"] for r in rows}
+
+    async def origin(self, customer_id: str | None) -> int | None:
+        """The merged id's own account (see :meth:`origins`), or None."""
+        if customer_id is None:
+            return None
+        return (await self.origins([customer_id])).get(customer_id)
+
+    async def merged_customer(self, customer_id: str) -> tuple[int, int] | None:
+        """``(its own account, the account its points went to)`` of a merged id (locked), or
+        None when the id is not merged (or was merged before merges were kept)."""
+        row = await self.conn.fetchrow(
+            "SELECT account_id, into_account FROM merged_customers WHERE customer_id = $1"
+            " FOR UPDATE",
+            customer_id,
+        )
+        return (row["account_id"], row["into_account"]) if row else None
+
+    async def erased_account(self, customer_id: str) -> int | None:
+        """The pseudonymised account an erased id names, or None when it is not erased."""
+        return await self.conn.fetchval(
+            "SELECT account_id FROM erased_customers WHERE customer_id = $1", customer_id
+        )
+
+    async def share(self, account_id: int, origin: int) -> Buckets:
+        """What the entries on ``account_id`` attributed to ``origin`` add up to, per bucket."""
+        row = await self.conn.fetchrow(
+            "SELECT coalesce(sum(available_delta), 0) AS available,"
+            " coalesce(sum(pending_delta), 0) AS pending, coalesce(sum(held_delta), 0) AS held,"
+            " coalesce(sum(lifetime_delta), 0) AS lifetime FROM ledger"
+            " WHERE account_id = $1 AND origin_account = $2",
+            account_id,
+            origin,
+        )
+        return Buckets(
+            available=int(row["available"]),
+            pending=int(row["pending"]),
+            held=int(row["held"]),
+            lifetime=int(row["lifetime"]),
+        )
+
     async def set_preferred_stores(self, stores: Mapping[int, str | None]) -> None:
         """Remember where each shopper likes to shop (offers check stock there)."""
         if stores:
@@ -158,6 +221,10 @@ class LoyaltyRepository:
                 list(stores),
                 list(stores.values()),
             )
+
+    async def card_origin(self, card: str) -> int | None:
+        """The merged account a card came from (its sales are that account's), or None."""
+        return await self.conn.fetchval("SELECT merged_from FROM cards WHERE card = $1", card)
 
     async def card_account(self, card: str) -> Account:
         """The account a card collects on: its customer's once linked, else its own."""
@@ -209,12 +276,22 @@ class LoyaltyRepository:
             account_id,
         )
 
-    async def move_belongings(self, source: int, target: int) -> None:
-        """Re-home what a card's account owns (earnings, orders, holds...) to ``target``."""
-        for table in ("earnings", "orders", "holds", "spend", "offers"):
+    async def move_belongings(self, source: int, target: int, *, attributed: bool = False) -> None:
+        """Re-home what an account owns (earnings, orders, holds...) to ``target``; when
+        ``attributed`` (a merge), orders, earnings, holds and spend remember ``source`` as
+        their origin, so what settles them later is the merged account's."""
+        for table in ("earnings", "orders", "holds", "spend"):
             await self.conn.execute(
-                f"UPDATE {table} SET account_id = $2 WHERE account_id = $1", source, target
+                f"UPDATE {table} SET account_id = $2, origin_account = CASE WHEN $3"
+                " THEN coalesce(origin_account, $1) ELSE origin_account END"
+                " WHERE account_id = $1",
+                source,
+                target,
+                attributed,
             )
+        await self.conn.execute(
+            "UPDATE offers SET account_id = $2 WHERE account_id = $1", source, target
+        )
         await self.conn.execute(
             "INSERT INTO purchases (account_id, sku) SELECT $2, sku FROM purchases"
             " WHERE account_id = $1 ON CONFLICT DO NOTHING",
@@ -248,17 +325,75 @@ class LoyaltyRepository:
             at,
         )
 
-    async def retire(self, account_id: int, into: int) -> None:
-        """A merged account: its customer id is freed (the profile service now speaks of the
-        survivor only) and its cards collect for the survivor."""
-        old = await self.conn.fetchval(
-            "UPDATE accounts SET customer_id = 'merged:' || account_id, updated_at = now()"
-            " WHERE account_id = $1 RETURNING customer_id",
-            account_id,
-        )
-        if old is not None:
+    async def retire(self, customer_id: str, account_id: int | None, into: int) -> None:
+        """A merged id: its account (an empty one opened if it had none) is renamed, its cards
+        collect for the survivor, and ``merged_customers`` keeps the id, its account and
+        where its points went, so later events naming it post there and an unmerge can give
+        back what was its own. Ids merged into it before now follow it to ``into``."""
+        if account_id is None:
+            account_id = await self.conn.fetchval(
+                "INSERT INTO accounts (account_id, customer_id)"
+                " SELECT id, 'merged:' || id"
+                " FROM (SELECT nextval(pg_get_serial_sequence('accounts', 'account_id')) AS id) n"
+                " RETURNING account_id"
+            )
+        else:
             await self.conn.execute(
-                "UPDATE cards SET account_id = $2 WHERE account_id = $1", account_id, into
+                "UPDATE accounts SET customer_id = 'merged:' || account_id, updated_at = now()"
+                " WHERE account_id = $1",
+                account_id,
+            )
+            await self.conn.execute(
+                "UPDATE cards SET account_id = $2, merged_from = $1 WHERE account_id = $1",
+                account_id,
+                into,
+            )
+        await self.conn.execute(
+            "UPDATE merged_customers SET into_account = $2 WHERE into_account = $1",
+            account_id,
+            into,
+        )
+        await self.conn.execute(
+            "INSERT INTO merged_customers (customer_id, account_id, into_account)"
+            " VALUES ($1, $2, $3) ON CONFLICT (customer_id) DO NOTHING",
+            customer_id,
+            account_id,
+            into,
+        )
+
+    async def move_back(self, source: int, origin: int, target: int) -> None:
+        """An unmerge: what ``source`` holds as ``origin``'s (orders, earnings, holds, spend)
+        goes to ``target``, as its own; cards that came from ``origin`` collect for it again
+        (unless ``target`` is not ``origin``: an erased shopper's cards are dropped)."""
+        for table in ("earnings", "orders", "holds", "spend"):
+            await self.conn.execute(
+                f"UPDATE {table} SET account_id = $3, origin_account = NULL"
+                " WHERE account_id = $1 AND origin_account = $2",
+                source,
+                origin,
+                target,
+            )
+        if target == origin:
+            await self.conn.execute(
+                "UPDATE cards SET account_id = $2, merged_from = NULL"
+                " WHERE account_id = $1 AND merged_from = $2",
+                source,
+                origin,
+            )
+        else:
+            await self.conn.execute(
+                "DELETE FROM cards WHERE account_id = $1 AND merged_from = $2", source, origin
+            )
+
+    async def restore(self, customer_id: str, account_id: int | None) -> None:
+        """The merged id is its own again: no longer merged, its account (if given) named
+        after it again."""
+        await self.conn.execute("DELETE FROM merged_customers WHERE customer_id = $1", customer_id)
+        if account_id is not None:
+            await self.conn.execute(
+                "UPDATE accounts SET customer_id = $2, updated_at = now() WHERE account_id = $1",
+                account_id,
+                customer_id,
             )
 
     async def erase(self, customer_id: str) -> int | None:
@@ -309,17 +444,20 @@ class LoyaltyRepository:
         cause: str,
         order_id: str | None = None,
         at: datetime,
+        origin: int | None = None,
     ) -> Entry | None:
         """Append an entry and apply its change to the (locked) account; None when an entry
-        with this ``cause`` exists (a redelivery or resend: no second effect).
+        with this ``cause`` exists (a redelivery or resend: no second effect). ``origin``:
+        the (merged) account whose points these are, when not the account's own.
 
         The account's CHECKs refuse any change that would make a bucket negative.
         """
         balance = account.available + change.available
         row = await self.conn.fetchrow(
             "INSERT INTO ledger (account_id, kind, points, available_delta, pending_delta,"
-            " held_delta, balance, reason, order_id, cause, occurred_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+            " held_delta, balance, reason, order_id, cause, occurred_at, lifetime_delta,"
+            " origin_account)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
             " ON CONFLICT (cause) DO NOTHING RETURNING entry_id",
             account.account_id,
             kind.value,
@@ -332,6 +470,8 @@ class LoyaltyRepository:
             order_id,
             cause,
             at,
+            change.lifetime,
+            origin if origin != account.account_id else None,
         )
         if row is None:
             return None
@@ -372,7 +512,7 @@ class LoyaltyRepository:
         """Remember an order as placed; False if it was known already."""
         inserted = await self.conn.fetchval(
             "INSERT INTO orders (order_id, account_id, channel, currency, gross, lines,"
-            " points_to_redeem) VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7)"
+            " points_to_redeem, origin_account) VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8)"
             " ON CONFLICT (order_id) DO NOTHING RETURNING true",
             order.order_id,
             order.account_id,
@@ -381,6 +521,7 @@ class LoyaltyRepository:
             order.gross,
             json.dumps(order.lines),
             order.points_to_redeem,
+            order.origin_account,
         )
         return bool(inserted)
 
@@ -390,10 +531,11 @@ class LoyaltyRepository:
             return set()
         rows = await self.conn.fetch(
             "INSERT INTO orders (order_id, account_id, channel, currency, gross, lines,"
-            " points_to_redeem) SELECT o.order_id, o.account_id, o.channel, o.currency,"
-            " o.gross, o.lines::jsonb, o.points_to_redeem FROM unnest($1::text[], $2::bigint[],"
-            " $3::text[], $4::text[], $5::numeric[], $6::text[], $7::int[])"
-            " AS o(order_id, account_id, channel, currency, gross, lines, points_to_redeem)"
+            " points_to_redeem, origin_account) SELECT o.order_id, o.account_id, o.channel,"
+            " o.currency, o.gross, o.lines::jsonb, o.points_to_redeem, o.origin_account"
+            " FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::numeric[],"
+            " $6::text[], $7::int[], $8::bigint[]) AS o(order_id, account_id, channel, currency,"
+            " gross, lines, points_to_redeem, origin_account)"
             " ON CONFLICT (order_id) DO NOTHING RETURNING order_id",
             [o.order_id for o in orders],
             [o.account_id for o in orders],
@@ -402,13 +544,14 @@ class LoyaltyRepository:
             [o.gross for o in orders],
             [json.dumps(o.lines) for o in orders],
             [o.points_to_redeem for o in orders],
+            [o.origin_account for o in orders],
         )
         return {r["order_id"] for r in rows}
 
     async def holds(self, order_ids: Sequence[str]) -> dict[str, asyncpg.Record]:
         """The holds of these orders (locked), by order."""
         rows = await self.conn.fetch(
-            "SELECT order_id, account_id, points, status FROM holds"
+            "SELECT order_id, account_id, points, status, origin_account FROM holds"
             " WHERE order_id = ANY($1::text[]) ORDER BY order_id FOR UPDATE",
             list(order_ids),
         )
@@ -418,7 +561,8 @@ class LoyaltyRepository:
         """An order loyalty saw placed (locked), or None."""
         row = await self.conn.fetchrow(
             "SELECT order_id, account_id, channel, currency, gross, lines, points_to_redeem,"
-            " redeemed, given_back, returned_value FROM orders WHERE order_id = $1 FOR UPDATE",
+            " redeemed, given_back, returned_value, origin_account FROM orders"
+            " WHERE order_id = $1 FOR UPDATE",
             order_id,
         )
         if row is None:
@@ -439,12 +583,17 @@ class LoyaltyRepository:
         )
 
     async def add_earning(
-        self, order_id: str, account_id: int, lines: list[EarnedLine], available_at: datetime
+        self,
+        order_id: str,
+        account_id: int,
+        lines: list[EarnedLine],
+        available_at: datetime,
+        origin: int | None = None,
     ) -> bool:
         """Record points earned on an order; False if it earned before."""
         inserted = await self.conn.fetchval(
-            "INSERT INTO earnings (order_id, account_id, points, lines, status, available_at)"
-            " VALUES ($1, $2, $3, $4::jsonb, 'pending', $5)"
+            "INSERT INTO earnings (order_id, account_id, points, lines, status, available_at,"
+            " origin_account) VALUES ($1, $2, $3, $4::jsonb, 'pending', $5, $6)"
             " ON CONFLICT (order_id) DO NOTHING RETURNING true",
             order_id,
             account_id,
@@ -456,14 +605,15 @@ class LoyaltyRepository:
                 ]
             ),
             available_at,
+            origin,
         )
         return bool(inserted)
 
     async def earning(self, order_id: str) -> Earning | None:
         """The points earned on an order (locked), or None."""
         row = await self.conn.fetchrow(
-            "SELECT order_id, account_id, points, reversed, lines, returned, status"
-            " FROM earnings WHERE order_id = $1 FOR UPDATE",
+            "SELECT order_id, account_id, points, reversed, lines, returned, status,"
+            " origin_account FROM earnings WHERE order_id = $1 FOR UPDATE",
             order_id,
         )
         if row is None:
@@ -480,6 +630,7 @@ class LoyaltyRepository:
             lines=lines,
             returned=json.loads(row["returned"]),
             status=row["status"],
+            origin_account=row["origin_account"],
         )
 
     async def save_earning(self, earning: Earning) -> None:
@@ -493,22 +644,27 @@ class LoyaltyRepository:
             earning.status,
         )
 
-    async def add_hold(self, order_id: str, account_id: int, points: int) -> bool:
+    async def add_hold(
+        self, order_id: str, account_id: int, points: int, origin: int | None = None
+    ) -> bool:
         """Record a hold; False if the order held before."""
         return bool(
             await self.conn.fetchval(
-                "INSERT INTO holds (order_id, account_id, points, status)"
-                " VALUES ($1, $2, $3, 'held') ON CONFLICT (order_id) DO NOTHING RETURNING true",
+                "INSERT INTO holds (order_id, account_id, points, status, origin_account)"
+                " VALUES ($1, $2, $3, 'held', $4) ON CONFLICT (order_id) DO NOTHING"
+                " RETURNING true",
                 order_id,
                 account_id,
                 points,
+                origin,
             )
         )
 
     async def hold(self, order_id: str) -> asyncpg.Record | None:
         """An order's hold (locked): account_id, points, status; or None."""
         return await self.conn.fetchrow(
-            "SELECT order_id, account_id, points, status FROM holds WHERE order_id = $1 FOR UPDATE",
+            "SELECT order_id, account_id, points, status, origin_account FROM holds"
+            " WHERE order_id = $1 FOR UPDATE",
             order_id,
         )
 
@@ -522,15 +678,23 @@ class LoyaltyRepository:
 
     # -- spend and tiers -----------------------------------------------------------------
 
-    async def add_spend(self, account_id: int, cause: str, amount: Decimal, at: datetime) -> None:
+    async def add_spend(
+        self,
+        account_id: int,
+        cause: str,
+        amount: Decimal,
+        at: datetime,
+        origin: int | None = None,
+    ) -> None:
         """Count qualifying spend (negative for a return), once per cause."""
         await self.conn.execute(
-            "INSERT INTO spend (account_id, cause, amount, at) VALUES ($1, $2, $3, $4)"
-            " ON CONFLICT (cause) DO NOTHING",
+            "INSERT INTO spend (account_id, cause, amount, at, origin_account)"
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (cause) DO NOTHING",
             account_id,
             cause,
             amount,
             at,
+            origin,
         )
 
     async def spend_since(self, account_id: int, since: datetime) -> Decimal:

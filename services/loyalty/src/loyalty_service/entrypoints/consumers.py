@@ -1,8 +1,8 @@
 """What the loyalty service consumes and which timers it keeps: one handler per kind of event.
 
 Everything loyalty needs to know arrives as events: orders (placed, confirmed, rejected,
-cancelled, fulfilled, returned), profiles (cards linked, merges, erasures) and stock (for
-offers). Each handler has the runtime's shape (see ``omni_common.handlers``) and calls a
+cancelled, fulfilled, returned), profiles (cards linked, merges and unmerges, erasures) and
+stock (for offers). Each handler has the runtime's shape (see ``omni_common.handlers``) and calls a
 use case of :class:`~loyalty_service.service.ledger.LoyaltyService` in the transaction it is
 given; a failure is retried by the runtime, then dead-lettered.
 """
@@ -26,6 +26,7 @@ from omni_contracts import (
     OrderShipped,
     ProfileErased,
     ProfilesMerged,
+    ProfilesUnmerged,
     ProfileUpdated,
 )
 
@@ -82,6 +83,14 @@ async def profiles_merged(merges: Lot[ProfilesMerged], tx: Tx, loyalty: LoyaltyS
     """Profiles merged: the merged accounts' points move to the surviving one."""
     for merge, envelope in merges:
         await loyalty.profiles_merged(tx, merge, envelope)
+
+
+async def profiles_unmerged(
+    unmerges: Lot[ProfilesUnmerged], tx: Tx, loyalty: LoyaltyService
+) -> None:
+    """A merge undone: the restored account gets back the points that were its own."""
+    for unmerge, envelope in unmerges:
+        await loyalty.profiles_unmerged(tx, unmerge, envelope)
 
 
 async def profiles_erased(erasures: Lot[ProfileErased], tx: Tx, loyalty: LoyaltyService) -> None:
@@ -148,6 +157,7 @@ def subscriptions() -> list[Subscription]:
             {
                 ProfileUpdated: profiles_updated,
                 ProfilesMerged: profiles_merged,
+                ProfilesUnmerged: profiles_unmerged,
                 ProfileErased: profiles_erased,
             },
         ),

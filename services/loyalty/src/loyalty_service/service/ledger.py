@@ -44,6 +44,7 @@ from omni_contracts import (
     PointsReversed,
     ProfileErased,
     ProfilesMerged,
+    ProfilesUnmerged,
     ProfileUpdated,
     TierChanged,
     utcnow,
@@ -125,9 +126,11 @@ class Ledger:
         cause: str,
         at: datetime,
         order_id: str | None = None,
+        origin: int | None = None,
         **extra: Any,
     ) -> Entry | None:
-        """Append a ledger entry and publish it (when the account has a customer to tell)."""
+        """Append a ledger entry and publish it (when the account has a customer to tell).
+        ``origin``: the merged account whose points these are, if not the account's own."""
         entry = await self.repo.post(
             account,
             kind,
@@ -137,6 +140,7 @@ class Ledger:
             cause=cause,
             order_id=order_id,
             at=at,
+            origin=origin,
         )
         if entry is None:
             return None
@@ -207,15 +211,19 @@ class LoyaltyService:
             return
         online = [(o, e) for o, e in orders if o.status is not OrderStatus.COMPLETED]
         repo = LoyaltyRepository(tx.conn)
-        accounts = await repo.ensure_customer_accounts(
-            [o.customer_id for o, _ in online if o.customer_id]
-        )
+        named = [o.customer_id for o, _ in online if o.customer_id]
+        accounts = await repo.ensure_customer_accounts(named)
+        origins = await repo.origins(named)
         records: list[OrderRecord] = []
         for order, _ in online:
             account = accounts.get(order.customer_id) if order.customer_id else None
+            origin = origins.get(order.customer_id) if order.customer_id else None
             if account is None and order.loyalty_card:
                 account = await repo.card_account(order.loyalty_card)
-            records.append(_order_record(order, None if account and account.erased else account))
+                origin = await repo.card_origin(order.loyalty_card)
+            if account is not None and account.erased:
+                account, origin = None, None
+            records.append(_order_record(order, account, origin))
         await repo.add_orders(records)
         for order, envelope in orders:
             if order.status is OrderStatus.COMPLETED:
@@ -273,8 +281,8 @@ class LoyaltyService:
         now = self.clock()
         if event.points_to_redeem and LOYALTY in (event.awaiting or ()):
             await self._hold(w, event, now)
-        account = await self._buyer(w, event)
-        record = _order_record(event, account)
+        account, origin = await self._buyer(w, event)
+        record = _order_record(event, account, origin)
         if not await w.repo.add_order(record):
             return
         if event.status is OrderStatus.COMPLETED:  # an in-store sale: bought now
@@ -288,7 +296,7 @@ class LoyaltyService:
             return
         now = self.clock()
         account = await w.repo.account(hold["account_id"])
-        points = hold["points"]
+        points, origin = hold["points"], hold["origin_account"]
         if hold["status"] == "held":
             await w.post(
                 account,
@@ -299,6 +307,7 @@ class LoyaltyService:
                 cause=f"redeem:{event.order_id}",
                 order_id=event.order_id,
                 at=now,
+                origin=origin,
             )
         elif hold["status"] == "released":
             # The hold timed out before the order was confirmed: spend the points now
@@ -313,6 +322,7 @@ class LoyaltyService:
                     cause=f"redeem:{event.order_id}",
                     order_id=event.order_id,
                     at=now,
+                    origin=origin,
                 )
             else:
                 self.metrics.unrecovered.labels(self.metrics.service, "redemption").inc(points)
@@ -383,6 +393,7 @@ class LoyaltyService:
                     cause=f"return:{event.return_id}:earned",
                     order_id=event.order_id,
                     at=now,
+                    origin=order.origin_account,
                 )
             earning.reversed += max(points, 0)
             earning.returned = after
@@ -401,12 +412,15 @@ class LoyaltyService:
                 cause=f"return:{event.return_id}:redeemed",
                 order_id=event.order_id,
                 at=now,
+                origin=order.origin_account,
             )
             order.given_back += back
         order.returned_value += value
         await w.repo.save_order_returns(order)
         # Qualifying spend shrinks; the tier only follows at its review date.
-        await w.repo.add_spend(account.account_id, f"return:{event.return_id}", -value, now)
+        await w.repo.add_spend(
+            account.account_id, f"return:{event.return_id}", -value, now, order.origin_account
+        )
 
     # -- customer.profile.v1 --------------------------------------------------------------
 
@@ -447,6 +461,7 @@ class LoyaltyService:
             reason=f"adjusted:{reason}",
             cause=f"adjust:{adjustment_id}",
             at=now,
+            origin=await w.repo.origin(customer_id),
         )
         if entry is not None:
             log.info("points adjusted by %s (%+d)", by, points)
@@ -462,8 +477,8 @@ class LoyaltyService:
         async with runtime.pool.acquire() as conn:
             repo = LoyaltyRepository(conn)
             account = await repo.customer_account(customer_id, lock=False)
-            if account is None or account.erased:
-                return None
+            if account is None or account.erased or account.customer_id != customer_id:
+                return None  # unknown, erased, or merged (its account is the survivor's)
             offer = await repo.open_offer(account.account_id, self.clock())
         next_expiry = (
             account.last_activity_at + self.settings.expiry_after
@@ -490,8 +505,8 @@ class LoyaltyService:
         async with runtime.pool.acquire() as conn:
             repo = LoyaltyRepository(conn)
             account = await repo.customer_account(customer_id, lock=False)
-            if account is None or account.erased:
-                return None
+            if account is None or account.erased or account.customer_id != customer_id:
+                return None  # unknown, erased, or merged (its account is the survivor's)
             return await repo.entries(account.account_id, limit=limit, before=before)
 
     # -- the saga -------------------------------------------------------------------------
@@ -503,6 +518,7 @@ class LoyaltyService:
         account = await w.repo.customer_account(event.customer_id) if event.customer_id else None
         if account is not None and account.erased:
             account = None
+        origin = await w.repo.origin(event.customer_id) if account is not None else None
         reason = refusal(account is not None, account.available if account else 0, wanted)
         if reason is None and account is not None:
             entry = await w.post(
@@ -514,12 +530,13 @@ class LoyaltyService:
                 cause=f"hold:{event.order_id}",
                 order_id=event.order_id,
                 at=now,
+                origin=origin,
                 value=Money(
                     amount=self.rules.value_of(wanted), currency=event.lines[0].unit_price.currency
                 ),
             )
             if entry is not None:
-                await w.repo.add_hold(event.order_id, account.account_id, wanted)
+                await w.repo.add_hold(event.order_id, account.account_id, wanted, origin)
                 await set_timer(w.conn, HOLD_TIMER, event.order_id, now + self.settings.hold_ttl)
                 await self._active(w, account, now)
             return
@@ -544,7 +561,7 @@ class LoyaltyService:
         if hold is None:
             return
         account = await w.repo.account(hold["account_id"])
-        points = hold["points"]
+        points, origin = hold["points"], hold["origin_account"]
         if hold["status"] == "held":
             await w.post(
                 account,
@@ -555,6 +572,7 @@ class LoyaltyService:
                 cause=f"release:{order_id}",
                 order_id=order_id,
                 at=now,
+                origin=origin,
             )
             await w.repo.settle_hold(order_id, "released")
             await cancel_timer(w.conn, HOLD_TIMER, order_id)
@@ -572,6 +590,7 @@ class LoyaltyService:
                     cause=f"refund:{order_id}",
                     order_id=order_id,
                     at=now,
+                    origin=origin,
                 )
                 if order is not None:
                     order.given_back = order.redeemed
@@ -583,14 +602,18 @@ class LoyaltyService:
 
     # -- earning --------------------------------------------------------------------------
 
-    async def _buyer(self, w: Ledger, event: OrderPlaced) -> Account | None:
-        """The account a purchase earns on: the customer's, else the till's card's."""
+    async def _buyer(self, w: Ledger, event: OrderPlaced) -> tuple[Account | None, int | None]:
+        """The account a purchase earns on: the customer's, else the till's card's; with the
+        merged account it earns for, if the id or card was merged into that account."""
         if event.customer_id:
             account = await w.repo.ensure_customer_account(event.customer_id)
-            return None if account.erased else account
+            if account.erased:
+                return None, None
+            return account, await w.repo.origin(event.customer_id)
         if event.loyalty_card:
-            return await w.repo.card_account(event.loyalty_card)
-        return None
+            account = await w.repo.card_account(event.loyalty_card)
+            return account, await w.repo.card_origin(event.loyalty_card)
+        return None, None
 
     async def _purchased(
         self, w: Ledger, order: OrderRecord, account: Account | None, now: datetime
@@ -604,7 +627,10 @@ class LoyaltyService:
         lines = [(ln["sku"], ln["qty"], Decimal(ln["unit_price"]) * share) for ln in order.lines]
         earned = self.rules.earn(lines, account.tier)
         available_at = now + self.settings.pending_window
-        if not await w.repo.add_earning(order.order_id, account.account_id, earned, available_at):
+        origin = order.origin_account
+        if not await w.repo.add_earning(
+            order.order_id, account.account_id, earned, available_at, origin
+        ):
             return  # earned before (shipped, then delivered)
         await w.repo.record_basket(account.account_id, pairs(skus))
         points = sum(line.points for line in earned)
@@ -618,11 +644,12 @@ class LoyaltyService:
                 cause=f"earn:{order.order_id}",
                 order_id=order.order_id,
                 at=now,
+                origin=origin,
             )
         await set_timer(w.conn, PENDING_TIMER, order.order_id, available_at)
         # Qualifying spend is money spent: what points paid for does not qualify.
         spent = (order.gross * share).quantize(Decimal("0.01"))
-        await w.repo.add_spend(account.account_id, f"order:{order.order_id}", spent, now)
+        await w.repo.add_spend(account.account_id, f"order:{order.order_id}", spent, now, origin)
         await self._maybe_upgrade(w, account, now)
         await self._active(w, account, now)
         await self._offer(w, account, skus, order.order_id, now)
@@ -652,6 +679,7 @@ class LoyaltyService:
                 cause=f"available:{order_id}",
                 order_id=order_id,
                 at=self.clock(),
+                origin=earning.origin_account,
             )
         earning.status = "available"
         await w.repo.save_earning(earning)
@@ -676,12 +704,22 @@ class LoyaltyService:
         await self._active(w, account, now)
 
     async def _absorb(
-        self, w: Ledger, source: Account, target: Account, cause: str, reason: str, now: datetime
+        self,
+        w: Ledger,
+        source: Account,
+        target: Account,
+        cause: str,
+        reason: str,
+        now: datetime,
+        *,
+        attributed: bool = False,
     ) -> None:
         """Move everything ``source`` holds (points, orders, holds, purchases) to ``target``.
 
         The source gets one ``moved_out`` entry emptying its buckets; the target one entry
-        per bucket, published as earned (spendable) and pending points.
+        per bucket, published as earned (spendable) and pending points. ``attributed`` (a
+        merge): the target's entries and the moved orders, earnings, holds and spend stay
+        the source's (``origin_account``), so an unmerge can give them back.
         """
         moved = Buckets(
             available=source.available,
@@ -692,12 +730,7 @@ class LoyaltyService:
         out = await w.post(
             source,
             EntryKind.MOVED_OUT,
-            Buckets(
-                available=-moved.available,
-                pending=-moved.pending,
-                held=-moved.held,
-                lifetime=-moved.lifetime,
-            ),
+            _negated(moved),
             points=-(moved.available + moved.pending + moved.held),
             reason=reason,
             cause=f"{cause}:out",
@@ -705,6 +738,23 @@ class LoyaltyService:
         )
         if out is None:
             return  # moved before
+        origin = source.account_id if attributed else None
+        await self._move_in(w, target, moved, cause, reason, now, origin=origin)
+        await w.repo.move_belongings(source.account_id, target.account_id, attributed=attributed)
+
+    async def _move_in(
+        self,
+        w: Ledger,
+        target: Account,
+        moved: Buckets,
+        cause: str,
+        reason: str,
+        now: datetime,
+        *,
+        origin: int | None = None,
+    ) -> None:
+        """Points moved in from another account: one entry per bucket, spendable points
+        published as earned, pending as pending."""
         if moved.available > 0:
             await w.post(
                 target,
@@ -714,6 +764,7 @@ class LoyaltyService:
                 reason=reason,
                 cause=f"{cause}:available",
                 at=now,
+                origin=origin,
             )
         if moved.pending > 0:
             await w.post(
@@ -724,6 +775,7 @@ class LoyaltyService:
                 reason=reason,
                 cause=f"{cause}:pending",
                 at=now,
+                origin=origin,
             )
         if moved.held > 0 or moved.lifetime > 0:
             # Held points stay held (their orders are settled on the target now); lifetime
@@ -736,23 +788,96 @@ class LoyaltyService:
                 reason=reason,
                 cause=f"{cause}:rest",
                 at=now,
+                origin=origin,
             )
-        await w.repo.move_belongings(source.account_id, target.account_id)
 
     async def profiles_merged(self, tx: Tx, event: ProfilesMerged, envelope: Envelope) -> None:
-        """Profiles of one shopper were merged: the merged accounts move to the survivor."""
+        """Profiles of one shopper were merged: the merged accounts move to the survivor.
+
+        Each merged id is kept (``merged_customers``) with its own account, so what events
+        naming it do from now on posts on the survivor's account as the merged account's,
+        and an unmerge gives back what was its own. An erased id is not merged (it stays
+        erased and names its pseudonymised account).
+        """
         w = self.ledger(tx, envelope)
         now = self.clock()
         target = await w.repo.ensure_customer_account(event.surviving_id)
         for merged_id in sorted(set(event.merged_ids)):
-            source = await w.repo.customer_account(merged_id)
-            if source is None or source.account_id == target.account_id:
+            if await w.repo.erased_account(merged_id) is not None:
                 continue
-            await self._absorb(
-                w, source, target, f"merge:{source.account_id}", "profiles_merged", now
-            )
-            await w.repo.retire(source.account_id, target.account_id)
+            if await w.repo.merged_customer(merged_id) is not None:
+                continue  # merged before (into this survivor, or one merged into it since)
+            source = await w.repo.customer_account(merged_id)
+            if source is not None and source.account_id == target.account_id:
+                continue  # merged before
+            if source is not None:
+                await self._absorb(
+                    w,
+                    source,
+                    target,
+                    f"merge:{source.account_id}:{envelope.id}",
+                    "profiles_merged",
+                    now,
+                    attributed=True,
+                )
+            await w.repo.retire(merged_id, source.account_id if source else None, target.account_id)
         await self._active(w, target, now)
+
+    async def profiles_unmerged(self, tx: Tx, event: ProfilesUnmerged, envelope: Envelope) -> None:
+        """A merge was undone: what the survivor's account holds as the restored account's
+        (the points it brought, and those earned, held or redeemed since under its id or
+        its cards) moves back to it, with its orders, earnings, holds, spend and cards; the
+        restored id names its own account again.
+
+        Never below zero: a bucket gives back at most what the survivor's account has (the
+        rest is counted as unrecovered). Nothing happens for an id not merged here (or
+        merged before merges were kept), nor again for one restored already. An erased
+        restored id stays erased: its points go to its pseudonymised account, unpublished.
+        """
+        w = self.ledger(tx, envelope)
+        merged = await w.repo.merged_customer(event.restored_id)
+        if merged is None:
+            log.info("unmerge of an id not merged here; nothing to move back")
+            return
+        own, into = merged
+        erased = await w.repo.erased_account(event.restored_id)
+        target_id = erased if erased is not None else own
+        locked = {i: await w.repo.account(i) for i in sorted({own, into, target_id})}
+        source, target = locked[into], locked[target_id]
+        if erased is None:
+            await w.repo.restore(event.restored_id, own)
+            target.customer_id = event.restored_id
+        else:
+            await w.repo.restore(event.restored_id, None)
+        now = self.clock()
+        share = await w.repo.share(into, own)
+        moved = Buckets(
+            available=_within(share.available, source.available),
+            pending=_within(share.pending, source.pending),
+            held=_within(share.held, source.held),
+            lifetime=_within(share.lifetime, source.lifetime),
+        )
+        short = max(share.available - moved.available, 0) + max(share.pending - moved.pending, 0)
+        if short:
+            self.metrics.unrecovered.labels(self.metrics.service, "unmerge").inc(short)
+            log.warning("unmerge: %d points of the restored account were no longer there", short)
+        cause = f"unmerge:{own}:{envelope.id}"
+        if moved != Buckets():
+            spendable = moved.available + moved.pending
+            await w.post(
+                source,
+                EntryKind.REVERSED if spendable else EntryKind.ADJUSTED,
+                _negated(moved),
+                points=-spendable,
+                reason="profiles_unmerged",
+                cause=f"{cause}:out",
+                at=now,
+                origin=own,
+            )
+            await self._move_in(w, target, moved, cause, "profiles_unmerged", now)
+        await w.repo.move_back(into, own, target.account_id)
+        if target.announced:
+            await self._active(w, target, now)
 
     # -- tiers ----------------------------------------------------------------------------
 
@@ -887,6 +1012,21 @@ class LoyaltyService:
         w.tx.after_commit(self.metrics.offers.labels(self.metrics.service).inc)
 
 
+def _negated(change: Buckets) -> Buckets:
+    """The opposite change of every bucket."""
+    return Buckets(
+        available=-change.available,
+        pending=-change.pending,
+        held=-change.held,
+        lifetime=-change.lifetime,
+    )
+
+
+def _within(share: int, there: int) -> int:
+    """What of ``share`` can move: never below zero, never more than is ``there``."""
+    return max(0, min(share, there))
+
+
 def _returned_value(order: OrderRecord, returned: dict[str, int]) -> Decimal:
     """The value at order prices of the returned units (never beyond what was bought)."""
     value = Decimal(0)
@@ -901,8 +1041,10 @@ def _returned_value(order: OrderRecord, returned: dict[str, int]) -> Decimal:
     return value
 
 
-def _order_record(order: OrderPlaced, account: Account | None) -> OrderRecord:
-    """A placed order as loyalty keeps it."""
+def _order_record(
+    order: OrderPlaced, account: Account | None, origin: int | None = None
+) -> OrderRecord:
+    """A placed order as loyalty keeps it (``origin``: the merged account it is for)."""
     return OrderRecord(
         order_id=order.order_id,
         account_id=account.account_id if account else None,
@@ -917,4 +1059,5 @@ def _order_record(order: OrderPlaced, account: Account | None) -> OrderRecord:
         redeemed=0,
         given_back=0,
         returned_value=Decimal(0),
+        origin_account=origin if account else None,
     )

@@ -623,11 +623,15 @@ class NotificationRepository:
         return [NotificationRow.of(r) for r in rows]
 
     async def merge(self, surviving_id: str, merged_ids: Sequence[str]) -> None:
-        """Profiles were merged: alerts, offers, purchases and history move to the survivor;
-        the merged ids' contacts go (the survivor's snapshot follows)."""
+        """Profiles were merged: alerts, offers, purchases and history move to the survivor,
+        each row remembering the id it was recorded under (``origin_customer_id``), so an
+        unmerge can give it back; the merged ids' contacts go (the survivor's snapshot
+        follows)."""
         merged = list(merged_ids)
         await self.conn.execute(
-            "UPDATE stock_alerts SET customer_id = $1 WHERE customer_id = ANY($2::text[])"
+            "UPDATE stock_alerts SET customer_id = $1,"
+            " origin_customer_id = coalesce(origin_customer_id, customer_id)"
+            " WHERE customer_id = ANY($2::text[])"
             " AND done_at IS NULL AND NOT EXISTS (SELECT 1 FROM stock_alerts s"
             "  WHERE s.customer_id = $1 AND s.sku = stock_alerts.sku AND s.done_at IS NULL"
             "  AND coalesce(s.location_id, '') = coalesce(stock_alerts.location_id, ''))",
@@ -636,15 +640,19 @@ class NotificationRepository:
         )
         for table in ("offers", "notifications"):
             await self.conn.execute(
-                f"UPDATE {table} SET customer_id = $1 WHERE customer_id = ANY($2::text[])",
+                f"UPDATE {table} SET customer_id = $1,"
+                " origin_customer_id = coalesce(origin_customer_id, customer_id)"
+                " WHERE customer_id = ANY($2::text[])",
                 surviving_id,
                 merged,
             )
+        # A SKU both bought stays the survivor's own (one row per shopper and SKU).
         await self.conn.execute(
             """
-            INSERT INTO purchases (customer_id, sku, bought_at)
-            SELECT $1, sku, max(bought_at) FROM purchases WHERE customer_id = ANY($2::text[])
-            GROUP BY sku
+            INSERT INTO purchases (customer_id, sku, bought_at, origin_customer_id)
+            SELECT DISTINCT ON (sku) $1, sku, bought_at, coalesce(origin_customer_id, customer_id)
+            FROM purchases WHERE customer_id = ANY($2::text[])
+            ORDER BY sku, bought_at DESC, customer_id
             ON CONFLICT (customer_id, sku) DO UPDATE
               SET bought_at = greatest(purchases.bought_at, EXCLUDED.bought_at)
             """,
@@ -653,6 +661,42 @@ class NotificationRepository:
         )
         await self.conn.execute("DELETE FROM purchases WHERE customer_id = ANY($1::text[])", merged)
         await self.conn.execute("DELETE FROM contacts WHERE customer_id = ANY($1::text[])", merged)
+
+    async def unmerge(self, surviving_id: str, restored_id: str) -> None:
+        """A merge was undone: the rows a merge moved from ``restored_id`` to the survivor
+        (alerts, offers, purchases, notification history) are its own again. Its contact
+        comes back with its own snapshot, which customer-profile publishes next. Undoing
+        twice finds nothing left to move."""
+        await self.conn.execute(
+            "UPDATE stock_alerts SET customer_id = $2, origin_customer_id = NULL"
+            " WHERE customer_id = $1 AND origin_customer_id = $2"
+            " AND (done_at IS NOT NULL OR NOT EXISTS (SELECT 1 FROM stock_alerts s"
+            "  WHERE s.customer_id = $2 AND s.sku = stock_alerts.sku AND s.done_at IS NULL"
+            "  AND coalesce(s.location_id, '') = coalesce(stock_alerts.location_id, '')))",
+            surviving_id,
+            restored_id,
+        )
+        for table in ("offers", "notifications"):
+            await self.conn.execute(
+                f"UPDATE {table} SET customer_id = $2, origin_customer_id = NULL"
+                " WHERE customer_id = $1 AND origin_customer_id = $2",
+                surviving_id,
+                restored_id,
+            )
+        await self.conn.execute(
+            """
+            WITH back AS (
+                DELETE FROM purchases WHERE customer_id = $1 AND origin_customer_id = $2
+                RETURNING sku, bought_at
+            )
+            INSERT INTO purchases (customer_id, sku, bought_at)
+            SELECT $2, sku, bought_at FROM back
+            ON CONFLICT (customer_id, sku) DO UPDATE
+              SET bought_at = greatest(purchases.bought_at, EXCLUDED.bought_at)
+            """,
+            surviving_id,
+            restored_id,
+        )
 
     async def erase(self, customer_id: str) -> list[str]:
         """Drop the shopper's contacts, message bodies and trigger facts; returns the ids of

@@ -31,6 +31,7 @@ from omni_contracts import (
     PointsExpiring,
     ProfileErased,
     ProfilesMerged,
+    ProfilesUnmerged,
     ProfileUpdated,
     RefundIssued,
     StockAlertRequested,
@@ -63,6 +64,14 @@ async def profiles_merged(merges: Lot[ProfilesMerged], tx: Tx) -> None:
     repo = NotificationRepository(tx.conn)
     for merge, _ in merges:
         await repo.merge(merge.surviving_id, merge.merged_ids)
+
+
+async def profiles_unmerged(unmerges: Lot[ProfilesUnmerged], tx: Tx) -> None:
+    """A merge undone: the restored shopper's alerts, offers, purchases and history are
+    theirs again (their contact comes back with their own snapshot, which follows)."""
+    repo = NotificationRepository(tx.conn)
+    for unmerge, _ in unmerges:
+        await repo.unmerge(unmerge.surviving_id, unmerge.restored_id)
 
 
 async def stock_alerts_requested(
@@ -142,6 +151,7 @@ def subscriptions() -> list[Subscription]:
                 ProfileUpdated: profiles_updated,
                 ProfileErased: profiles_erased,
                 ProfilesMerged: profiles_merged,
+                ProfilesUnmerged: profiles_unmerged,
             },
         ),
         Subscription(CUSTOMER_SIGNALS, {StockAlertRequested: stock_alerts_requested}),
