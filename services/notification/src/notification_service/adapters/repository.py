@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-from omni_contracts import Preferences, ProfileUpdated
+from omni_contracts import Preferences
 
 from notification_service.domain.model import Contact
 
@@ -115,33 +115,6 @@ class NotificationRepository:
 
     # -- contacts ------------------------------------------------------------------------
 
-    async def save_contact(self, snapshot: ProfileUpdated) -> bool:
-        """Replace the contact with ``snapshot`` unless a newer version is stored."""
-        result = await self.conn.execute(
-            """
-            INSERT INTO contacts (customer_id, version, email, phone, push_tokens,
-                                  push_subscriptions, preferences, preferred_store, updated_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())
-            ON CONFLICT (customer_id) DO UPDATE SET
-                version = EXCLUDED.version, email = EXCLUDED.email, phone = EXCLUDED.phone,
-                push_tokens = EXCLUDED.push_tokens,
-                push_subscriptions = EXCLUDED.push_subscriptions,
-                preferences = EXCLUDED.preferences, preferred_store = EXCLUDED.preferred_store,
-                updated_at = now()
-            WHERE contacts.version IS NULL OR EXCLUDED.version IS NULL
-               OR EXCLUDED.version >= contacts.version
-            """,
-            snapshot.customer_id,
-            snapshot.version,
-            snapshot.email,
-            snapshot.phone,
-            json.dumps(snapshot.push_tokens),
-            json.dumps([s.model_dump(mode="json") for s in snapshot.push_subscriptions]),
-            snapshot.preferences.model_dump_json(),
-            snapshot.preferred_store,
-        )
-        return result != "INSERT 0 0"
-
     async def contact(self, customer_id: str) -> Contact | None:
         """The shopper's contact details, None if unknown (or erased)."""
         row = await self.conn.fetchrow("SELECT * FROM contacts WHERE customer_id = $1", customer_id)
@@ -194,20 +167,6 @@ class NotificationRepository:
             await self.conn.fetchval("SELECT 1 FROM closed_carts WHERE cart_id = $1", cart_id)
         )
 
-    async def record_purchases(self, customer_id: str, skus: Iterable[str], at: datetime) -> None:
-        """The shopper bought ``skus`` at ``at`` (keeps the latest time per SKU)."""
-        await self.conn.execute(
-            """
-            INSERT INTO purchases (customer_id, sku, bought_at)
-            SELECT $1, sku, $3 FROM unnest($2::text[]) AS sku
-            ON CONFLICT (customer_id, sku) DO UPDATE
-              SET bought_at = greatest(purchases.bought_at, EXCLUDED.bought_at)
-            """,
-            customer_id,
-            sorted(set(skus)),
-            at,
-        )
-
     async def bought_since(
         self, customer_id: str, skus: Iterable[str], since: datetime
     ) -> set[str]:
@@ -222,25 +181,6 @@ class NotificationRepository:
         return {r["sku"] for r in rows}
 
     # -- availability and alerts ---------------------------------------------------------
-
-    async def save_availability(
-        self, sku: str, location_id: str, available: int, online: int, at: datetime
-    ) -> None:
-        """The latest availability of a SKU at a location (older news never wins)."""
-        await self.conn.execute(
-            """
-            INSERT INTO availability (sku, location_id, available, online_available, changed_at)
-            VALUES ($1, $2, $3, $4, $5)
-            ON CONFLICT (sku, location_id) DO UPDATE SET available = EXCLUDED.available,
-              online_available = EXCLUDED.online_available, changed_at = EXCLUDED.changed_at
-            WHERE availability.changed_at <= EXCLUDED.changed_at
-            """,
-            sku,
-            location_id,
-            available,
-            online,
-            at,
-        )
 
     async def online_available(self, skus: Sequence[str]) -> dict[str, int]:
         """The latest ``online_available`` per SKU (SKUs never seen are absent)."""
@@ -264,14 +204,6 @@ class NotificationRepository:
             location_id,
         )
         return result == "INSERT 0 1"
-
-    async def alerts_waiting(self, sku: str) -> bool:
-        """Whether any shopper waits for ``sku`` (anywhere)."""
-        return bool(
-            await self.conn.fetchval(
-                "SELECT 1 FROM stock_alerts WHERE sku = $1 AND done_at IS NULL LIMIT 1", sku
-            )
-        )
 
     async def store_available(self, sku: str, location_id: str) -> int:
         """The latest ``available`` of ``sku`` at ``location_id`` (0 when never seen)."""
@@ -353,13 +285,6 @@ class NotificationRepository:
 
     # -- notifications -------------------------------------------------------------------
 
-    async def by_dedup_key(self, dedup_key: str) -> NotificationRow | None:
-        """The notification decided for this trigger, if any."""
-        row = await self.conn.fetchrow(
-            "SELECT * FROM notifications WHERE dedup_key = $1", dedup_key
-        )
-        return NotificationRow.of(row) if row else None
-
     async def get(self, notification_id: str, *, lock: bool = False) -> NotificationRow | None:
         """One notification (locked until commit with ``lock``)."""
         row = await self.conn.fetchrow(
@@ -368,46 +293,6 @@ class NotificationRepository:
             notification_id,
         )
         return NotificationRow.of(row) if row else None
-
-    async def insert(
-        self,
-        *,
-        notification_id: str,
-        customer_id: str,
-        dedup_key: str | None,
-        kind: str,
-        purpose: str,
-        status: str,
-        reason: str | None,
-        channel: str | None,
-        params: dict[str, Any],
-        deferred_until: datetime | None,
-        correlation_id: str | None,
-        caused_by: str | None,
-        not_before: datetime | None = None,
-    ) -> None:
-        """Record a decided notification."""
-        await self.conn.execute(
-            """
-            INSERT INTO notifications (notification_id, customer_id, dedup_key, kind, purpose,
-                status, reason, channel, params, deferred_until, correlation_id, caused_by,
-                not_before)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-            """,
-            notification_id,
-            customer_id,
-            dedup_key,
-            kind,
-            purpose,
-            status,
-            reason,
-            channel,
-            json.dumps(params),
-            deferred_until,
-            correlation_id,
-            caused_by,
-            not_before,
-        )
 
     async def decide(
         self,

@@ -64,7 +64,8 @@ class NotificationSets:
         self.conn = conn
 
     async def lock_customers(self, customer_ids: Collection[str]) -> None:
-        """:meth:`NotificationRepository.lock_customer` for many shoppers, in sorted order."""
+        """:meth:`NotificationRepository.lock_customer` for many shoppers, in sorted order
+        (two lots sharing shoppers wait for each other instead of deadlocking)."""
         if not customer_ids:
             return
         await self.conn.execute(
@@ -117,7 +118,8 @@ class NotificationSets:
         )
 
     async def save_contacts(self, snapshots: Sequence[ProfileUpdated]) -> None:
-        """:meth:`NotificationRepository.save_contact` for a lot of snapshots."""
+        """Replace each shopper's contact with their newest snapshot of the lot, unless a
+        newer version is stored."""
         newest = newest_snapshots(snapshots)
         if not newest:
             return
@@ -173,8 +175,7 @@ class NotificationSets:
             )
 
     async def save_availabilities(self, changes: Sequence[AvailabilityChanged]) -> None:
-        """:meth:`NotificationRepository.save_availability` for a lot (older news never
-        wins)."""
+        """The latest availability per SKU and location (older news never wins)."""
         latest = latest_availability(changes)
         if not latest:
             return
