@@ -37,7 +37,8 @@ dev_app = typer.Typer(
 topics_app = typer.Typer(help="Kafka topics of the catalogue.", no_args_is_help=True)
 docs_app = typer.Typer(help="Generated documentation.", no_args_is_help=True)
 dlq_app = typer.Typer(
-    help="Dead-lettered messages: list them, show one, replay them to their source topic.",
+    help="Dead-lettered messages: list them, show one, replay them to their source topic, "
+    "purge one shopper's.",
     no_args_is_help=True,
 )
 bench_app = typer.Typer(
@@ -389,12 +390,19 @@ PrefixOption = Annotated[
 
 def _dlq_target(topic: str, bootstrap: str | None, prefix: str | None) -> tuple[str, str, str]:
     """``(bootstrap, physical dlq topic, physical source topic)``."""
+    from omni_devkit.dlq import dlq_topic_name
+
+    servers, chosen_prefix = _dlq_where(bootstrap, prefix)
+    return servers, *dlq_topic_name(topic, chosen_prefix)
+
+
+def _dlq_where(bootstrap: str | None, prefix: str | None) -> tuple[str, str]:
+    """``(bootstrap, topic prefix)``: the options, else the environment, else the dev stack."""
     import os
 
     from omni_common.settings import ServiceSettings
 
     from omni_devkit.devstack.stack import default_state_dir, read_kv_file
-    from omni_devkit.dlq import dlq_topic_name
 
     if bootstrap is None:
         bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
@@ -403,8 +411,7 @@ def _dlq_target(topic: str, bootstrap: str | None, prefix: str | None) -> tuple[
         bootstrap = dev_env.get("KAFKA_BOOTSTRAP_SERVERS")
     settings = ServiceSettings()
     bootstrap = bootstrap or settings.kafka_bootstrap_servers
-    chosen_prefix = settings.topic_prefix if prefix is None else prefix
-    return bootstrap, *dlq_topic_name(topic, chosen_prefix)
+    return bootstrap, settings.topic_prefix if prefix is None else prefix
 
 
 def _dlq_run(coro: Any) -> Any:
@@ -515,6 +522,59 @@ def dlq_replay(
 
     result = _dlq_run(replay(servers, letters, source, progress))
     echo(f"{result.replayed} replayed (they stay in {dlq_topic} until its retention ends)")
+
+
+@dlq_app.command("purge")
+def dlq_purge(
+    customer: Annotated[
+        str, typer.Option("--customer", help="The erased shopper's customer id", show_default=False)
+    ],
+    emails: Annotated[
+        list[str] | None,
+        typer.Option("--email", help="Also remove entries holding this e-mail; repeatable"),
+    ] = None,
+    phones: Annotated[
+        list[str] | None,
+        typer.Option("--phone", help="Also remove entries holding this phone; repeatable"),
+    ] = None,
+    identifiers: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--identifier",
+            help="Also remove entries naming this id (loyalty card, anonymous id); repeatable",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say what would be removed, change nothing")
+    ] = False,
+    bootstrap: BootstrapOption = None,
+    prefix: PrefixOption = None,
+) -> None:
+    """Remove every dead letter naming a shopper from every DLQ topic (after an erasure).
+
+    Kafka cannot delete one record: each partition holding some is rewritten, the other
+    entries before the last one naming the shopper copied to its end (key, value, headers
+    and time kept, plus dlq_rewritten_from), then the partition's records up to there
+    deleted. Safe to run again."""
+    from omni_devkit.dlq import DlqError, Shopper, catalogue_dlq_topics, purge_customer
+
+    servers, chosen_prefix = _dlq_where(bootstrap, prefix)
+    try:
+        shopper = Shopper(
+            customer.strip(),
+            emails=tuple(emails or ()),
+            phones=tuple(phones or ()),
+            identifiers=tuple(identifiers or ()),
+        )
+    except DlqError as exc:
+        fail(str(exc))
+    topics = catalogue_dlq_topics(chosen_prefix)
+    echo(f"purging {customer} from {len(topics)} DLQ topics" + (" (dry run)" if dry_run else ""))
+    results = _dlq_run(purge_customer(servers, topics, shopper, dry_run=dry_run, progress=echo))
+    removed = sum(result.removed for result in results)
+    touched = sum(1 for result in results if result.removed)
+    verb = "would be removed" if dry_run else "removed"
+    echo(f"{removed} dead letters naming {customer} {verb} from {touched} topics")
 
 
 # -- docs ------------------------------------------------------------------------------------

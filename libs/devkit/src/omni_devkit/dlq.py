@@ -1,5 +1,6 @@
-"""Dead-lettered messages: read them (``omni dlq list|show``) and replay them (``omni dlq
-replay``) to their source topic once the cause is mended.
+"""Dead-lettered messages: read them (``omni dlq list|show``), replay them (``omni dlq
+replay``) to their source topic once the cause is mended, and purge one shopper's from every
+DLQ after an erasure (``omni dlq purge``).
 
 A dead letter is the original record (key, value, headers) plus the ``dlq_*`` headers
 CONTRACT.md names. A replay sends the original back: same key, same value, same headers
@@ -237,3 +238,268 @@ def body_text(value: bytes) -> str:
         return json.dumps(json.loads(value), indent=2, ensure_ascii=False, sort_keys=True)
     except (ValueError, UnicodeDecodeError):
         return value.decode("utf-8", errors="replace")
+
+
+# -- purge: one shopper's entries out of every DLQ ------------------------------------------
+
+REWRITTEN_FROM_HEADER = "dlq_rewritten_from"
+"""On a dead letter a purge copied: ``partition:offset`` where it was first dead-lettered.
+A ``dlq_*`` header, so a replay leaves it behind like the others."""
+
+# Characters that continue an identifier: ``c-1`` is not named by ``c-12`` or ``abc-1``.
+_ID_CHARS = r"A-Za-z0-9_\-"
+
+
+@dataclass(frozen=True)
+class Shopper:
+    """What names a shopper in a dead letter: the customer id and, when the operator knows
+    them, e-mails, phone numbers and other identifiers (loyalty cards, anonymous ids)."""
+
+    customer_id: str
+    emails: tuple[str, ...] = ()
+    phones: tuple[str, ...] = ()
+    identifiers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.customer_id.strip():
+            raise DlqError("--customer must name a customer id")
+
+    def _patterns(self) -> list[re.Pattern[str]]:
+        tokens = [self.customer_id, *self.identifiers]
+        patterns = [
+            re.compile(rf"(?<![{_ID_CHARS}]){re.escape(t)}(?![{_ID_CHARS}])") for t in tokens if t
+        ]
+        patterns += [re.compile(re.escape(e), re.IGNORECASE) for e in self.emails if e]
+        for phone in self.phones:
+            # The digits in order, whatever the separators: "+33 6 12" is "+33612".
+            digits = re.sub(r"\D", "", phone)
+            if digits:
+                spaced = r"[\s().\-/]*".join(digits)
+                patterns.append(re.compile(rf"(?<!\d){spaced}(?!\d)"))
+        return patterns
+
+    def named_in(self, letter: DeadLetter) -> bool:
+        """Whether ``letter`` names this shopper: its key, any header (``ce_subject`` and
+        the others), or anywhere in its value, parseable or not."""
+        patterns = self._patterns()
+        texts = [
+            (letter.key or b"").decode("utf-8", errors="replace"),
+            letter.value.decode("utf-8", errors="replace"),
+            *(v.decode("utf-8", errors="replace") for _, v in letter.headers),
+        ]
+        if any(p.search(text) for p in patterns for text in texts):
+            return True
+        # JSON may escape what the shopper typed (``\u00e9``, ``\/``): look at it decoded too.
+        try:
+            decoded = json.dumps(json.loads(letter.value), ensure_ascii=False)
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return any(p.search(decoded) for p in patterns)
+
+
+def _origin(letter: DeadLetter) -> str:
+    """Where ``letter`` was first dead-lettered (kept across purges)."""
+    return letter.header(REWRITTEN_FROM_HEADER) or letter.ref
+
+
+@dataclass
+class PartitionPurge:
+    """What a purge did (or would do) to one partition of a DLQ."""
+
+    partition: int
+    removed: int = 0
+    kept: int = 0
+    already_copied: int = 0
+    deleted_before: int | None = None
+
+
+@dataclass
+class TopicPurge:
+    """What a purge did (or would do) to one DLQ topic."""
+
+    topic: str
+    exists: bool = True
+    read: int = 0
+    partitions: list[PartitionPurge] = field(default_factory=list)
+
+    @property
+    def removed(self) -> int:
+        return sum(p.removed for p in self.partitions)
+
+    @property
+    def rewritten(self) -> int:
+        return sum(p.kept for p in self.partitions)
+
+    def summary(self, dry_run: bool = False) -> str:
+        if not self.exists:
+            return f"{self.topic}: not on the broker, nothing to purge"
+        if not self.partitions:
+            return f"{self.topic}: {self.read} read, none names the shopper"
+        verb = "would remove" if dry_run else "removed"
+        copied = sum(p.already_copied for p in self.partitions)
+        again = f" ({copied} copied by an earlier run)" if copied else ""
+        return (
+            f"{self.topic}: {self.read} read, {verb} {self.removed} naming the shopper, "
+            f"{'would rewrite' if dry_run else 'rewrote'} {self.rewritten} others{again}"
+        )
+
+
+def catalogue_dlq_topics(prefix: str = "") -> list[str]:
+    """Every DLQ topic of the catalogue: ``<prefix><topic>.dlq`` (``TopicSpec.dlq``)."""
+    from omni_contracts.catalogue import TOPICS
+
+    return sorted(f"{prefix}{spec.dlq}" for spec in TOPICS.values())
+
+
+async def purge_customer(
+    bootstrap: str,
+    topics: Iterable[str],
+    shopper: Shopper,
+    *,
+    dry_run: bool = False,
+    progress: Callable[[str], None] = lambda line: None,
+    timeout_s: float = 120.0,
+) -> list[TopicPurge]:
+    """Remove every dead letter naming ``shopper`` from ``topics``.
+
+    Kafka cannot delete one record, only a partition's prefix (DeleteRecords). So, per
+    partition: read it to its end, copy every *other* record up to the last one naming the
+    shopper to the end of the same partition (key, value, headers and timestamp kept, plus
+    :data:`REWRITTEN_FROM_HEADER`; the timestamp keeps the retention counting from the
+    original dead-lettering), wait until the broker has them all, then delete the
+    partition's records before that last offset + 1. Safe to run again, even after a run
+    that stopped half-way: a record whose copy is already past that offset is not copied
+    twice, and a partition naming nobody is not touched. Dead letters written meanwhile land
+    after the snapshot and are left alone.
+    """
+    found = await _existing_topics(bootstrap)
+    results: list[TopicPurge] = []
+    producer: AIOKafkaProducer | None = None
+    admin: Any = None
+    try:
+        for topic in topics:
+            result = TopicPurge(topic)
+            results.append(result)
+            if topic not in found:
+                result.exists = False
+                progress(result.summary(dry_run))
+                continue
+            letters = await read_dead_letters(bootstrap, topic, timeout_s=timeout_s)
+            result.read = len(letters)
+            by_partition: dict[int, list[DeadLetter]] = {}
+            for letter in letters:
+                by_partition.setdefault(letter.partition, []).append(letter)
+            for partition, in_partition in sorted(by_partition.items()):
+                in_partition.sort(key=lambda item: item.offset)
+                named = [item for item in in_partition if shopper.named_in(item)]
+                if not named:
+                    continue
+                last = named[-1].offset
+                done = PartitionPurge(partition, removed=len(named))
+                result.partitions.append(done)
+                copied = {_origin(item) for item in in_partition if item.offset > last}
+                named_offsets = {item.offset for item in named}
+                to_copy = []
+                for item in in_partition:
+                    if item.offset > last or item.offset in named_offsets:
+                        continue
+                    if _origin(item) in copied:
+                        done.already_copied += 1
+                    else:
+                        to_copy.append(item)
+                done.kept = len(to_copy)
+                if dry_run:
+                    continue
+                if to_copy and producer is None:
+                    producer = await _start_producer(bootstrap)
+                for item in to_copy:
+                    await _copy(producer, item)
+                if admin is None:
+                    admin = await _start_admin(bootstrap)
+                done.deleted_before = await _delete_before(admin, topic, partition, last + 1)
+                progress(
+                    f"  {topic} partition {partition}: {done.removed} removed, {done.kept} "
+                    f"rewritten, records before offset {last + 1} deleted"
+                )
+            progress(result.summary(dry_run))
+    finally:
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+        if admin is not None:
+            with contextlib.suppress(Exception):
+                await admin.close()
+    return results
+
+
+async def _existing_topics(bootstrap: str) -> set[str]:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
+    try:
+        await asyncio.wait_for(admin.start(), 30)
+        return set(await admin.list_topics())
+    except (KafkaError, OSError, TimeoutError) as exc:
+        raise DlqError(f"cannot reach the Kafka broker at {bootstrap}: {exc}") from None
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+
+
+async def _start_producer(bootstrap: str) -> AIOKafkaProducer:
+    options = await producer_options(bootstrap)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **options.as_kwargs())
+    try:
+        await producer.start()
+    except (KafkaError, OSError) as exc:
+        with contextlib.suppress(Exception):
+            await producer.stop()
+        raise DlqError(f"cannot reach the Kafka broker at {bootstrap}: {exc}") from None
+    return producer
+
+
+async def _start_admin(bootstrap: str) -> Any:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+    try:
+        await admin.start()
+    except (KafkaError, OSError) as exc:
+        with contextlib.suppress(Exception):
+            await admin.close()
+        raise DlqError(f"cannot reach the Kafka broker at {bootstrap}: {exc}") from None
+    return admin
+
+
+async def _copy(producer: AIOKafkaProducer, letter: DeadLetter) -> None:
+    headers = [(k, v) for k, v in letter.headers if k != REWRITTEN_FROM_HEADER]
+    headers.append((REWRITTEN_FROM_HEADER, _origin(letter).encode()))
+    try:
+        await producer.send_and_wait(
+            letter.topic,
+            letter.value,
+            key=letter.key,
+            partition=letter.partition,
+            timestamp_ms=round(letter.timestamp.timestamp() * 1000),
+            headers=headers,
+        )
+    except KafkaError as exc:
+        raise DlqError(
+            f"rewriting {letter.topic} {letter.ref} failed, nothing deleted from that "
+            f"partition (run the purge again): {type(exc).__name__}: {exc}"
+        ) from None
+
+
+async def _delete_before(admin: Any, topic: str, partition: int, offset: int) -> int:
+    from aiokafka.admin import RecordsToDelete
+
+    tp = TopicPartition(topic, partition)
+    try:
+        low = await admin.delete_records({tp: RecordsToDelete(before_offset=offset)})
+    except (KafkaError, OSError) as exc:
+        raise DlqError(
+            f"the broker refused to delete {topic} partition {partition} before offset "
+            f"{offset} (its copies are written; run the purge again): "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+    return int(low.get(tp, offset))

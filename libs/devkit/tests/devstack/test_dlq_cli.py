@@ -140,3 +140,111 @@ async def test_failures_are_one_line_and_a_non_zero_exit(omni_env) -> None:
     assert len(out.strip().splitlines()) == 1 and out.startswith("error: cannot reach"), out
     code, out = omni("dlq", "list", TOPIC, "--since", "soon", "--bootstrap", omni_env.bootstrap)
     assert code == 1 and "neither a duration" in out
+
+
+# -- purge -----------------------------------------------------------------------------------
+
+
+async def _dead_letters(omni_env, topic: str, partition: int) -> list:
+    from omni_devkit.dlq import read_dead_letters
+
+    letters = await read_dead_letters(omni_env.bootstrap, omni_env.topic(topic))
+    return sorted((item for item in letters if item.partition == partition), key=lambda i: i.offset)
+
+
+async def test_purge_removes_one_shoppers_dead_letters_and_keeps_the_others(omni_env) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    customer = f"c-{uuid.uuid4().hex[:6]}"
+    dlq = f"{TOPIC}.dlq"
+    reason = [("dlq_reason", b"malformed_json")]
+    records = [  # (key, value, headers) on partition 0
+        (b"SKU-1", b'{"sku": "SKU-1"}', [("ce_id", b"keep-1"), *reason]),
+        (customer.encode(), b'{"sku": "SKU-2"}', [("ce_id", b"by-key"), *reason]),
+        (b"SKU-3", b'{"sku": "SKU-3"}', [("ce_subject", customer.encode()), *reason]),
+        (b"SKU-4", f'{{"customer_id": "{customer}0"}}'.encode(), [("ce_id", b"keep-4")]),
+        (b"SKU-5", b'{"broken": "jane@example.org", ', [("ce_id", b"by-email"), *reason]),
+        (b"SKU-6", b'{"note": "+33 6 12 34 56 78"}', [("ce_id", b"by-phone")]),
+        (b"SKU-7", f'{{"customer_id": "{customer}"}}'.encode(), [("ce_id", b"by-value")]),
+        (b"SKU-8", b'{"sku": "SKU-8"}', [("ce_id", b"after")]),
+    ]
+    producer = AIOKafkaProducer(bootstrap_servers=omni_env.bootstrap)
+    await producer.start()
+    try:
+        for key, value, headers in records:
+            await producer.send_and_wait(
+                omni_env.topic(dlq), value, key=key, partition=0, headers=headers
+            )
+        # Someone else's entry on another partition, and this shopper's on a third.
+        await producer.send_and_wait(
+            omni_env.topic(dlq), b"{}", key=b"x", partition=1, headers=[("ce_id", b"p1")]
+        )
+        await producer.send_and_wait(
+            omni_env.topic(dlq), b"{}", key=customer.encode(), partition=2, headers=[]
+        )
+    finally:
+        await producer.stop()
+    where = ["--bootstrap", omni_env.bootstrap, "--prefix", omni_env.prefix]
+    who = ["--customer", customer, "--email", "Jane@Example.org", "--phone", "+33612345678"]
+
+    code, out = omni("dlq", "purge", *who, "--dry-run", *where)
+    assert code == 0, out
+    assert "6 dead letters naming" in out and "would be removed from 1 topics" in out, out
+    assert len(await _dead_letters(omni_env, dlq, 0)) == len(records)  # a dry run changes nothing
+
+    code, out = omni("dlq", "purge", *who, *where)
+    assert code == 0, out
+    lines = out.strip().splitlines()
+    assert f"{omni_env.topic(dlq)}: 10 read, removed 6 naming the shopper, rewrote 2 others" in out
+    assert lines[-1] == f"6 dead letters naming {customer} removed from 1 topics", out
+    left = await _dead_letters(omni_env, dlq, 0)
+    assert [(item.header("ce_id"), item.header("dlq_rewritten_from")) for item in left] == [
+        ("after", ""),
+        ("keep-1", "0:0"),
+        ("keep-4", "0:3"),
+    ]
+    copy = left[1]
+    assert (copy.key, copy.value, copy.reason) == (b"SKU-1", b'{"sku": "SKU-1"}', "malformed_json")
+    assert copy.offset > left[0].offset
+    assert [i.header("ce_id") for i in await _dead_letters(omni_env, dlq, 1)] == ["p1"]
+    assert await _dead_letters(omni_env, dlq, 2) == []
+
+    # Again: nothing names the shopper any more, nothing changes.
+    code, out = omni("dlq", "purge", *who, *where)
+    assert code == 0 and out.strip().splitlines()[-1].startswith("0 dead letters"), out
+    assert [i.offset for i in await _dead_letters(omni_env, dlq, 0)] == [i.offset for i in left]
+
+
+async def test_a_purge_that_stopped_after_copying_does_not_copy_twice(omni_env) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    customer = f"c-{uuid.uuid4().hex[:6]}"
+    dlq = omni_env.topic(f"{TOPIC}.dlq")
+    producer = AIOKafkaProducer(bootstrap_servers=omni_env.bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(dlq, b"{}", key=b"other", partition=0)
+        await producer.send_and_wait(dlq, b"{}", key=customer.encode(), partition=0)
+        # The copy an interrupted run wrote before it could delete.
+        await producer.send_and_wait(
+            dlq, b"{}", key=b"other", partition=0, headers=[("dlq_rewritten_from", b"0:0")]
+        )
+    finally:
+        await producer.stop()
+    code, out = omni(
+        "dlq", "purge", "--customer", customer, "--bootstrap", omni_env.bootstrap,
+        "--prefix", omni_env.prefix,
+    )  # fmt: skip
+    assert code == 0 and "rewrote 0 others (1 copied by an earlier run)" in out, out
+    left = await _dead_letters(omni_env, f"{TOPIC}.dlq", 0)
+    assert [(i.offset, i.key, i.header("dlq_rewritten_from")) for i in left] == [
+        (2, b"other", "0:0")
+    ]
+
+
+def test_purge_failures_are_one_line_and_a_non_zero_exit() -> None:
+    code, out = omni("dlq", "purge", "--customer", "c-1", "--bootstrap", f"127.0.0.1:{free_port()}")
+    assert code == 1 and "Traceback" not in out
+    assert out.strip().splitlines()[-1].startswith("error: cannot reach the Kafka broker"), out
+    code, out = omni("dlq", "purge", "--customer", " ", "--bootstrap", "127.0.0.1:1")
+    assert code == 1 and out.strip() == "error: --customer must name a customer id", out

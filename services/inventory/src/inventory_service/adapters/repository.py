@@ -79,7 +79,6 @@ class NewReservation:
     fulfillment: str
     pickup_location_id: str | None
     channel: str
-    customer_id: str | None
     expires_at: datetime | None
     holds: tuple[Hold, ...]
     reason: str | None
@@ -344,7 +343,6 @@ class InventoryRepository:
         fulfillment: str,
         pickup_location_id: str | None,
         channel: str,
-        customer_id: str | None,
         expires_at: datetime | None,
         holds: Sequence[Hold],
         state: str = "held",
@@ -354,13 +352,12 @@ class InventoryRepository:
         """Record an order's reservation (``held`` with its holds, or ``rejected``)."""
         await self.conn.execute(
             "INSERT INTO reservations (order_id, state, fulfillment, pickup_location_id,"
-            " channel, customer_id, expires_at, closed_reason, correlation_id)"
-            " VALUES ($1, $7, $2, $3, $4, $5, $6, $8, $9)",
+            " channel, expires_at, closed_reason, correlation_id)"
+            " VALUES ($1, $6, $2, $3, $4, $5, $7, $8)",
             order_id,
             fulfillment,
             pickup_location_id,
             channel,
-            customer_id,
             expires_at,
             state,
             reason,
@@ -412,17 +409,16 @@ class InventoryRepository:
         await self.conn.execute(
             "WITH r AS ("
             "  INSERT INTO reservations (order_id, state, fulfillment, pickup_location_id,"
-            "   channel, customer_id, expires_at, closed_reason, correlation_id)"
+            "   channel, expires_at, closed_reason, correlation_id)"
             "  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
-            "   $6::text[], $7::timestamptz[], $8::text[], $9::text[])"
+            "   $6::timestamptz[], $7::text[], $8::text[])"
             ") INSERT INTO reservation_holds (order_id, sku, location_id, qty)"
-            " SELECT * FROM unnest($10::text[], $11::text[], $12::text[], $13::int[])",
+            " SELECT * FROM unnest($9::text[], $10::text[], $11::text[], $12::int[])",
             [r.order_id for r in added],
             [r.state for r in added],
             [r.fulfillment for r in added],
             [r.pickup_location_id for r in added],
             [r.channel for r in added],
-            [r.customer_id for r in added],
             [r.expires_at for r in added],
             [r.reason for r in added],
             [r.correlation_id for r in added],

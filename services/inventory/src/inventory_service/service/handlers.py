@@ -256,7 +256,6 @@ async def reserve(
                 fulfillment=str(order.fulfillment.type),
                 pickup_location_id=pickup_id,
                 channel=str(order.channel),
-                customer_id=order.customer_id,
                 expires_at=expires_at if confirmed else None,
                 holds=tuple(plan.holds) if confirmed else (),
                 reason=reason,

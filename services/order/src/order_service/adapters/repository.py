@@ -245,9 +245,10 @@ class OrderRepository:
     async def erase_customer(self, customer_id: str) -> int:
         """Pseudonymise a shopper's orders after an erasure; returns how many orders.
 
-        Delivery addresses (with the recipient's name and phone) leave the orders, their
-        history and the outbox (published rows deleted, unpublished ones redacted); ids,
-        lines, amounts and states stay, as the accounts require.
+        Delivery addresses (with the recipient's name and phone) and the loyalty card a till
+        sale named leave the orders, their history and the outbox (published rows deleted,
+        unpublished ones redacted); ids, lines, amounts and states stay, as the accounts
+        require.
         """
         order_ids = [
             r["order_id"]
@@ -262,18 +263,20 @@ class OrderRepository:
                 order_ids,
             )
             await self.conn.execute(
-                "UPDATE order_history SET detail = detail #- '{fulfillment,address}'"
+                "UPDATE order_history"
+                " SET detail = (detail #- '{fulfillment,address}') - 'loyalty_card'"
                 " WHERE order_id = ANY($1::text[])",
                 order_ids,
             )
         # Unpublished rows still go out (deleting them would lose order events), without the
-        # address: the contract's fulfillment has it optional, as an erased order's view does.
+        # address or card: the contract has both optional, as an erased order's view does.
         await self.conn.execute(
-            "UPDATE outbox SET payload = convert_to("
-            "(convert_from(payload, 'UTF8')::jsonb #- '{fulfillment,address}')::text, 'UTF8')"
+            "UPDATE outbox SET payload = convert_to(((convert_from(payload, 'UTF8')::jsonb"
+            " #- '{fulfillment,address}') - 'loyalty_card')::text, 'UTF8')"
             " WHERE published_at IS NULL AND payload IS NOT NULL"
             " AND convert_from(payload, 'UTF8')::jsonb ->> 'customer_id' = $1"
-            " AND convert_from(payload, 'UTF8')::jsonb #> '{fulfillment,address}' IS NOT NULL",
+            " AND (convert_from(payload, 'UTF8')::jsonb #> '{fulfillment,address}' IS NOT NULL"
+            " OR convert_from(payload, 'UTF8')::jsonb ->> 'loyalty_card' IS NOT NULL)",
             customer_id,
         )
         await self.conn.execute(
