@@ -75,6 +75,10 @@ class PartitionWorker:
         self._wake = asyncio.Event()
         self._settled = asyncio.Event()  # neither handling nor lent
         self._settled.set()
+        # Set by stop(): the lot in hand is finished, no other one starts (one starting in
+        # the same step as the last one ends would be cancelled half-way, handled again by
+        # the next owner).
+        self._draining = False
         self.neighbours = neighbours
         neighbours.append(self)
         m = dispatcher.metrics
@@ -121,7 +125,7 @@ class PartitionWorker:
 
     async def _run(self) -> None:
         while self.state is not State.STOPPED:
-            if not self.queue or self.state is State.LENT:
+            if not self.queue or self.state is State.LENT or self._draining:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -273,6 +277,7 @@ class PartitionWorker:
         comes again to the partition's next owner."""
         with contextlib.suppress(ValueError):
             self.neighbours.remove(self)
+        self._draining = True
         if not self._settled.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._settled.wait(), grace_s)

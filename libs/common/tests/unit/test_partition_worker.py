@@ -242,3 +242,37 @@ async def test_a_late_offset_of_a_revoked_partition_does_not_take_the_others_dow
     committer.handled(consumer, record_at(1, 9))  # revoked meanwhile
     await committer.flush()
     assert consumer.committed == [{TopicPartition("t", 0): 42}]
+
+
+class Gated(FakeDispatcher):
+    """Lots start, then wait at the gate; every lot that started is remembered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.started: list[int] = []
+
+    async def handle_lot(self, sources: list[list[Entry]]) -> Exception | None:
+        self.started.append(sum(map(len, sources)))
+        await self.gate.wait()
+        return await super().handle_lot(sources)
+
+
+async def test_a_stopping_worker_finishes_the_lot_in_hand_and_starts_no_other() -> None:
+    """A lot started in the same step as the last one ended would be cancelled half-way by
+    the stop: its events' handler would have run, and the next owner would run it again."""
+    dispatcher, consumer = Gated(), FakeConsumer()
+    (worker,), _, committer = workers(dispatcher, consumer, 1)
+    for offset in range(74):
+        worker.offer(record_at(0, offset))
+    for _ in range(100):
+        if dispatcher.started:
+            break
+        await asyncio.sleep(0.001)
+    stopping = asyncio.create_task(worker.stop(grace_s=5))
+    await asyncio.sleep(0.01)
+    dispatcher.gate.set()
+    await stopping
+    assert dispatcher.started == [64]
+    assert [len(lot) for lot in dispatcher.lots] == [64]
+    assert committer._pending[consumer] == {TopicPartition("t", 0): 64}
