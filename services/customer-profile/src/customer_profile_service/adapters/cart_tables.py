@@ -164,18 +164,6 @@ class CartTables:
                 list(purchased),
             )
 
-    async def set_cart_status(
-        self, cart_id: str, status: str, announced_hash: str | None = None
-    ) -> None:
-        """Move a cart to ``status`` (and remember what was announced, if given)."""
-        await self.conn.execute(
-            "UPDATE carts SET status = $2, announced_hash = coalesce($3, announced_hash),"
-            " updated_at = now() WHERE cart_id = $1",
-            cart_id,
-            status,
-            announced_hash,
-        )
-
     async def adopt_anonymous_carts(
         self, anonymous_id: str, customer_id: str, origin_id: str | None = None
     ) -> list[str]:
@@ -189,16 +177,6 @@ class CartTables:
             origin_id or customer_id,
         )
         return [r["cart_id"] for r in rows]
-
-    async def live_carts_before(self, customer_id: str, at: datetime) -> list[CartRow]:
-        """A shopper's carts still awaiting their timer, last active at or before ``at``."""
-        rows = await self.conn.fetch(
-            "SELECT * FROM carts WHERE customer_id = $1 AND status = 'open'"
-            " AND last_activity_at <= $2 FOR UPDATE",
-            customer_id,
-            at,
-        )
-        return [CartRow.of(r) for r in rows]
 
     async def lock_timer(self, kind: str, key: str) -> bool:
         """Lock a timer row (if armed) until commit; True if it is armed."""

@@ -139,15 +139,6 @@ class ProfileRepository(CartTables):
             json.dumps(p.facts),
         )
 
-    async def next_version(self, customer_id: str) -> int:
-        """Bump and return the snapshot version of a profile."""
-        version: int = await self.conn.fetchval(
-            "UPDATE profiles SET version = version + 1, updated_at = now()"
-            " WHERE customer_id = $1 RETURNING version",
-            customer_id,
-        )
-        return version
-
     async def mark_merged(self, merged_id: str, surviving_id: str) -> None:
         """``merged_id`` now lives on in ``surviving_id``: keep only the redirect."""
         await self.conn.execute(
@@ -385,16 +376,6 @@ class ProfileRepository(CartTables):
                 status,
             )
         ) != "UPDATE 0"
-
-    async def skus_bought_since(self, customer_id: str, since: datetime) -> set[str]:
-        """Every SKU a shopper bought at or after ``since`` (cancelled orders excluded)."""
-        rows = await self.conn.fetch(
-            "SELECT DISTINCT s FROM purchases, unnest(skus) AS s WHERE customer_id = $1"
-            " AND placed_at >= $2 AND status NOT IN ('cancelled', 'rejected')",
-            customer_id,
-            since,
-        )
-        return {r["s"] for r in rows}
 
     async def history(
         self, customer_id: str, limit: int, after: HistoryCursor | None

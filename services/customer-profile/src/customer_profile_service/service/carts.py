@@ -41,11 +41,11 @@ from customer_profile_service.domain import (
 from customer_profile_service.service.context import CART_ABANDONMENT, Outcome, Profiles
 from customer_profile_service.service.profiles import (
     arm,
-    cart_lines,
     ensure_profile,
     publish_snapshots,
     resolve,
 )
+from customer_profile_service.service.purchases import cart_lines
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ shows what its own shoppers said.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection, Mapping
 from datetime import datetime
 
 from omni_common.service import Tx
@@ -23,6 +24,7 @@ from omni_contracts import (
 from omni_contracts.envelope import Envelope
 
 from customer_profile_service.adapters.repository import ProfileRepository, ProfileRow
+from customer_profile_service.adapters.sets import ProfileSets
 from customer_profile_service.domain import (
     Claim,
     IdKind,
@@ -295,17 +297,26 @@ async def publish_snapshots(
         resolved = await resolve(repo, customer_id)
         if resolved is not None:
             live.add(resolved)
-    for customer_id in sorted(live):
-        await tx.emit(await snapshot(profiles, repo, customer_id), caused_by=envelope)
+    causes = dict.fromkeys(live, envelope) if envelope is not None else {}
+    await publish_live_snapshots(tx, live, out, causes)
+
+
+async def publish_live_snapshots(
+    tx: Tx, customer_ids: Collection[str], out: Outcome, causes: Mapping[str, Envelope]
+) -> None:
+    """A full ``customer.profile.updated`` of each of these live profiles, their versions
+    bumped together; each caused by its shopper's entry in ``causes``."""
+    if not customer_ids:
+        return
+    sets = ProfileSets(tx.conn)
+    rows = await sets.bump_versions(customer_ids)
+    ids = await sets.identifiers(rows)
+    for customer_id in sorted(rows):
+        p = rows[customer_id]
+        await tx.emit(
+            snapshot_of(p, ids[customer_id], p.version), caused_by=causes.get(customer_id)
+        )
         out.snapshots += 1
-
-
-async def snapshot(profiles: Profiles, repo: ProfileRepository, customer_id: str) -> ProfileUpdated:
-    """The full profile as published (its version bumped), bounded to the topic's size."""
-    p = await repo.profile(customer_id)
-    assert p is not None
-    ids = await repo.identifiers(customer_id)
-    return snapshot_of(p, ids, await repo.next_version(customer_id))
 
 
 def snapshot_of(p: ProfileRow, ids: dict[IdKind, list[str]], version: int) -> ProfileUpdated:

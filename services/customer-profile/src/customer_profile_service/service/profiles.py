@@ -20,7 +20,6 @@ from omni_contracts import (
     ContactDetailsUpdated,
     CustomerIdentified,
     ErasureRequested,
-    Line,
     PreferencesUpdated,
     ProfileErased,
     PushAddressesGone,
@@ -30,10 +29,8 @@ from omni_contracts import (
 from omni_contracts.envelope import Envelope
 
 from customer_profile_service.domain import (
-    CartLine,
     IdKind,
     ProfileError,
-    covered_by,
     is_blocked,
     normalise,
     validate_contact,
@@ -51,15 +48,11 @@ from customer_profile_service.service.identity import (
     sync_contacts,
     unmerge,
 )
+from customer_profile_service.service.purchases import after_purchases, cart_lines
 
 __all__ = ["ensure_profile", "publish_snapshots", "resolve"]
 
 log = logging.getLogger(__name__)
-
-
-def cart_lines(lines: list[Line]) -> list[CartLine]:
-    """Contract lines as domain lines."""
-    return [CartLine(ln.sku, ln.qty, ln.unit_price.amount, ln.unit_price.currency) for ln in lines]
 
 
 # -- signals -----------------------------------------------------------------------------------
@@ -228,26 +221,6 @@ async def unmerge_requested(
 # -- purchases ---------------------------------------------------------------------------------
 
 
-async def _after_purchase(
-    profiles: Profiles, tx: Tx, customer_id: str, at: datetime, out: Outcome
-) -> None:
-    """Carts whose items were bought since their last activity need no reminder; the
-    preferred store may have changed."""
-    repo = profiles.repo(tx)
-    for cart in await repo.live_carts_before(customer_id, at):
-        bought = await repo.skus_bought_since(customer_id, cart.last_activity_at)
-        if covered_by((ln.sku for ln in cart.items), bought):
-            await repo.set_cart_status(cart.cart_id, "purchased")
-            if await cancel_timer(tx.conn, CART_ABANDONMENT, cart.cart_id):
-                out.cart_skips.append("purchased")
-    store = await repo.preferred_store(customer_id)
-    p = await repo.profile(customer_id, for_update=True)
-    if p is not None and store is not None and store != p.preferred_store:
-        p.preferred_store = store
-        await repo.save_contact(p)
-        out.changed.add(customer_id)
-
-
 def names_a_shopper(sale: SaleRecorded) -> bool:
     """Whether a till sale can join anyone's history: an anonymous one (no customer id, no
     loyalty card) has nothing to change here."""
@@ -305,7 +278,7 @@ async def sale_recorded(
         placed_at=sale.occurred_at,
         origin_id=sale.customer_id,
     )
-    await _after_purchase(profiles, tx, customer_id, sale.occurred_at, out)
+    await after_purchases(profiles, tx, {customer_id: sale.occurred_at}, out)
     await publish_snapshots(profiles, tx, out, envelope)
     return out
 

@@ -1,10 +1,10 @@
 """Checkouts, orders and their later statuses, a lot at a time.
 
 A checkout or an order makes its shopper known, ends its cart's abandonment and joins the
-shopper's history. The rules are those of the one-at-a-time use cases in
-:mod:`~customer_profile_service.service.profiles`; here a lot's shoppers are resolved,
-created, written and snapshotted together, one statement per table, so a busy checkout
-path costs a few statements per lot rather than per order.
+shopper's history. A lot's shoppers are resolved, created, written and snapshotted together,
+one statement per table, so a busy checkout path costs a few statements per lot rather than
+per order; a till sale (:mod:`~customer_profile_service.service.profiles`) uses the same
+rule for carts bought and preferred stores.
 """
 
 from __future__ import annotations
@@ -17,15 +17,19 @@ from decimal import Decimal
 from omni_common.handlers import Lot
 from omni_common.service import Tx
 from omni_common.timers import cancel_timers
-from omni_contracts import CheckoutSubmitted, FulfillmentType, OrderEvent, OrderPlaced
+from omni_contracts import CheckoutSubmitted, FulfillmentType, Line, OrderEvent, OrderPlaced
 from omni_contracts.envelope import Envelope
 
 from customer_profile_service.adapters.repository import CartRow
 from customer_profile_service.adapters.sets import ProfileSets, Purchase
-from customer_profile_service.domain import contents_hash, covered_by
+from customer_profile_service.domain import CartLine, contents_hash, covered_by
 from customer_profile_service.service.context import CART_ABANDONMENT, Outcome, Profiles
-from customer_profile_service.service.identity import resolve, snapshot_of
-from customer_profile_service.service.profiles import cart_lines
+from customer_profile_service.service.identity import publish_live_snapshots, resolve
+
+
+def cart_lines(lines: list[Line]) -> list[CartLine]:
+    """Contract lines as domain lines."""
+    return [CartLine(ln.sku, ln.qty, ln.unit_price.amount, ln.unit_price.currency) for ln in lines]
 
 
 @dataclass(frozen=True)
@@ -62,24 +66,6 @@ async def shoppers(
             customer_id if merged_into is None else await resolve(profiles.repo(tx), merged_into)
         )
     return live
-
-
-async def publish_snapshots(
-    profiles: Profiles, tx: Tx, out: Outcome, causes: dict[str, Envelope]
-) -> None:
-    """A full ``customer.profile.updated`` of every live profile the lot changed, caused by
-    the last event of the lot about that shopper."""
-    if not out.changed:
-        return
-    sets = ProfileSets(tx.conn)
-    rows = await sets.bump_versions(out.changed)
-    ids = await sets.identifiers(rows)
-    for customer_id in sorted(rows):
-        p = rows[customer_id]
-        await tx.emit(
-            snapshot_of(p, ids[customer_id], p.version), caused_by=causes.get(customer_id)
-        )
-        out.snapshots += 1
 
 
 async def carts_checked_out(
@@ -142,12 +128,7 @@ async def after_purchases(
             c.cart_id
             for c in carts
             if covered_by(
-                (ln.sku for ln in c.items),
-                {
-                    sku
-                    for sku, at in bought.get(c.customer_id or "", [])
-                    if at >= c.last_activity_at
-                },
+                (ln.sku for ln in c.items), _since(bought, c.customer_id, c.last_activity_at)
             )
         ]
         await sets.set_cart_statuses(purchased, "purchased")
@@ -187,7 +168,7 @@ async def checkouts_submitted(profiles: Profiles, tx: Tx, lot: Lot[CheckoutSubmi
                 )
             )
     await carts_checked_out(profiles, tx, checked_out, out)
-    await publish_snapshots(profiles, tx, out, causes)
+    await publish_live_snapshots(tx, out.changed, out, causes)
     return out
 
 
@@ -251,7 +232,7 @@ async def orders_placed(profiles: Profiles, tx: Tx, lot: Lot[OrderPlaced]) -> Ou
     await sets.record_purchases(list(purchases.values()))
     await carts_checked_out(profiles, tx, checked_out, out)
     await after_purchases(profiles, tx, last_purchase, out)
-    await publish_snapshots(profiles, tx, out, causes)
+    await publish_live_snapshots(tx, out.changed, out, causes)
     return out
 
 
