@@ -222,28 +222,26 @@ class LoyaltyRepository:
                 list(stores.values()),
             )
 
-    async def card_origin(self, card: str) -> int | None:
-        """The merged account a card came from (its sales are that account's), or None."""
-        return await self.conn.fetchval("SELECT merged_from FROM cards WHERE card = $1", card)
-
-    async def card_account(self, card: str) -> Account:
-        """The account a card collects on: its customer's once linked, else its own."""
-        account_id = await self.conn.fetchval("SELECT account_id FROM cards WHERE card = $1", card)
-        if account_id is None:
-            account_id = await self.conn.fetchval(
-                "INSERT INTO accounts (customer_id) VALUES (NULL) RETURNING account_id"
-            )
-            inserted = await self.conn.fetchval(
-                "INSERT INTO cards (card, account_id) VALUES ($1, $2)"
-                " ON CONFLICT (card) DO NOTHING RETURNING account_id",
-                card,
-                account_id,
-            )
-            if inserted is None:  # another transaction registered the card meanwhile
-                account_id = await self.conn.fetchval(
-                    "SELECT account_id FROM cards WHERE card = $1", card
-                )
-        return await self.account(account_id)
+    async def card_account(self, card: str) -> tuple[Account, int | None]:
+        """The account a card collects on (its customer's once linked, else its own), with
+        the merged account the card came from (its sales are that account's), or None."""
+        row = await self.conn.fetchrow(
+            "SELECT account_id, merged_from FROM cards WHERE card = $1", card
+        )
+        if row is not None:
+            return await self.account(row["account_id"]), row["merged_from"]
+        account_id = await self.conn.fetchval(
+            "INSERT INTO accounts (customer_id) VALUES (NULL) RETURNING account_id"
+        )
+        inserted = await self.conn.fetchval(
+            "INSERT INTO cards (card, account_id) VALUES ($1, $2)"
+            " ON CONFLICT (card) DO NOTHING RETURNING account_id",
+            card,
+            account_id,
+        )
+        if inserted is None:  # another transaction registered the card meanwhile
+            return await self.card_account(card)
+        return await self.account(account_id), None
 
     async def card(self, card: str) -> tuple[int, str | None] | None:
         """``(account_id, customer_id)`` of a known card (locked), or None."""

@@ -219,8 +219,7 @@ class LoyaltyService:
             account = accounts.get(order.customer_id) if order.customer_id else None
             origin = origins.get(order.customer_id) if order.customer_id else None
             if account is None and order.loyalty_card:
-                account = await repo.card_account(order.loyalty_card)
-                origin = await repo.card_origin(order.loyalty_card)
+                account, origin = await repo.card_account(order.loyalty_card)
             if account is not None and account.erased:
                 account, origin = None, None
             records.append(_order_record(order, account, origin))
@@ -611,8 +610,7 @@ class LoyaltyService:
                 return None, None
             return account, await w.repo.origin(event.customer_id)
         if event.loyalty_card:
-            account = await w.repo.card_account(event.loyalty_card)
-            return account, await w.repo.card_origin(event.loyalty_card)
+            return await w.repo.card_account(event.loyalty_card)
         return None, None
 
     async def _purchased(
