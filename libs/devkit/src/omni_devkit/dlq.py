@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -372,11 +372,14 @@ async def purge_customer(
     twice, and a partition naming nobody is not touched. Dead letters written meanwhile land
     after the snapshot and are left alone.
     """
-    found = await _existing_topics(bootstrap)
+    admin = await _start_admin(bootstrap)
     results: list[TopicPurge] = []
     producer: AIOKafkaProducer | None = None
-    admin: Any = None
     try:
+        try:
+            found = set(await admin.list_topics())
+        except KafkaError as exc:
+            raise DlqError(f"cannot list the topics at {bootstrap}: {exc}") from None
         for topic in topics:
             result = TopicPurge(topic)
             results.append(result)
@@ -412,10 +415,9 @@ async def purge_customer(
                     continue
                 if to_copy and producer is None:
                     producer = await _start_producer(bootstrap)
-                for item in to_copy:
-                    await _copy(producer, item)
-                if admin is None:
-                    admin = await _start_admin(bootstrap)
+                if to_copy:
+                    assert producer is not None
+                    await _copy(producer, to_copy)
                 done.deleted_before = await _delete_before(admin, topic, partition, last + 1)
                 progress(
                     f"  {topic} partition {partition}: {done.removed} removed, {done.kept} "
@@ -426,24 +428,9 @@ async def purge_customer(
         if producer is not None:
             with contextlib.suppress(Exception):
                 await producer.stop()
-        if admin is not None:
-            with contextlib.suppress(Exception):
-                await admin.close()
-    return results
-
-
-async def _existing_topics(bootstrap: str) -> set[str]:
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
-    try:
-        await asyncio.wait_for(admin.start(), 30)
-        return set(await admin.list_topics())
-    except (KafkaError, OSError, TimeoutError) as exc:
-        raise DlqError(f"cannot reach the Kafka broker at {bootstrap}: {exc}") from None
-    finally:
         with contextlib.suppress(Exception):
             await admin.close()
+    return results
 
 
 async def _start_producer(bootstrap: str) -> AIOKafkaProducer:
@@ -463,30 +450,38 @@ async def _start_admin(bootstrap: str) -> Any:
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
     try:
-        await admin.start()
-    except (KafkaError, OSError) as exc:
+        await asyncio.wait_for(admin.start(), 30)
+    except (KafkaError, OSError, TimeoutError) as exc:
         with contextlib.suppress(Exception):
             await admin.close()
         raise DlqError(f"cannot reach the Kafka broker at {bootstrap}: {exc}") from None
     return admin
 
 
-async def _copy(producer: AIOKafkaProducer, letter: DeadLetter) -> None:
-    headers = [(k, v) for k, v in letter.headers if k != REWRITTEN_FROM_HEADER]
-    headers.append((REWRITTEN_FROM_HEADER, _origin(letter).encode()))
+async def _copy(producer: AIOKafkaProducer, letters: Sequence[DeadLetter]) -> None:
+    """Copy ``letters`` to the end of their partitions; returns once the broker has them
+    all (sent together: one wait for the lot, not a round trip per record)."""
     try:
-        await producer.send_and_wait(
-            letter.topic,
-            letter.value,
-            key=letter.key,
-            partition=letter.partition,
-            timestamp_ms=round(letter.timestamp.timestamp() * 1000),
-            headers=headers,
-        )
+        sent = []
+        for letter in letters:
+            headers = [(k, v) for k, v in letter.headers if k != REWRITTEN_FROM_HEADER]
+            headers.append((REWRITTEN_FROM_HEADER, _origin(letter).encode()))
+            sent.append(
+                await producer.send(
+                    letter.topic,
+                    letter.value,
+                    key=letter.key,
+                    partition=letter.partition,
+                    timestamp_ms=round(letter.timestamp.timestamp() * 1000),
+                    headers=headers,
+                )
+            )
+        await asyncio.gather(*sent)
     except KafkaError as exc:
+        first = letters[0]
         raise DlqError(
-            f"rewriting {letter.topic} {letter.ref} failed, nothing deleted from that "
-            f"partition (run the purge again): {type(exc).__name__}: {exc}"
+            f"rewriting {first.topic} partition {first.partition} failed, nothing deleted from"
+            f" that partition (run the purge again): {type(exc).__name__}: {exc}"
         ) from None
 
 
