@@ -88,7 +88,8 @@ class Claim:
         return self.rows[0]
 
 
-def _contact(record: asyncpg.Record) -> Contact:
+def contact_of(record: asyncpg.Record) -> Contact:
+    """A ``contacts`` row as the domain's contact."""
     return Contact(
         customer_id=record["customer_id"],
         email=record["email"],
@@ -100,6 +101,12 @@ def _contact(record: asyncpg.Record) -> Contact:
     )
 
 
+def customer_lock(customer_id_sql: str) -> str:
+    """The advisory lock serialising one shopper's decisions, on ``customer_id_sql`` (a
+    parameter or a column): one key for every place that takes it."""
+    return f"pg_advisory_xact_lock(hashtextextended('notification:' || {customer_id_sql}, 0))"
+
+
 class NotificationRepository:
     """Everything the service stores, on one connection (the caller's transaction)."""
 
@@ -108,17 +115,14 @@ class NotificationRepository:
 
     async def lock_customer(self, customer_id: str) -> None:
         """Serialise decisions for one shopper until commit (the daily cap and dedup)."""
-        await self.conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended('notification:' || $1, 0))",
-            customer_id,
-        )
+        await self.conn.execute(f"SELECT {customer_lock('$1')}", customer_id)
 
     # -- contacts ------------------------------------------------------------------------
 
     async def contact(self, customer_id: str) -> Contact | None:
         """The shopper's contact details, None if unknown (or erased)."""
         row = await self.conn.fetchrow("SELECT * FROM contacts WHERE customer_id = $1", customer_id)
-        return _contact(row) if row else None
+        return contact_of(row) if row else None
 
     async def withdraw_consent(self, customer_id: str, purpose: str, channel: str) -> None:
         """Record a withdrawn consent locally until the profile's snapshot says it too."""

@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 from omni_contracts import AvailabilityChanged, ProfileUpdated
 
-from notification_service.adapters.repository import _contact
+from notification_service.adapters.repository import contact_of, customer_lock
 from notification_service.domain.model import Contact
 
 
@@ -69,7 +69,7 @@ class NotificationSets:
         if not customer_ids:
             return
         await self.conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended('notification:' || k, 0))"
+            f"SELECT {customer_lock('k')}"
             " FROM unnest($1::text[]) WITH ORDINALITY AS t(k, n) ORDER BY n",
             sorted(customer_ids),
         )
@@ -90,7 +90,7 @@ class NotificationSets:
         rows = await self.conn.fetch(
             "SELECT * FROM contacts WHERE customer_id = ANY($1::text[])", list(customer_ids)
         )
-        return {r["customer_id"]: _contact(r) for r in rows}
+        return {r["customer_id"]: contact_of(r) for r in rows}
 
     async def insert_notifications(self, rows: Sequence[NewNotification]) -> None:
         """Record decided notifications."""
